@@ -1,0 +1,5 @@
+"""python -m onnxfold IN OUT"""
+
+from .cli import main
+
+raise SystemExit(main())

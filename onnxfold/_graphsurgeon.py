@@ -1,0 +1,106 @@
+"""Folding an onnx-graphsurgeon Graph in place.
+
+The fold itself runs once, on the exported ModelProto (one implementation of the pass). Each node is
+given a unique temporary name first, so the result maps back onto the Graph's own node objects: a
+node missing from the folded model is removed, a node whose inputs or outputs changed is rewired to
+the Graph's existing tensors or to new ``gs.Constant``s. Tensors and nodes the caller holds stay
+the same objects; dead tensors are left for ``graph.cleanup()``, graphsurgeon's convention.
+"""
+
+from __future__ import annotations
+
+import onnx
+from onnx import numpy_helper
+
+from .fold import _subgraphs, fold_model
+
+
+def _gs_graphs(graph):
+    import onnx_graphsurgeon as gs
+
+    yield graph
+    for node in graph.nodes:
+        for value in node.attrs.values():
+            subs = value if isinstance(value, (list, tuple)) else [value]
+            for sub in subs:
+                if isinstance(sub, gs.Graph):
+                    yield from _gs_graphs(sub)
+
+
+def _proto_graphs(graph: onnx.GraphProto):
+    yield graph
+    for node in graph.node:
+        for _, sub in _subgraphs(node):
+            yield from _proto_graphs(sub)
+
+
+def fold_graph(graph, *, disable=()):
+    import onnx_graphsurgeon as gs
+
+    graphs = list(_gs_graphs(graph))
+    nodes = [n for g in graphs for n in g.nodes]
+    originals = {}
+    for i, node in enumerate(nodes):
+        tmp = f"__onnxfold_{i}"
+        originals[tmp] = node.name or f"{node.op}#{i}"
+        node.name = tmp
+    try:
+        model = gs.export_onnx(graph, do_type_check=False)
+        folded, report = fold_model(model, disable=disable, copy=False)
+        if report.folded:
+            _apply(graphs, folded)
+    finally:
+        for node in nodes:
+            original = originals[node.name]
+            node.name = "" if original.startswith(f"{node.op}#") else original
+    for record in (*report.folded, *report.declined):
+        record.producer = originals.get(record.producer, record.producer)
+        record.consumer = originals.get(record.consumer, record.consumer)
+    for record in report.left:
+        record.consumer = originals.get(record.consumer, record.consumer)
+    return graph, report
+
+
+def _apply(graphs, folded: onnx.ModelProto) -> None:
+    import onnx_graphsurgeon as gs
+
+    by_name: dict[str, onnx.NodeProto] = {}
+    constants: dict[str, onnx.TensorProto] = {}
+    for g in _proto_graphs(folded.graph):
+        for t in g.initializer:
+            constants[t.name] = t
+        for node in g.node:
+            by_name[node.name] = node
+            if node.op_type == "Constant":
+                for a in node.attribute:
+                    if a.name == "value":
+                        constants[node.output[0]] = a.t
+    tensors = {}
+    for g in graphs:
+        tensors.update(g.tensors())
+
+    def tensor(name: str):
+        if not name:
+            return gs.Variable.empty()
+        if name not in tensors:
+            tensors[name] = gs.Constant(name, numpy_helper.to_array(constants[name]))
+        return tensors[name]
+
+    for g in graphs:
+        gone = [n for n in g.nodes if n.name not in by_name]
+        for node in gone:
+            node.inputs.clear()
+            node.outputs.clear()
+            g.nodes.remove(node)
+    for g in graphs:
+        for node in g.nodes:
+            proto = by_name[node.name]
+            if [t.name for t in node.inputs] == list(proto.input) and [t.name for t in node.outputs] == list(proto.output):
+                continue
+            node.inputs.clear()
+            node.inputs.extend(tensor(n) for n in proto.input)
+            node.outputs.clear()
+            node.outputs.extend(tensor(n) for n in proto.output)
+            for a in proto.attribute:  # a fold may rewrite numeric attributes (Gemm's beta)
+                if a.type in (onnx.AttributeProto.INT, onnx.AttributeProto.FLOAT):
+                    node.attrs[a.name] = onnx.helper.get_attribute_value(a)

@@ -1,0 +1,415 @@
+"""The driver: walk the graph and its subgraphs, apply the shared safety checks, fold, sweep.
+
+One round visits every graph (the main graph, then If/Loop/Scan bodies, depth first). In each it
+matches a consumer (BatchNormalization) whose data input is made by a producer (Conv,
+ConvTranspose) in the same graph, asks the rule for the folded weights, casts them once to the
+producer's dtype and rewires: the producer writes the consumer's output name and reads new,
+uniquely named constants; the consumer node goes. After the round, the sweep removes initializers
+and Constant nodes the folds left unused, and stale ``value_info``. Rounds repeat until nothing
+changes.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from .affine import NotFoldable, cast_finite
+from .report import Declined, Folded, FoldReport, Left
+from .rules import CONSUMERS, PRODUCERS, attr, select_rules
+
+DEFAULT_DOMAINS = ("", "ai.onnx")
+MAX_ROUNDS = 16
+
+_CONSUMER_BY_OP = {op: c for c in CONSUMERS for op in c.op_types}
+_PRODUCER_BY_OP = {op: p for p in PRODUCERS for op in p.op_types}
+
+
+def _node_label(node: onnx.NodeProto, index: int) -> str:
+    return node.name or f"{node.op_type}#{index}"
+
+
+def _subgraphs(node: onnx.NodeProto):
+    for a in node.attribute:
+        if a.type == onnx.AttributeProto.GRAPH:
+            yield a.name, a.g
+        elif a.type == onnx.AttributeProto.GRAPHS:
+            for i, g in enumerate(a.graphs):
+                yield f"{a.name}[{i}]", g
+
+
+class Scope:
+    """One graph, with a view of its enclosing graphs for outer-scope constants."""
+
+    def __init__(self, index: "ModelIndex", graph: onnx.GraphProto, parent: "Scope | None", path: str):
+        self.index = index
+        self.graph = graph
+        self.parent = parent
+        self.path = path
+        self.init = {t.name: i for i, t in enumerate(graph.initializer)}
+        self.inputs = {v.name for v in graph.input}
+        self.producer = {}
+        for i, node in enumerate(graph.node):
+            for out in node.output:
+                if out:
+                    self.producer[out] = i
+        self._cache: dict[str, np.ndarray] = {}
+        self.pending_constants: dict[int, list[onnx.NodeProto]] = {}
+
+    # -- constants -------------------------------------------------------------------------------
+    def overridable(self, name: str) -> bool:
+        """An initializer that is also a graph input can be fed at run time (IR >= 4)."""
+        return name in self.inputs and self.index.ir_version >= 4
+
+    def const(self, name: str, what: str) -> np.ndarray:
+        """The value of a constant tensor visible here, or NotFoldable saying why it is not one."""
+        scope = self
+        while scope is not None:
+            if name in scope._cache:
+                return scope._cache[name]
+            if name in scope.init:
+                if scope.overridable(name):
+                    raise NotFoldable(
+                        f"{what} '{name}' is an initializer that is also a graph input (IR version "
+                        f"{self.index.ir_version}), so it can be fed at run time"
+                    )
+                value = numpy_helper.to_array(scope.graph.initializer[scope.init[name]])
+            elif name in scope.producer:
+                value = scope._node_constant(scope.graph.node[scope.producer[name]], name, what)
+            elif name in scope.inputs:
+                raise NotFoldable(f"{what} '{name}' is a graph input, not a constant")
+            else:
+                scope = scope.parent
+                continue
+            scope._cache[name] = value
+            return value
+        raise NotFoldable(f"{what} '{name}' is not defined in this graph or an enclosing one")
+
+    def _node_constant(self, node: onnx.NodeProto, name: str, what: str) -> np.ndarray:
+        if node.domain in DEFAULT_DOMAINS and node.op_type == "Constant":
+            for a in node.attribute:
+                if a.name == "value":
+                    return numpy_helper.to_array(a.t)
+                if a.name == "value_float":
+                    return np.array(a.f, dtype=np.float32)
+                if a.name == "value_floats":
+                    return np.array(a.floats, dtype=np.float32)
+            raise NotFoldable(f"{what} '{name}' is a Constant node without a float tensor value")
+        if node.domain in DEFAULT_DOMAINS and node.op_type == "ConstantOfShape":
+            shape = self.const(node.input[0], f"shape of {what}") if node.input else np.array([], np.int64)
+            fill = attr(node, "value")
+            value = numpy_helper.to_array(fill) if fill is not None else np.zeros(1, np.float32)
+            return np.full(tuple(int(d) for d in shape.reshape(-1)), value.reshape(-1)[0], dtype=value.dtype)
+        raise NotFoldable(f"{what} '{name}' is computed by a {node.op_type} node, not a constant")
+
+    def since_version(self, node: onnx.NodeProto) -> int:
+        return self.index.since_version(node.op_type)
+
+    # -- writing ---------------------------------------------------------------------------------
+    def add_constant(self, name: str, value: np.ndarray, before: int) -> None:
+        """A new constant tensor: an initializer, or a Constant node where initializers don't fit."""
+        tensor = numpy_helper.from_array(value, name)
+        if self.parent is not None and self.index.ir_version < 4:
+            # IR 3 requires every initializer to be a graph input; a subgraph's inputs are its
+            # signature, so a Constant node it is.
+            node = helper.make_node("Constant", [], [name], value=tensor, name=name)
+            self.pending_constants.setdefault(before, []).append(node)
+            return
+        self.graph.initializer.append(tensor)
+        self.init[name] = len(self.graph.initializer) - 1
+        if self.index.ir_version < 4:
+            self.graph.input.append(helper.make_tensor_value_info(name, tensor.data_type, list(value.shape)))
+            self.inputs.add(name)
+
+    def rebuild_nodes(self, removed: set[int]) -> None:
+        if not removed and not self.pending_constants:
+            return
+        if not self.pending_constants:
+            for i in sorted(removed, reverse=True):
+                del self.graph.node[i]
+            return
+        nodes = []
+        for i, node in enumerate(self.graph.node):
+            nodes.extend(self.pending_constants.get(i, ()))
+            if i not in removed:
+                nodes.append(node)
+        copies = [onnx.NodeProto() for _ in nodes]
+        for copy, node in zip(copies, nodes):
+            copy.CopyFrom(node)
+        del self.graph.node[:]
+        self.graph.node.extend(copies)
+        self.pending_constants.clear()
+
+
+class ModelIndex:
+    """Every graph of a model, and how many times each tensor name is read across all of them."""
+
+    def __init__(self, model: onnx.ModelProto):
+        self.model = model
+        self.ir_version = model.ir_version
+        self.opset = next((o.version for o in model.opset_import if o.domain in DEFAULT_DOMAINS), None)
+        self.scopes: list[Scope] = []
+        self.uses: Counter[str] = Counter()
+        self.names: set[str] = set()
+        self._walk(model.graph, None, "main")
+
+    def _walk(self, graph, parent, path):
+        scope = Scope(self, graph, parent, path)
+        self.scopes.append(scope)
+        for v in graph.input:
+            self.names.add(v.name)
+        for t in graph.initializer:
+            self.names.add(t.name)
+        for v in graph.output:
+            self.uses[v.name] += 1  # a graph output is read by whoever runs the graph
+        for i, node in enumerate(graph.node):
+            for name in node.input:
+                if name:
+                    self.uses[name] += 1
+            self.names.update(node.output)
+            for attr_name, sub in _subgraphs(node):
+                self._walk(sub, scope, f"{path}/{_node_label(node, i)}.{attr_name}")
+
+    def since_version(self, op_type: str) -> int:
+        opset = self.opset or onnx.defs.onnx_opset_version()
+        try:
+            return onnx.defs.get_schema(op_type, opset).since_version
+        except onnx.defs.SchemaError:
+            return opset
+
+    def unique(self, hint: str) -> str:
+        base = hint if hint.endswith("_folded") else f"{hint}_folded"
+        name, n = base, 0
+        while name in self.names:
+            n += 1
+            name = f"{base}_{n}"
+        self.names.add(name)
+        return name
+
+    def graph_outputs(self) -> set[str]:
+        return {v.name for s in self.scopes for v in s.graph.output}
+
+
+@dataclass
+class _Match:
+    scope: Scope
+    consumer_index: int
+    producer_index: int
+    data_index: int
+
+
+def fold_model(model: onnx.ModelProto, *, disable=(), copy: bool = True) -> tuple[onnx.ModelProto, FoldReport]:
+    """Fold every safe producer -> consumer pair. Returns the folded model and a :class:`FoldReport`.
+
+    The argument is left untouched unless ``copy=False``.
+    """
+    start = time.perf_counter()
+    rules = select_rules(disable)
+    if copy:
+        clone = onnx.ModelProto()
+        clone.CopyFrom(model)
+        model = clone
+    report = FoldReport(bn_before=count_ops(model, "BatchNormalization"))
+    for _ in range(MAX_ROUNDS):
+        report.rounds += 1
+        report.declined.clear()
+        report.left.clear()
+        index = ModelIndex(model)
+        orphans: set[str] = set()
+        changed = 0
+        for scope in index.scopes:
+            changed += _fold_scope(scope, rules, report, orphans)
+        if orphans:
+            _sweep(ModelIndex(model), orphans)
+        if not changed:
+            break
+    report.bn_after = count_ops(model, "BatchNormalization")
+    report.seconds = time.perf_counter() - start
+    return model, report
+
+
+def _fold_scope(scope: Scope, rules, report: FoldReport, orphans: set[str]) -> int:
+    index = scope.index
+    graph = scope.graph
+    outputs = index.graph_outputs()
+    removed: set[int] = set()
+    folded = 0
+    for ci, node in enumerate(graph.node):
+        consumer = _CONSUMER_BY_OP.get(node.op_type) if node.domain in DEFAULT_DOMAINS else None
+        if consumer is None:
+            continue
+        clabel = _node_label(node, ci)
+        match, why = _find_producer(scope, node, consumer, rules)
+        if match is None:
+            report.left.append(Left(clabel, scope.path, why))
+            continue
+        pi, data_index, rule = match
+        pnode = graph.node[pi]
+        plabel = _node_label(pnode, pi)
+        x = node.input[data_index]
+        try:
+            if x in outputs:
+                raise NotFoldable(f"{pnode.op_type} output '{x}' is a graph output")
+            if index.uses[x] != 1:
+                raise NotFoldable(f"{pnode.op_type} output '{x}' has {index.uses[x]} readers, not only the {node.op_type}")
+            weights = rule.producer.weights(scope, pnode)
+            scale, shift = rule.consumer.affine(scope, node, data_index, weights)
+            update = rule.producer.fold(pnode, weights, scale, shift)
+            new_inputs = {
+                i: (cast_finite(value, weights.dtype, what), hint) for i, (value, what, hint) in update.inputs.items()
+            }
+        except NotFoldable as e:
+            report.declined.append(Declined(rule.name, plabel, clabel, scope.path, str(e)))
+            continue
+
+        # Rewire: the producer reads the new constants and writes the consumer's output.
+        weight_name = ""
+        for i, (value, hint) in sorted(new_inputs.items()):
+            name = index.unique(hint)
+            scope.add_constant(name, value, before=pi)
+            while len(pnode.input) <= i:
+                pnode.input.append("")
+            old = pnode.input[i]
+            if old:
+                index.uses[old] -= 1
+                orphans.add(old)
+            pnode.input[i] = name
+            index.uses[name] += 1
+            weight_name = weight_name or name
+        for key, value in update.attributes.items():
+            _set_attr(pnode, key, value)
+        for name in node.input:
+            if name:
+                index.uses[name] -= 1
+                orphans.add(name)
+        scope.producer.pop(x, None)
+        pnode.output[0] = node.output[0]
+        scope.producer[node.output[0]] = pi
+        removed.add(ci)
+        folded += 1
+        weight = new_inputs[min(new_inputs)][0]
+        report.folded.append(
+            Folded(
+                rule.name,
+                plabel,
+                clabel,
+                scope.path,
+                str(weights.dtype),
+                weight_name,
+                float(np.max(np.abs(weight.astype(np.float64)))) if weight.size else 0.0,
+            )
+        )
+    scope.rebuild_nodes(removed)
+    return folded
+
+
+def _find_producer(scope: Scope, node, consumer, rules):
+    """(producer index, data input index, rule), or None and why there is nothing to fold into."""
+    why = ""
+    for data_index in consumer.data_inputs(node):
+        if data_index >= len(node.input) or not node.input[data_index]:
+            continue
+        x = node.input[data_index]
+        pi = scope.producer.get(x)
+        if pi is None:
+            why = why or ("its input is a graph input or a constant" if x in scope.inputs or x in scope.init
+                          else "its input comes from an enclosing graph")
+            continue
+        pnode = scope.graph.node[pi]
+        producer = _PRODUCER_BY_OP.get(pnode.op_type) if pnode.domain in DEFAULT_DOMAINS else None
+        if producer is None:
+            why = why or f"its input comes from a {pnode.op_type} node"
+            continue
+        rule = rules.get((pnode.op_type, node.op_type))
+        if rule is None:
+            why = why or f"rule {producer.name}_{consumer.name} is disabled"
+            continue
+        return (pi, data_index, rule), ""
+    return None, why or "it has no data input"
+
+
+def _set_attr(node: onnx.NodeProto, key: str, value) -> None:
+    for i, a in enumerate(node.attribute):
+        if a.name == key:
+            del node.attribute[i]
+            break
+    node.attribute.append(helper.make_attribute(key, value))
+
+
+def _sweep(index: ModelIndex, orphans: set[str]) -> None:
+    """Remove the initializers and constant-producing nodes that the folds left unused."""
+    where: dict[str, list[tuple[Scope, str, int]]] = {}
+    for scope in index.scopes:
+        for name, i in scope.init.items():
+            where.setdefault(name, []).append((scope, "init", i))
+        for name, i in scope.producer.items():
+            where.setdefault(name, []).append((scope, "node", i))
+    dead_init: dict[int, set[int]] = {}
+    dead_node: dict[int, set[int]] = {}
+    dead_names: set[str] = set()
+    work = list(orphans)
+    while work:
+        name = work.pop()
+        if not name or index.uses[name] > 0 or name in dead_names:
+            continue
+        places = where.get(name, [])
+        if not places:  # no longer produced (a rewired output): only its value_info is left
+            dead_names.add(name)
+            continue
+        if len(places) > 1:
+            continue  # defined in several scopes (shadowed): leave it
+        scope, kind, i = places[0]
+        if kind == "init":
+            dead_init.setdefault(id(scope), set()).add(i)
+            dead_names.add(name)
+            continue
+        node = scope.graph.node[i]
+        if node.domain not in DEFAULT_DOMAINS or any(index.uses[o] > 0 for o in node.output if o):
+            continue
+        if i in dead_node.get(id(scope), ()):
+            continue
+        dead_node.setdefault(id(scope), set()).add(i)
+        dead_names.update(o for o in node.output if o)
+        for inp in node.input:
+            if inp:
+                index.uses[inp] -= 1
+                work.append(inp)
+    for scope in index.scopes:
+        graph = scope.graph
+        inits = dead_init.get(id(scope), set())
+        removed_names = {graph.initializer[i].name for i in inits}
+        for i in sorted(inits, reverse=True):
+            del graph.initializer[i]
+        if removed_names and index.ir_version < 4:
+            _delete_where(graph.input, lambda v: v.name in removed_names)
+        nodes = dead_node.get(id(scope), set())
+        for i in sorted(nodes, reverse=True):
+            del graph.node[i]
+        _delete_where(graph.value_info, lambda v: v.name in dead_names)
+
+
+def _delete_where(repeated, predicate) -> None:
+    for i in reversed([i for i, item in enumerate(repeated) if predicate(item)]):
+        del repeated[i]
+
+
+def count_ops(model: onnx.ModelProto, op_type: str) -> int:
+    def count(graph):
+        n = 0
+        for node in graph.node:
+            if node.op_type == op_type and node.domain in DEFAULT_DOMAINS:
+                n += 1
+            for _, sub in _subgraphs(node):
+                n += count(sub)
+        return n
+
+    return count(model.graph) + sum(count_function(f, op_type) for f in model.functions)
+
+
+def count_function(function: onnx.FunctionProto, op_type: str) -> int:
+    return sum(1 for n in function.node if n.op_type == op_type and n.domain in DEFAULT_DOMAINS)

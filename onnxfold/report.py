@@ -1,0 +1,78 @@
+"""What a fold did: each fold, each declined candidate with its reason, and what was left alone."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class Folded:
+    rule: str
+    producer: str  # node name (or "<op_type>#<index>" when the node has none)
+    consumer: str
+    graph: str  # "main", or the path of a subgraph: "main/<node>.<attribute>"
+    dtype: str
+    weight: str  # the new weight tensor's name
+    max_abs_weight: float
+
+
+@dataclass
+class Declined:
+    rule: str
+    producer: str
+    consumer: str
+    graph: str
+    reason: str
+
+
+@dataclass
+class Left:
+    """A consumer (a BatchNormalization) with no producer to fold into."""
+
+    consumer: str
+    graph: str
+    reason: str
+
+
+@dataclass
+class FoldReport:
+    folded: list[Folded] = field(default_factory=list)
+    declined: list[Declined] = field(default_factory=list)
+    left: list[Left] = field(default_factory=list)
+    bn_before: int = 0
+    bn_after: int = 0
+    rounds: int = 0
+    seconds: float = 0.0
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.folded)
+
+    def summary(self) -> str:
+        """A few lines for a terminal: what was folded, what was declined and why."""
+        by_rule = Counter(f.rule for f in self.folded)
+        rules = ", ".join(f"{k}: {v}" for k, v in sorted(by_rule.items()))
+        folded_bn = self.bn_before - self.bn_after
+        lines = [
+            f"folded {folded_bn} of {self.bn_before} BatchNormalization"
+            + (f" ({rules})" if rules else "")
+            + f", declined {len(self.declined)}, left {len(self.left)} with no producer"
+            + f" in {self.seconds:.2f}s"
+        ]
+        for d in self.declined:
+            lines.append(f"  declined {d.rule} {d.producer} -> {d.consumer} [{d.graph}]: {d.reason}")
+        for reason, n in Counter(x.reason for x in self.left).most_common():
+            lines.append(f"  left {n}: {reason}")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        return {
+            "bn_before": self.bn_before,
+            "bn_after": self.bn_after,
+            "rounds": self.rounds,
+            "seconds": self.seconds,
+            "folded": [asdict(f) for f in self.folded],
+            "declined": [asdict(d) for d in self.declined],
+            "left": [asdict(x) for x in self.left],
+        }

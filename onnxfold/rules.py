@@ -1,0 +1,259 @@
+"""Producers and consumers: each a small adapter with its algebra in the docstring.
+
+A fold is a pair (see :mod:`onnxfold.affine`): a *producer* that owns per-output-channel weights
+and a *consumer* that computes a per-channel affine ``y = x * scale + shift`` of the producer's
+output. A rule is one such pair; its name is ``<producer>_<consumer>`` (``conv_bn``).
+
+Adapters read constants through the scope they are given and raise
+:class:`~onnxfold.affine.NotFoldable` with a sentence when something is not safe. The checks common
+to every rule (the producer's output has no other reader and is not a graph output) live once, in
+the driver (:mod:`onnxfold.fold`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from .affine import NotFoldable, bn_affine, fold_bias, scale_conv_transpose_weight, scale_conv_weight
+
+FLOAT_TYPES = ("float16", "bfloat16", "float32", "float64")
+
+
+def attr(node: onnx.NodeProto, name: str, default=None):
+    for a in node.attribute:
+        if a.name == name:
+            return helper.get_attribute_value(a)
+    return default
+
+
+def _check_float(array: np.ndarray, what: str) -> None:
+    if array.dtype.name not in FLOAT_TYPES:
+        raise NotFoldable(f"{what} has dtype {array.dtype.name}, not a float type onnxfold folds")
+
+
+@dataclass
+class Weights:
+    """What a producer owns: its constants and how many output channels it makes."""
+
+    weight: np.ndarray
+    bias: np.ndarray | None
+    channels: int
+    rank: int  # rank of the producer's output (the consumer's channel axis is 1)
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def dtype(self):
+        return self.weight.dtype
+
+
+@dataclass
+class Update:
+    """A producer's folded inputs: ``{input index: (float64 value, what, name hint)}`` and attributes."""
+
+    inputs: dict[int, tuple[np.ndarray, str, str]]
+    attributes: dict = field(default_factory=dict)
+
+
+class Producer:
+    name = ""
+    op_types: tuple[str, ...] = ()
+    description = ""
+
+    def weights(self, scope, node: onnx.NodeProto) -> Weights:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def fold(self, node: onnx.NodeProto, w: Weights, scale: np.ndarray, shift: np.ndarray) -> Update:
+        raise NotImplementedError  # pragma: no cover - interface
+
+
+class ConvProducer(Producer):
+    """Conv, any dimensionality: W [M, C/group, k...], B [M]. Output channel m is made by W[m].
+
+    W'[m] = W[m] * scale[m];  B'[m] = B[m] * scale[m] + shift[m]. Strides, pads, dilations and
+    groups do not enter the algebra: each output channel is a linear function of its own filter.
+    """
+
+    name = "conv"
+    op_types = ("Conv",)
+    description = "Conv (1-D/2-D/3-D, any strides, pads, dilations, groups, with or without bias)"
+
+    def _constants(self, scope, node):
+        if len(node.input) < 2 or not node.input[1]:
+            raise NotFoldable(f"{node.op_type} has no weight input")
+        w = scope.const(node.input[1], f"{node.op_type} weight")
+        _check_float(w, f"{node.op_type} weight")
+        if w.ndim < 3:
+            raise NotFoldable(f"{node.op_type} weight has rank {w.ndim}, expected at least 3")
+        b = None
+        if len(node.input) > 2 and node.input[2]:
+            b = scope.const(node.input[2], f"{node.op_type} bias")
+            _check_float(b, f"{node.op_type} bias")
+        return w, b
+
+    def weights(self, scope, node):
+        w, b = self._constants(scope, node)
+        group = int(attr(node, "group", 1))
+        if group < 1 or w.shape[0] % group:
+            raise NotFoldable(f"Conv weight has {w.shape[0]} output channels, not divisible by group={group}")
+        return Weights(w, b, channels=w.shape[0], rank=w.ndim)
+
+    def fold(self, node, w, scale, shift):
+        return Update(
+            {
+                1: (scale_conv_weight(w.weight, scale), "weight", node.input[1]),
+                2: (fold_bias(w.bias, scale, shift), "bias", _bias_hint(node)),
+            }
+        )
+
+
+class ConvTransposeProducer(ConvProducer):
+    """ConvTranspose: W [C_in, M/group, k...], B [M].
+
+    Output channel ``m = g * (M/group) + j`` is made by the slice ``W[g*C_in/group:(g+1)*C_in/group, j]``,
+    so the scale applies within each group along axis 1 (torch's fusion utility is right only for
+    group = 1). output_padding, strides and pads do not enter the algebra.
+    """
+
+    name = "convtranspose"
+    op_types = ("ConvTranspose",)
+    description = "ConvTranspose (1-D/2-D/3-D, groups, strides, output_padding, with or without bias)"
+
+    def weights(self, scope, node):
+        w, b = self._constants(scope, node)
+        group = int(attr(node, "group", 1))
+        if group < 1 or w.shape[0] % group:
+            raise NotFoldable(f"ConvTranspose weight has {w.shape[0]} input channels, not divisible by group={group}")
+        return Weights(w, b, channels=w.shape[1] * group, rank=w.ndim, extra={"group": group})
+
+    def fold(self, node, w, scale, shift):
+        return Update(
+            {
+                1: (scale_conv_transpose_weight(w.weight, scale, w.extra["group"]), "weight", node.input[1]),
+                2: (fold_bias(w.bias, scale, shift), "bias", _bias_hint(node)),
+            }
+        )
+
+
+def _bias_hint(node: onnx.NodeProto) -> str:
+    if len(node.input) > 2 and node.input[2]:
+        return node.input[2]
+    base = node.input[1]
+    return base[: -len(".weight")] + ".bias" if base.endswith(".weight") else base + "_bias"
+
+
+class Consumer:
+    name = ""
+    op_types: tuple[str, ...] = ()
+    description = ""
+
+    def data_inputs(self, node: onnx.NodeProto) -> tuple[int, ...]:
+        """Indices of the inputs that may carry the producer's output."""
+        return (0,)
+
+    def affine(self, scope, node: onnx.NodeProto, data_index: int, w: Weights) -> tuple[np.ndarray, np.ndarray]:
+        raise NotImplementedError  # pragma: no cover - interface
+
+
+class BatchNormConsumer(Consumer):
+    """BatchNormalization (opsets 6, 7, 9, 14, 15) in inference mode, channel axis 1.
+
+    scale = gamma / sqrt(var + eps), shift = beta - mean * scale. epsilon defaults to 1e-5.
+    Declines training mode (``training_mode=1``, ``is_test=0`` before opset 7, or more than one
+    output) and ``spatial=0`` before opset 9 (per-activation statistics).
+    """
+
+    name = "bn"
+    op_types = ("BatchNormalization",)
+    description = "BatchNormalization in inference mode"
+
+    def affine(self, scope, node, data_index, w):
+        since = scope.since_version(node)
+        outputs = [o for o in node.output if o]
+        if len(outputs) > 1:
+            raise NotFoldable(f"BatchNormalization has {len(outputs)} outputs (training mode)")
+        if int(attr(node, "training_mode", 0)) != 0:
+            raise NotFoldable("BatchNormalization is in training mode (training_mode=1)")
+        if since < 7 and int(attr(node, "is_test", 0)) == 0:
+            raise NotFoldable(f"BatchNormalization-{since} has is_test=0 (training mode)")
+        if since < 9 and int(attr(node, "spatial", 1)) == 0:
+            raise NotFoldable("BatchNormalization has spatial=0 (per-activation statistics cannot go into weights)")
+        if len(node.input) < 5 or not all(node.input[1:5]):
+            raise NotFoldable("BatchNormalization does not have its five inputs")
+        names = ("scale", "B", "mean", "var")
+        stats = []
+        for name, tensor in zip(names, node.input[1:5]):
+            value = scope.const(tensor, f"BatchNormalization {name}")
+            _check_float(value, f"BatchNormalization {name}")
+            if value.shape != (w.channels,):
+                raise NotFoldable(
+                    f"BatchNormalization {name} has shape {list(value.shape)}, the producer makes {w.channels} channels"
+                )
+            stats.append(value)
+        gamma, beta, mean, var = stats
+        eps = float(attr(node, "epsilon", 1e-5))
+        return bn_affine(gamma, beta, mean, var, eps)
+
+
+@dataclass(frozen=True)
+class Rule:
+    producer: Producer
+    consumer: Consumer
+
+    @property
+    def name(self) -> str:
+        return f"{self.producer.name}_{self.consumer.name}"
+
+    @property
+    def description(self) -> str:
+        return f"{self.producer.description} -> {self.consumer.description}"
+
+
+PRODUCERS: tuple[Producer, ...] = (ConvProducer(), ConvTransposeProducer())
+CONSUMERS: tuple[Consumer, ...] = (BatchNormConsumer(),)
+RULES: tuple[Rule, ...] = tuple(Rule(p, c) for p in PRODUCERS for c in CONSUMERS)
+
+# Reasons every rule shares; checked once, in the driver.
+SHARED_DECLINES = (
+    "the producer's output has another consumer, or is a graph output",
+    "a weight, bias or statistic is not a constant (a graph input, an initializer that is also a "
+    "graph input in IR >= 4, or computed at run time)",
+    "a folded value is not finite in the model's dtype (float16 overflow past 65504)",
+    "shapes or dtypes that do not match",
+)
+
+
+def rule_names() -> list[str]:
+    return [r.name for r in RULES]
+
+
+def select_rules(disable=()) -> dict[tuple[str, str], Rule]:
+    """Rules keyed by (producer op_type, consumer op_type), without the disabled ones."""
+    disable = set(disable)
+    unknown = disable - set(rule_names())
+    if unknown:
+        raise ValueError(f"unknown rule {sorted(unknown)[0]!r}; known rules: {', '.join(rule_names())}")
+    table = {}
+    for rule in RULES:
+        if rule.name in disable:
+            continue
+        for p in rule.producer.op_types:
+            for c in rule.consumer.op_types:
+                table[(p, c)] = rule
+    return table
+
+
+def describe_rules() -> str:
+    lines = []
+    for rule in RULES:
+        lines.append(f"{rule.name}: {rule.description}")
+        for cls in (type(rule.producer), type(rule.consumer)):
+            doc = (cls.__doc__ or "").strip().splitlines()
+            lines.extend("    " + line.strip() for line in doc if line.strip())
+    lines.append("every rule declines when:")
+    lines.extend(f"    - {reason}" for reason in SHARED_DECLINES)
+    return "\n".join(lines)
+
