@@ -107,7 +107,8 @@ def cast_finite(value: np.ndarray, dtype, what: str) -> np.ndarray:
     value = np.asarray(value, dtype=np.float64)
     if not np.all(np.isfinite(value)):
         raise NotFoldable(f"folded {what} is not finite (inf or NaN in the float64 result)")
-    out = value.astype(dtype)
+    with np.errstate(over="ignore"):
+        out = value.astype(dtype)
     if not np.all(np.isfinite(out.astype(np.float64))):
         biggest = float(np.max(np.abs(value)))
         limit = float(_finfo(dtype).max)

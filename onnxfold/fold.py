@@ -24,6 +24,12 @@ from .report import Declined, Folded, FoldReport, Left
 from .rules import CONSUMERS, PRODUCERS, attr, select_rules
 
 DEFAULT_DOMAINS = ("", "ai.onnx")
+# Ops evaluated when every input is constant: exporters compute biases and transposed weights with
+# them (torch's dynamo exporter makes a bias-free Conv's zero bias with Shape -> Expand -> CastLike).
+CONSTANT_EXPRESSION_OPS = frozenset(
+    "Identity Cast CastLike Shape Size Slice Expand Concat Reshape Unsqueeze Squeeze Flatten Transpose "
+    "Gather Tile Range Add Sub Mul Div Neg Sqrt Reciprocal".split()
+)
 MAX_ROUNDS = 16
 
 _CONSUMER_BY_OP = {op: c for c in CONSUMERS for op in c.op_types}
@@ -99,13 +105,46 @@ class Scope:
                     return np.array(a.f, dtype=np.float32)
                 if a.name == "value_floats":
                     return np.array(a.floats, dtype=np.float32)
+                if a.name == "value_int":
+                    return np.array(a.i, dtype=np.int64)
+                if a.name == "value_ints":
+                    return np.array(a.ints, dtype=np.int64)
             raise NotFoldable(f"{what} '{name}' is a Constant node without a float tensor value")
         if node.domain in DEFAULT_DOMAINS and node.op_type == "ConstantOfShape":
             shape = self.const(node.input[0], f"shape of {what}") if node.input else np.array([], np.int64)
             fill = attr(node, "value")
             value = numpy_helper.to_array(fill) if fill is not None else np.zeros(1, np.float32)
             return np.full(tuple(int(d) for d in shape.reshape(-1)), value.reshape(-1)[0], dtype=value.dtype)
+        if node.domain in DEFAULT_DOMAINS and node.op_type == "CastLike" and len(node.input) == 2:
+            # Only the dtype of the second input matters: it need not be a constant.
+            value = self.const(node.input[0], f"input of the CastLike making {what}")
+            target = self.elem_type(node.input[1])
+            if target:
+                return value.astype(helper.tensor_dtype_to_np_dtype(target))
+        if node.domain in DEFAULT_DOMAINS and node.op_type in CONSTANT_EXPRESSION_OPS and node.input:
+            values = {}
+            for inp in node.input:
+                if inp:
+                    try:
+                        values[inp] = self.const(inp, f"input of the {node.op_type} making {what}")
+                    except NotFoldable:
+                        break
+            else:
+                return self.index.evaluate(node, values)[list(node.output).index(name)]
         raise NotFoldable(f"{what} '{name}' is computed by a {node.op_type} node, not a constant")
+
+    def elem_type(self, name: str) -> int:
+        """The declared element type of a tensor visible here, or 0 when nothing declares it."""
+        scope = self
+        while scope is not None:
+            g = scope.graph
+            for v in (*g.input, *g.value_info, *g.output):
+                if v.name == name and v.type.HasField("tensor_type"):
+                    return v.type.tensor_type.elem_type
+            if name in scope.init:
+                return g.initializer[scope.init[name]].data_type
+            scope = scope.parent
+        return 0
 
     def since_version(self, node: onnx.NodeProto) -> int:
         return self.index.since_version(node.op_type)
@@ -181,6 +220,23 @@ class ModelIndex:
             return onnx.defs.get_schema(op_type, opset).since_version
         except onnx.defs.SchemaError:
             return opset
+
+    def evaluate(self, node: onnx.NodeProto, values: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """Run one node on constant inputs with onnx's reference implementation, at the model's opset."""
+        from onnx.reference import ReferenceEvaluator
+
+        graph = helper.make_graph(
+            [node],
+            "constant_expression",
+            [helper.make_tensor_value_info(k, helper.np_dtype_to_tensor_dtype(v.dtype), v.shape) for k, v in values.items()],
+            [helper.make_tensor_value_info(o, onnx.TensorProto.UNDEFINED, None) for o in node.output if o],
+        )
+        opset = self.opset or onnx.defs.onnx_opset_version()
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=self.ir_version or 8)
+        try:
+            return [np.asarray(v) for v in ReferenceEvaluator(model).run(None, values)]
+        except Exception as e:  # a malformed expression: not ours to fix, decline
+            raise NotFoldable(f"cannot evaluate the constant {node.op_type} node '{node.name}': {e}") from None
 
     def unique(self, hint: str) -> str:
         base = hint if hint.endswith("_folded") else f"{hint}_folded"

@@ -236,8 +236,20 @@ def _run_reference(model, feeds):
     from onnx.reference import ReferenceEvaluator
 
     m = _load(model)
-    outs = ReferenceEvaluator(m).run(None, feeds)
+    try:
+        outs = ReferenceEvaluator(m).run(None, feeds)
+    except Exception as e:
+        raise VerifyError(f"onnx.reference cannot run the model either: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
     return dict(zip([o.name for o in m.graph.output], outs))
+
+
+def _run_session(sess, feeds, which: str) -> dict:
+    try:
+        outs = sess.run(None, feeds)
+    except Exception as e:
+        raise VerifyError(f"onnxruntime cannot run the {which} model on these inputs: {str(e).splitlines()[0]} "
+                          + " ".join(str(e).splitlines()[1:4])) from None
+    return dict(zip([o.name for o in sess.get_outputs()], outs))
 
 
 def _no_kernel(err: Exception) -> bool:
@@ -271,10 +283,8 @@ def run_pair(reference, candidate, feeds, provider: str) -> tuple[dict, dict, st
         raise
     except Exception as e:
         raise VerifyError(f"onnxruntime cannot load the folded model: {str(e).splitlines()[0]}") from None
-    names = [o.name for o in ref_sess.get_outputs()]
-    ref = dict(zip(names, ref_sess.run(None, feeds)))
-    cnames = [o.name for o in cand_sess.get_outputs()]
-    cand = dict(zip(cnames, cand_sess.run(None, feeds)))
+    ref = _run_session(ref_sess, feeds, "original")
+    cand = _run_session(cand_sess, feeds, "folded")
     engine = "onnxruntime " + ",".join(cand_sess.get_providers())
     return ref, cand, engine, ""
 
