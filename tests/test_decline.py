@@ -1,0 +1,147 @@
+"""Each reason to decline has its own test: the nodes stay, the report says why, nothing raises."""
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper, numpy_helper
+
+from builders import conv_bn_model, count
+from onnxfold import fold_model
+
+
+def declined(model, match):
+    folded, report = fold_model(model)
+    assert not report.folded, report.summary()
+    assert len(report.declined) == 1, report.summary()
+    assert match in report.declined[0].reason, report.declined[0].reason
+    assert count(folded, "BatchNormalization") == count(model, "BatchNormalization")
+    return report.declined[0]
+
+
+def _set_init(model, name, array):
+    t = next(t for t in model.graph.initializer if t.name == name)
+    t.CopyFrom(numpy_helper.from_array(np.asarray(array), name))
+
+
+def test_conv_output_with_another_consumer():
+    model = conv_bn_model()
+    model.graph.node.append(helper.make_node("Relu", ["c"], ["r"]))
+    model.graph.output.append(helper.make_tensor_value_info("r", onnx.TensorProto.FLOAT, None))
+    declined(model, "has 2 readers")
+
+
+def test_conv_output_read_inside_a_subgraph_counts_as_a_consumer():
+    model = conv_bn_model()
+    then = helper.make_graph([helper.make_node("Relu", ["c"], ["t"])], "then", [],
+                             [helper.make_tensor_value_info("t", onnx.TensorProto.FLOAT, None)])
+    other = helper.make_graph([helper.make_node("Neg", ["c"], ["e"])], "else", [],
+                              [helper.make_tensor_value_info("e", onnx.TensorProto.FLOAT, None)])
+    model.graph.input.append(helper.make_tensor_value_info("cond", onnx.TensorProto.BOOL, []))
+    model.graph.node.append(helper.make_node("If", ["cond"], ["z"], then_branch=then, else_branch=other))
+    model.graph.output.append(helper.make_tensor_value_info("z", onnx.TensorProto.FLOAT, None))
+    declined(model, "has 3 readers")
+
+
+def test_conv_output_is_a_graph_output():
+    model = conv_bn_model()
+    model.graph.output.append(helper.make_tensor_value_info("c", onnx.TensorProto.FLOAT, None))
+    declined(model, "is a graph output")
+
+
+def test_training_mode():
+    declined(conv_bn_model(opset=15, bn_attrs={"training_mode": 1}), "training mode (training_mode=1)")
+
+
+def test_more_than_one_output():
+    model = conv_bn_model(opset=9)
+    bn = model.graph.node[-1]
+    bn.output.extend(["rm", "rv"])
+    declined(model, "has 3 outputs")
+
+
+def test_opset6_is_test_zero_is_training():
+    declined(conv_bn_model(opset=6), "is_test=0")
+
+
+def test_spatial_zero():
+    declined(conv_bn_model(opset=7, bn_attrs={"spatial": 0}), "spatial=0")
+
+
+def test_weight_is_a_graph_input():
+    model = conv_bn_model()
+    w = model.graph.initializer[0]
+    model.graph.input.append(helper.make_tensor_value_info("w", w.data_type, list(w.dims)))
+    del model.graph.initializer[0]
+    declined(model, "Conv weight 'w' is a graph input")
+
+
+@pytest.mark.parametrize("name", ["w", "b", "mean", "var"])
+def test_initializer_also_graph_input_ir4_can_be_fed(name):
+    model = conv_bn_model(ir_version=8)
+    t = next(t for t in model.graph.initializer if t.name == name)
+    model.graph.input.append(helper.make_tensor_value_info(name, t.data_type, list(t.dims)))
+    declined(model, f"'{name}' is an initializer that is also a graph input (IR version 8)")
+
+
+def test_statistic_computed_at_run_time():
+    model = conv_bn_model()
+    model.graph.node.insert(0, helper.make_node("Abs", ["x"], ["xa"]))
+    model.graph.node.insert(1, helper.make_node("ReduceMean", ["xa"], ["v1"], axes=[0, 2, 3], keepdims=0, ))
+    bn = model.graph.node[-1]
+    bn.input[4] = "v1"
+    declined(model, "is computed by a ReduceMean node")
+
+
+def test_float16_overflow_dead_channel():
+    """A dead channel (running_var 0) with a tiny epsilon: every peer tool writes inf here."""
+    model = conv_bn_model(dtype="float16", epsilon=1e-10)
+    _set_init(model, "var", np.array([1, 1, 0, 1, 1, 1], np.float16))
+    _set_init(model, "gamma", np.full(6, 2.0, np.float16))
+    d = declined(model, "overflows float16")
+    assert "65504" in d.reason
+
+
+def test_variance_plus_epsilon_not_positive():
+    model = conv_bn_model(epsilon=0.0)
+    _set_init(model, "var", np.array([1, 1, 0, 1, 1, 1], np.float32))
+    declined(model, "var + epsilon is not positive")
+
+
+def test_statistics_channel_count_mismatch():
+    model = conv_bn_model()
+    _set_init(model, "mean", np.zeros(5, np.float32) + 0.3)
+    declined(model, "mean has shape [5], the producer makes 6 channels")
+
+
+def test_bias_shape_mismatch():
+    model = conv_bn_model()
+    _set_init(model, "b", np.zeros(4, np.float32) + 0.3)
+    declined(model, "bias has shape [4]")
+
+
+def test_weight_dtype_not_float():
+    model = conv_bn_model()
+    _set_init(model, "w", np.ones((6, 4, 3, 3), np.int32))
+    declined(model, "weight has dtype int32, not a float type")
+
+
+def test_groups_do_not_divide_channels():
+    model = conv_bn_model(groups=2)
+    for a in model.graph.node[0].attribute:
+        if a.name == "group":
+            a.i = 4  # 6 output channels are not divisible by 4
+    declined(model, "not divisible by group=4")
+
+
+def test_declined_model_is_left_byte_identical():
+    model = conv_bn_model(opset=15, bn_attrs={"training_mode": 1})
+    folded, _ = fold_model(model)
+    assert folded.SerializeToString() == model.SerializeToString()
+
+
+def test_disabled_rule_leaves_the_pair_and_says_so():
+    model = conv_bn_model()
+    folded, report = fold_model(model, disable=["conv_bn"])
+    assert not report.folded and report.left[0].reason == "rule conv_bn is disabled"
+    with pytest.raises(ValueError, match="unknown rule"):
+        fold_model(model, disable=["nope"])
