@@ -98,9 +98,9 @@ def _apply(graphs, folded: onnx.ModelProto) -> None:
             if [t.name for t in node.inputs] == list(proto.input) and [t.name for t in node.outputs] == list(proto.output):
                 continue
             node.inputs.clear()
-            node.inputs.extend(tensor(n) for n in proto.input)
+            node.inputs.extend([tensor(n) for n in proto.input])  # a list: gs iterates it twice
             node.outputs.clear()
-            node.outputs.extend(tensor(n) for n in proto.output)
+            node.outputs.extend([tensor(n) for n in proto.output])
             for a in proto.attribute:  # a fold may rewrite numeric attributes (Gemm's beta)
                 if a.type in (onnx.AttributeProto.INT, onnx.AttributeProto.FLOAT):
                     node.attrs[a.name] = onnx.helper.get_attribute_value(a)
