@@ -31,7 +31,7 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="onnxfold",
-        description="Fold BatchNormalization into the Conv/ConvTranspose before it, and prove the result "
+        description="Fold BatchNormalization into the Conv/ConvTranspose/Gemm/MatMul before it, and prove the result "
         "equivalent in onnxruntime.",
     )
     p.add_argument("input", nargs="?", help="the model to fold (.onnx; external data is read beside it)")

@@ -146,6 +146,17 @@ class Scope:
             scope = scope.parent
         return 0
 
+    def rank(self, name: str) -> int | None:
+        """The rank of a tensor, from declared shapes or, failing that, onnx shape inference."""
+        scope = self
+        while scope is not None:
+            g = scope.graph
+            for v in (*g.input, *g.value_info, *g.output):
+                if v.name == name and v.type.tensor_type.HasField("shape"):
+                    return len(v.type.tensor_type.shape.dim)
+            scope = scope.parent
+        return self.index.inferred_rank(name)
+
     def since_version(self, node: onnx.NodeProto) -> int:
         return self.index.since_version(node.op_type)
 
@@ -195,6 +206,7 @@ class ModelIndex:
         self.scopes: list[Scope] = []
         self.uses: Counter[str] = Counter()
         self.names: set[str] = set()
+        self._inferred: dict[str, int] | None = None
         self._walk(model.graph, None, "main")
 
     def _walk(self, graph, parent, path):
@@ -237,6 +249,19 @@ class ModelIndex:
             return [np.asarray(v) for v in ReferenceEvaluator(model).run(None, values)]
         except Exception as e:  # a malformed expression: not ours to fix, decline
             raise NotFoldable(f"cannot evaluate the constant {node.op_type} node '{node.name}': {e}") from None
+
+    def inferred_rank(self, name: str) -> int | None:
+        if self._inferred is None:
+            self._inferred = {}
+            try:
+                inferred = onnx.shape_inference.infer_shapes(self.model)
+            except Exception:  # inference is a convenience here; without it we decline
+                inferred = None
+            if inferred is not None:
+                for v in _all_value_infos(inferred.graph):
+                    if v.type.tensor_type.HasField("shape"):
+                        self._inferred[v.name] = len(v.type.tensor_type.shape.dim)
+        return self._inferred.get(name)
 
     def unique(self, hint: str) -> str:
         base = hint if hint.endswith("_folded") else f"{hint}_folded"
@@ -339,6 +364,8 @@ def _fold_scope(scope: Scope, rules, report: FoldReport, orphans: set[str]) -> i
             weight_name = weight_name or name
         for key, value in update.attributes.items():
             _set_attr(pnode, key, value)
+        if update.op_type:
+            pnode.op_type = update.op_type
         for name in node.input:
             if name:
                 index.uses[name] -= 1
@@ -447,6 +474,13 @@ def _sweep(index: ModelIndex, orphans: set[str]) -> None:
         for i in sorted(nodes, reverse=True):
             del graph.node[i]
         _delete_where(graph.value_info, lambda v: v.name in dead_names)
+
+
+def _all_value_infos(graph: onnx.GraphProto):
+    yield from (*graph.input, *graph.value_info, *graph.output)
+    for node in graph.node:
+        for _, sub in _subgraphs(node):
+            yield from _all_value_infos(sub)
 
 
 def _delete_where(repeated, predicate) -> None:

@@ -56,6 +56,7 @@ class Update:
 
     inputs: dict[int, tuple[np.ndarray, str, str]]
     attributes: dict = field(default_factory=dict)
+    op_type: str | None = None  # a producer may become another op (MatMul + bias -> Gemm)
 
 
 class Producer:
@@ -138,6 +139,77 @@ class ConvTransposeProducer(ConvProducer):
         )
 
 
+class GemmProducer(Producer):
+    """Gemm: Y = alpha * A' @ B' + beta * C, with B' = B (transB=0, [K, N]) or B^T (transB=1, [N, K]).
+
+    Output channel n is column n of B' (axis 1 of B, or axis 0 with transB=1); alpha and transA do
+    not enter the algebra. B'[:, n] = B[:, n] * scale[n]; C' = beta * C * scale + shift (C absent,
+    scalar, [N] or [1, N]) and beta becomes 1.
+    """
+
+    name = "gemm"
+    op_types = ("Gemm",)
+    description = "Gemm (transA, transB, alpha, beta; C absent, scalar, [N] or [1, N])"
+
+    def weights(self, scope, node):
+        b = scope.const(node.input[1], "Gemm B")
+        _check_float(b, "Gemm B")
+        if b.ndim != 2:
+            raise NotFoldable(f"Gemm B has rank {b.ndim}, expected 2")
+        trans_b = int(attr(node, "transB", 0))
+        n = b.shape[0] if trans_b else b.shape[1]
+        c = None
+        if len(node.input) > 2 and node.input[2]:
+            c = scope.const(node.input[2], "Gemm C")
+            _check_float(c, "Gemm C")
+            if c.shape not in ((), (1,), (n,), (1, n), (1, 1)):
+                raise NotFoldable(f"Gemm C has shape {list(c.shape)}: only a scalar, [N] or [1, N] bias folds")
+        return Weights(b, c, channels=n, rank=2, extra={"transB": trans_b, "beta": float(attr(node, "beta", 1.0)),
+                                                         "c_shape": None if c is None else c.shape})
+
+    def fold(self, node, w, scale, shift):
+        axis = 0 if w.extra["transB"] else 1
+        b = np.asarray(w.weight, np.float64) * scale.reshape([-1, 1] if axis == 0 else [1, -1])
+        c = np.zeros(w.channels) if w.bias is None else np.broadcast_to(np.asarray(w.bias, np.float64).reshape(-1), (w.channels,))
+        c = c * w.extra["beta"] * scale + shift
+        if w.extra["c_shape"] and len(w.extra["c_shape"]) == 2:
+            c = c.reshape(1, -1)
+        return Update({1: (b, "weight", node.input[1]), 2: (c, "bias", _bias_hint(node))}, attributes={"beta": 1.0})
+
+
+class MatMulProducer(Producer):
+    """MatMul with a constant 2-D weight W [K, N] and a rank-2 output [M, N] (BatchNorm1d after Linear).
+
+    W'[:, n] = W[:, n] * scale[n]; the shift becomes a bias, so the node becomes Gemm(A, W', shift).
+    With a rank-3+ output, BatchNormalization normalizes axis 1, not the weight's output axis: declined.
+    """
+
+    name = "matmul"
+    op_types = ("MatMul",)
+    description = "MatMul with a constant 2-D weight and a rank-2 output (becomes Gemm)"
+
+    def weights(self, scope, node):
+        w = scope.const(node.input[1], "MatMul weight")
+        _check_float(w, "MatMul weight")
+        if w.ndim != 2:
+            raise NotFoldable(f"MatMul weight has rank {w.ndim}, expected 2")
+        rank = scope.rank(node.input[0])
+        if rank is None:
+            raise NotFoldable("the rank of MatMul's input is unknown (no shape information)")
+        if rank != 2:
+            raise NotFoldable(
+                f"MatMul output has rank {rank}: BatchNormalization normalizes axis 1, not the weight's output axis"
+            )
+        return Weights(w, None, channels=w.shape[1], rank=2)
+
+    def fold(self, node, w, scale, shift):
+        return Update(
+            {1: (np.asarray(w.weight, np.float64) * scale.reshape(1, -1), "weight", node.input[1]),
+             2: (shift.copy(), "bias", _bias_hint(node))},
+            op_type="Gemm",
+        )
+
+
 def _bias_hint(node: onnx.NodeProto) -> str:
     if len(node.input) > 2 and node.input[2]:
         return node.input[2]
@@ -212,7 +284,7 @@ class Rule:
         return f"{self.producer.description} -> {self.consumer.description}"
 
 
-PRODUCERS: tuple[Producer, ...] = (ConvProducer(), ConvTransposeProducer())
+PRODUCERS: tuple[Producer, ...] = (ConvProducer(), ConvTransposeProducer(), GemmProducer(), MatMulProducer())
 CONSUMERS: tuple[Consumer, ...] = (BatchNormConsumer(),)
 RULES: tuple[Rule, ...] = tuple(Rule(p, c) for p in PRODUCERS for c in CONSUMERS)
 

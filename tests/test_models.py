@@ -20,9 +20,9 @@ def test_model_folds_as_the_manifest_says(entry):
     assert external == bool(entry["data_file"])
     assert count(model, "BatchNormalization") == entry["bn_total"]
     folded, report = fold_model(model)
-    # Conv/ConvTranspose -> BN pairs with a single reader all fold; Gemm/MatMul -> BN are not rules yet.
-    assert len(report.folded) == entry["conv_bn"], report.summary()
-    assert report.bn_after == entry["bn_remaining_after_conv_bn"]
+    # Every Conv/ConvTranspose/Gemm/MatMul -> BN pair whose producer output has one reader folds.
+    assert len(report.folded) == entry["conv_bn"] + entry["gemm_bn"], report.summary()
+    assert report.bn_after == entry["bn_total"] - entry["conv_bn"] - entry["gemm_bn"]
     onnx.checker.check_model(folded)
     result = verify(model, folded)
     assert result, str(result)
