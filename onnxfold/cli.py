@@ -112,7 +112,7 @@ def _run(args, say) -> int:
     folded, report = fold_model(model, disable=args.disable, copy=False)
     del model  # folded in place: the input file stays as it is on disk
     if not quiet:
-        say(report.summary())
+        say(report.summary(verbose=args.verbose))
         if args.verbose:
             for f in report.folded:
                 say(f"  folded {f.rule} {f.producer} + {f.consumer} [{f.graph}] {f.dtype}, max |w'| {f.max_abs_weight:.4g}")

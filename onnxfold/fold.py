@@ -160,6 +160,13 @@ class Scope:
     def since_version(self, node: onnx.NodeProto) -> int:
         return self.index.since_version(node.op_type)
 
+    def is_const(self, name: str) -> bool:
+        try:
+            self.const(name, "value")
+        except NotFoldable:
+            return False
+        return True
+
     # -- writing ---------------------------------------------------------------------------------
     def add_constant(self, name: str, value: np.ndarray, before: int) -> None:
         """A new constant tensor: an initializer, or a Constant node where initializers don't fit."""
@@ -327,17 +334,20 @@ def _fold_scope(scope: Scope, rules, report: FoldReport, orphans: set[str]) -> i
         clabel = _node_label(node, ci)
         match, why = _find_producer(scope, node, consumer, rules)
         if match is None:
-            report.left.append(Left(clabel, scope.path, why))
+            if consumer.report_left:
+                report.left.append(Left(clabel, scope.path, why))
             continue
-        pi, data_index, rule = match
+        pi, data_index, rule, chain = match
         pnode = graph.node[pi]
         plabel = _node_label(pnode, pi)
         x = node.input[data_index]
+        between = [pnode.output[0], *(graph.node[i].output[0] for i in reversed(chain))]
         try:
-            if x in outputs:
-                raise NotFoldable(f"{pnode.op_type} output '{x}' is a graph output")
-            if index.uses[x] != 1:
-                raise NotFoldable(f"{pnode.op_type} output '{x}' has {index.uses[x]} readers, not only the {node.op_type}")
+            for name in between:
+                if name in outputs:
+                    raise NotFoldable(f"{pnode.op_type} output '{name}' is a graph output")
+                if index.uses[name] != 1:
+                    raise NotFoldable(f"{pnode.op_type} output '{name}' has {index.uses[name]} readers, not only the {node.op_type}")
             weights = rule.producer.weights(scope, pnode)
             scale, shift = rule.consumer.affine(scope, node, data_index, weights)
             update = rule.producer.fold(pnode, weights, scale, shift)
@@ -366,14 +376,16 @@ def _fold_scope(scope: Scope, rules, report: FoldReport, orphans: set[str]) -> i
             _set_attr(pnode, key, value)
         if update.op_type:
             pnode.op_type = update.op_type
-        for name in node.input:
-            if name:
-                index.uses[name] -= 1
-                orphans.add(name)
-        scope.producer.pop(x, None)
+        for i in [ci, *chain]:
+            for name in graph.node[i].input:
+                if name:
+                    index.uses[name] -= 1
+                    orphans.add(name)
+            removed.add(i)
+        for name in between:
+            scope.producer.pop(name, None)
         pnode.output[0] = node.output[0]
         scope.producer[node.output[0]] = pi
-        removed.add(ci)
         folded += 1
         weight = new_inputs[min(new_inputs)][0]
         report.folded.append(
@@ -392,13 +404,19 @@ def _fold_scope(scope: Scope, rules, report: FoldReport, orphans: set[str]) -> i
 
 
 def _find_producer(scope: Scope, node, consumer, rules):
-    """(producer index, data input index, rule), or None and why there is nothing to fold into."""
+    """((producer index, data input index, rule, Identity indices), "") or (None, why not)."""
     why = ""
     for data_index in consumer.data_inputs(node):
         if data_index >= len(node.input) or not node.input[data_index]:
             continue
+        if not consumer.is_candidate(scope, node, data_index):
+            continue
         x = node.input[data_index]
         pi = scope.producer.get(x)
+        chain = []
+        while pi is not None and scope.graph.node[pi].op_type == "Identity" and scope.graph.node[pi].domain in DEFAULT_DOMAINS:
+            chain.append(pi)  # look through Identity nodes
+            pi = scope.producer.get(scope.graph.node[pi].input[0])
         if pi is None:
             why = why or ("its input is a graph input or a constant" if x in scope.inputs or x in scope.init
                           else "its input comes from an enclosing graph")
@@ -412,7 +430,7 @@ def _find_producer(scope: Scope, node, consumer, rules):
         if rule is None:
             why = why or f"rule {producer.name}_{consumer.name} is disabled"
             continue
-        return (pi, data_index, rule), ""
+        return (pi, data_index, rule, chain), ""
     return None, why or "it has no data input"
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 
+MAX_LISTED = 10
+
 
 @dataclass
 class Folded:
@@ -49,19 +51,23 @@ class FoldReport:
     def changed(self) -> bool:
         return bool(self.folded)
 
-    def summary(self) -> str:
+    def summary(self, verbose: bool = False) -> str:
         """A few lines for a terminal: what was folded, what was declined and why."""
         by_rule = Counter(f.rule for f in self.folded)
         rules = ", ".join(f"{k}: {v}" for k, v in sorted(by_rule.items()))
         folded_bn = self.bn_before - self.bn_after
+        others = sum(1 for f in self.folded if not f.rule.endswith("_bn") and not f.rule.startswith("bn_"))
         lines = [
             f"folded {folded_bn} of {self.bn_before} BatchNormalization"
+            + (f" and {others} Mul/Add/Sub/Div" if others else "")
             + (f" ({rules})" if rules else "")
             + f", declined {len(self.declined)}, left {len(self.left)} with no producer"
             + f" in {self.seconds:.2f}s"
         ]
-        for d in self.declined:
+        for d in self.declined[: None if verbose else MAX_LISTED]:
             lines.append(f"  declined {d.rule} {d.producer} -> {d.consumer} [{d.graph}]: {d.reason}")
+        if not verbose and len(self.declined) > MAX_LISTED:
+            lines.append(f"  ... and {len(self.declined) - MAX_LISTED} more declined (-v lists them all)")
         for reason, n in Counter(x.reason for x in self.left).most_common():
             lines.append(f"  left {n}: {reason}")
         return "\n".join(lines)

@@ -222,9 +222,15 @@ class Consumer:
     op_types: tuple[str, ...] = ()
     description = ""
 
+    report_left = False  # list this consumer in the report when it has nothing to fold into
+
     def data_inputs(self, node: onnx.NodeProto) -> tuple[int, ...]:
         """Indices of the inputs that may carry the producer's output."""
         return (0,)
+
+    def is_candidate(self, scope, node: onnx.NodeProto, data_index: int) -> bool:
+        """Whether this input is worth matching at all (not a reason to decline)."""
+        return True
 
     def affine(self, scope, node: onnx.NodeProto, data_index: int, w: Weights) -> tuple[np.ndarray, np.ndarray]:
         raise NotImplementedError  # pragma: no cover - interface
@@ -241,6 +247,7 @@ class BatchNormConsumer(Consumer):
     name = "bn"
     op_types = ("BatchNormalization",)
     description = "BatchNormalization in inference mode"
+    report_left = True
 
     def affine(self, scope, node, data_index, w):
         since = scope.since_version(node)
@@ -270,6 +277,66 @@ class BatchNormConsumer(Consumer):
         return bn_affine(gamma, beta, mean, var, eps)
 
 
+class ArithmeticConsumer(Consumer):
+    """Mul, Add, Sub or Div of the producer's output by a constant that broadcasts per channel.
+
+    The constant is a scalar, or right-aligned against the producer's output rank r it has shape
+    [.., C or 1, 1, ..., 1] with C on axis 1 ([C, 1, 1] or [1, C, 1, 1] for a 4-D Conv; [C] or [1, C]
+    for Gemm's 2-D output). A length-C vector against a rank-3+ output broadcasts over the LAST axis,
+    not the channels: declined. x*c: scale c. x+c: shift c. x-c: shift -c. c-x: scale -1, shift c.
+    x/c: scale 1/c (c != 0). c/x is not affine: never folded.
+    """
+
+    def __init__(self, op_type: str):
+        self.op_types = (op_type,)
+        self.name = op_type.lower()
+        self.description = {
+            "Mul": "Mul by a per-channel constant (either side)",
+            "Add": "Add of a per-channel constant (either side)",
+            "Sub": "Sub of a per-channel constant (x - c, or c - x with the sign folded)",
+            "Div": "Div by a per-channel constant (x / c only)",
+        }[op_type]
+
+    def data_inputs(self, node):
+        return (0,) if node.op_type == "Div" else (0, 1)
+
+    def is_candidate(self, scope, node, data_index):
+        # Only an operand that is a constant makes this an affine of the other side: a residual Add
+        # of two Convs is no candidate, not a decline.
+        return len(node.input) == 2 and scope.is_const(node.input[1 - data_index])
+
+    def affine(self, scope, node, data_index, w):
+        if len(node.input) != 2:
+            raise NotFoldable(f"{node.op_type} does not have two inputs")
+        const = scope.const(node.input[1 - data_index], f"{node.op_type} operand")
+        _check_float(const, f"{node.op_type} operand")
+        c = per_channel(const, w.rank, w.channels)
+        op = node.op_type
+        ones, zeros = np.ones(w.channels), np.zeros(w.channels)
+        if op == "Mul":
+            return c, zeros
+        if op == "Add":
+            return ones, c
+        if op == "Sub":
+            return (ones, -c) if data_index == 0 else (-ones, c)
+        if np.any(c == 0):
+            raise NotFoldable("Div by a constant that has zeros")
+        return 1.0 / c, zeros
+
+
+def per_channel(const: np.ndarray, rank: int, channels: int) -> np.ndarray:
+    """A constant's per-channel values (float64, length C), if it broadcasts only along axis 1."""
+    shape = tuple(const.shape)
+    if len(shape) > rank:
+        raise NotFoldable(f"constant of shape {list(shape)} has more dimensions than the output (rank {rank})")
+    padded = (1,) * (rank - len(shape)) + shape
+    others = [d for axis, d in enumerate(padded) if axis != 1]
+    if any(d != 1 for d in others) or padded[1] not in (1, channels):
+        hint = " (a length-C vector broadcasts over the last axis, not the channels)" if len(shape) == 1 and rank > 2 else ""
+        raise NotFoldable(f"constant of shape {list(shape)} does not broadcast per channel against rank {rank}{hint}")
+    return np.broadcast_to(np.asarray(const, np.float64).reshape(-1), (channels,)).copy()
+
+
 @dataclass(frozen=True)
 class Rule:
     producer: Producer
@@ -285,7 +352,7 @@ class Rule:
 
 
 PRODUCERS: tuple[Producer, ...] = (ConvProducer(), ConvTransposeProducer(), GemmProducer(), MatMulProducer())
-CONSUMERS: tuple[Consumer, ...] = (BatchNormConsumer(),)
+CONSUMERS: tuple[Consumer, ...] = (BatchNormConsumer(), *(ArithmeticConsumer(op) for op in ("Mul", "Add", "Sub", "Div")))
 RULES: tuple[Rule, ...] = tuple(Rule(p, c) for p in PRODUCERS for c in CONSUMERS)
 
 # Reasons every rule shares; checked once, in the driver.
