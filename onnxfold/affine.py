@@ -28,6 +28,7 @@ __all__ = [
     "scale_conv_transpose_weight",
     "fold_bias",
     "cast_finite",
+    "fold_input_affine",
 ]
 
 
@@ -116,3 +117,28 @@ def cast_finite(value: np.ndarray, dtype, what: str) -> np.ndarray:
             f"folded {what} overflows {np.dtype(dtype).name} (max |value| = {biggest:.4g} > {limit:.6g})"
         )
     return out
+
+
+def fold_input_affine(w: np.ndarray, bias, scale: np.ndarray, shift: np.ndarray, group: int):
+    """A per-channel affine on a Conv's INPUT, folded into the Conv (exact only without padding).
+
+    Conv weight W [M, C/group, k...]; output channel m of group g = m // (M/group) reads input
+    channels g*C/group + j through W[m, j]:
+
+        W'[m, j] = W[m, j] * scale[g*C/group + j]
+        b'[m]    = b[m] + sum over j and the kernel of W[m, j, k] * shift[g*C/group + j]
+    """
+    w = np.asarray(w, dtype=np.float64)
+    m, c_per_group = w.shape[0], w.shape[1]
+    if group < 1 or m % group or c_per_group * group != scale.shape[0]:
+        raise NotFoldable(
+            f"Conv reads {c_per_group * group} input channels (group={group}), the affine has {scale.shape[0]}"
+        )
+    rows = m // group
+    kernel = [1] * (w.ndim - 2)
+    s = np.repeat(scale.reshape(group, c_per_group), rows, axis=0).reshape(m, c_per_group, *kernel)
+    t = np.repeat(shift.reshape(group, c_per_group), rows, axis=0).reshape(m, c_per_group, *kernel)
+    b = np.zeros(m) if bias is None else np.asarray(bias, dtype=np.float64)
+    if b.shape != (m,):
+        raise NotFoldable(f"bias has shape {list(b.shape)}, expected [{m}]")
+    return w * s, b + (w * t).sum(axis=tuple(range(1, w.ndim)))

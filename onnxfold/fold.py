@@ -322,13 +322,18 @@ def fold_model(model: onnx.ModelProto, *, disable=(), copy: bool = True) -> tupl
 
 
 def _fold_scope(scope: Scope, rules, report: FoldReport, orphans: set[str]) -> int:
-    index = scope.index
     graph = scope.graph
-    outputs = index.graph_outputs()
+    outputs = scope.index.graph_outputs()
+    input_rule = rules.get(("BatchNormalization", "Conv"))
     removed: set[int] = set()
     folded = 0
     for ci, node in enumerate(graph.node):
-        consumer = _CONSUMER_BY_OP.get(node.op_type) if node.domain in DEFAULT_DOMAINS else None
+        if ci in removed or node.domain not in DEFAULT_DOMAINS:
+            continue
+        if input_rule is not None and node.op_type in input_rule.op_types:
+            folded += _fold_input(scope, ci, input_rule, report, orphans, removed, outputs)
+            continue
+        consumer = _CONSUMER_BY_OP.get(node.op_type)
         if consumer is None:
             continue
         clabel = _node_label(node, ci)
@@ -340,67 +345,116 @@ def _fold_scope(scope: Scope, rules, report: FoldReport, orphans: set[str]) -> i
         pi, data_index, rule, chain = match
         pnode = graph.node[pi]
         plabel = _node_label(pnode, pi)
-        x = node.input[data_index]
         between = [pnode.output[0], *(graph.node[i].output[0] for i in reversed(chain))]
         try:
-            for name in between:
-                if name in outputs:
-                    raise NotFoldable(f"{pnode.op_type} output '{name}' is a graph output")
-                if index.uses[name] != 1:
-                    raise NotFoldable(f"{pnode.op_type} output '{name}' has {index.uses[name]} readers, not only the {node.op_type}")
+            _check_single_reader(scope, between, outputs, pnode, node)
             weights = rule.producer.weights(scope, pnode)
             scale, shift = rule.consumer.affine(scope, node, data_index, weights)
             update = rule.producer.fold(pnode, weights, scale, shift)
-            new_inputs = {
-                i: (cast_finite(value, weights.dtype, what), hint) for i, (value, what, hint) in update.inputs.items()
-            }
+            new_inputs = _cast(update, weights.dtype)
         except NotFoldable as e:
             report.declined.append(Declined(rule.name, plabel, clabel, scope.path, str(e)))
             continue
-
         # Rewire: the producer reads the new constants and writes the consumer's output.
-        weight_name = ""
-        for i, (value, hint) in sorted(new_inputs.items()):
-            name = index.unique(hint)
-            scope.add_constant(name, value, before=pi)
-            while len(pnode.input) <= i:
-                pnode.input.append("")
-            old = pnode.input[i]
-            if old:
-                index.uses[old] -= 1
-                orphans.add(old)
-            pnode.input[i] = name
-            index.uses[name] += 1
-            weight_name = weight_name or name
-        for key, value in update.attributes.items():
-            _set_attr(pnode, key, value)
-        if update.op_type:
-            pnode.op_type = update.op_type
-        for i in [ci, *chain]:
-            for name in graph.node[i].input:
-                if name:
-                    index.uses[name] -= 1
-                    orphans.add(name)
-            removed.add(i)
+        weight_name = _rewrite(scope, pi, update, new_inputs, orphans)
+        _remove(scope, [ci, *chain], removed, orphans)
         for name in between:
             scope.producer.pop(name, None)
         pnode.output[0] = node.output[0]
         scope.producer[node.output[0]] = pi
         folded += 1
-        weight = new_inputs[min(new_inputs)][0]
-        report.folded.append(
-            Folded(
-                rule.name,
-                plabel,
-                clabel,
-                scope.path,
-                str(weights.dtype),
-                weight_name,
-                float(np.max(np.abs(weight.astype(np.float64)))) if weight.size else 0.0,
-            )
-        )
+        report.folded.append(_record(rule.name, plabel, clabel, scope, weights.dtype, weight_name, new_inputs))
     scope.rebuild_nodes(removed)
     return folded
+
+
+def _fold_input(scope: Scope, ci: int, rule, report, orphans, removed, outputs) -> int:
+    """BatchNormalization -> Conv: fold the affine into the Conv's input channels."""
+    graph = scope.graph
+    conv = graph.node[ci]
+    if not conv.input or not conv.input[0]:
+        return 0
+    chain = []
+    bi = scope.producer.get(conv.input[0])
+    while bi is not None and graph.node[bi].op_type == "Identity" and graph.node[bi].domain in DEFAULT_DOMAINS:
+        chain.append(bi)
+        bi = scope.producer.get(graph.node[bi].input[0])
+    if bi is None or bi in removed:
+        return 0
+    bn = graph.node[bi]
+    if bn.op_type != "BatchNormalization" or bn.domain not in DEFAULT_DOMAINS:
+        return 0
+    blabel, clabel = _node_label(bn, bi), _node_label(conv, ci)
+    between = [bn.output[0], *(graph.node[i].output[0] for i in reversed(chain))]
+    try:
+        _check_single_reader(scope, between, outputs, bn, conv)
+        update, dtype = rule.fold(scope, bn, conv)
+        new_inputs = _cast(update, dtype)
+    except NotFoldable as e:
+        report.declined.append(Declined(rule.name, blabel, clabel, scope.path, str(e)))
+        return 0
+    weight_name = _rewrite(scope, ci, update, new_inputs, orphans)
+    x = bn.input[0]
+    scope.index.uses[x] += 1  # the Conv reads the BatchNormalization's input now
+    conv.input[0] = x
+    _remove(scope, [bi, *chain], removed, orphans)
+    for name in between:
+        scope.producer.pop(name, None)
+    report.folded.append(_record(rule.name, blabel, clabel, scope, dtype, weight_name, new_inputs))
+    return 1
+
+
+def _check_single_reader(scope: Scope, names, outputs, upstream, downstream) -> None:
+    """The check every rule shares: what the fold removes is read by nothing else."""
+    for name in names:
+        if name in outputs:
+            raise NotFoldable(f"{upstream.op_type} output '{name}' is a graph output")
+        n = scope.index.uses[name]
+        if n != 1:
+            raise NotFoldable(f"{upstream.op_type} output '{name}' has {n} readers, not only the {downstream.op_type}")
+
+
+def _cast(update, dtype) -> dict[int, tuple[np.ndarray, str]]:
+    return {i: (cast_finite(value, dtype, what), hint) for i, (value, what, hint) in update.inputs.items()}
+
+
+def _rewrite(scope: Scope, ni: int, update, new_inputs, orphans: set[str]) -> str:
+    """Point node ``ni``'s inputs at new constants; apply attribute and op changes. Returns the weight's name."""
+    index = scope.index
+    node = scope.graph.node[ni]
+    first = ""
+    for i, (value, hint) in sorted(new_inputs.items()):
+        name = index.unique(hint)
+        scope.add_constant(name, value, before=ni)
+        while len(node.input) <= i:
+            node.input.append("")
+        old = node.input[i]
+        if old:
+            index.uses[old] -= 1
+            orphans.add(old)
+        node.input[i] = name
+        index.uses[name] += 1
+        first = first or name
+    for key, value in update.attributes.items():
+        _set_attr(node, key, value)
+    if update.op_type:
+        node.op_type = update.op_type
+    return first
+
+
+def _remove(scope: Scope, indices, removed: set[int], orphans: set[str]) -> None:
+    for i in indices:
+        for name in scope.graph.node[i].input:
+            if name:
+                scope.index.uses[name] -= 1
+                orphans.add(name)
+        removed.add(i)
+
+
+def _record(rule, upstream, downstream, scope, dtype, weight_name, new_inputs) -> Folded:
+    weight = new_inputs[min(new_inputs)][0]
+    biggest = float(np.max(np.abs(weight.astype(np.float64)))) if weight.size else 0.0
+    return Folded(rule, upstream, downstream, scope.path, str(np.dtype(dtype)), weight_name, biggest)
 
 
 def _find_producer(scope: Scope, node, consumer, rules):

@@ -18,7 +18,14 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from .affine import NotFoldable, bn_affine, fold_bias, scale_conv_transpose_weight, scale_conv_weight
+from .affine import (
+    NotFoldable,
+    bn_affine,
+    fold_bias,
+    fold_input_affine,
+    scale_conv_transpose_weight,
+    scale_conv_weight,
+)
 
 FLOAT_TYPES = ("float16", "bfloat16", "float32", "float64")
 
@@ -337,6 +344,37 @@ def per_channel(const: np.ndarray, rank: int, channels: int) -> np.ndarray:
     return np.broadcast_to(np.asarray(const, np.float64).reshape(-1), (channels,)).copy()
 
 
+class BatchNormBeforeConv:
+    """BatchNormalization -> Conv: the affine folds into the Conv's INPUT channels.
+
+    W'[m, j] = W[m, j] * scale[c]; b'[m] = b[m] + sum over j and the kernel of W[m, j, k] * shift[c],
+    with c = g*C/group + j for output channel m of group g. Only when the Conv has no padding (pads all
+    zero or auto_pad VALID): zero padding is applied after BatchNormalization, so with padding the
+    border outputs would see shift where the original saw zeros.
+    """
+
+    name = "bn_conv"
+    op_types = ("Conv",)
+    description = "BatchNormalization -> Conv without padding (into the Conv's input channels)"
+
+    def fold(self, scope, bn, conv):
+        auto_pad = attr(conv, "auto_pad", b"NOTSET")
+        auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else str(auto_pad)
+        if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+            raise NotFoldable(f"Conv pads its input (auto_pad={auto_pad}): zero padding after BatchNormalization "
+                              "is not an affine of the input")
+        pads = attr(conv, "pads", None)
+        if auto_pad == "NOTSET" and pads and any(pads):
+            raise NotFoldable(f"Conv pads its input (pads={list(pads)}): zero padding after BatchNormalization "
+                              "is not an affine of the input")
+        w, b = ConvProducer()._constants(scope, conv)
+        group = int(attr(conv, "group", 1))
+        channels = w.shape[1] * group
+        scale, shift = BatchNormConsumer().affine(scope, bn, 0, Weights(w, b, channels=channels, rank=w.ndim))
+        w2, b2 = fold_input_affine(w, b, scale, shift, group)
+        return Update({1: (w2, "weight", conv.input[1]), 2: (b2, "bias", _bias_hint(conv))}), w.dtype
+
+
 @dataclass(frozen=True)
 class Rule:
     producer: Producer
@@ -348,7 +386,7 @@ class Rule:
 
     @property
     def description(self) -> str:
-        return f"{self.producer.description} -> {self.consumer.description}"
+        return f"{self.producer.op_types[0]} -> {self.consumer.op_types[0]}"
 
 
 PRODUCERS: tuple[Producer, ...] = (ConvProducer(), ConvTransposeProducer(), GemmProducer(), MatMulProducer())
@@ -365,12 +403,15 @@ SHARED_DECLINES = (
 )
 
 
+INPUT_RULES = (BatchNormBeforeConv(),)
+
+
 def rule_names() -> list[str]:
-    return [r.name for r in RULES]
+    return [r.name for r in RULES] + [r.name for r in INPUT_RULES]
 
 
-def select_rules(disable=()) -> dict[tuple[str, str], Rule]:
-    """Rules keyed by (producer op_type, consumer op_type), without the disabled ones."""
+def select_rules(disable=()) -> dict[tuple[str, str], object]:
+    """Rules keyed by (upstream op_type, downstream op_type), without the disabled ones."""
     disable = set(disable)
     unknown = disable - set(rule_names())
     if unknown:
@@ -382,17 +423,32 @@ def select_rules(disable=()) -> dict[tuple[str, str], Rule]:
         for p in rule.producer.op_types:
             for c in rule.consumer.op_types:
                 table[(p, c)] = rule
+    for rule in INPUT_RULES:
+        if rule.name not in disable:
+            table[("BatchNormalization", "Conv")] = rule
     return table
 
 
+def _doc(obj) -> list[str]:
+    return ["    " + line.strip() for line in (type(obj).__doc__ or "").strip().splitlines() if line.strip()]
+
+
 def describe_rules() -> str:
-    lines = []
-    for rule in RULES:
-        lines.append(f"{rule.name}: {rule.description}")
-        for cls in (type(rule.producer), type(rule.consumer)):
-            doc = (cls.__doc__ or "").strip().splitlines()
-            lines.extend("    " + line.strip() for line in doc if line.strip())
+    """What --list-rules prints: every rule by name, then what each producer and consumer does and declines."""
+    lines = ["rules (switch one off with --disable NAME):"]
+    lines += [f"  {r.name:<20} {r.description}" for r in (*RULES, *INPUT_RULES)]
+    lines.append("")
+    lines.append("producers (own per-output-channel weights):")
+    for p in PRODUCERS:
+        lines.append(f"  {p.name}: {p.description}")
+        lines += _doc(p)
+    lines.append("consumers (a per-channel affine y = x * scale + shift):")
+    for c in CONSUMERS:
+        lines.append(f"  {c.name}: {c.description}")
+        lines += _doc(c)
+    for r in INPUT_RULES:
+        lines.append(f"{r.name}: {r.description}")
+        lines += _doc(r)
     lines.append("every rule declines when:")
     lines.extend(f"    - {reason}" for reason in SHARED_DECLINES)
     return "\n".join(lines)
-

@@ -167,6 +167,8 @@ def torch_run(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
         elif n.op_type == "BatchNormalization":
             xin, g, bb, m, v = (get(i) for i in range(5))
             out = F.batch_norm(xin, m, v, g, bb, training=False, eps=a.get("epsilon", 1e-5))
+        elif n.op_type == "Relu":
+            out = torch.relu(get(0))
         else:
             raise NotImplementedError(n.op_type)
         values[n.output[0]] = out
