@@ -47,11 +47,19 @@ def fold_graph(graph, *, disable=()):
     try:
         model = gs.export_onnx(graph, do_type_check=False)
         folded, report = fold_model(model, disable=disable, copy=False)
-        if report.folded:
+        if report.inlined or any(f.graph.startswith("function ") for f in report.folded):
+            # Functions were inlined or rewritten: there is no node-for-node mapping; take the
+            # folded graph whole, in the same Graph object.
+            replacement = gs.import_onnx(folded)
+            for node in replacement.nodes:
+                originals.setdefault(node.name, node.name)
+            graph.__dict__.update(replacement.__dict__)
+            nodes = list(graph.nodes)
+        elif report.folded:
             _apply(graphs, folded)
     finally:
         for node in nodes:
-            original = originals[node.name]
+            original = originals.get(node.name, node.name)
             node.name = "" if original.startswith(f"{node.op}#") else original
     for record in (*report.folded, *report.declined):
         record.producer = originals.get(record.producer, record.producer)

@@ -171,7 +171,7 @@ class Scope:
     def add_constant(self, name: str, value: np.ndarray, before: int) -> None:
         """A new constant tensor: an initializer, or a Constant node where initializers don't fit."""
         tensor = numpy_helper.from_array(value, name)
-        if self.parent is not None and self.index.ir_version < 4:
+        if self.index.constants_as_nodes or (self.parent is not None and self.index.ir_version < 4):
             # IR 3 requires every initializer to be a graph input; a subgraph's inputs are its
             # signature, so a Constant node it is.
             node = helper.make_node("Constant", [], [name], value=tensor, name=name)
@@ -206,8 +206,9 @@ class Scope:
 class ModelIndex:
     """Every graph of a model, and how many times each tensor name is read across all of them."""
 
-    def __init__(self, model: onnx.ModelProto):
+    def __init__(self, model: onnx.ModelProto, constants_as_nodes: bool = False):
         self.model = model
+        self.constants_as_nodes = constants_as_nodes  # a function body has no initializers
         self.ir_version = model.ir_version
         self.opset = next((o.version for o in model.opset_import if o.domain in DEFAULT_DOMAINS), None)
         self.scopes: list[Scope] = []
@@ -303,22 +304,90 @@ def fold_model(model: onnx.ModelProto, *, disable=(), copy: bool = True) -> tupl
         clone.CopyFrom(model)
         model = clone
     report = FoldReport(bn_before=count_ops(model, "BatchNormalization"))
+    in_functions: list = []
+    if model.functions:
+        model, in_functions = _fold_functions(model, rules, report)
+    _fold_rounds(model, rules, report)
+    report.declined[:0] = in_functions
+    report.bn_after = count_ops(model, "BatchNormalization")
+    report.seconds = time.perf_counter() - start
+    return model, report
+
+
+def _fold_rounds(model: onnx.ModelProto, rules, report: FoldReport, constants_as_nodes: bool = False) -> None:
     for _ in range(MAX_ROUNDS):
         report.rounds += 1
         report.declined.clear()
         report.left.clear()
-        index = ModelIndex(model)
+        index = ModelIndex(model, constants_as_nodes)
         orphans: set[str] = set()
         changed = 0
         for scope in index.scopes:
             changed += _fold_scope(scope, rules, report, orphans)
         if orphans:
-            _sweep(ModelIndex(model), orphans)
+            _sweep(ModelIndex(model, constants_as_nodes), orphans)
         if not changed:
             break
-    report.bn_after = count_ops(model, "BatchNormalization")
-    report.seconds = time.perf_counter() - start
-    return model, report
+
+
+def _fold_functions(model: onnx.ModelProto, rules, report: FoldReport) -> tuple[onnx.ModelProto, list]:
+    """Model-local functions.
+
+    A pair whose weights live in the body (Constant nodes) is the same for every call: it folds in
+    the body, and the function stays. A pair whose weights are function inputs is bound at each call
+    site: folding it means specializing the body per call, which is what inlining does, so such a
+    function is inlined (onnxruntime inlines local functions before running anyway) and its calls
+    fold in the graph like any other nodes.
+    """
+    to_inline, declined = [], []
+    for fn in model.functions:
+        if _reads_weights_from_inputs(fn):
+            to_inline.append((fn.domain, fn.name))
+            continue
+        graph = helper.make_graph(list(fn.node), fn.name, [onnx.ValueInfoProto(name=n) for n in fn.input],
+                                  [onnx.ValueInfoProto(name=n) for n in fn.output])
+        body = helper.make_model(graph, opset_imports=list(fn.opset_import) or list(model.opset_import))
+        body.ir_version = model.ir_version
+        sub = FoldReport()
+        _fold_rounds(body, rules, sub, constants_as_nodes=True)
+        path = f"function {fn.domain}.{fn.name}" if fn.domain else f"function {fn.name}"
+        for record in (*sub.folded, *sub.declined, *sub.left):
+            record.graph = path
+        report.folded += sub.folded
+        declined += sub.declined
+        if sub.folded:
+            del fn.node[:]
+            fn.node.extend(body.graph.node)
+    if to_inline:
+        from onnx import inliner
+
+        model = inliner.inline_selected_functions(model, to_inline)
+        report.inlined = [f"{d}.{n}" if d else n for d, n in to_inline]
+    return model, declined
+
+
+def _reads_weights_from_inputs(fn: onnx.FunctionProto) -> bool:
+    """Whether a foldable-looking pair in the body takes a weight or statistic from a function input."""
+    inputs = set(fn.input)
+    producer = {o: n for n in fn.node for o in n.output}
+
+    def upstream(name):
+        node = producer.get(name)
+        while node is not None and node.op_type == "Identity":
+            node = producer.get(node.input[0])
+        return node
+
+    for node in fn.node:
+        if node.op_type not in _CONSUMER_BY_OP and node.op_type != "Conv":
+            continue
+        for data in node.input:
+            up = upstream(data)
+            if up is None:
+                continue
+            pair = (up.op_type in _PRODUCER_BY_OP) or (up.op_type == "BatchNormalization" and node.op_type == "Conv")
+            if pair and (inputs & (set(up.input[1:]) | (set(node.input) - {data}))):
+                return True
+    return False
 
 
 def _fold_scope(scope: Scope, rules, report: FoldReport, orphans: set[str]) -> int:

@@ -42,6 +42,7 @@ class FoldReport:
     folded: list[Folded] = field(default_factory=list)
     declined: list[Declined] = field(default_factory=list)
     left: list[Left] = field(default_factory=list)
+    inlined: list[str] = field(default_factory=list)  # local functions inlined to fold their calls
     bn_before: int = 0
     bn_after: int = 0
     rounds: int = 0
@@ -68,6 +69,8 @@ class FoldReport:
             lines.append(f"  declined {d.rule} {d.producer} -> {d.consumer} [{d.graph}]: {d.reason}")
         if not verbose and len(self.declined) > MAX_LISTED:
             lines.append(f"  ... and {len(self.declined) - MAX_LISTED} more declined (-v lists them all)")
+        if self.inlined:
+            lines.append(f"  inlined local functions to fold their calls: {', '.join(self.inlined)}")
         for reason, n in Counter(x.reason for x in self.left).most_common():
             lines.append(f"  left {n}: {reason}")
         return "\n".join(lines)
@@ -81,4 +84,5 @@ class FoldReport:
             "folded": [asdict(f) for f in self.folded],
             "declined": [asdict(d) for d in self.declined],
             "left": [asdict(x) for x in self.left],
+            "inlined_functions": list(self.inlined),
         }

@@ -1,0 +1,108 @@
+"""Conv -> BatchNormalization inside model-local functions.
+
+Weights inside the body (Constant nodes) are the same for every call: the body is folded and the
+function kept. Weights passed in from the call site are inlined first (per-call specialization),
+then folded in the graph. Equivalence in onnxruntime (optimizations off, float32 default tolerance).
+"""
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from builders import bn_stats, count
+from onnxfold import fold_model, verify
+
+F = TensorProto.FLOAT
+DOMAIN = "local"
+
+
+def _const(name, array):
+    return helper.make_node("Constant", [], [name], value=numpy_helper.from_array(array, name))
+
+
+def function_model(weights_inside: bool, calls: int = 2):
+    rng = np.random.default_rng(0)
+    w = rng.normal(0, 0.5, (4, 4, 3, 3)).astype(np.float32)
+    stats = bn_stats(rng, 4)
+    names = ["g", "b", "m", "v"]
+    body = []
+    if weights_inside:
+        body += [_const("w", w)] + [_const(n, a) for n, a in zip(names, stats)]
+        fn_inputs = ["x"]
+    else:
+        fn_inputs = ["x", "w", *names]
+    body += [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("BatchNormalization", ["c", *names], ["y"], epsilon=1e-3),
+             helper.make_node("Relu", ["y"], ["out"])]
+    fn = helper.make_function(DOMAIN, "ConvBnRelu", fn_inputs, ["out"], body,
+                              [helper.make_opsetid("", 17)])
+    inits = []
+    nodes = []
+    prev = "x"
+    for i in range(calls):
+        args = [prev]
+        if not weights_inside:  # each call site binds its own weights
+            wi = rng.normal(0, 0.5, (4, 4, 3, 3)).astype(np.float32)
+            si = bn_stats(rng, 4)
+            inits += [numpy_helper.from_array(wi, f"w{i}")] + [numpy_helper.from_array(a, f"{n}{i}") for n, a in zip(names, si)]
+            args += [f"w{i}", *(f"{n}{i}" for n in names)]
+        nodes.append(helper.make_node("ConvBnRelu", args, [f"h{i}"], domain=DOMAIN))
+        prev = f"h{i}"
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", F, [1, 4, 6, 6])],
+                              [helper.make_tensor_value_info(prev, F, [1, 4, 6, 6])], inits)
+    model = helper.make_model(graph, functions=[fn],
+                              opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(DOMAIN, 1)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+def test_function_with_weights_in_the_body_is_folded_in_place():
+    model = function_model(weights_inside=True)
+    folded, report = fold_model(model)
+    assert len(report.folded) == 1 and report.folded[0].graph == "function local.ConvBnRelu"
+    assert not report.inlined
+    assert len(folded.functions) == 1
+    assert [n.op_type for n in folded.functions[0].node] == ["Constant", "Constant", "Conv", "Relu"]
+    assert [n.op_type for n in folded.graph.node] == ["ConvBnRelu", "ConvBnRelu"]
+    onnx.checker.check_model(folded, full_check=True)
+    result = verify(model, folded)
+    assert result, str(result)
+
+
+def test_function_with_weights_from_the_call_site_is_inlined_then_folded():
+    model = function_model(weights_inside=False)
+    folded, report = fold_model(model)
+    assert report.inlined == ["local.ConvBnRelu"]
+    assert len(report.folded) == 2 and {f.graph for f in report.folded} == {"main"}
+    assert count(folded, "BatchNormalization") == 0
+    assert [n.op_type for n in folded.graph.node] == ["Conv", "Relu", "Conv", "Relu"]
+    onnx.checker.check_model(folded, full_check=True)
+    result = verify(model, folded)
+    assert result, str(result)
+    assert "inlined local functions" in report.summary()
+
+
+def test_function_without_candidates_is_untouched():
+    model = function_model(weights_inside=True)
+    fn = model.functions[0]
+    keep = [n for n in fn.node if n.op_type != "BatchNormalization"]
+    keep[-1].input[0] = "c"
+    del fn.node[:]
+    fn.node.extend(keep)
+    folded, report = fold_model(model)
+    assert not report.folded and not report.inlined
+    assert folded.SerializeToString() == model.SerializeToString()
+
+
+def test_graphsurgeon_graph_with_an_inlined_function():
+    import onnx_graphsurgeon as gs
+
+    from onnxfold import fold_conv_bn
+
+    model = function_model(weights_inside=False)
+    graph = gs.import_onnx(model)
+    assert fold_conv_bn(graph) is graph
+    folded = gs.export_onnx(graph.cleanup().toposort())
+    assert count(folded, "BatchNormalization") == 0
+    assert verify(model, folded)
