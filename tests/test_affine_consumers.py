@@ -145,3 +145,33 @@ def test_gemm_then_per_feature_add_and_mul():
                               opset_imports=[helper.make_opsetid("", 17)])
     report = folds_to_one_node(model, 2)
     assert [f.rule for f in report.folded] == ["gemm_mul", "gemm_add"]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize("shape", [(), (4,), (1, 4)], ids=str)
+@pytest.mark.parametrize("op,side", [("Mul", "left"), ("Mul", "right"), ("Add", "left"), ("Add", "right"),
+                                     ("Sub", "left"), ("Sub", "right"), ("Div", "left")])
+@pytest.mark.parametrize("producer", ["Gemm-transB0", "Gemm-transB1-alpha-beta", "MatMul"])
+def test_gemm_and_matmul_with_every_arithmetic_consumer(producer, op, side, shape, dtype):
+    from builders import np_dtype, onnx_dtype
+
+    rng = np.random.default_rng(7)
+    dt = np_dtype(dtype)
+    trans_b = producer.startswith("Gemm-transB1")
+    inits = [numpy_helper.from_array(rng.normal(size=(4, 3) if trans_b else (3, 4)).astype(dt), "B")]
+    if producer == "MatMul":
+        first = helper.make_node("MatMul", ["a", "B"], ["h"])
+    else:
+        inits.append(numpy_helper.from_array(rng.normal(size=(4,)).astype(dt), "C"))
+        kw = dict(transB=1, alpha=0.7, beta=2.5) if trans_b else {}
+        first = helper.make_node("Gemm", ["a", "B", "C"], ["h"], **kw)
+    c = rng.uniform(0.5, 1.5, shape) * (1 if op in ("Mul", "Div") else rng.choice([-1, 1], shape))
+    inits.append(numpy_helper.from_array(np.asarray(c, dt), "k"))
+    second = helper.make_node(op, ["h", "k"] if side == "left" else ["k", "h"], ["y"])
+    model = helper.make_model(
+        helper.make_graph([first, second], "g", [helper.make_tensor_value_info("a", onnx_dtype(dtype), [5, 3])],
+                          [helper.make_tensor_value_info("y", onnx_dtype(dtype), [5, 4])], inits),
+        opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    report = folds_to_one_node(model, 1)
+    assert report.folded[0].rule == f"{producer.split('-')[0].lower()}_{op.lower()}"
