@@ -28,7 +28,10 @@ __all__ = [
     "scale_conv_transpose_weight",
     "fold_bias",
     "cast_finite",
+    "iter_cast",
     "fold_input_affine",
+    "RowScaled",
+    "scale_columns",
 ]
 
 
@@ -56,21 +59,50 @@ def _channel_shape(ndim: int, axis: int) -> list[int]:
     return shape
 
 
-def scale_conv_weight(w: np.ndarray, scale: np.ndarray) -> np.ndarray:
+class RowScaled:
+    """``w * factor`` in float64, made a block of rows (axis 0) at a time.
+
+    A weight's full float64 product is never held: each block is computed, cast to the model's dtype
+    and written before the next (``np.asarray`` gives the whole product, for small weights and tests).
+    """
+
+    def __init__(self, w: np.ndarray, factor):
+        self.w = w
+        self.shape = tuple(w.shape)
+        self._factor = factor  # factor(a, b) -> float64, broadcastable against w[a:b]
+
+    def block(self, a: int, b: int) -> np.ndarray:
+        rows = self.w[a:b]
+        if rows.dtype.kind != "f":  # bfloat16 (ml_dtypes): widen first
+            rows = np.asarray(rows, dtype=np.float64)
+        return np.multiply(rows, self._factor(a, b), dtype=np.float64)
+
+    def blocks(self, target_bytes: int = 8 << 20):
+        rows = self.shape[0] if self.shape else 1
+        per_row = max(1, int(np.prod(self.shape[1:], dtype=np.int64)) * 8)
+        step = max(1, target_bytes // per_row)
+        for a in range(0, rows, step):
+            yield self.block(a, min(rows, a + step))
+
+    def __array__(self, dtype=None, copy=None):
+        out = self.block(0, self.shape[0])
+        return out if dtype is None else out.astype(dtype)
+
+
+def scale_conv_weight(w: np.ndarray, scale: np.ndarray) -> RowScaled:
     """Conv weight [M, C/group, k...]: output channel m is slice w[m]."""
-    w = np.asarray(w, dtype=np.float64)
     if w.shape[0] != scale.shape[0]:
         raise NotFoldable(f"weight has {w.shape[0]} output channels, the affine has {scale.shape[0]}")
-    return w * scale.reshape(_channel_shape(w.ndim, 0))
+    tail = [1] * (w.ndim - 1)
+    return RowScaled(w, lambda a, b: scale[a:b].reshape(-1, *tail))
 
 
-def scale_conv_transpose_weight(w: np.ndarray, scale: np.ndarray, group: int) -> np.ndarray:
+def scale_conv_transpose_weight(w: np.ndarray, scale: np.ndarray, group: int) -> RowScaled:
     """ConvTranspose weight [C_in, M/group, k...].
 
     Output channel ``m = g * (M/group) + j`` is made by ``w[g*C_in/group:(g+1)*C_in/group, j]``:
     the scale applies within each group along axis 1.
     """
-    w = np.asarray(w, dtype=np.float64)
     c_in, m_per_group = w.shape[0], w.shape[1]
     if group < 1 or c_in % group:
         raise NotFoldable(f"weight has {c_in} input channels, not divisible by group={group}")
@@ -78,10 +110,17 @@ def scale_conv_transpose_weight(w: np.ndarray, scale: np.ndarray, group: int) ->
         raise NotFoldable(
             f"weight makes {m_per_group * group} output channels (group={group}), the affine has {scale.shape[0]}"
         )
-    kernel = w.shape[2:]
-    grouped = w.reshape(group, c_in // group, m_per_group, *kernel)
-    s = scale.reshape(group, 1, m_per_group, *([1] * len(kernel)))
-    return (grouped * s).reshape(w.shape)
+    per_group = scale.reshape(group, m_per_group)
+    tail = [1] * (w.ndim - 2)
+    rows_per_group = c_in // group
+    return RowScaled(w, lambda a, b: per_group[np.arange(a, b) // rows_per_group].reshape(b - a, m_per_group, *tail))
+
+
+def scale_columns(w: np.ndarray, scale: np.ndarray) -> RowScaled:
+    """A 2-D weight [K, N] whose columns are the output channels (Gemm's B, MatMul's W)."""
+    if w.shape[1] != scale.shape[0]:
+        raise NotFoldable(f"weight has {w.shape[1]} output columns, the affine has {scale.shape[0]}")
+    return RowScaled(w, lambda a, b: scale.reshape(1, -1))
 
 
 def fold_bias(bias, scale: np.ndarray, shift: np.ndarray) -> np.ndarray:
@@ -103,19 +142,46 @@ def _finfo(dtype):
         return ml_dtypes.finfo(dtype)
 
 
-def cast_finite(value: np.ndarray, dtype, what: str) -> np.ndarray:
-    """Cast a float64 result once to ``dtype``; refuse values that are not finite there."""
-    value = np.asarray(value, dtype=np.float64)
-    if not np.all(np.isfinite(value)):
-        raise NotFoldable(f"folded {what} is not finite (inf or NaN in the float64 result)")
-    with np.errstate(over="ignore"):
-        out = value.astype(dtype)
-    if not np.all(np.isfinite(out.astype(np.float64))):
-        biggest = float(np.max(np.abs(value)))
+def _cast_block(block: np.ndarray, dtype, what: str) -> tuple[np.ndarray, float]:
+    """Cast one float64 block; returns it and its max |value|, or NotFoldable if it is not finite."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        out = block.astype(dtype)
+    if not out.size:
+        return out, 0.0
+    view = out if out.dtype.kind == "f" else out.astype(np.float32)
+    hi, lo = float(view.max()), float(view.min())  # NaN and inf show up here: no extra pass
+    if not (np.isfinite(hi) and np.isfinite(lo)):
+        if not np.all(np.isfinite(block)):
+            raise NotFoldable(f"folded {what} is not finite (inf or NaN in the float64 result)")
+        biggest = float(np.max(np.abs(block)))
         limit = float(_finfo(dtype).max)
         raise NotFoldable(
             f"folded {what} overflows {np.dtype(dtype).name} (max |value| = {biggest:.4g} > {limit:.6g})"
         )
+    return out, max(hi, -lo)
+
+
+def iter_cast(value, dtype, what: str):
+    """Cast a float64 result (an array or a :class:`RowScaled`) to ``dtype`` block by block.
+
+    Yields (block in ``dtype``, max |value| of the block). Raises NotFoldable on a value that is not
+    finite in ``dtype``.
+    """
+    blocks = value.blocks() if isinstance(value, RowScaled) else [np.asarray(value, dtype=np.float64)]
+    for block in blocks:
+        yield _cast_block(block, dtype, what)
+
+
+def cast_finite(value, dtype, what: str) -> np.ndarray:
+    """Cast a float64 result once to ``dtype``; refuse values that are not finite there."""
+    shape = value.shape if isinstance(value, RowScaled) else np.shape(value)
+    out = np.empty(shape, dtype=dtype)
+    if not shape:
+        return next(iter_cast(value, dtype, what))[0].reshape(())
+    row = 0
+    for block, _ in iter_cast(value, dtype, what):
+        out[row : row + len(block)] = block
+        row += len(block)
     return out
 
 
@@ -128,7 +194,6 @@ def fold_input_affine(w: np.ndarray, bias, scale: np.ndarray, shift: np.ndarray,
         W'[m, j] = W[m, j] * scale[g*C/group + j]
         b'[m]    = b[m] + sum over j and the kernel of W[m, j, k] * shift[g*C/group + j]
     """
-    w = np.asarray(w, dtype=np.float64)
     m, c_per_group = w.shape[0], w.shape[1]
     if group < 1 or m % group or c_per_group * group != scale.shape[0]:
         raise NotFoldable(
@@ -141,4 +206,6 @@ def fold_input_affine(w: np.ndarray, bias, scale: np.ndarray, shift: np.ndarray,
     b = np.zeros(m) if bias is None else np.asarray(bias, dtype=np.float64)
     if b.shape != (m,):
         raise NotFoldable(f"bias has shape {list(b.shape)}, expected [{m}]")
-    return w * s, b + (w * t).sum(axis=tuple(range(1, w.ndim)))
+    axes = tuple(range(1, w.ndim))
+    added = np.concatenate([block.sum(axis=axes) for block in RowScaled(w, lambda a, c: t[a:c]).blocks()])
+    return RowScaled(w, lambda a, c: s[a:c]), b + added

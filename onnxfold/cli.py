@@ -16,7 +16,7 @@ from pathlib import Path
 
 from . import __version__
 from .fold import fold_model
-from .io import InputError, commit, load, staged, write
+from .io import DataSink, InputError, commit, load, staged, write
 from .rules import describe_rules, rule_names
 from .verify import VerifyError, load_inputs, parse_shape, verify
 
@@ -109,21 +109,39 @@ def _run(args, say) -> int:
     feeds = load_inputs(args.inputs) if args.inputs else None
     src = Path(args.input)
     model, external = load(src)
-    folded, report = fold_model(model, disable=args.disable, copy=False)
-    del model  # folded in place: the input file stays as it is on disk
-    if not quiet:
-        say(report.summary(verbose=args.verbose))
-        if args.verbose:
-            for f in report.folded:
-                say(f"  folded {f.rule} {f.producer} + {f.consumer} [{f.graph}] {f.dtype}, max |w'| {f.max_abs_weight:.4g}")
-    result = None
     if args.check:
-        _write_report(args.report, report, None)
+        _, report = fold_model(model, disable=args.disable, copy=False, base_dir=src.parent)
+        if not quiet:
+            say(report.summary(verbose=args.verbose))
+        _write_report(args.report, report, None, {})
         return EXIT_CHECK if report.folded else EXIT_OK
+    if args.data_name and (Path(args.data_name).name != args.data_name or args.data_name in (".", "..")):
+        raise InputError(f"--data-name {args.data_name!r}: a file name, without a folder")
+    timings = {}
     dst = Path(args.output)
+    result = None
     with staged(dst) as tmp:
-        want_external = {"always": True, "never": False}.get(args.external_data, True if external else None)
-        files = write(folded, tmp, external=want_external, data_name=args.data_name)
+        want_external = {"always": True, "never": False}.get(args.external_data, external)
+        sink = DataSink(tmp.parent / (args.data_name or dst.name + ".data")) if want_external else None
+        try:
+            t = time.perf_counter()
+            folded, report = fold_model(model, disable=args.disable, copy=False, base_dir=src.parent, sink=sink)
+            timings["fold_s"] = time.perf_counter() - t
+            del model  # folded in place: the input file stays as it is on disk
+            if not quiet:
+                say(report.summary(verbose=args.verbose))
+                if args.verbose:
+                    for f in report.folded:
+                        say(f"  folded {f.rule} {f.producer} + {f.consumer} [{f.graph}] {f.dtype}, "
+                            f"max |w'| {f.max_abs_weight:.4g}")
+            t = time.perf_counter()
+            files = write(folded, tmp, base_dir=src.parent, sink=sink,
+                          external=None if args.external_data == "auto" else want_external)
+            timings["write_s"] = time.perf_counter() - t
+        finally:
+            if sink is not None:
+                sink.close()
+        del folded
         if args.no_verify:
             if not quiet:
                 say("verification skipped (--no-verify)")
@@ -131,30 +149,32 @@ def _run(args, say) -> int:
             if not quiet:
                 say("nothing folded: verification skipped")
         else:
+            t = time.perf_counter()
             result = verify(src, tmp, args.providers, inputs=feeds, input_shapes=shapes, input_range=value_range,
                             seed=args.seed, atol=args.atol, rtol=args.rtol)
+            timings["verify_s"] = time.perf_counter() - t
             if not quiet:
                 for w in result.warnings:
                     say(f"warning: {w}")
-                say(str(result))
-            elif not result:
+            if not quiet or not result:
                 say(str(result))
             if not result and not args.force_write:
                 say(f"onnxfold: {dst} not written: the folded model does not match the original "
                     "(--force-write writes it anyway)")
-                _write_report(args.report, report, result)
+                _write_report(args.report, report, result, timings)
                 return EXIT_VERIFY
         commit(files, dst)
-    _write_report(args.report, report, result)
+    _write_report(args.report, report, result, timings)
     if not quiet:
         say(f"wrote {dst}" + (f" (+ {files[1].name})" if len(files) > 1 else ""))
     return EXIT_OK if result is None or result else EXIT_VERIFY
 
 
-def _write_report(path, report, result) -> None:
+def _write_report(path, report, result, timings) -> None:
     if not path:
         return
     data = report.to_dict()
+    data["timings"] = {"fold_s": report.seconds, **timings}
     if result is not None:
         data["verification"] = {
             "passed": bool(result),

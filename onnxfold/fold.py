@@ -19,7 +19,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .affine import NotFoldable, cast_finite
+from .affine import NotFoldable, iter_cast
+from .io import read_tensor
 from .report import Declined, Folded, FoldReport, Left
 from .rules import CONSUMERS, PRODUCERS, attr, select_rules
 
@@ -31,6 +32,7 @@ CONSTANT_EXPRESSION_OPS = frozenset(
     "Gather Tile Range Add Sub Mul Div Neg Sqrt Reciprocal".split()
 )
 MAX_ROUNDS = 16
+CACHE_BYTES = 1 << 16
 
 _CONSUMER_BY_OP = {op: c for c in CONSUMERS for op in c.op_types}
 _PRODUCER_BY_OP = {op: p for p in PRODUCERS for op in p.op_types}
@@ -84,7 +86,7 @@ class Scope:
                         f"{what} '{name}' is an initializer that is also a graph input (IR version "
                         f"{self.index.ir_version}), so it can be fed at run time"
                     )
-                value = numpy_helper.to_array(scope.graph.initializer[scope.init[name]])
+                value = read_tensor(scope.graph.initializer[scope.init[name]], self.index.base_dir)
             elif name in scope.producer:
                 value = scope._node_constant(scope.graph.node[scope.producer[name]], name, what)
             elif name in scope.inputs:
@@ -92,7 +94,8 @@ class Scope:
             else:
                 scope = scope.parent
                 continue
-            scope._cache[name] = value
+            if value.nbytes <= CACHE_BYTES:  # statistics, shapes; weights are read once, not held
+                scope._cache[name] = value
             return value
         raise NotFoldable(f"{what} '{name}' is not defined in this graph or an enclosing one")
 
@@ -168,19 +171,23 @@ class Scope:
         return True
 
     # -- writing ---------------------------------------------------------------------------------
-    def add_constant(self, name: str, value: np.ndarray, before: int) -> None:
+    def streams(self) -> bool:
+        """Whether large new tensors here go straight to the output's data file."""
+        return self.index.sink is not None and self.parent is None and not self.index.constants_as_nodes
+
+    def add_constant(self, tensor: onnx.TensorProto, before: int) -> None:
         """A new constant tensor: an initializer, or a Constant node where initializers don't fit."""
-        tensor = numpy_helper.from_array(value, name)
+        name = tensor.name
         if self.index.constants_as_nodes or (self.parent is not None and self.index.ir_version < 4):
-            # IR 3 requires every initializer to be a graph input; a subgraph's inputs are its
-            # signature, so a Constant node it is.
+            # A function body has no initializers, and IR 3 requires every initializer to be a graph
+            # input while a subgraph's inputs are its signature: a Constant node it is.
             node = helper.make_node("Constant", [], [name], value=tensor, name=name)
             self.pending_constants.setdefault(before, []).append(node)
             return
         self.graph.initializer.append(tensor)
         self.init[name] = len(self.graph.initializer) - 1
         if self.index.ir_version < 4:
-            self.graph.input.append(helper.make_tensor_value_info(name, tensor.data_type, list(value.shape)))
+            self.graph.input.append(helper.make_tensor_value_info(name, tensor.data_type, list(tensor.dims)))
             self.inputs.add(name)
 
     def rebuild_nodes(self, removed: set[int]) -> None:
@@ -206,8 +213,10 @@ class Scope:
 class ModelIndex:
     """Every graph of a model, and how many times each tensor name is read across all of them."""
 
-    def __init__(self, model: onnx.ModelProto, constants_as_nodes: bool = False):
+    def __init__(self, model: onnx.ModelProto, constants_as_nodes: bool = False, base_dir=None, sink=None):
         self.model = model
+        self.base_dir = base_dir  # where external data files are, for tensors not yet read
+        self.sink = sink  # the output's data file: large folded tensors are written as they are made
         self.constants_as_nodes = constants_as_nodes  # a function body has no initializers
         self.ir_version = model.ir_version
         self.opset = next((o.version for o in model.opset_import if o.domain in DEFAULT_DOMAINS), None)
@@ -292,10 +301,14 @@ class _Match:
     data_index: int
 
 
-def fold_model(model: onnx.ModelProto, *, disable=(), copy: bool = True) -> tuple[onnx.ModelProto, FoldReport]:
+def fold_model(
+    model: onnx.ModelProto, *, disable=(), copy: bool = True, base_dir=None, sink=None
+) -> tuple[onnx.ModelProto, FoldReport]:
     """Fold every safe producer -> consumer pair. Returns the folded model and a :class:`FoldReport`.
 
-    The argument is left untouched unless ``copy=False``.
+    The argument is left untouched unless ``copy=False``. ``base_dir`` is the model's folder, for
+    tensors whose external data has not been loaded; ``sink`` (an :class:`onnxfold.io.DataSink`)
+    receives large folded tensors as they are made, so no more than one weight is in memory at a time.
     """
     start = time.perf_counter()
     rules = select_rules(disable)
@@ -307,25 +320,26 @@ def fold_model(model: onnx.ModelProto, *, disable=(), copy: bool = True) -> tupl
     in_functions: list = []
     if model.functions:
         model, in_functions = _fold_functions(model, rules, report)
-    _fold_rounds(model, rules, report)
+    _fold_rounds(model, rules, report, base_dir=base_dir, sink=sink)
     report.declined[:0] = in_functions
     report.bn_after = count_ops(model, "BatchNormalization")
     report.seconds = time.perf_counter() - start
     return model, report
 
 
-def _fold_rounds(model: onnx.ModelProto, rules, report: FoldReport, constants_as_nodes: bool = False) -> None:
+def _fold_rounds(model: onnx.ModelProto, rules, report: FoldReport, constants_as_nodes: bool = False,
+                 base_dir=None, sink=None) -> None:
     for _ in range(MAX_ROUNDS):
         report.rounds += 1
         report.declined.clear()
         report.left.clear()
-        index = ModelIndex(model, constants_as_nodes)
+        index = ModelIndex(model, constants_as_nodes, base_dir, sink)
         orphans: set[str] = set()
         changed = 0
         for scope in index.scopes:
             changed += _fold_scope(scope, rules, report, orphans)
         if orphans:
-            _sweep(ModelIndex(model, constants_as_nodes), orphans)
+            _sweep(ModelIndex(model, constants_as_nodes, base_dir, sink), orphans)
         if not changed:
             break
 
@@ -420,19 +434,19 @@ def _fold_scope(scope: Scope, rules, report: FoldReport, orphans: set[str]) -> i
             weights = rule.producer.weights(scope, pnode)
             scale, shift = rule.consumer.affine(scope, node, data_index, weights)
             update = rule.producer.fold(pnode, weights, scale, shift)
-            new_inputs = _cast(update, weights.dtype)
+            made, biggest = _materialize(scope, update, weights.dtype)
         except NotFoldable as e:
             report.declined.append(Declined(rule.name, plabel, clabel, scope.path, str(e)))
             continue
         # Rewire: the producer reads the new constants and writes the consumer's output.
-        weight_name = _rewrite(scope, pi, update, new_inputs, orphans)
+        weight_name = _rewrite(scope, pi, update, made, orphans)
         _remove(scope, [ci, *chain], removed, orphans)
         for name in between:
             scope.producer.pop(name, None)
         pnode.output[0] = node.output[0]
         scope.producer[node.output[0]] = pi
         folded += 1
-        report.folded.append(_record(rule.name, plabel, clabel, scope, weights.dtype, weight_name, new_inputs))
+        report.folded.append(_record(rule.name, plabel, clabel, scope, weights.dtype, weight_name, biggest))
     scope.rebuild_nodes(removed)
     return folded
 
@@ -458,18 +472,18 @@ def _fold_input(scope: Scope, ci: int, rule, report, orphans, removed, outputs) 
     try:
         _check_single_reader(scope, between, outputs, bn, conv)
         update, dtype = rule.fold(scope, bn, conv)
-        new_inputs = _cast(update, dtype)
+        made, biggest = _materialize(scope, update, dtype)
     except NotFoldable as e:
         report.declined.append(Declined(rule.name, blabel, clabel, scope.path, str(e)))
         return 0
-    weight_name = _rewrite(scope, ci, update, new_inputs, orphans)
+    weight_name = _rewrite(scope, ci, update, made, orphans)
     x = bn.input[0]
     scope.index.uses[x] += 1  # the Conv reads the BatchNormalization's input now
     conv.input[0] = x
     _remove(scope, [bi, *chain], removed, orphans)
     for name in between:
         scope.producer.pop(name, None)
-    report.folded.append(_record(rule.name, blabel, clabel, scope, dtype, weight_name, new_inputs))
+    report.folded.append(_record(rule.name, blabel, clabel, scope, dtype, weight_name, biggest))
     return 1
 
 
@@ -483,32 +497,66 @@ def _check_single_reader(scope: Scope, names, outputs, upstream, downstream) -> 
             raise NotFoldable(f"{upstream.op_type} output '{name}' has {n} readers, not only the {downstream.op_type}")
 
 
-def _cast(update, dtype) -> dict[int, tuple[np.ndarray, str]]:
-    return {i: (cast_finite(value, dtype, what), hint) for i, (value, what, hint) in update.inputs.items()}
+def _materialize(scope: Scope, update, dtype) -> tuple[dict[int, onnx.TensorProto], float]:
+    """Cast each folded input once to ``dtype`` (block by block) and make its tensor: large ones are
+    streamed to the output's data file. Returns the tensors by input index and the weight's max |w'|.
+    Nothing is left behind when a value does not fit ``dtype``."""
+    index = scope.index
+    sink = index.sink if scope.streams() else None
+    mark = sink.offset if sink is not None else None
+    made: dict[int, onnx.TensorProto] = {}
+    biggest = 0.0
+    try:
+        # small values first: a decline there costs nothing
+        for i, (value, what, hint) in sorted(update.inputs.items(), key=lambda kv: _count(kv[1][0])):
+            shape = tuple(np.shape(value)) if not hasattr(value, "blocks") else value.shape
+            name = index.unique(hint)
+            big = sink is not None and _count(value) * np.dtype(dtype).itemsize >= sink.THRESHOLD
+            peak = [0.0]
+
+            def blocks(value=value, what=what, peak=peak):
+                for block, m in iter_cast(value, dtype, what):
+                    peak[0] = max(peak[0], m)
+                    yield block
+
+            if big:
+                made[i] = sink.stream(name, shape, dtype, blocks())
+            else:
+                arrays = list(blocks())
+                array = np.concatenate(arrays) if len(arrays) > 1 else arrays[0].reshape(shape)
+                made[i] = numpy_helper.from_array(array.reshape(shape), name)
+            if i == min(update.inputs):
+                biggest = peak[0]
+    except NotFoldable:
+        if sink is not None:
+            sink.rollback(mark)
+        raise
+    return made, biggest
 
 
-def _rewrite(scope: Scope, ni: int, update, new_inputs, orphans: set[str]) -> str:
-    """Point node ``ni``'s inputs at new constants; apply attribute and op changes. Returns the weight's name."""
+def _count(value) -> int:
+    return int(np.prod(np.shape(value) if not hasattr(value, "blocks") else value.shape, dtype=np.int64))
+
+
+def _rewrite(scope: Scope, ni: int, update, made: dict[int, onnx.TensorProto], orphans: set[str]) -> str:
+    """Point node ``ni``'s inputs at the new tensors; apply attribute and op changes. Returns the weight's name."""
     index = scope.index
     node = scope.graph.node[ni]
-    first = ""
-    for i, (value, hint) in sorted(new_inputs.items()):
-        name = index.unique(hint)
-        scope.add_constant(name, value, before=ni)
+    for i, tensor in sorted(made.items()):
+        scope.add_constant(tensor, before=ni)
         while len(node.input) <= i:
             node.input.append("")
         old = node.input[i]
         if old:
             index.uses[old] -= 1
             orphans.add(old)
-        node.input[i] = name
-        index.uses[name] += 1
-        first = first or name
+        node.input[i] = tensor.name
+        index.uses[tensor.name] += 1
     for key, value in update.attributes.items():
         _set_attr(node, key, value)
     if update.op_type:
         node.op_type = update.op_type
-    return first
+    return made[min(made)].name
 
 
 def _remove(scope: Scope, indices, removed: set[int], orphans: set[str]) -> None:
@@ -520,9 +568,7 @@ def _remove(scope: Scope, indices, removed: set[int], orphans: set[str]) -> None
         removed.add(i)
 
 
-def _record(rule, upstream, downstream, scope, dtype, weight_name, new_inputs) -> Folded:
-    weight = new_inputs[min(new_inputs)][0]
-    biggest = float(np.max(np.abs(weight.astype(np.float64)))) if weight.size else 0.0
+def _record(rule, upstream, downstream, scope, dtype, weight_name, biggest) -> Folded:
     return Folded(rule, upstream, downstream, scope.path, str(np.dtype(dtype)), weight_name, biggest)
 
 

@@ -8,8 +8,9 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import onnx
-from onnx import external_data_helper
+from onnx import external_data_helper, helper, numpy_helper
 
 PROTOBUF_LIMIT = 2**31 - 1
 
@@ -25,7 +26,11 @@ def uses_external_data(model: onnx.ModelProto) -> bool:
 
 
 def load(path: str | os.PathLike) -> tuple[onnx.ModelProto, bool]:
-    """Load a model and its external data. Returns (model, whether it had external data)."""
+    """Load a model; tensors in external data files stay on disk until read (:func:`read_tensor`).
+
+    Returns (model, whether it has external data). The data files are checked to exist and to be
+    long enough for every tensor, so a broken model fails here, with one line.
+    """
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: no such file")
@@ -39,13 +44,162 @@ def load(path: str | os.PathLike) -> tuple[onnx.ModelProto, bool]:
         raise InputError(f"{path}: not a readable ONNX model ({_first_line(e)})") from None
     if not model.HasField("graph") or not model.opset_import:
         raise InputError(f"{path}: not an ONNX model (no graph or no opset_import)")
-    external = uses_external_data(model)
-    if external:
-        try:
-            external_data_helper.load_external_data_for_model(model, str(path.parent))
-        except (OSError, ValueError) as e:
-            raise InputError(f"{path}: cannot read its external data ({_first_line(e)})") from None
+    external = False
+    sizes: dict[Path, int] = {}
+    for tensor in external_data_helper._get_all_tensors(model):
+        if not external_data_helper.uses_external_data(tensor):
+            continue
+        external = True
+        info = external_data_helper.ExternalDataInfo(tensor)
+        data = _data_path(path.parent, info.location)
+        if data not in sizes:
+            if not data.is_file():
+                raise InputError(f"{path}: its external data file {info.location!r} is missing")
+            sizes[data] = data.stat().st_size
+        end = (info.offset or 0) + (info.length or 0)
+        if end > sizes[data]:
+            raise InputError(f"{path}: tensor {tensor.name!r} lies past the end of {info.location!r} (truncated?)")
     return model, external
+
+
+def _data_path(base_dir, location: str) -> Path:
+    base = Path(base_dir).resolve()
+    data = (base / location).resolve()
+    if base != data and base not in data.parents:
+        raise InputError(f"external data location {location!r} points outside the model's folder")
+    return data
+
+
+def read_tensor(tensor: onnx.TensorProto, base_dir) -> np.ndarray:
+    """A tensor's value; external data is read from its file (just this tensor's bytes)."""
+    if not external_data_helper.uses_external_data(tensor):
+        return numpy_helper.to_array(tensor)
+    if base_dir is None:
+        raise InputError(f"tensor {tensor.name!r} has external data, but the model's folder is not known")
+    info = external_data_helper.ExternalDataInfo(tensor)
+    dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tensor.data_type))
+    if tensor.data_type in _RAW_TYPES and dtype.byteorder in "=<|" and np.little_endian:
+        count = int(np.prod(tensor.dims, dtype=np.int64))
+        length = info.length if info.length else count * dtype.itemsize
+        if length != count * dtype.itemsize:
+            raise InputError(f"tensor {tensor.name!r}: external length {length} does not match its shape")
+        path = _data_path(base_dir, info.location)
+        if (info.offset or 0) + length > path.stat().st_size:
+            raise InputError(f"tensor {tensor.name!r}: its external data is truncated")
+        if count == 0:
+            return np.zeros(tuple(tensor.dims), dtype=dtype)
+        # Mapped, not read: a fold touches each page once, a block of rows at a time.
+        return np.memmap(path, dtype=dtype, mode="r", offset=info.offset or 0, shape=tuple(tensor.dims))
+    return numpy_helper.to_array(tensor, str(base_dir))
+
+
+_RAW_TYPES = {
+    onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16,
+    onnx.TensorProto.INT64, onnx.TensorProto.INT32, onnx.TensorProto.INT8, onnx.TensorProto.UINT8,
+}
+
+
+class DataSink:
+    """The output's external data file: folded tensors are written once, as the fold makes them, and
+    the tensors it does not change are copied as bytes from the input's data files at save time."""
+
+    ALIGN = 4096  # large tensors start on a page boundary, so onnxruntime can map them
+    THRESHOLD = 1024  # smaller tensors stay inline in the .onnx file
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.file = open(self.path, "wb")
+        self.offset = 0
+        self.written: set[str] = set()
+
+    def _reserve(self, nbytes: int) -> int:
+        if nbytes >= 1 << 20 and self.offset % self.ALIGN:
+            pad = self.ALIGN - self.offset % self.ALIGN
+            self.file.write(b"\0" * pad)
+            self.offset += pad
+        start = self.offset
+        self.offset += nbytes
+        return start
+
+    def _point(self, tensor: onnx.TensorProto, start: int, nbytes: int) -> None:
+        tensor.ClearField("raw_data")
+        del tensor.external_data[:]
+        tensor.data_location = onnx.TensorProto.EXTERNAL
+        for key, value in (("location", self.path.name), ("offset", str(start)), ("length", str(nbytes))):
+            entry = tensor.external_data.add()
+            entry.key, entry.value = key, value
+        self.written.add(tensor.name)
+
+    def stream(self, name: str, shape, dtype, blocks) -> onnx.TensorProto:
+        """A new tensor written block by block (rows of a C-order array). On an error the data file is
+        cut back, so a declined fold leaves nothing behind."""
+        itemsize = np.dtype(dtype).itemsize
+        nbytes = int(np.prod(shape, dtype=np.int64)) * itemsize
+        mark = self.offset
+        start = self._reserve(nbytes)
+        try:
+            for block in blocks:
+                block = np.ascontiguousarray(block)
+                self.file.write(block.data.cast("B") if block.dtype.kind == "f" else block.tobytes())
+        except BaseException:
+            self.rollback(mark)
+            raise
+        tensor = onnx.TensorProto()
+        tensor.name = name
+        tensor.data_type = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+        tensor.dims.extend(shape)
+        self._point(tensor, start, nbytes)
+        return tensor
+
+    def rollback(self, offset: int) -> None:
+        self.file.seek(offset)
+        self.file.truncate()
+        self.offset = offset
+
+    def tensor(self, name: str, value: np.ndarray) -> onnx.TensorProto:
+        """A new tensor; its bytes go to the data file now when it is large."""
+        tensor = numpy_helper.from_array(value, name)
+        if value.nbytes >= self.THRESHOLD:
+            raw = tensor.raw_data
+            start = self._reserve(len(raw))
+            self.file.write(raw)
+            self._point(tensor, start, len(raw))
+        return tensor
+
+    def take(self, tensor: onnx.TensorProto, base_dir) -> None:
+        """Move a tensor's bytes into the data file: copied from the input's data file, or from memory."""
+        if tensor.name in self.written and tensor.external_data and tensor.external_data[0].value == self.path.name:
+            return
+        if external_data_helper.uses_external_data(tensor):
+            info = external_data_helper.ExternalDataInfo(tensor)
+            nbytes = info.length
+            with open(_data_path(base_dir, info.location), "rb") as src:
+                if nbytes is None or nbytes <= 0:
+                    src.seek(0, os.SEEK_END)
+                    nbytes = src.tell() - (info.offset or 0)
+                start = self._reserve(nbytes)
+                src.seek(info.offset or 0)
+                self.file.flush()
+                _copy(src, self.file, nbytes)
+            self._point(tensor, start, nbytes)
+        elif tensor.HasField("raw_data") and len(tensor.raw_data) >= self.THRESHOLD:
+            raw = tensor.raw_data
+            start = self._reserve(len(raw))
+            self.file.write(raw)
+            self._point(tensor, start, len(raw))
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def _copy(src, dst, nbytes: int, chunk: int = 16 << 20) -> None:
+    left = nbytes
+    while left:
+        buf = src.read(min(chunk, left))
+        if not buf:
+            raise InputError(f"{src.name}: external data is truncated")
+        dst.write(buf)
+        left -= len(buf)
 
 
 def _first_line(e: BaseException) -> str:
@@ -74,26 +228,34 @@ def staged(path: str | os.PathLike):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def write(model: onnx.ModelProto, staged_path: Path, external: bool | None = None, data_name: str | None = None) -> list[Path]:
-    """Write ``model`` to a staging path. ``external=None`` writes external data only when needed.
+def write(model: onnx.ModelProto, staged_path: Path, *, base_dir=None, sink: DataSink | None = None,
+          external: bool | None = None) -> list[Path]:
+    """Write ``model`` to its staging path. Returns the files written, the model first.
 
-    Returns the files written (the model first).
+    With a ``sink`` (external output), every large tensor ends up in its data file: those the fold wrote
+    are there already, the others are copied as bytes from the input's data files or from memory.
+    Without one, external input tensors are read in and the model is written as one file.
     """
-    if external is None:
+    if sink is None and external is None:
         external = model.ByteSize() > PROTOBUF_LIMIT
-    if not external:
+    if sink is None and external:
+        sink = DataSink(staged_path.parent / (staged_path.name + ".data"))
+    if sink is None:
+        for tensor in external_data_helper._get_all_tensors(model):
+            if external_data_helper.uses_external_data(tensor):
+                external_data_helper.load_external_data_for_tensor(tensor, str(base_dir))
+        if model.ByteSize() > PROTOBUF_LIMIT:
+            raise InputError("the folded model is over 2 GiB: it needs external data (--external-data always)")
         onnx.save(model, str(staged_path))
         return [staged_path]
-    data_name = data_name or staged_path.name + ".data"
-    onnx.save(
-        model,
-        str(staged_path),
-        save_as_external_data=True,
-        all_tensors_to_one_file=True,
-        location=data_name,
-        size_threshold=1024,
-    )
-    return [staged_path, staged_path.parent / data_name]
+    for tensor in external_data_helper._get_attribute_tensors(model):
+        if external_data_helper.uses_external_data(tensor):  # Constant values stay inline
+            external_data_helper.load_external_data_for_tensor(tensor, str(base_dir))
+    for tensor in external_data_helper._get_initializer_tensors(model):
+        sink.take(tensor, base_dir)
+    sink.close()
+    onnx.save(model, str(staged_path))
+    return [staged_path, sink.path]
 
 
 def commit(files: list[Path], destination: Path) -> None:

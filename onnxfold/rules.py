@@ -20,9 +20,11 @@ from onnx import helper
 
 from .affine import (
     NotFoldable,
+    RowScaled,
     bn_affine,
     fold_bias,
     fold_input_affine,
+    scale_columns,
     scale_conv_transpose_weight,
     scale_conv_weight,
 )
@@ -176,7 +178,7 @@ class GemmProducer(Producer):
 
     def fold(self, node, w, scale, shift):
         axis = 0 if w.extra["transB"] else 1
-        b = np.asarray(w.weight, np.float64) * scale.reshape([-1, 1] if axis == 0 else [1, -1])
+        b = RowScaled(w.weight, lambda i, j: scale[i:j].reshape(-1, 1)) if axis == 0 else scale_columns(w.weight, scale)
         c = np.zeros(w.channels) if w.bias is None else np.broadcast_to(np.asarray(w.bias, np.float64).reshape(-1), (w.channels,))
         c = c * w.extra["beta"] * scale + shift
         if w.extra["c_shape"] and len(w.extra["c_shape"]) == 2:
@@ -211,7 +213,7 @@ class MatMulProducer(Producer):
 
     def fold(self, node, w, scale, shift):
         return Update(
-            {1: (np.asarray(w.weight, np.float64) * scale.reshape(1, -1), "weight", node.input[1]),
+            {1: (scale_columns(w.weight, scale), "weight", node.input[1]),
              2: (shift.copy(), "bias", _bias_hint(node))},
             op_type="Gemm",
         )

@@ -12,6 +12,7 @@ from onnxfold.affine import (
     cast_finite,
     fold_bias,
     scale_conv_transpose_weight,
+    scale_columns,
     scale_conv_weight,
 )
 
@@ -69,11 +70,11 @@ def test_scaled_weights_equal_conv_then_affine(dims, groups, cin_per_group, cout
     shape = [1, cout] + [1] * dims
     if transpose:
         w = rng.normal(size=(cin, cout_per_group, *k))
-        got = _conv_t_nd(x, scale_conv_transpose_weight(w, scale, groups), groups)
+        got = _conv_t_nd(x, np.asarray(scale_conv_transpose_weight(w, scale, groups)), groups)
         want = _conv_t_nd(x, w, groups) * scale.reshape(shape)
     else:
         w = rng.normal(size=(cout, cin_per_group, *k))
-        got = _conv_nd(x, scale_conv_weight(w, scale), groups)
+        got = _conv_nd(x, np.asarray(scale_conv_weight(w, scale)), groups)
         want = _conv_nd(x, w, groups) * scale.reshape(shape)
     np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-10)
     np.testing.assert_allclose(fold_bias(b, scale, shift), b * scale + shift)
@@ -95,7 +96,7 @@ def test_matches_torch_fuse_conv_bn_weights(transpose, bias):
     tw, tb = fuse_conv_bn_weights(t(w), t(b), t(mean), t(var), eps, t(gamma), t(beta), transpose=transpose)
     scale, shift = bn_affine(gamma, beta, mean, var, eps)
     ours_w = scale_conv_transpose_weight(w, scale, 1) if transpose else scale_conv_weight(w, scale)
-    np.testing.assert_allclose(ours_w, tw.detach().numpy(), rtol=1e-12)
+    np.testing.assert_allclose(np.asarray(ours_w), tw.detach().numpy(), rtol=1e-12)
     np.testing.assert_allclose(fold_bias(b, scale, shift), tb.detach().numpy(), rtol=1e-12, atol=1e-12)
 
 
@@ -117,7 +118,21 @@ def test_cast_finite_bfloat16():
 def test_mismatched_channels_are_refused():
     with pytest.raises(NotFoldable, match="output channels"):
         scale_conv_weight(np.ones((4, 2, 3)), np.ones(5))
+    with pytest.raises(NotFoldable, match="output columns"):
+        scale_columns(np.ones((4, 3)), np.ones(4))
     with pytest.raises(NotFoldable, match="output channels"):
         scale_conv_transpose_weight(np.ones((4, 2, 3)), np.ones(5), 2)
     with pytest.raises(NotFoldable, match="bias has shape"):
         fold_bias(np.ones(3), np.ones(4), np.ones(4))
+
+
+@pytest.mark.parametrize("block_bytes", [8, 64, 1 << 20])
+def test_row_blocks_cover_the_whole_product(block_bytes):
+    """Folded weights are made a block of rows at a time: the blocks must tile the full product."""
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(6, 3, 2, 2)).astype(np.float32)
+    s = rng.uniform(0.5, 2, 6)
+    lazy = scale_conv_transpose_weight(w, s, 2)
+    full = np.concatenate(list(lazy.blocks(block_bytes)))
+    np.testing.assert_array_equal(full, np.asarray(lazy))
+    assert cast_finite(lazy, np.float32, "weight").shape == w.shape

@@ -94,6 +94,7 @@ def test_input_affine_math_against_torch():
     scale, shift = bn_affine(gamma, beta, mean, var, 1e-3)
     w = rng.normal(size=(4, 3, 1, 1))
     w2, b2 = fold_input_affine(w, None, scale, shift, 2)
+    w2 = np.asarray(w2)
     # 1x1 grouped conv by hand: output m of group g reads channels 3g..3g+2
     for m in range(4):
         cs = slice(3 * (m // 2), 3 * (m // 2) + 3)
