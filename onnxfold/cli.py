@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shlex
 import sys
 import time
@@ -34,8 +35,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Fold BatchNormalization into the Conv/ConvTranspose/Gemm/MatMul before it, and prove the result "
         "equivalent in onnxruntime.",
     )
-    p.add_argument("input", nargs="?", help="the model to fold (.onnx; external data is read beside it)")
-    p.add_argument("output", nargs="?", help="where to write the folded model (may be the input path)")
+    p.add_argument("input", nargs="?", help="the model to fold (.onnx; external data is read beside it), "
+                   "or a folder: every *.onnx below it")
+    p.add_argument("output", nargs="?", help="where to write the folded model (may be the input path), "
+                   "or a folder for the same relative paths")
     v = p.add_argument_group("verification (on by default, on the CPU)")
     v.add_argument("--no-verify", action="store_true", help="skip verification")
     v.add_argument("--providers", default="cpu", help="comma-separated: cpu, cuda (default: cpu)")
@@ -59,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--disable", action="append", default=[], metavar="RULE",
                    help=f"switch a rule off (repeatable): {', '.join(rule_names())}")
     r.add_argument("--list-rules", action="store_true", help="print the rules and what each declines")
+    p.add_argument("-j", "--jobs", type=int, default=1, metavar="N",
+                   help="folder mode (INPUT and OUTPUT are folders): fold N models at once (default: 1)")
     g = p.add_argument_group("messages")
     g.add_argument("-q", "--quiet", action="store_true", help="print only errors and the final line")
     g.add_argument("-v", "--verbose", action="store_true", help="print every fold")
@@ -103,30 +108,41 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args, say) -> int:
+    src = Path(args.input)
+    if src.is_dir():
+        return _run_folder(args, say)
+    code, data = fold_file(args, src, None if args.check else Path(args.output), say)
+    _write_json(args.report, data)
+    return code
+
+
+def fold_file(args, src: Path, dst: Path | None, say) -> tuple[int, dict]:
+    """Fold one model as the options say. Returns the exit code and the report's data for it."""
     quiet = args.quiet
     shapes = dict(parse_shape(s) for s in args.input_shape)
     value_range = _range(args.input_range)
     feeds = load_inputs(args.inputs) if args.inputs else None
-    src = Path(args.input)
+    timings: dict[str, float] = {}
+    t = time.perf_counter()
     model, external = load(src)
-    if args.check:
+    timings["load_s"] = time.perf_counter() - t
+    data = {"input": str(src), "output": None if dst is None else str(dst)}
+    if dst is None:  # --check
         _, report = fold_model(model, disable=args.disable, copy=False, base_dir=src.parent)
         if not quiet:
             say(report.summary(verbose=args.verbose))
-        _write_report(args.report, report, None, {})
-        return EXIT_CHECK if report.folded else EXIT_OK
+        data.update(report.to_dict(), timings={**timings, "fold_s": report.seconds})
+        data["status"] = "foldable" if report.folded else "nothing to fold"
+        return (EXIT_CHECK if report.folded else EXIT_OK), data
     if args.data_name and (Path(args.data_name).name != args.data_name or args.data_name in (".", "..")):
         raise InputError(f"--data-name {args.data_name!r}: a file name, without a folder")
-    timings = {}
-    dst = Path(args.output)
     result = None
     with staged(dst) as tmp:
         want_external = {"always": True, "never": False}.get(args.external_data, external)
         sink = DataSink(tmp.parent / (args.data_name or dst.name + ".data")) if want_external else None
         try:
-            t = time.perf_counter()
             folded, report = fold_model(model, disable=args.disable, copy=False, base_dir=src.parent, sink=sink)
-            timings["fold_s"] = time.perf_counter() - t
+            timings["fold_s"] = report.seconds
             del model  # folded in place: the input file stays as it is on disk
             if not quiet:
                 say(report.summary(verbose=args.verbose))
@@ -142,6 +158,7 @@ def _run(args, say) -> int:
             if sink is not None:
                 sink.close()
         del folded
+        data.update(report.to_dict())
         if args.no_verify:
             if not quiet:
                 say("verification skipped (--no-verify)")
@@ -153,6 +170,7 @@ def _run(args, say) -> int:
             result = verify(src, tmp, args.providers, inputs=feeds, input_shapes=shapes, input_range=value_range,
                             seed=args.seed, atol=args.atol, rtol=args.rtol)
             timings["verify_s"] = time.perf_counter() - t
+            data["verification"] = _verification(result)
             if not quiet:
                 for w in result.warnings:
                     say(f"warning: {w}")
@@ -161,34 +179,143 @@ def _run(args, say) -> int:
             if not result and not args.force_write:
                 say(f"onnxfold: {dst} not written: the folded model does not match the original "
                     "(--force-write writes it anyway)")
-                _write_report(args.report, report, result, timings)
-                return EXIT_VERIFY
+                data.update(timings=timings, status="verification failed, not written")
+                return EXIT_VERIFY, data
         commit(files, dst)
-    _write_report(args.report, report, result, timings)
+    data.update(timings=timings, status="written" if result is None or result else "verification failed, written")
     if not quiet:
         say(f"wrote {dst}" + (f" (+ {files[1].name})" if len(files) > 1 else ""))
-    return EXIT_OK if result is None or result else EXIT_VERIFY
+    return (EXIT_OK if result is None or result else EXIT_VERIFY), data
 
 
-def _write_report(path, report, result, timings) -> None:
+def _verification(result) -> dict:
+    return {
+        "passed": bool(result),
+        "max_abs": result.max_abs(),
+        "providers": [
+            {"provider": r.provider, "engine": r.engine, "note": r.note,
+             "outputs": [{"name": o.name, "dtype": o.dtype, "shape": list(o.shape), "max_abs": o.max_abs,
+                          "max_rel": o.max_rel, "atol": o.atol, "rtol": o.rtol, "passed": o.passed}
+                         for o in r.outputs]}
+            for r in result.results
+        ],
+        "warnings": list(result.warnings),
+    }
+
+
+def _write_json(path, data) -> None:
     if not path:
         return
-    data = report.to_dict()
-    data["timings"] = {"fold_s": report.seconds, **timings}
-    if result is not None:
-        data["verification"] = {
-            "passed": bool(result),
-            "providers": [
-                {"provider": r.provider, "engine": r.engine, "note": r.note,
-                 "outputs": [{"name": o.name, "dtype": o.dtype, "max_abs": o.max_abs, "max_rel": o.max_rel,
-                              "atol": o.atol, "rtol": o.rtol, "passed": o.passed} for o in r.outputs]}
-                for r in result.results
-            ],
-        }
     try:
-        Path(path).write_text(json.dumps(data, indent=2, default=float) + "\n")
+        Path(path).write_text(json.dumps(data, indent=2, default=_jsonable) + "\n")
     except OSError as e:
         raise InputError(f"{path}: cannot write the report ({e.strerror})") from None
+
+
+def _jsonable(value):
+    if isinstance(value, float) or hasattr(value, "__float__"):
+        v = float(value)
+        return v if math.isfinite(v) else str(v)
+    return str(value)
+
+
+# -- folder mode ------------------------------------------------------------------------------------
+
+
+def _folder_job(options: dict, src: str, dst: str | None) -> tuple[int, dict, list[str]]:
+    """One model of a folder, in a worker process: never raises, returns its code, data and messages."""
+    args = argparse.Namespace(**options)
+    lines: list[str] = []
+    start = time.perf_counter()
+    try:
+        code, data = fold_file(args, Path(src), None if dst is None else Path(dst), lines.append)
+    except (InputError, VerifyError, ValueError) as e:
+        code, data = EXIT_USAGE, {"input": src, "output": dst, "status": f"error: {e}"}
+        lines.append(f"onnxfold: error: {e}")
+    except Exception as e:  # a bug: keep the traceback in the log, and go on with the other models
+        import traceback
+
+        code, data = EXIT_USAGE, {"input": src, "output": dst, "status": f"crashed: {type(e).__name__}: {e}"}
+        lines.append(traceback.format_exc())
+    data["seconds"] = time.perf_counter() - start
+    return code, data, lines
+
+
+def _run_folder(args, say) -> int:
+    src_dir = Path(args.input)
+    models = sorted(p for p in src_dir.rglob("*.onnx") if p.is_file())
+    if not models:
+        raise InputError(f"{src_dir}: no *.onnx files below it")
+    dst_dir = None if args.check else Path(args.output)
+    if dst_dir is not None:
+        if dst_dir.exists() and not dst_dir.is_dir():
+            raise InputError(f"{dst_dir}: the input is a folder, so the output must be one too")
+        dst_dir.mkdir(parents=True, exist_ok=True)
+    jobs = []
+    for path in models:
+        rel = path.relative_to(src_dir)
+        out = None
+        if dst_dir is not None:
+            out = dst_dir / rel
+            out.parent.mkdir(parents=True, exist_ok=True)
+        jobs.append((str(path), None if out is None else str(out)))
+    options = {**vars(args), "quiet": True, "report": None}
+    results: dict[str, tuple[int, dict, list[str]]] = {}
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(jobs), unit="model", file=sys.stderr, disable=args.quiet or None, desc="folding")
+    if args.jobs > 1 and len(jobs) > 1:
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        with ProcessPoolExecutor(max_workers=args.jobs) as pool:
+            futures = {pool.submit(_folder_job, options, s, d): s for s, d in jobs}
+            for future in as_completed(futures):
+                results[futures[future]] = future.result()
+                bar.update()
+    else:
+        for s, d in jobs:
+            results[s] = _folder_job(options, s, d)
+            bar.update()
+    bar.close()
+    rows = [results[s] for s, _ in jobs]
+    for code, data, lines in rows:
+        if code not in (EXIT_OK, EXIT_CHECK) and lines:
+            say(f"{data['input']}:")
+            say("\n".join("  " + line for line in "\n".join(lines).splitlines()))
+    if not args.quiet:
+        say(_table(src_dir, rows))
+    codes = [code for code, _, _ in rows]
+    failed = sum(1 for c in codes if c in (EXIT_VERIFY, EXIT_USAGE))
+    say(f"{len(rows)} models: {len(rows) - failed} ok, {failed} failed")
+    _write_json(args.report, {"models": [data for _, data, _ in rows],
+                              "totals": {"models": len(rows), "failed": failed,
+                                         "folded": sum(len(d.get("folded", [])) for _, d, _ in rows)}})
+    if EXIT_USAGE in codes:
+        return EXIT_USAGE
+    if EXIT_VERIFY in codes:
+        return EXIT_VERIFY
+    return EXIT_CHECK if EXIT_CHECK in codes else EXIT_OK
+
+
+def _table(root: Path, rows) -> str:
+    header = ("model", "BN before", "BN after", "folds", "declined", "max abs err", "seconds", "status")
+    lines = []
+    for code, data, _ in rows:
+        verification = data.get("verification") or {}
+        err = verification.get("max_abs")
+        lines.append((
+            str(Path(data["input"]).relative_to(root)),
+            str(data.get("bn_before", "-")),
+            str(data.get("bn_after", "-")),
+            str(len(data.get("folded", []))) if "folded" in data else "-",
+            str(len(data.get("declined", []))) if "declined" in data else "-",
+            "-" if err is None else f"{err:.2g}",
+            f"{data.get('seconds', 0):.2f}",
+            data.get("status", ""),
+        ))
+    widths = [max(len(h), *(len(r[i]) for r in lines)) for i, h in enumerate(header)]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    return "\n".join([fmt.format(*header), fmt.format(*("-" * w for w in widths))] + [fmt.format(*r) for r in lines])
 
 
 def console() -> None:

@@ -85,9 +85,9 @@ def test_external_data_in_and_out(tmp_path):
         (lambda d: _write(d / "text.onnx", b"hello, not a model\n"), "not"),
         (lambda d: _write(d / "trunc.onnx", (MODELS / "resnet_block.onnx").read_bytes()[:5000]),
          "not a readable ONNX model"),
-        (lambda d: d, "is a directory"),
+        (lambda d: d, "no *.onnx files below it"),  # a folder is folder mode: an empty one is an error
     ],
-    ids=["missing", "empty", "text", "truncated", "directory"],
+    ids=["missing", "empty", "text", "truncated", "empty-folder"],
 )
 def test_bad_input_is_one_line_exit_2_and_no_output(tmp_path, make, text):
     src = make(tmp_path)

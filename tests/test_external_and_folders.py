@@ -1,0 +1,171 @@
+"""External data (read lazily, written once, copied as bytes), folder mode, the JSON report, --check."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper, numpy_helper
+
+from builders import conv_bn_model, count
+from onnxfold import fold_model, verify
+from onnxfold.io import DataSink, load, write
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def cli(*args):
+    return subprocess.run([sys.executable, "-m", "onnxfold", *map(str, args)], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+def external_model(folder: Path, name="m.onnx", channels=32) -> Path:
+    """Conv -> BN plus an unrelated large constant that the fold must copy byte for byte."""
+    model = conv_bn_model(cin=channels, cout=channels, spatial=6)
+    keep = np.random.default_rng(9).normal(size=(channels, channels)).astype(np.float32)
+    model.graph.initializer.append(numpy_helper.from_array(keep, "keep"))
+    model.graph.node.append(helper.make_node("ReduceSum", ["keep"], ["keep_sum"], keepdims=0))
+    model.graph.output.append(helper.make_tensor_value_info("keep_sum", onnx.TensorProto.FLOAT, []))
+    path = folder / name
+    onnx.save(model, path, save_as_external_data=True, all_tensors_to_one_file=True, location=name + ".data",
+              size_threshold=256)
+    return path
+
+
+def test_external_data_is_read_lazily_and_streamed(tmp_path):
+    src = external_model(tmp_path)
+    model, external = load(src)
+    assert external and not model.graph.initializer[0].raw_data  # nothing read yet
+    out = tmp_path / "out"
+    out.mkdir()
+    sink = DataSink(out / "f.onnx.data")
+    folded, report = fold_model(model, copy=False, base_dir=tmp_path, sink=sink)
+    assert len(report.folded) == 1
+    w = next(t for t in folded.graph.initializer if t.name == "w_folded")
+    assert w.data_location == onnx.TensorProto.EXTERNAL  # written to the data file as it was made
+    files = write(folded, out / "f.onnx", base_dir=tmp_path, sink=sink)
+    assert [f.name for f in files] == ["f.onnx", "f.onnx.data"]
+    reloaded = onnx.load(out / "f.onnx")
+    original = onnx.load(src)
+    keep = lambda m: next(t for t in m.graph.initializer if t.name == "keep")  # noqa: E731
+    assert numpy_helper.to_array(keep(reloaded)).tobytes() == numpy_helper.to_array(keep(original)).tobytes()
+    assert verify(src, out / "f.onnx")
+
+
+def test_command_line_with_external_data_out_equals_in(tmp_path):
+    src = external_model(tmp_path)
+    proc = cli(src, src)
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(os.listdir(tmp_path)) == ["m.onnx", "m.onnx.data"]
+    assert count(onnx.load(src), "BatchNormalization") == 0
+
+
+def test_missing_or_truncated_data_file_is_an_input_error(tmp_path):
+    src = external_model(tmp_path)
+    data = tmp_path / "m.onnx.data"
+    data.write_bytes(data.read_bytes()[:100])
+    proc = cli(src, tmp_path / "o.onnx")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and "truncated" in proc.stderr
+    data.unlink()
+    proc = cli(src, tmp_path / "o.onnx")
+    assert proc.returncode == 2 and "is missing" in proc.stderr
+    assert not (tmp_path / "o.onnx").exists()
+
+
+def test_external_data_options(tmp_path):
+    src = tmp_path / "inline.onnx"
+    onnx.save(conv_bn_model(cin=32, cout=32), src)
+    assert cli(src, tmp_path / "a.onnx", "--external-data", "always", "--data-name", "weights.bin").returncode == 0
+    assert (tmp_path / "weights.bin").exists()
+    assert verify(src, tmp_path / "a.onnx")
+    assert cli(src, tmp_path / "b.onnx").returncode == 0 and not (tmp_path / "b.onnx.data").exists()
+    ext = external_model(tmp_path, "e.onnx")
+    assert cli(ext, tmp_path / "c.onnx", "--external-data", "never").returncode == 0
+    assert not (tmp_path / "c.onnx.data").exists() and verify(ext, tmp_path / "c.onnx")
+    assert cli(src, tmp_path / "d.onnx", "--data-name", "../x").returncode == 2
+
+
+def test_declined_fold_leaves_nothing_in_the_data_file(tmp_path):
+    """A value that overflows is found while streaming: the data file is cut back."""
+    model = conv_bn_model(dtype="float16", cin=64, cout=64, epsilon=1e-10)
+    var = next(t for t in model.graph.initializer if t.name == "var")
+    v = numpy_helper.to_array(var).copy()
+    v[-1] = 0
+    var.CopyFrom(numpy_helper.from_array(v, "var"))
+    g = next(t for t in model.graph.initializer if t.name == "gamma")
+    g.CopyFrom(numpy_helper.from_array(np.full(64, 4.0, np.float16), "gamma"))
+    sink = DataSink(tmp_path / "d.data")
+    _, report = fold_model(model, sink=sink)
+    assert not report.folded and "overflows float16" in report.declined[0].reason
+    sink.close()
+    assert sink.offset == 0 and (tmp_path / "d.data").stat().st_size == 0
+
+
+def _folder(tmp_path):
+    src = tmp_path / "in"
+    (src / "sub").mkdir(parents=True)
+    onnx.save(conv_bn_model(), src / "a.onnx")
+    onnx.save(conv_bn_model(transpose=True, groups=2), src / "sub" / "b.onnx")
+    external_model(src / "sub", "c.onnx")
+    (src / "broken.onnx").write_bytes(b"not a model at all")
+    return src
+
+
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_folder_mode_with_a_broken_model(tmp_path, jobs):
+    src = _folder(tmp_path)
+    dst = tmp_path / "out"
+    report = tmp_path / "r.json"
+    proc = cli(src, dst, "-j", jobs, "--report", report)
+    assert proc.returncode == 2, proc.stderr  # one failed: the exit code says so
+    assert "broken.onnx:" in proc.stderr and "not a readable ONNX model" in proc.stderr
+    assert "4 models: 3 ok, 1 failed" in proc.stderr
+    assert "model" in proc.stderr and "BN before" in proc.stderr  # the summary table
+    assert sorted(str(p.relative_to(dst)) for p in dst.rglob("*") if p.is_file()) == [
+        "a.onnx", "sub/b.onnx", "sub/c.onnx", "sub/c.onnx.data"]
+    for rel in ("a.onnx", "sub/b.onnx", "sub/c.onnx"):
+        assert count(onnx.load(dst / rel), "BatchNormalization") == 0
+    data = json.loads(report.read_text())
+    assert data["totals"] == {"models": 4, "failed": 1, "folded": 3}
+    by_name = {Path(m["input"]).name: m for m in data["models"]}
+    assert by_name["broken.onnx"]["status"].startswith("error:")
+    assert by_name["a.onnx"]["verification"]["passed"] is True
+
+
+def test_folder_mode_all_good_and_check(tmp_path):
+    src = _folder(tmp_path)
+    (src / "broken.onnx").unlink()
+    dst = tmp_path / "out"
+    assert cli(src, dst, "-q").returncode == 0
+    assert cli(src, "--check", "-q").returncode == 3
+    assert cli(dst, "--check", "-q").returncode == 0
+
+
+def test_json_report_schema(tmp_path):
+    report = tmp_path / "r.json"
+    proc = cli(ROOT / "models" / "net3d.onnx", tmp_path / "o.onnx", "--report", report)
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(report.read_text())
+    assert set(data) >= {"input", "output", "status", "bn_before", "bn_after", "rounds", "folded", "declined",
+                         "left", "inlined_functions", "verification", "timings"}
+    assert set(data["folded"][0]) == {"rule", "producer", "consumer", "graph", "dtype", "weight", "max_abs_weight"}
+    assert set(data["declined"][0]) == {"rule", "producer", "consumer", "graph", "reason"}
+    assert set(data["timings"]) >= {"load_s", "fold_s", "write_s", "verify_s"}
+    v = data["verification"]
+    assert v["passed"] and v["providers"][0]["provider"] == "cpu"
+    assert set(v["providers"][0]["outputs"][0]) == {"name", "dtype", "shape", "max_abs", "max_rel", "atol", "rtol", "passed"}
+    assert data["status"] == "written"
+
+
+def test_check_exit_codes(tmp_path):
+    assert cli(ROOT / "models" / "resnet_block.onnx", "--check").returncode == 3
+    assert cli(ROOT / "models" / "resnet_block.onnx", tmp_path / "o.onnx", "-q").returncode == 0
+    proc = cli(tmp_path / "o.onnx", "--check")
+    assert proc.returncode == 0 and not list(tmp_path.glob("*.tmp*"))
+    report = tmp_path / "c.json"
+    assert cli(ROOT / "models" / "net1d.onnx", "--check", "--report", report).returncode == 3
+    assert json.loads(report.read_text())["status"] == "foldable"
