@@ -138,8 +138,10 @@ def fold_file(args, src: Path, dst: Path | None, say) -> tuple[int, dict]:
         raise InputError(f"--data-name {args.data_name!r}: a file name, without a folder")
     result = None
     with staged(dst) as tmp:
-        want_external = {"always": True, "never": False}.get(args.external_data, external)
-        sink = DataSink(tmp.parent / (args.data_name or dst.name + ".data")) if want_external else None
+        want_external = {"always": True, "never": False}.get(args.external_data, True if external else None)
+        # Large folded tensors go to the data file as they are made, whatever the output's form:
+        # for a single-file output they are read back once, a tensor at a time.
+        sink = DataSink(tmp.parent / (args.data_name or dst.name + ".data"))
         try:
             folded, report = fold_model(model, disable=args.disable, copy=False, base_dir=src.parent, sink=sink)
             timings["fold_s"] = report.seconds
@@ -151,12 +153,10 @@ def fold_file(args, src: Path, dst: Path | None, say) -> tuple[int, dict]:
                         say(f"  folded {f.rule} {f.producer} + {f.consumer} [{f.graph}] {f.dtype}, "
                             f"max |w'| {f.max_abs_weight:.4g}")
             t = time.perf_counter()
-            files = write(folded, tmp, base_dir=src.parent, sink=sink,
-                          external=None if args.external_data == "auto" else want_external)
+            files = write(folded, tmp, base_dir=src.parent, sink=sink, external=want_external)
             timings["write_s"] = time.perf_counter() - t
         finally:
-            if sink is not None:
-                sink.close()
+            sink.close()
         del folded
         data.update(report.to_dict())
         if args.no_verify:

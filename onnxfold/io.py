@@ -230,24 +230,21 @@ def staged(path: str | os.PathLike):
 
 def write(model: onnx.ModelProto, staged_path: Path, *, base_dir=None, sink: DataSink | None = None,
           external: bool | None = None) -> list[Path]:
-    """Write ``model`` to its staging path. Returns the files written, the model first.
+    """Write ``model`` (consumed: do not use it afterwards) to its staging path.
 
-    With a ``sink`` (external output), every large tensor ends up in its data file: those the fold wrote
-    are there already, the others are copied as bytes from the input's data files or from memory.
-    Without one, external input tensors are read in and the model is written as one file.
+    ``external``: True writes external data, False one file, None one file unless it would pass
+    2 GiB. Tensors the fold streamed to ``sink`` are written once more only for a single-file output,
+    read back a tensor at a time; unchanged tensors of the input's data files are copied as bytes.
+    Returns the files written, the model first.
     """
-    if sink is None and external is None:
-        external = model.ByteSize() > PROTOBUF_LIMIT
-    if sink is None and external:
-        sink = DataSink(staged_path.parent / (staged_path.name + ".data"))
+    if external is not True:
+        try:
+            return [_write_inline(model, staged_path, base_dir, sink)]
+        except _TooLarge:
+            if external is False:
+                raise InputError("the folded model is over 2 GiB: it needs external data (--external-data always)") from None
     if sink is None:
-        for tensor in external_data_helper._get_all_tensors(model):
-            if external_data_helper.uses_external_data(tensor):
-                external_data_helper.load_external_data_for_tensor(tensor, str(base_dir))
-        if model.ByteSize() > PROTOBUF_LIMIT:
-            raise InputError("the folded model is over 2 GiB: it needs external data (--external-data always)")
-        onnx.save(model, str(staged_path))
-        return [staged_path]
+        sink = DataSink(staged_path.parent / (staged_path.name + ".data"))
     for tensor in external_data_helper._get_attribute_tensors(model):
         if external_data_helper.uses_external_data(tensor):  # Constant values stay inline
             external_data_helper.load_external_data_for_tensor(tensor, str(base_dir))
@@ -256,6 +253,93 @@ def write(model: onnx.ModelProto, staged_path: Path, *, base_dir=None, sink: Dat
     sink.close()
     onnx.save(model, str(staged_path))
     return [staged_path, sink.path]
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def _key(field: int, wire: int = 2) -> bytes:
+    return _varint(field << 3 | wire)
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+_MODEL_GRAPH, _GRAPH_INITIALIZER, _TENSOR_RAW_DATA = 7, 5, 9  # field numbers in onnx.proto
+
+
+def _write_inline(model: onnx.ModelProto, path: Path, base_dir, sink: DataSink | None) -> Path:
+    """One file, written in pieces in protobuf's wire format.
+
+    Protobuf serializes a message as its fields, in any order, and repeated fields may be appended:
+    so the model is the model's other fields, then the graph (without the streamed initializers),
+    then each streamed initializer appended to the graph, its bytes read back from the data file.
+    No copy of the whole model is made in memory (``onnx.save`` makes one, and sizes it twice).
+    """
+    graph = model.graph
+    streamed_names = sink.written if sink is not None else set()
+    streamed = []
+    for i in reversed(range(len(graph.initializer))):
+        t = graph.initializer[i]
+        if t.name in streamed_names and external_data_helper.uses_external_data(t):
+            header = onnx.TensorProto()
+            header.CopyFrom(t)
+            info = external_data_helper.ExternalDataInfo(t)
+            streamed.append((header, int(info.offset), int(info.length)))
+            del graph.initializer[i]
+    streamed.reverse()
+    for tensor in external_data_helper._get_all_tensors(model):
+        if external_data_helper.uses_external_data(tensor):  # the input's data: read in, one tensor at a time
+            external_data_helper.load_external_data_for_tensor(tensor, str(base_dir))
+    pieces = []
+    for header, _, length in streamed:
+        header.ClearField("data_location")
+        del header.external_data[:]
+        head = header.SerializeToString() + _key(_TENSOR_RAW_DATA) + _varint(length)
+        pieces.append((head, length))
+    try:
+        graph_bytes = graph.SerializeToString()
+    except Exception as e:  # protobuf refuses past 2 GiB
+        raise _TooLarge() from e
+    entries = sum(len(_key(_GRAPH_INITIALIZER)) + len(_varint(len(h) + n)) + len(h) + n for h, n in pieces)
+    graph_len = len(graph_bytes) + entries
+    rest = onnx.ModelProto()
+    for field, value in model.ListFields():
+        if field.name == "graph":
+            continue
+        if hasattr(value, "extend"):  # a repeated field
+            getattr(rest, field.name).extend(value)
+        elif hasattr(value, "CopyFrom"):  # a message
+            getattr(rest, field.name).CopyFrom(value)
+        else:
+            setattr(rest, field.name, value)
+    head = rest.SerializeToString()
+    if len(head) + graph_len + 16 > PROTOBUF_LIMIT:
+        raise _TooLarge()
+    if sink is not None:
+        sink.file.flush()
+    with open(path, "wb") as out:
+        out.write(head)
+        out.write(_key(_MODEL_GRAPH) + _varint(graph_len))
+        out.write(graph_bytes)
+        del graph_bytes
+        if pieces:
+            with open(sink.path, "rb") as data:
+                for (h, n), (_, offset, _) in zip(pieces, streamed):
+                    out.write(_key(_GRAPH_INITIALIZER) + _varint(len(h) + n) + h)
+                    data.seek(offset)
+                    _copy(data, out, n)
+    return path
 
 
 def commit(files: list[Path], destination: Path) -> None:

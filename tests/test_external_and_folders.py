@@ -47,7 +47,7 @@ def test_external_data_is_read_lazily_and_streamed(tmp_path):
     assert len(report.folded) == 1
     w = next(t for t in folded.graph.initializer if t.name == "w_folded")
     assert w.data_location == onnx.TensorProto.EXTERNAL  # written to the data file as it was made
-    files = write(folded, out / "f.onnx", base_dir=tmp_path, sink=sink)
+    files = write(folded, out / "f.onnx", base_dir=tmp_path, sink=sink, external=True)
     assert [f.name for f in files] == ["f.onnx", "f.onnx.data"]
     reloaded = onnx.load(out / "f.onnx")
     original = onnx.load(src)
@@ -169,3 +169,27 @@ def test_check_exit_codes(tmp_path):
     report = tmp_path / "c.json"
     assert cli(ROOT / "models" / "net1d.onnx", "--check", "--report", report).returncode == 3
     assert json.loads(report.read_text())["status"] == "foldable"
+
+
+def test_single_file_output_is_written_in_pieces_and_reads_back_whole(tmp_path):
+    """Streamed tensors are appended to the graph in protobuf's wire format: onnx reads the same model."""
+    model = conv_bn_model(cin=64, cout=64, spatial=5)
+    model.doc_string = "doc"
+    helper.set_model_props(model, {"k": "v"})
+    sink = DataSink(tmp_path / "x.onnx.data")
+    folded, report = fold_model(model, sink=sink)
+    assert "w_folded" in sink.written
+    expected = onnx.ModelProto()
+    expected.CopyFrom(folded)
+    for t in expected.graph.initializer:
+        if t.name in sink.written:
+            sink.file.flush()
+            onnx.external_data_helper.load_external_data_for_tensor(t, str(tmp_path))
+    files = write(folded, tmp_path / "x.onnx", sink=sink)
+    assert files == [tmp_path / "x.onnx"]
+    back = onnx.load(tmp_path / "x.onnx")
+    onnx.checker.check_model(back, full_check=True)
+    assert back.doc_string == "doc" and back.metadata_props[0].value == "v"
+    by_name = lambda m: {t.name: numpy_helper.to_array(t).tobytes() for t in m.graph.initializer}  # noqa: E731
+    assert by_name(back) == by_name(expected)
+    assert verify(model, back)
