@@ -1,19 +1,21 @@
 """The driver: walk the graph and its subgraphs, apply the shared safety checks, fold, sweep.
 
 One round visits every graph (the main graph, then If/Loop/Scan bodies, depth first). In each it
-matches a consumer (BatchNormalization) whose data input is made by a producer (Conv,
-ConvTranspose) in the same graph, asks the rule for the folded weights, casts them once to the
-producer's dtype and rewires: the producer writes the consumer's output name and reads new,
-uniquely named constants; the consumer node goes. After the round, the sweep removes initializers
-and Constant nodes the folds left unused, and stale ``value_info``. Rounds repeat until nothing
-changes.
+matches a consumer (BatchNormalization, Mul/Add/Sub/Div by a constant) whose data input is made,
+through any Identity nodes, by a producer (Conv, ConvTranspose, Gemm, MatMul) in the same graph;
+and a BatchNormalization feeding a Conv. It checks once what every rule shares (what the fold
+removes has no other reader and is no graph output), asks the rule for the folded values, casts
+them once to the producer's dtype, and rewires: the producer writes the consumer's output name and
+reads new, uniquely named constants; the consumer node goes. After the round, the sweep removes
+initializers and constant nodes the folds left unused, and stale ``value_info``. Rounds repeat until
+nothing changes (chains fold one link a round, or several when they come in order). Local functions
+are handled first (:func:`_fold_functions`).
 """
 
 from __future__ import annotations
 
 import time
 from collections import Counter
-from dataclasses import dataclass
 
 import numpy as np
 import onnx
@@ -163,6 +165,15 @@ class Scope:
     def since_version(self, node: onnx.NodeProto) -> int:
         return self.index.since_version(node.op_type)
 
+    def upstream(self, name: str) -> tuple[int | None, list[int]]:
+        """The node that makes ``name``, looking through Identity nodes: (its index, the Identities')."""
+        chain = []
+        i = self.producer.get(name)
+        while i is not None and self.graph.node[i].op_type == "Identity" and self.graph.node[i].domain in DEFAULT_DOMAINS:
+            chain.append(i)
+            i = self.producer.get(self.graph.node[i].input[0])
+        return i, chain
+
     def is_const(self, name: str) -> bool:
         try:
             self.const(name, "value")
@@ -291,14 +302,6 @@ class ModelIndex:
 
     def graph_outputs(self) -> set[str]:
         return {v.name for s in self.scopes for v in s.graph.output}
-
-
-@dataclass
-class _Match:
-    scope: Scope
-    consumer_index: int
-    producer_index: int
-    data_index: int
 
 
 def fold_model(
@@ -457,11 +460,7 @@ def _fold_input(scope: Scope, ci: int, rule, report, orphans, removed, outputs) 
     conv = graph.node[ci]
     if not conv.input or not conv.input[0]:
         return 0
-    chain = []
-    bi = scope.producer.get(conv.input[0])
-    while bi is not None and graph.node[bi].op_type == "Identity" and graph.node[bi].domain in DEFAULT_DOMAINS:
-        chain.append(bi)
-        bi = scope.producer.get(graph.node[bi].input[0])
+    bi, chain = scope.upstream(conv.input[0])
     if bi is None or bi in removed:
         return 0
     bn = graph.node[bi]
@@ -581,11 +580,7 @@ def _find_producer(scope: Scope, node, consumer, rules):
         if not consumer.is_candidate(scope, node, data_index):
             continue
         x = node.input[data_index]
-        pi = scope.producer.get(x)
-        chain = []
-        while pi is not None and scope.graph.node[pi].op_type == "Identity" and scope.graph.node[pi].domain in DEFAULT_DOMAINS:
-            chain.append(pi)  # look through Identity nodes
-            pi = scope.producer.get(scope.graph.node[pi].input[0])
+        pi, chain = scope.upstream(x)
         if pi is None:
             why = why or ("its input is a graph input or a constant" if x in scope.inputs or x in scope.init
                           else "its input comes from an enclosing graph")
