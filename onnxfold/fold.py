@@ -235,6 +235,7 @@ class ModelIndex:
         self.uses: Counter[str] = Counter()
         self.names: set[str] = set()
         self._inferred: dict[str, int] | None = None
+        self._since: dict[str, int] = {}
         self._walk(model.graph, None, "main")
 
     def _walk(self, graph, parent, path):
@@ -255,11 +256,13 @@ class ModelIndex:
                 self._walk(sub, scope, f"{path}/{_node_label(node, i)}.{attr_name}")
 
     def since_version(self, op_type: str) -> int:
-        opset = self.opset or onnx.defs.onnx_opset_version()
-        try:
-            return onnx.defs.get_schema(op_type, opset).since_version
-        except onnx.defs.SchemaError:
-            return opset
+        if op_type not in self._since:
+            opset = self.opset or onnx.defs.onnx_opset_version()
+            try:
+                self._since[op_type] = onnx.defs.get_schema(op_type, opset).since_version
+            except onnx.defs.SchemaError:
+                self._since[op_type] = opset
+        return self._since[op_type]
 
     def evaluate(self, node: onnx.NodeProto, values: dict[str, np.ndarray]) -> list[np.ndarray]:
         """Run one node on constant inputs with onnx's reference implementation, at the model's opset."""
