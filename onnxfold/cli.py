@@ -18,7 +18,7 @@ from pathlib import Path
 from . import __version__
 from .fold import fold_model
 from .io import DataSink, InputError, commit, load, staged, write
-from .rules import describe_rules, rule_names
+from .rules import describe_rules, rule_names, select_rules
 from .verify import VerifyError, load_inputs, parse_shape, verify
 
 EXIT_OK, EXIT_VERIFY, EXIT_USAGE, EXIT_CHECK = 0, 1, 2, 3
@@ -101,8 +101,16 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_OK
         if not args.input or (not args.output and not args.check):
             raise InputError("expected INPUT and OUTPUT paths (or INPUT with --check); see --help")
+        if args.jobs < 1:
+            raise InputError(f"-j {args.jobs}: expected at least 1")
+        try:  # the user's words, checked before any work; a ValueError later on is a bug
+            select_rules(args.disable)
+            for text in args.input_shape:
+                parse_shape(text)
+        except ValueError as e:
+            raise InputError(str(e)) from None
         return finish(_run(args, say))
-    except (InputError, VerifyError, ValueError) as e:
+    except (InputError, VerifyError) as e:
         say(f"onnxfold: error: {e}")
         return finish(EXIT_USAGE)
 
@@ -229,7 +237,7 @@ def _folder_job(options: dict, src: str, dst: str | None) -> tuple[int, dict, li
     start = time.perf_counter()
     try:
         code, data = fold_file(args, Path(src), None if dst is None else Path(dst), lines.append)
-    except (InputError, VerifyError, ValueError) as e:
+    except (InputError, VerifyError) as e:
         code, data = EXIT_USAGE, {"input": src, "output": dst, "status": f"error: {e}"}
         lines.append(f"onnxfold: error: {e}")
     except Exception as e:  # a bug: keep the traceback in the log, and go on with the other models
