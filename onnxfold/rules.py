@@ -161,6 +161,7 @@ class GemmProducer(Producer):
     description = "Gemm (transA, transB, alpha, beta; C absent, scalar, [N] or [1, N])"
 
     def weights(self, scope, node):
+        _modern_gemm(scope, node)
         b = scope.const(node.input[1], "Gemm B")
         _check_float(b, "Gemm B")
         if b.ndim != 2:
@@ -186,6 +187,13 @@ class GemmProducer(Producer):
         return Update({1: (b, "weight", node.input[1]), 2: (c, "bias", _bias_hint(node))}, attributes={"beta": 1.0})
 
 
+def _modern_gemm(scope, node) -> None:
+    """The fold writes a Gemm whose C is [N] and relies on numpy-style broadcasting (Gemm-7 and later)."""
+    if scope.index.since_version("Gemm") < 7:
+        raise NotFoldable(f"the model's opset has Gemm-{scope.index.since_version('Gemm')}, whose C does not "
+                          "broadcast like numpy (the broadcast attribute)")
+
+
 class MatMulProducer(Producer):
     """MatMul with a constant 2-D weight W [K, N] and a rank-2 output [M, N] (BatchNorm1d after Linear).
 
@@ -198,6 +206,7 @@ class MatMulProducer(Producer):
     description = "MatMul with a constant 2-D weight and a rank-2 output (becomes Gemm)"
 
     def weights(self, scope, node):
+        _modern_gemm(scope, node)
         w = scope.const(node.input[1], "MatMul weight")
         _check_float(w, "MatMul weight")
         if w.ndim != 2:
@@ -317,6 +326,9 @@ class ArithmeticConsumer(Consumer):
     def affine(self, scope, node, data_index, w):
         if len(node.input) != 2:
             raise NotFoldable(f"{node.op_type} does not have two inputs")
+        since = scope.since_version(node)
+        if since < 7:
+            raise NotFoldable(f"{node.op_type}-{since} broadcasts by its broadcast/axis attributes, not like numpy")
         const = scope.const(node.input[1 - data_index], f"{node.op_type} operand")
         _check_float(const, f"{node.op_type} operand")
         c = per_channel(const, w.rank, w.channels)

@@ -175,3 +175,22 @@ def test_gemm_and_matmul_with_every_arithmetic_consumer(producer, op, side, shap
     model.ir_version = 8
     report = folds_to_one_node(model, 1)
     assert report.folded[0].rule == f"{producer.split('-')[0].lower()}_{op.lower()}"
+
+
+def test_legacy_broadcasting_arithmetic_is_declined():
+    """Mul/Add before opset 7 broadcast by their broadcast/axis attributes: [C] with axis=1 is per channel
+    there, while numpy rules would put it on the last axis. Not folded rather than guessed."""
+    model = conv_then([("Mul", (6,), "left")])
+    model.opset_import[0].version = 6
+    model.graph.node[1].attribute.extend([helper.make_attribute("broadcast", 1), helper.make_attribute("axis", 1)])
+    _, report = fold_model(model)
+    assert not report.folded and "Mul-6 broadcasts by its broadcast/axis attributes" in report.declined[0].reason
+
+
+def test_gemm6_is_declined():
+    from test_gemm_matmul import gemm_bn_model
+
+    model = gemm_bn_model()
+    model.opset_import[0].version = 6
+    _, report = fold_model(model)
+    assert not report.folded and "Gemm-6" in report.declined[0].reason
