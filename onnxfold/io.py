@@ -193,7 +193,23 @@ class DataSink:
 
 
 def _copy(src, dst, nbytes: int, chunk: int = 16 << 20) -> None:
+    """Copy ``nbytes`` from ``src``'s position to ``dst``'s: in the kernel where it can, else in chunks."""
     left = nbytes
+    if hasattr(os, "copy_file_range"):
+        dst.flush()
+        src_off, dst_off = src.tell(), dst.tell()
+        try:
+            while left:
+                n = os.copy_file_range(src.fileno(), dst.fileno(), min(left, 1 << 30), src_off, dst_off)
+                if n <= 0:
+                    break
+                left -= n
+                src_off += n
+                dst_off += n
+        except OSError:  # another filesystem or an old kernel: fall back to read/write
+            pass
+        src.seek(src_off)
+        dst.seek(dst_off)
     while left:
         buf = src.read(min(chunk, left))
         if not buf:
