@@ -19,12 +19,6 @@ class InputError(Exception):
     """A problem with what the user gave us: one line, no traceback, exit code 2."""
 
 
-def uses_external_data(model: onnx.ModelProto) -> bool:
-    return any(
-        external_data_helper.uses_external_data(t) for t in external_data_helper._get_all_tensors(model)
-    )
-
-
 def load(path: str | os.PathLike) -> tuple[onnx.ModelProto, bool]:
     """Load a model; tensors in external data files stay on disk until read (:func:`read_tensor`).
 
