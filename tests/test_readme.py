@@ -37,3 +37,14 @@ def test_test_command_names_a_real_extra():
     assert extra in metadata("onnxfold").get_all("Provides-Extra")
     assert any(r.startswith("pytest") and f'extra == "{extra}"' in r for r in requires("onnxfold"))
     assert test == "python -m pytest -q"
+
+
+def test_python_example_runs_as_written(monkeypatch):
+    blocks = re.findall(r"```python\n(.+?)\n```", README, re.S)
+    assert blocks, "README has no Python example"
+    monkeypatch.chdir(ROOT)
+    for code in blocks:
+        namespace: dict = {}
+        exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102 - our own README
+        assert namespace["result"]  # the example's verification passed
+        assert namespace["report"].bn_after == 0
