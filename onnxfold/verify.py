@@ -162,7 +162,10 @@ def make_inputs(
         t = v.type.tensor_type
         if not v.type.HasField("tensor_type"):
             raise VerifyError(f"input '{v.name}' is not a tensor; pass inputs with --inputs")
-        dtype = _np_dtype(t.elem_type)
+        try:
+            dtype = _np_dtype(t.elem_type)
+        except (KeyError, ValueError, TypeError):
+            raise VerifyError(f"input '{v.name}' has no known element type; pass inputs with --inputs") from None
         if v.name in shapes:
             shape = shapes.pop(v.name)
         else:
