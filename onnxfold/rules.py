@@ -161,11 +161,7 @@ class GemmProducer(Producer):
     description = "Gemm (transA, transB, alpha, beta; C absent, scalar, [N] or [1, N])"
 
     def weights(self, scope, node):
-        _modern_gemm(scope, node)
-        b = scope.const(node.input[1], "Gemm B")
-        _check_float(b, "Gemm B")
-        if b.ndim != 2:
-            raise NotFoldable(f"Gemm B has rank {b.ndim}, expected 2")
+        b = _matrix_weight(scope, node, "Gemm B")
         trans_b = int(attr(node, "transB", 0))
         n = b.shape[0] if trans_b else b.shape[1]
         c = None
@@ -187,11 +183,17 @@ class GemmProducer(Producer):
         return Update({1: (b, "weight", node.input[1]), 2: (c, "bias", _bias_hint(node))}, attributes={"beta": 1.0})
 
 
-def _modern_gemm(scope, node) -> None:
-    """The fold writes a Gemm whose C is [N] and relies on numpy-style broadcasting (Gemm-7 and later)."""
-    if scope.index.since_version("Gemm") < 7:
-        raise NotFoldable(f"the model's opset has Gemm-{scope.index.since_version('Gemm')}, whose C does not "
-                          "broadcast like numpy (the broadcast attribute)")
+def _matrix_weight(scope, node, what: str) -> np.ndarray:
+    """The constant 2-D weight of a Gemm or MatMul, in an opset where the folded Gemm's [N] bias broadcasts."""
+    since = scope.index.since_version("Gemm")
+    if since < 7:  # the fold writes a Gemm whose C is [N]: numpy-style broadcasting came with Gemm-7
+        raise NotFoldable(f"the model's opset has Gemm-{since}, whose C does not broadcast like numpy "
+                          "(the broadcast attribute)")
+    w = scope.const(node.input[1], what)
+    _check_float(w, what)
+    if w.ndim != 2:
+        raise NotFoldable(f"{what} has rank {w.ndim}, expected 2")
+    return w
 
 
 class MatMulProducer(Producer):
@@ -206,11 +208,7 @@ class MatMulProducer(Producer):
     description = "MatMul with a constant 2-D weight and a rank-2 output (becomes Gemm)"
 
     def weights(self, scope, node):
-        _modern_gemm(scope, node)
-        w = scope.const(node.input[1], "MatMul weight")
-        _check_float(w, "MatMul weight")
-        if w.ndim != 2:
-            raise NotFoldable(f"MatMul weight has rank {w.ndim}, expected 2")
+        w = _matrix_weight(scope, node, "MatMul weight")
         rank = scope.rank(node.input[0])
         if rank is None:
             raise NotFoldable("the rank of MatMul's input is unknown (no shape information)")
