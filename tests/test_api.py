@@ -55,7 +55,7 @@ def test_graphsurgeon_graph_folds_in_place_and_chains():
     assert verify(model, folded)
 
 
-def test_graphsurgeon_graph_with_constant_nodes_and_a_subgraph():
+def test_graphsurgeon_graph_with_a_subgraph():
     from test_subgraphs import _if_model
 
     model = _if_model()
@@ -80,3 +80,13 @@ def test_graphsurgeon_report_uses_the_graphs_own_names():
 def test_wrong_type_is_a_clear_error():
     with pytest.raises(TypeError, match="takes an onnx.ModelProto"):
         fold_conv_bn("model.onnx")
+
+
+def test_graphsurgeon_graph_with_paddle_style_constant_nodes():
+    model = conv_bn_model(constants_as_nodes=True)
+    graph = gs.import_onnx(model)
+    fold_conv_bn(graph)
+    assert [n.op for n in graph.nodes] == ["Conv"]  # the Constant nodes the fold orphaned are gone
+    folded = gs.export_onnx(graph.cleanup().toposort())
+    onnx.checker.check_model(folded)
+    assert verify(model, folded)
