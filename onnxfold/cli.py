@@ -103,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
             raise InputError("expected INPUT and OUTPUT paths (or INPUT with --check); see --help")
         if args.jobs < 1:
             raise InputError(f"-j {args.jobs}: expected at least 1")
+        if args.data_name and (Path(args.data_name).name != args.data_name or args.data_name in (".", "..")):
+            raise InputError(f"--data-name {args.data_name!r}: a file name, without a folder")
         try:  # the user's words, checked before any work; a ValueError later on is a bug
             select_rules(args.disable)
             for text in args.input_shape:
@@ -142,8 +144,6 @@ def fold_file(args, src: Path, dst: Path | None, say) -> tuple[int, dict]:
         data.update(report.to_dict(), timings={**timings, "fold_s": report.seconds})
         data["status"] = "foldable" if report.folded else "nothing to fold"
         return (EXIT_CHECK if report.folded else EXIT_OK), data
-    if args.data_name and (Path(args.data_name).name != args.data_name or args.data_name in (".", "..")):
-        raise InputError(f"--data-name {args.data_name!r}: a file name, without a folder")
     result = None
     with staged(dst) as tmp:
         want_external = {"always": True, "never": False}.get(args.external_data, True if external else None)

@@ -21,7 +21,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .affine import NotFoldable, iter_cast
+from .affine import NotFoldable, RowScaled, iter_cast
 from .io import read_tensor
 from .report import Declined, Folded, FoldReport, Left
 from .rules import CONSUMERS, PRODUCERS, attr, select_rules
@@ -511,7 +511,7 @@ def _materialize(scope: Scope, update, dtype) -> tuple[dict[int, onnx.TensorProt
     try:
         # small values first: a decline there costs nothing
         for i, (value, what, hint) in sorted(update.inputs.items(), key=lambda kv: _count(kv[1][0])):
-            shape = tuple(np.shape(value)) if not hasattr(value, "blocks") else value.shape
+            shape = _shape(value)
             name = index.unique(hint)
             big = sink is not None and _count(value) * np.dtype(dtype).itemsize >= sink.THRESHOLD
             peak = [0.0]
@@ -536,8 +536,13 @@ def _materialize(scope: Scope, update, dtype) -> tuple[dict[int, onnx.TensorProt
     return made, biggest
 
 
+def _shape(value) -> tuple[int, ...]:
+    # a RowScaled knows its shape; np.shape would compute the whole product to find it
+    return tuple(value.shape) if isinstance(value, RowScaled) else tuple(np.shape(value))
+
+
 def _count(value) -> int:
-    return int(np.prod(np.shape(value) if not hasattr(value, "blocks") else value.shape, dtype=np.int64))
+    return int(np.prod(_shape(value), dtype=np.int64))
 
 
 def _rewrite(scope: Scope, ni: int, update, made: dict[int, onnx.TensorProto], orphans: set[str]) -> str:

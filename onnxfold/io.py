@@ -150,16 +150,6 @@ class DataSink:
         self.file.truncate()
         self.offset = offset
 
-    def tensor(self, name: str, value: np.ndarray) -> onnx.TensorProto:
-        """A new tensor; its bytes go to the data file now when it is large."""
-        tensor = numpy_helper.from_array(value, name)
-        if value.nbytes >= self.THRESHOLD:
-            raw = tensor.raw_data
-            start = self._reserve(len(raw))
-            self.file.write(raw)
-            self._point(tensor, start, len(raw))
-        return tensor
-
     def take(self, tensor: onnx.TensorProto, base_dir) -> None:
         """Move a tensor's bytes into the data file: copied from the input's data file, or from memory."""
         if tensor.name in self.written and tensor.external_data and tensor.external_data[0].value == self.path.name:
