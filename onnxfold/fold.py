@@ -88,7 +88,7 @@ class Scope:
                         f"{what} '{name}' is an initializer that is also a graph input (IR version "
                         f"{self.index.ir_version}), so it can be fed at run time"
                     )
-                value = read_tensor(scope.graph.initializer[scope.init[name]], self.index.base_dir)
+                value = read_tensor(scope.graph.initializer[scope.init[name]], self.index.base_dir, self.index.sink)
             elif name in scope.producer:
                 value = scope._node_constant(scope.graph.node[scope.producer[name]], name, what)
             elif name in scope.inputs:

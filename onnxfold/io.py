@@ -64,10 +64,16 @@ def _data_path(base_dir, location: str) -> Path:
     return data
 
 
-def read_tensor(tensor: onnx.TensorProto, base_dir) -> np.ndarray:
-    """A tensor's value; external data is read from its file (just this tensor's bytes)."""
+def read_tensor(tensor: onnx.TensorProto, base_dir, sink: "DataSink | None" = None) -> np.ndarray:
+    """A tensor's value; external data is read from its file (just this tensor's bytes).
+
+    A tensor that ``sink`` wrote during this run (a fold's output, folded again by a later fold) is
+    read back from the sink's file, wherever that is: not from the input's folder.
+    """
     if not external_data_helper.uses_external_data(tensor):
         return numpy_helper.to_array(tensor)
+    if sink is not None and sink.owns(tensor):
+        return sink.read(tensor)
     if base_dir is None:
         raise InputError(f"tensor {tensor.name!r} has external data, but the model's folder is not known")
     info = external_data_helper.ExternalDataInfo(tensor)
@@ -104,7 +110,7 @@ class DataSink:
         self.path = Path(path)
         self.file = open(self.path, "wb")
         self.offset = 0
-        self.written: set[str] = set()
+        self.written: dict[str, tuple[int, int]] = {}  # tensor name -> (offset, length) in this file
 
     def _reserve(self, nbytes: int) -> int:
         if nbytes >= 1 << 20 and self.offset % self.ALIGN:
@@ -122,7 +128,50 @@ class DataSink:
         for key, value in (("location", self.path.name), ("offset", str(start)), ("length", str(nbytes))):
             entry = tensor.external_data.add()
             entry.key, entry.value = key, value
-        self.written.add(tensor.name)
+        self.written[tensor.name] = (start, nbytes)
+
+    def owns(self, tensor: onnx.TensorProto) -> bool:
+        """Whether ``tensor`` points into this file (this run wrote it)."""
+        if tensor.name not in self.written or not external_data_helper.uses_external_data(tensor):
+            return False
+        info = external_data_helper.ExternalDataInfo(tensor)
+        return info.location == self.path.name and (info.offset, info.length) == self.written[tensor.name]
+
+    def read(self, tensor: onnx.TensorProto) -> np.ndarray:
+        """A tensor this sink wrote, mapped from its file (flushed first)."""
+        start, nbytes = self.written[tensor.name]
+        dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tensor.data_type))
+        shape = tuple(tensor.dims)
+        if nbytes == 0:
+            return np.zeros(shape, dtype=dtype)
+        self.file.flush()
+        return np.memmap(self.path, dtype=dtype, mode="r", offset=start, shape=shape)
+
+    def compact(self, tensors) -> None:
+        """Drop the bytes of tensors no longer in the model (a weight folded twice is written twice).
+
+        ``tensors``: every tensor of the model. The live ones are copied, in order, to a fresh file
+        that takes this one's place; nothing is copied when nothing is dead.
+        """
+        live = [t for t in tensors if self.owns(t)]
+        if sum(n for _, n in (self.written[t.name] for t in live)) == self.offset:
+            return
+        old_path = self.path.with_name(self.path.name + ".old")
+        self.file.close()
+        os.replace(self.path, old_path)
+        self.file = open(self.path, "wb")
+        self.offset = 0
+        moved = {t.name: self.written[t.name] for t in live}
+        self.written = {}
+        with open(old_path, "rb") as src:
+            for t in live:
+                start, nbytes = moved[t.name]
+                new = self._reserve(nbytes)
+                src.seek(start)
+                self.file.flush()
+                _copy(src, self.file, nbytes)
+                self._point(t, new, nbytes)
+        old_path.unlink()
 
     def stream(self, name: str, shape, dtype, blocks) -> onnx.TensorProto:
         """A new tensor written block by block (rows of a C-order array). On an error the data file is
@@ -152,7 +201,7 @@ class DataSink:
 
     def take(self, tensor: onnx.TensorProto, base_dir) -> None:
         """Move a tensor's bytes into the data file: copied from the input's data file, or from memory."""
-        if tensor.name in self.written and tensor.external_data and tensor.external_data[0].value == self.path.name:
+        if self.owns(tensor):
             return
         if external_data_helper.uses_external_data(tensor):
             info = external_data_helper.ExternalDataInfo(tensor)
@@ -248,6 +297,7 @@ def write(model: onnx.ModelProto, staged_path: Path, *, base_dir=None, sink: Dat
     for tensor in external_data_helper._get_attribute_tensors(model):
         if external_data_helper.uses_external_data(tensor):  # Constant values stay inline
             external_data_helper.load_external_data_for_tensor(tensor, str(base_dir))
+    sink.compact(external_data_helper._get_initializer_tensors(model))
     for tensor in external_data_helper._get_initializer_tensors(model):
         sink.take(tensor, base_dir)
     sink.close()
