@@ -71,6 +71,7 @@ def fold_graph(graph, *, disable=()):
 
 def _apply(graphs, folded: onnx.ModelProto) -> None:
     import onnx_graphsurgeon as gs
+    from onnx_graphsurgeon.importers.onnx_importer import OnnxImporter
 
     by_name: dict[str, onnx.NodeProto] = {}
     constants: dict[str, onnx.TensorProto] = {}
@@ -103,12 +104,28 @@ def _apply(graphs, folded: onnx.ModelProto) -> None:
     for g in graphs:
         for node in g.nodes:
             proto = by_name[node.name]
-            if [t.name for t in node.inputs] == list(proto.input) and [t.name for t in node.outputs] == list(proto.output):
+            if ([t.name for t in node.inputs] == list(proto.input) and [t.name for t in node.outputs] == list(proto.output)
+                    and node.op == proto.op_type):
                 continue
             node.inputs.clear()
             node.inputs.extend([tensor(n) for n in proto.input])  # a list: gs iterates it twice
             node.outputs.clear()
             node.outputs.extend([tensor(n) for n in proto.output])
-            for a in proto.attribute:  # a fold may rewrite numeric attributes (Gemm's beta)
-                if a.type in (onnx.AttributeProto.INT, onnx.AttributeProto.FLOAT):
-                    node.attrs[a.name] = onnx.helper.get_attribute_value(a)
+            # A fold may change the op (MatMul + bias becomes Gemm) and its attributes (Gemm's beta):
+            # the node takes the folded node's op and every attribute but its subgraphs, which stay
+            # the Graph objects the caller holds.
+            node.op = proto.op_type
+            node.domain = proto.domain or None
+            subgraphs = {k: v for k, v in node.attrs.items() if _is_graph_attr(v)}
+            plain = [a for a in proto.attribute if a.type not in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)]
+            node.attrs.clear()
+            node.attrs.update(OnnxImporter.import_attributes(plain, {}, {}, None, None))  # gs's own conversion
+            node.attrs.update(subgraphs)
+
+
+def _is_graph_attr(value) -> bool:
+    import onnx_graphsurgeon as gs
+
+    if isinstance(value, (list, tuple)):
+        return bool(value) and all(isinstance(v, gs.Graph) for v in value)
+    return isinstance(value, gs.Graph)

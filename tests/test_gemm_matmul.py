@@ -110,3 +110,28 @@ def test_matmul_unknown_rank_is_declined():
     model = matmul_bn_model(declare_shape=False)
     _, report = fold_model(model)
     assert not report.folded and "rank of MatMul's input is unknown" in report.declined[0].reason
+
+
+@pytest.mark.parametrize("builder", ["matmul_bn", "matmul_bn_via_transpose", "gemm_bn_beta3"])
+def test_graphsurgeon_graph_gets_the_folded_op_and_attributes(builder):
+    """Issue 9 defect 6: a gs.Graph kept MatMul with three inputs (the change to Gemm and its
+    attributes were not carried back), which onnx.checker rejects and onnxruntime will not load."""
+    gs = pytest.importorskip("onnx_graphsurgeon")
+    model = {"matmul_bn": lambda: matmul_bn_model(),
+             "matmul_bn_via_transpose": lambda: matmul_bn_model(weight_via_transpose=True),
+             "gemm_bn_beta3": lambda: gemm_bn_model(trans_a=1, trans_b=1, alpha=0.5, beta=3.0)}[builder]()
+    from onnxfold import fold_conv_bn
+
+    graph = gs.import_onnx(model)
+    assert fold_conv_bn(graph) is graph
+    folded = gs.export_onnx(graph.cleanup().toposort())
+    onnx.checker.check_model(folded, full_check=True)
+    gemm = [n for n in folded.graph.node if n.op_type in ("Gemm", "MatMul")]
+    assert [n.op_type for n in gemm] == ["Gemm"] and len(gemm[0].input) == 3
+    attrs = {a.name: helper.get_attribute_value(a) for a in gemm[0].attribute}
+    assert attrs.get("beta", 1.0) == 1.0
+    if builder == "gemm_bn_beta3":
+        assert attrs["transA"] == 1 and attrs["transB"] == 1 and attrs["alpha"] == 0.5
+    assert count(folded, "BatchNormalization") == 0
+    result = verify(model, folded)
+    assert result, str(result)
