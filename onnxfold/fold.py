@@ -323,11 +323,13 @@ def fold_model(
         clone.CopyFrom(model)
         model = clone
     report = FoldReport(bn_before=count_ops(model, "BatchNormalization"))
-    in_functions: list = []
+    in_functions = FoldReport()
     if model.functions:
         model, in_functions = _fold_functions(model, rules, report)
     _fold_rounds(model, rules, report, base_dir=base_dir, sink=sink)
-    report.declined[:0] = in_functions
+    # the rounds start each pass with empty lists: what the function bodies declined or left goes first
+    report.declined[:0] = in_functions.declined
+    report.left[:0] = in_functions.left
     report.bn_after = count_ops(model, "BatchNormalization")
     report.seconds = time.perf_counter() - start
     return model, report
@@ -350,16 +352,16 @@ def _fold_rounds(model: onnx.ModelProto, rules, report: FoldReport, constants_as
             break
 
 
-def _fold_functions(model: onnx.ModelProto, rules, report: FoldReport) -> tuple[onnx.ModelProto, list]:
+def _fold_functions(model: onnx.ModelProto, rules, report: FoldReport) -> tuple[onnx.ModelProto, FoldReport]:
     """Model-local functions.
 
     A pair whose weights live in the body (Constant nodes) is the same for every call: it folds in
     the body, and the function stays. A pair whose weights are function inputs is bound at each call
     site: folding it means specializing the body per call, which is what inlining does, so such a
     function is inlined (onnxruntime inlines local functions before running anyway) and its calls
-    fold in the graph like any other nodes.
+    fold in the graph like any other nodes. Returns the model and what the bodies declined or left.
     """
-    to_inline, declined = [], []
+    to_inline, kept = [], FoldReport()
     for fn in model.functions:
         if _reads_weights_from_inputs(fn):
             to_inline.append((fn.domain, fn.name))
@@ -374,7 +376,8 @@ def _fold_functions(model: onnx.ModelProto, rules, report: FoldReport) -> tuple[
         for record in (*sub.folded, *sub.declined, *sub.left):
             record.graph = path
         report.folded += sub.folded
-        declined += sub.declined
+        kept.declined += sub.declined
+        kept.left += sub.left
         if sub.folded:
             del fn.node[:]
             fn.node.extend(body.graph.node)
@@ -383,7 +386,7 @@ def _fold_functions(model: onnx.ModelProto, rules, report: FoldReport) -> tuple[
 
         model = inliner.inline_selected_functions(model, to_inline)
         report.inlined = [f"{d}.{n}" if d else n for d, n in to_inline]
-    return model, declined
+    return model, kept
 
 
 def _reads_weights_from_inputs(fn: onnx.FunctionProto) -> bool:

@@ -106,3 +106,33 @@ def test_graphsurgeon_graph_with_an_inlined_function():
     folded = gs.export_onnx(graph.cleanup().toposort())
     assert count(folded, "BatchNormalization") == 0
     assert verify(model, folded)
+
+
+def test_batchnorm_left_in_a_function_is_in_the_report():
+    """Issue 9 defect 7: a BatchNormalization left alone in a function body was counted in bn_after
+    but missing from report.left (and so from --report's left[])."""
+    model = function_model(weights_inside=True)
+    fn = model.functions[0]
+    # BN reads the function's input directly: nothing to fold into
+    bn = next(n for n in fn.node if n.op_type == "BatchNormalization")
+    bn.input[0] = "x"
+    conv = next(n for n in fn.node if n.op_type == "Conv")
+    fn.node.remove(conv)
+    onnx.checker.check_model(model)
+    folded, report = fold_model(model)
+    assert not report.folded
+    assert report.bn_after == 1
+    assert len(report.left) == report.bn_after
+    assert report.left[0].graph == "function local.ConvBnRelu" and "graph input" in report.left[0].reason
+    assert report.to_dict()["left"][0]["graph"] == "function local.ConvBnRelu"
+
+
+def test_declined_in_a_function_survives_later_rounds():
+    model = function_model(weights_inside=True)
+    fn = model.functions[0]
+    conv = next(n for n in fn.node if n.op_type == "Conv")
+    fn.output.append("c")  # the Conv output leaves the function too: two readers
+    _, report = fold_model(model)
+    assert not report.folded
+    assert [d.graph for d in report.declined] == ["function local.ConvBnRelu"]
+    assert conv.output[0] == "c"
