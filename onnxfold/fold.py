@@ -22,7 +22,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from .affine import NotFoldable, RowScaled, iter_cast
-from .io import read_tensor
+from .io import copy_fields, read_tensor
 from .report import Declined, Folded, FoldReport, Left
 from .rules import CONSUMERS, PRODUCERS, attr, select_rules
 
@@ -69,6 +69,7 @@ class Scope:
                 if out:
                     self.producer[out] = i
         self._cache: dict[str, np.ndarray] = {}
+        self._declared: dict[str, onnx.ValueInfoProto] | None = None
         self.pending_constants: dict[int, list[onnx.NodeProto]] = {}
 
     # -- constants -------------------------------------------------------------------------------
@@ -142,12 +143,11 @@ class Scope:
         """The declared element type of a tensor visible here, or 0 when nothing declares it."""
         scope = self
         while scope is not None:
-            g = scope.graph
-            for v in (*g.input, *g.value_info, *g.output):
-                if v.name == name and v.type.HasField("tensor_type"):
-                    return v.type.tensor_type.elem_type
+            v = scope.declared().get(name)
+            if v is not None and v.type.HasField("tensor_type"):
+                return v.type.tensor_type.elem_type
             if name in scope.init:
-                return g.initializer[scope.init[name]].data_type
+                return scope.graph.initializer[scope.init[name]].data_type
             scope = scope.parent
         return 0
 
@@ -155,12 +155,19 @@ class Scope:
         """The rank of a tensor, from declared shapes or, failing that, onnx shape inference."""
         scope = self
         while scope is not None:
-            g = scope.graph
-            for v in (*g.input, *g.value_info, *g.output):
-                if v.name == name and v.type.tensor_type.HasField("shape"):
-                    return len(v.type.tensor_type.shape.dim)
+            v = scope.declared().get(name)
+            if v is not None and v.type.tensor_type.HasField("shape"):
+                return len(v.type.tensor_type.shape.dim)
             scope = scope.parent
         return self.index.inferred_rank(name)
+
+    def declared(self) -> dict[str, onnx.ValueInfoProto]:
+        """The graph's value infos by name (inputs, value_info, outputs; the first declaration wins)."""
+        if self._declared is None:
+            self._declared = {}
+            for v in (*self.graph.input, *self.graph.value_info, *self.graph.output):
+                self._declared.setdefault(v.name, v)
+        return self._declared
 
     def since_version(self, node: onnx.NodeProto) -> int:
         return self.index.since_version(node.op_type)
@@ -224,7 +231,8 @@ class Scope:
 class ModelIndex:
     """Every graph of a model, and how many times each tensor name is read across all of them."""
 
-    def __init__(self, model: onnx.ModelProto, constants_as_nodes: bool = False, base_dir=None, sink=None):
+    def __init__(self, model: onnx.ModelProto, constants_as_nodes: bool = False, base_dir=None, sink=None,
+                 ranks: dict | None = None):
         self.model = model
         self.base_dir = base_dir  # where external data files are, for tensors not yet read
         self.sink = sink  # the output's data file: large folded tensors are written as they are made
@@ -234,7 +242,9 @@ class ModelIndex:
         self.scopes: list[Scope] = []
         self.uses: Counter[str] = Counter()
         self.names: set[str] = set()
-        self._inferred: dict[str, int] | None = None
+        # Ranks from shape inference, shared by the rounds of one fold_model: a fold keeps the names
+        # and shapes of the tensors that stay, so what was inferred once holds for the later rounds.
+        self._ranks = ranks if ranks is not None else {}
         self._since: dict[str, int] = {}
         self._walk(model.graph, None, "main")
 
@@ -282,17 +292,11 @@ class ModelIndex:
             raise NotFoldable(f"cannot evaluate the constant {node.op_type} node '{node.name}': {e}") from None
 
     def inferred_rank(self, name: str) -> int | None:
-        if self._inferred is None:
-            self._inferred = {}
-            try:
-                inferred = onnx.shape_inference.infer_shapes(self.model)
-            except Exception:  # inference is a convenience here; without it we decline
-                inferred = None
-            if inferred is not None:
-                for v in _all_value_infos(inferred.graph):
-                    if v.type.tensor_type.HasField("shape"):
-                        self._inferred[v.name] = len(v.type.tensor_type.shape.dim)
-        return self._inferred.get(name)
+        """The rank onnx shape inference gives ``name``; inference runs at most once per fold_model, and
+        only when a rule asks, on a copy of the model without its weights."""
+        if "inferred" not in self._ranks:
+            self._ranks["inferred"] = _infer_ranks(self.model)
+        return self._ranks["inferred"].get(name)
 
     def unique(self, hint: str) -> str:
         base = hint if hint.endswith("_folded") else f"{hint}_folded"
@@ -337,11 +341,12 @@ def fold_model(
 
 def _fold_rounds(model: onnx.ModelProto, rules, report: FoldReport, constants_as_nodes: bool = False,
                  base_dir=None, sink=None) -> None:
+    ranks: dict = {}
     for _ in range(MAX_ROUNDS):
         report.rounds += 1
         report.declined.clear()
         report.left.clear()
-        index = ModelIndex(model, constants_as_nodes, base_dir, sink)
+        index = ModelIndex(model, constants_as_nodes, base_dir, sink, ranks)
         orphans: set[str] = set()
         changed = 0
         for scope in index.scopes:
@@ -667,6 +672,37 @@ def _sweep(index: ModelIndex, orphans: set[str]) -> None:
         for i in sorted(nodes, reverse=True):
             del graph.node[i]
         _delete_where(graph.value_info, lambda v: v.name in dead_names)
+
+
+# Initializers that shape inference may need the values of (Reshape's shape, Slice's starts ...).
+_SHAPE_LIKE_BYTES = 1024
+_SHAPE_LIKE_TYPES = (onnx.TensorProto.INT64, onnx.TensorProto.INT32)
+
+
+def _infer_ranks(model: onnx.ModelProto) -> dict[str, int]:
+    """Ranks of every value, from onnx shape inference on a weightless copy of the model.
+
+    A weight enters inference only through its type and shape, so each large or float initializer
+    is given to it as a graph input of that type and shape: the copy is small (inference serializes
+    the model it is given), and external data is never read.
+    """
+    stub = onnx.ModelProto()
+    copy_fields(model, stub, skip=("graph",))
+    graph = stub.graph
+    copy_fields(model.graph, graph, skip=("initializer",))
+    declared = {v.name for v in graph.input}
+    for t in model.graph.initializer:
+        small = t.data_type in _SHAPE_LIKE_TYPES and t.ByteSize() <= _SHAPE_LIKE_BYTES and not t.external_data
+        if small:
+            graph.initializer.append(t)
+        elif t.name not in declared:
+            graph.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    try:
+        inferred = onnx.shape_inference.infer_shapes(stub)
+    except Exception:  # inference is a convenience here; without it the rule declines
+        return {}
+    return {v.name: len(v.type.tensor_type.shape.dim)
+            for v in _all_value_infos(inferred.graph) if v.type.tensor_type.HasField("shape")}
 
 
 def _all_value_infos(graph: onnx.GraphProto):

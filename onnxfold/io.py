@@ -305,6 +305,20 @@ def write(model: onnx.ModelProto, staged_path: Path, *, base_dir=None, sink: Dat
     return [staged_path, sink.path]
 
 
+def copy_fields(src, dst, skip=()) -> None:
+    """Copy a protobuf message's fields into ``dst``, except those named in ``skip`` (a shallow
+    way to build a model around a graph of one's own, without copying the weights)."""
+    for field, value in src.ListFields():
+        if field.name in skip:
+            continue
+        if hasattr(value, "extend"):  # a repeated field
+            getattr(dst, field.name).extend(value)
+        elif hasattr(value, "CopyFrom"):  # a message
+            getattr(dst, field.name).CopyFrom(value)
+        else:
+            setattr(dst, field.name, value)
+
+
 class _TooLarge(Exception):
     pass
 
@@ -364,15 +378,7 @@ def _write_inline(model: onnx.ModelProto, path: Path, base_dir, sink: DataSink |
     entries = sum(len(_key(_GRAPH_INITIALIZER)) + len(_varint(len(h) + n)) + len(h) + n for h, n in pieces)
     graph_len = len(graph_bytes) + entries
     rest = onnx.ModelProto()
-    for field, value in model.ListFields():
-        if field.name == "graph":
-            continue
-        if hasattr(value, "extend"):  # a repeated field
-            getattr(rest, field.name).extend(value)
-        elif hasattr(value, "CopyFrom"):  # a message
-            getattr(rest, field.name).CopyFrom(value)
-        else:
-            setattr(rest, field.name, value)
+    copy_fields(model, rest, skip=("graph",))
     head = rest.SerializeToString()
     if len(head) + graph_len + 16 > PROTOBUF_LIMIT:
         raise _TooLarge()

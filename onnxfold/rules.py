@@ -208,14 +208,15 @@ class MatMulProducer(Producer):
     description = "MatMul with a constant 2-D weight and a rank-2 output (becomes Gemm)"
 
     def weights(self, scope, node):
-        w = _matrix_weight(scope, node, "MatMul weight")
-        rank = scope.rank(node.input[0])
+        rank = scope.rank(node.input[0])  # before the weight is read: most rank-3+ MatMuls decline here
         if rank is None:
             raise NotFoldable("the rank of MatMul's input is unknown (no shape information)")
         if rank != 2:
             raise NotFoldable(
-                f"MatMul output has rank {rank}: BatchNormalization normalizes axis 1, not the weight's output axis"
+                f"MatMul output has rank {rank}: only a rank-2 MatMul folds (it becomes a Gemm, whose output "
+                "is 2-D and whose channel axis 1 is the weight's output axis)"
             )
+        w = _matrix_weight(scope, node, "MatMul weight")
         return Weights(w, None, channels=w.shape[1], rank=2)
 
     def fold(self, node, w, scale, shift):
