@@ -200,7 +200,8 @@ class MatMulProducer(Producer):
     """MatMul with a constant 2-D weight W [K, N] and a rank-2 output [M, N] (BatchNorm1d after Linear).
 
     W'[:, n] = W[:, n] * scale[n]; the shift becomes a bias, so the node becomes Gemm(A, W', shift).
-    With a rank-3+ output, BatchNormalization normalizes axis 1, not the weight's output axis: declined.
+    A rank-3+ output is declined: Gemm is 2-D, and there BatchNormalization's channel axis 1 is not
+    the weight's output axis.
     """
 
     name = "matmul"
@@ -456,9 +457,10 @@ def describe_rules() -> str:
         lines.append(f"  {p.name}: {p.description}")
         lines += _doc(p)
     lines.append("consumers (a per-channel affine y = x * scale + shift):")
-    for c in CONSUMERS:
+    for i, c in enumerate(CONSUMERS):
         lines.append(f"  {c.name}: {c.description}")
-        lines += _doc(c)
+        if i + 1 == len(CONSUMERS) or _doc(CONSUMERS[i + 1]) != _doc(c):  # Mul/Add/Sub/Div share one: say it once
+            lines += _doc(c)
     for r in INPUT_RULES:
         lines.append(f"{r.name}: {r.description}")
         lines += _doc(r)

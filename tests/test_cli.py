@@ -118,6 +118,9 @@ def test_list_rules_and_disable(tmp_path):
     names = [line.split()[0] for line in proc.stdout.splitlines()[1:22]]
     assert proc.returncode == 0 and {"conv_bn", "convtranspose_bn", "gemm_bn", "matmul_bn", "conv_mul", "bn_conv"} <= set(names)
     assert "training mode" in proc.stdout and "graph output" in proc.stdout
+    # every paragraph once (Mul/Add/Sub/Div share one, which was printed four times)
+    paragraphs = [line for line in proc.stdout.splitlines() if line.startswith("    ") and len(line) > 40]
+    assert len(paragraphs) == len(set(paragraphs)), proc.stdout
     proc = cli(MODELS / "convtranspose_decoder.onnx", tmp_path / "o.onnx", "--disable", "convtranspose_bn")
     assert proc.returncode == 0 and "rule convtranspose_bn is disabled" in proc.stderr
 
