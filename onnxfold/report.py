@@ -52,14 +52,16 @@ class FoldReport:
     def changed(self) -> bool:
         return bool(self.folded)
 
-    def summary(self, verbose: bool = False) -> str:
-        """A few lines for a terminal: what was folded, what was declined and why."""
+    def summary(self, verbose: bool = False, check: bool = False) -> str:
+        """A few lines for a terminal: what was folded (``check``: what is foldable, nothing was
+        changed), what was declined and why."""
         by_rule = Counter(f.rule for f in self.folded)
         rules = ", ".join(f"{k}: {v}" for k, v in sorted(by_rule.items()))
         folded_bn = self.bn_before - self.bn_after
         others = sum(1 for f in self.folded if not f.rule.endswith("_bn") and not f.rule.startswith("bn_"))
         lines = [
-            f"folded {folded_bn} of {self.bn_before} BatchNormalization"
+            ("foldable (nothing changed, --check): " if check else "folded ")
+            + f"{folded_bn} of {self.bn_before} BatchNormalization"
             + (f" and {others} Mul/Add/Sub/Div" if others else "")
             + (f" ({rules})" if rules else "")
             + f", declined {len(self.declined)}, left {len(self.left)} with no producer"
