@@ -449,3 +449,170 @@ def test_unknown_op_and_domain_decline():
         evaluate(helper.make_node("Add", ["x", "x"], ["y"], domain="com.example"), {"x": C5}, 14)
     with pytest.raises(NotFoldable, match="not a constant"):
         evaluate(helper.make_node("Add", ["x", "z"], ["y"]), {"x": C5}, 14)
+
+
+# -- Constant and ConstantOfShape (evaluated in Scope._node_constant) ----------------------------------------
+def _constant_cases(v):
+    out = [("tensor_f32", {"value": numpy_helper.from_array(rng_array((2, 3), F32), "t")}),
+           ("tensor_i64_scalar", {"value": numpy_helper.from_array(a(7, I64), "t")})]
+    if v >= 12:
+        out += [("value_float", {"value_float": 2.5}), ("value_floats", {"value_floats": [1.5, -2.0]}),
+                ("value_int", {"value_int": -3}), ("value_ints", {"value_ints": [4, 5, 6]})]
+    return out
+
+
+CONSTANT_PARAMS = [pytest.param(v, name, attrs, id=f"Constant-{v}-{name}")
+                   for v in versions("Constant") for name, attrs in _constant_cases(v)]
+
+
+@pytest.mark.parametrize("v,name,attrs", CONSTANT_PARAMS)
+def test_constant_matches_onnxruntime(v, name, attrs):
+    from onnxfold.constexpr import constant_value
+
+    node = helper.make_node("Constant", [], ["y"], **attrs)
+    got = constant_value(node, v)
+    graph = helper.make_graph([node], "g", [], [helper.make_tensor_value_info(
+        "y", helper.np_dtype_to_tensor_dtype(got.dtype), None)])
+    opsets = [helper.make_opsetid("", v)]
+    model = helper.make_model(graph, opset_imports=opsets)
+    model.ir_version = helper.find_min_ir_version_for(opsets)
+    _same(got, _ort(model))
+
+
+@pytest.mark.parametrize("attrs,reason", [
+    ({"value_strings": ["a"]}, "not a number"),
+    ({"value": helper.make_tensor("t", TensorProto.STRING, [1], [b"a"])}, "string"),
+    ({"sparse_value": helper.make_sparse_tensor(numpy_helper.from_array(a([1.0]), "v"),
+                                                numpy_helper.from_array(a([0], I64), "i"), [3])}, "sparse"),
+    ({"value_float": 1.0, "value_int": 1}, "exactly one"),
+    ({}, "exactly one"),
+], ids=["strings", "string_tensor", "sparse", "two", "none"])
+def test_constant_declines(attrs, reason):
+    from onnxfold.constexpr import constant_value
+
+    with pytest.raises(NotFoldable, match=reason):
+        constant_value(helper.make_node("Constant", [], ["y"], **attrs), 13)
+
+
+def test_constant_value_float_before_opset_12_is_declined():
+    """value_float came with Constant-12; at opset 11 it is not part of the operator."""
+    from onnxfold.constexpr import constant_value
+
+    with pytest.raises(NotFoldable, match="no attribute 'value_float'"):
+        constant_value(helper.make_node("Constant", [], ["y"], value_float=1.0), 11)
+
+
+COS_PARAMS = [pytest.param(v, shape, value, id=f"ConstantOfShape-{v}-{shape}-{name}")
+              for v in versions("ConstantOfShape")
+              for shape in ([2, 3], [], [0, 4])
+              for name, value in [("default", None), ("f32", a([1.5])), ("i64", a([-7], I64)),
+                                  ("f16", a([0.1], F16)), ("bool", a([True], BOOL)), ("i32", a([3], I32))]]
+
+
+@pytest.mark.parametrize("v,shape,value", COS_PARAMS)
+def test_constant_of_shape_matches_onnxruntime(v, shape, value):
+    from onnxfold.constexpr import constant_of_shape
+
+    attrs = {} if value is None else {"value": numpy_helper.from_array(value, "v")}
+    node = helper.make_node("ConstantOfShape", ["s"], ["y"], **attrs)
+    got = constant_of_shape(node, a(shape, I64), v)
+    case = Case("c", [a(shape, I64)], attrs)
+    _same(got, _ort(_model("ConstantOfShape", v, case, got.dtype)))
+
+
+@pytest.mark.parametrize("shape,attrs,reason", [
+    ([2, -1], {}, "negative"),
+    ([2], {"value": numpy_helper.from_array(a([1.0, 2.0]), "v")}, "one element"),
+    ([[2]], {}, "1-D"),
+    ([2], {"value": helper.make_tensor("v", TensorProto.STRING, [1], [b"a"])}, "cannot make string"),
+])
+def test_constant_of_shape_declines(shape, attrs, reason):
+    """Before, a negative dimension reached np.full and crashed with a ValueError."""
+    from onnxfold.constexpr import constant_of_shape
+
+    with pytest.raises(NotFoldable, match=reason):
+        constant_of_shape(helper.make_node("ConstantOfShape", ["s"], ["y"], **attrs), a(shape, I64), 13)
+
+
+# -- through fold_model: issue 9, defect 3 -----------------------------------------------------------------
+def _conv_mul_by_unsqueezed(k, axes, opset, spatial=(6, 5)):
+    """x [1,3,H,W] -> Conv (len(k) output channels) -> Mul by Unsqueeze(k, axes) -> y."""
+    rng = np.random.default_rng(3)
+    cout = 5 if len(k) != 4 else 4
+    w = rng.normal(0, 0.5, (cout, 3, 1, 1)).astype(F32)
+    b = rng.normal(0, 0.5, cout).astype(F32)
+    inits = [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b"), numpy_helper.from_array(k, "k")]
+    if opset >= 13:
+        inits.append(numpy_helper.from_array(a(axes, I64), "axes"))
+        unsq = helper.make_node("Unsqueeze", ["k", "axes"], ["s"], name="unsqueeze")
+    else:
+        unsq = helper.make_node("Unsqueeze", ["k"], ["s"], axes=list(axes), name="unsqueeze")
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], kernel_shape=[1, 1], name="conv"), unsq,
+             helper.make_node("Mul", ["c", "s"], ["y"], name="mul")]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, *spatial])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, cout, *spatial])
+    model = helper.make_model(helper.make_graph(nodes, "g", [x], [y], inits), opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 7
+    return model
+
+
+def _outputs(model, x):
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+
+
+def test_unsqueeze_11_unsorted_axes_is_not_taken_for_per_channel():
+    """Guards issue 9, defect 3: onnx.reference's Unsqueeze-11 inserts axes [1,0,2] one at a time and
+    made [1,5,1,1] of a [5] constant; the spec (and onnxruntime) make [1,1,1,5], which scales the last
+    (width) axis of the Conv's [1,5,6,5] output, not its channels. fold_model folded it as per-channel
+    and returned a model off by 60% of its output's scale. It must decline, and the model must still
+    compute what the original does."""
+    from onnxfold import fold_model
+
+    k = a([0.5, 2.0, -1.5, 3.0, 0.25])
+    model = _conv_mul_by_unsqueezed(k, [1, 0, 2], 11)
+    folded, report = fold_model(model)
+    assert not report.folded, report.summary()
+    assert [n.op_type for n in folded.graph.node].count("Mul") == 1
+    assert any(d.consumer == "mul" and "[1, 1, 1, 5]" in d.reason for d in report.declined), report.summary()
+    x = np.random.default_rng(0).normal(0, 1, (1, 3, 6, 5)).astype(F32)
+    want, got = _outputs(model, x), _outputs(folded, x)
+    np.testing.assert_array_equal(got, want)  # nothing folded: bit-identical
+
+
+@pytest.mark.parametrize("opset", [11, 13])
+def test_unsqueeze_negative_axes_fold_per_channel(opset):
+    """Guards issue 9, defect 3: Unsqueeze(k[4], axes=[-2,-1]) is [4,1,1], a per-channel scale of a
+    4-channel Conv; onnx.reference's evaluation made it be declined. It folds, and matches the original
+    in onnxruntime within float32 rounding: |diff| <= 1e-5 * max|y| (the fold rescales weights once)."""
+    from onnxfold import fold_model
+
+    k = a([0.5, 2.0, -1.5, 3.0])
+    model = _conv_mul_by_unsqueezed(k, [-2, -1], opset)
+    folded, report = fold_model(model)
+    assert len(report.folded) == 1, report.summary()
+    assert [n.op_type for n in folded.graph.node] == ["Conv"]
+    onnx.checker.check_model(folded, full_check=True)
+    x = np.random.default_rng(1).normal(0, 1, (1, 3, 6, 5)).astype(F32)
+    want, got = _outputs(model, x), _outputs(folded, x)
+    assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+
+
+def test_constant_of_shape_with_a_negative_dimension_is_no_crash():
+    """Before, Scope._node_constant passed a negative dimension to np.full, and fold_model crashed
+    with 'ValueError: negative dimensions are not allowed'. Now the Mul is simply not a candidate."""
+    from onnxfold import fold_model
+
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], kernel_shape=[1, 1], name="conv"),
+             helper.make_node("ConstantOfShape", ["shp"], ["s"], value=numpy_helper.from_array(a([2.0]), "v")),
+             helper.make_node("Mul", ["c", "s"], ["y"], name="mul")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 2, 2])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(rng_array((4, 3, 1, 1), F32), "w"),
+                               numpy_helper.from_array(a([4, -1, 1], I64), "shp")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 7
+    folded, report = fold_model(model)
+    assert not report.folded
+    assert [n.op_type for n in folded.graph.node] == ["Conv", "ConstantOfShape", "Mul"]
