@@ -80,10 +80,15 @@ def cases(op: str, v: int) -> list[Case]:
                    ("i64", ints), ("i32", ints.astype(I32)), ("u8", np.abs(ints).astype(U8)),
                    ("bool", a([True, False, True], BOOL))]
         targets = [F32, F16, F64, I64, I32, I8, U8, BOOL]
-        for sname, src in sources:
+        # The whole matrix at the first two and the last version; between them (versions that add
+        # types) a quarter of it, a different quarter at each, to keep the suite fast.
+        full = v in versions(op)[:2] + versions(op)[-1:]
+        for si, (sname, src) in enumerate(sources):
             if op == "Cast" and v < 9 and src.dtype == BOOL:
                 continue  # Cast-1/6 take no bool
-            for t in targets:
+            for ti, t in enumerate(targets):
+                if not full and (si + ti + v) % 4:
+                    continue
                 if op == "Cast" and v < 9 and np.dtype(t) == BOOL:
                     continue
                 if sname == "f32wide" and np.issubdtype(t, np.integer):
