@@ -30,6 +30,7 @@ import math
 
 import numpy as np
 import onnx
+from ml_dtypes import bfloat16
 from onnx import TensorProto, helper
 
 from .affine import NotFoldable
@@ -39,14 +40,8 @@ __all__ = ["evaluate", "cast", "constant_value", "constant_of_shape", "OPS"]
 DOMAINS = ("", "ai.onnx")
 MAX_ELEMENTS = 1 << 26  # an expression that makes more than this is not a weight or a statistic
 
-try:  # onnx depends on ml_dtypes; bfloat16 is evaluated only where it is available
-    from ml_dtypes import bfloat16 as _BF16
-except ImportError:  # pragma: no cover
-    _BF16 = None
-
-_FLOATS = {np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64)}
-if _BF16 is not None:
-    _FLOATS.add(np.dtype(_BF16))
+_BF16 = np.dtype(bfloat16)
+_FLOATS = {np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64), _BF16}
 _INTS = {np.dtype(t) for t in (np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32, np.uint64)}
 _BOOL = np.dtype(bool)
 _NUMERIC = _FLOATS | _INTS | {_BOOL}
@@ -127,7 +122,7 @@ def cast(x: np.ndarray, to: int) -> np.ndarray:
     if x.dtype == target:
         return x.copy()
     src = x
-    if _BF16 is not None and x.dtype == np.dtype(_BF16):
+    if x.dtype == _BF16:
         src = x.astype(np.float32)  # exact
     if target == _BOOL:
         return src != 0  # NaN is not zero: True, as the specification says "all else to True"
@@ -141,13 +136,15 @@ def cast(x: np.ndarray, to: int) -> np.ndarray:
         if t.size and (t.min() < lo or t.max() >= hi):
             raise NotFoldable(f"Cast of a value out of the range of {_type_name(target)} is undefined")
         return t.astype(target)
-    if _BF16 is not None and target == np.dtype(_BF16):
-        if src.dtype not in (np.dtype(np.float32), np.dtype(np.float16), _BOOL) and not (
-            src.dtype in _INTS and src.size and np.abs(src.astype(np.float64)).max() < 2**24
-        ) and src.size:
-            # float64 -> bfloat16 through float32 would round twice; a runtime may or may not
-            raise NotFoldable(f"Cast from {_type_name(src.dtype)} to bfloat16 rounds in a way runtimes do not agree on")
-        return src.astype(np.float32).astype(_BF16)
+    if target in (_BF16, np.dtype(np.float16)) and src.dtype not in (np.dtype(np.float32), np.dtype(np.float16), _BOOL):
+        # float64 or a wide integer to a 16-bit float: a runtime may go through float32 and round
+        # twice, or not; only values that float32 holds exactly give one answer.
+        with np.errstate(all="ignore"):
+            if not np.array_equal(src.astype(np.float32).astype(np.float64), src.astype(np.float64), equal_nan=True):
+                raise NotFoldable(f"Cast from {_type_name(src.dtype)} to {_type_name(target)} of a value float32 "
+                                  f"does not hold exactly rounds differently in different runtimes")
+    if target == _BF16:
+        return src.astype(np.float32).astype(bfloat16)
     with np.errstate(all="ignore"):
         # integer -> integer drops high bits (two's complement), float -> float rounds to nearest
         # even and overflows to infinity, integer/bool -> float rounds to nearest: NumPy's casts.
@@ -286,6 +283,9 @@ def _squeeze(v, x, a):
         axes = _ints(x[1], "Squeeze axes") if len(x) > 1 and x[1] is not None else None
     if axes is None:
         return data.reshape([d for d in data.shape if d != 1]).copy()
+    if not axes:
+        raise NotFoldable("Squeeze with an empty axes list: onnx's shape inference keeps every dimension, "
+                          "onnxruntime removes every 1")
     axes = _axes(axes, data.ndim, v >= 11, "Squeeze axes")
     if any(data.shape[i] != 1 for i in axes):
         raise NotFoldable(f"Squeeze axes {axes} name a dimension that is not 1 in {list(data.shape)}")
@@ -389,7 +389,7 @@ def _binary(fn):
                 np.broadcast_shapes(A.shape, B.shape)
             except ValueError:
                 raise NotFoldable(f"shapes {list(A.shape)} and {list(B.shape)} do not broadcast") from None
-        if _BF16 is not None and A.dtype == np.dtype(_BF16):
+        if A.dtype == _BF16:
             raise NotFoldable("bfloat16 arithmetic is not evaluated here: runtimes round it differently")
         if A.dtype in _INTS:
             exact = fn(A.astype(object), B.astype(object), integer=True)
@@ -411,7 +411,7 @@ def _div(A, B, integer):
 def _unary(name, fn, ints_ok=False):
     def op(v, x, a):
         X = x[0]
-        if _BF16 is not None and X.dtype == np.dtype(_BF16) and name != "Neg":
+        if X.dtype == _BF16 and name != "Neg":
             raise NotFoldable(f"bfloat16 {name} is not evaluated here: runtimes round it differently")
         if X.dtype in _INTS:
             if not ints_ok:

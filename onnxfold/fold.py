@@ -25,7 +25,7 @@ from . import constexpr
 from .affine import NotFoldable, RowScaled, iter_cast
 from .io import read_tensor
 from .report import Declined, Folded, FoldReport, Left
-from .rules import CONSUMERS, PRODUCERS, attr, select_rules
+from .rules import CONSUMERS, PRODUCERS, select_rules
 
 DEFAULT_DOMAINS = ("", "ai.onnx")
 # Ops evaluated when every input is constant: exporters compute biases and transposed weights with
