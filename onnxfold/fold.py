@@ -21,10 +21,11 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from . import constexpr
 from .affine import NotFoldable, RowScaled, iter_cast
 from .io import copy_fields, read_tensor
 from .report import Declined, Folded, FoldReport, Left
-from .rules import CONSUMERS, PRODUCERS, attr, select_rules
+from .rules import CONSUMERS, PRODUCERS, select_rules
 
 DEFAULT_DOMAINS = ("", "ai.onnx")
 # Ops evaluated when every input is constant: exporters compute biases and transposed weights with
@@ -104,29 +105,29 @@ class Scope:
 
     def _node_constant(self, node: onnx.NodeProto, name: str, what: str) -> np.ndarray:
         if node.domain in DEFAULT_DOMAINS and node.op_type == "Constant":
-            for a in node.attribute:
-                if a.name == "value":
-                    return numpy_helper.to_array(a.t)
-                if a.name == "value_float":
-                    return np.array(a.f, dtype=np.float32)
-                if a.name == "value_floats":
-                    return np.array(a.floats, dtype=np.float32)
-                if a.name == "value_int":
-                    return np.array(a.i, dtype=np.int64)
-                if a.name == "value_ints":
-                    return np.array(a.ints, dtype=np.int64)
-            raise NotFoldable(f"{what} '{name}' is a Constant node without a float tensor value")
+            try:
+                return constexpr.constant_value(node, self.since_version(node),
+                                                lambda t: read_tensor(t, self.index.base_dir))
+            except NotFoldable as e:
+                raise NotFoldable(f"{what} '{name}' is a Constant node that is not folded: {e}") from None
         if node.domain in DEFAULT_DOMAINS and node.op_type == "ConstantOfShape":
-            shape = self.const(node.input[0], f"shape of {what}") if node.input else np.array([], np.int64)
-            fill = attr(node, "value")
-            value = numpy_helper.to_array(fill) if fill is not None else np.zeros(1, np.float32)
-            return np.full(tuple(int(d) for d in shape.reshape(-1)), value.reshape(-1)[0], dtype=value.dtype)
+            shape = self.const(node.input[0], f"shape of {what}") if node.input and node.input[0] else None
+            if shape is None:
+                raise NotFoldable(f"{what} '{name}' is made by a ConstantOfShape node without a shape")
+            try:
+                return constexpr.constant_of_shape(node, shape, self.since_version(node))
+            except NotFoldable as e:
+                raise NotFoldable(f"{what} '{name}' is made by a ConstantOfShape node that is not folded: {e}") from None
         if node.domain in DEFAULT_DOMAINS and node.op_type == "CastLike" and len(node.input) == 2:
             # Only the dtype of the second input matters: it need not be a constant.
             value = self.const(node.input[0], f"input of the CastLike making {what}")
             target = self.elem_type(node.input[1])
             if target:
-                return value.astype(helper.tensor_dtype_to_np_dtype(target))
+                try:
+                    like = np.empty(0, helper.tensor_dtype_to_np_dtype(target))
+                except Exception:
+                    raise NotFoldable(f"{what} '{name}' is cast to data type {target}, which is not evaluated") from None
+                return self.index.evaluate(node, {node.input[0]: value, node.input[1]: like})[0]
         if node.domain in DEFAULT_DOMAINS and node.op_type in CONSTANT_EXPRESSION_OPS and node.input:
             values = {}
             for inp in node.input:
@@ -275,21 +276,9 @@ class ModelIndex:
         return self._since[op_type]
 
     def evaluate(self, node: onnx.NodeProto, values: dict[str, np.ndarray]) -> list[np.ndarray]:
-        """Run one node on constant inputs with onnx's reference implementation, at the model's opset."""
-        from onnx.reference import ReferenceEvaluator
-
-        graph = helper.make_graph(
-            [node],
-            "constant_expression",
-            [helper.make_tensor_value_info(k, helper.np_dtype_to_tensor_dtype(v.dtype), v.shape) for k, v in values.items()],
-            [helper.make_tensor_value_info(o, onnx.TensorProto.UNDEFINED, None) for o in node.output if o],
-        )
-        opset = self.opset or onnx.defs.onnx_opset_version()
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=self.ir_version or 8)
-        try:
-            return [np.asarray(v) for v in ReferenceEvaluator(model).run(None, values)]
-        except Exception as e:  # a malformed expression: not ours to fix, decline
-            raise NotFoldable(f"cannot evaluate the constant {node.op_type} node '{node.name}': {e}") from None
+        """Evaluate one node on constant inputs as the ONNX specification says, at the model's opset
+        (:mod:`onnxfold.constexpr`; anything it cannot evaluate exactly is declined)."""
+        return constexpr.evaluate(node, values, self.since_version(node.op_type))
 
     def inferred_rank(self, name: str) -> int | None:
         """The rank onnx shape inference gives ``name``; inference runs at most once per fold_model, and
