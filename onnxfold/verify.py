@@ -22,33 +22,31 @@ Rules (README: "How verification decides"):
   a fold rounds each weight once, so its error shows relative to the size of the output, not of each
   element. NaN or Inf in the candidate where the reference is finite always fails. Integer and
   bool outputs must be equal.
+- **The floor.** Rounding is relative to the values a computation handles, not to its result: a
+  channel that is small by cancellation, or an output far below the tensors it is computed from, is
+  still computed with sums and functions on their scale. So no tolerance below is smaller than
+  ``FLOOR[dtype] * S``, ``S`` the scale of the tensors it is computed from and
+  ``FLOOR[dtype] = min(ATOL[dtype], 64 * eps[dtype])``: 64 units in the last place (float32: 7.6e-6,
+  float64: 1.4e-14), or ATOL itself in float16 and bfloat16, whose rounding is that coarse.
+  64 ulps is above what rounding gathers through a deep network (PaddleOCR's detector, 61 folds:
+  14 ulps at its deepest fold) and far below a wrong fold.
 - **Each fold, where it happens.** Given the folds (``folds=report.folded``), the tensor each fold
   in the main graph rewrote (the consumer's output, whose name the fold keeps) is exposed as an extra
   output of both models and compared *per channel* (axis 1): channel ``c`` passes when
   ``|candidate - reference| <= atol_c + RTOL[dtype] * |reference|`` with
-  ``atol_c = max(ATOL[dtype] * max |reference[:, c]|, min(ATOL[dtype], 64 * eps[dtype]) * S)``,
-  ``S = max |reference|`` over the whole tensor. A channel near 0.02 beside one near 850 is held to
-  its own scale down to the floor (float32: 64 * 1.2e-7 * 850 = 6.5e-3), so a fold that flips its
-  sign fails. The floor is there because a channel's rounding is not on its own scale: its sums
-  run over terms on the scale of the layer (a channel can be small by cancellation, as in the 1x1
-  convolutions of a squeeze-excitation block), and the error of the layer's input reaches every
-  channel alike. 64 units in the last place of the layer's scale is above what rounding gathers
-  through a deep network (PaddleOCR's detector: 14 at its deepest fold) and far below a wrong
-  channel. In float16 and bfloat16 the floor is ATOL itself: the check is per tensor, as rounding
-  there cannot resolve a channel 100 times smaller than its neighbours. A link of a chain whose
-  tensor a later fold rewrote again is checked at that later tensor.
-  Folds inside subgraphs or functions, and tensors that do not exist in both main graphs (inlined
-  functions), cannot be exposed: the graph outputs alone cover them, and the result says so.
+  ``atol_c = max(ATOL[dtype] * max |reference[:, c]|, FLOOR[dtype] * max |reference|)``. A channel
+  near 0.02 beside one near 850 is held to its own scale down to the floor (float32: 6.5e-3), so a
+  fold that flips its sign fails. A link of a chain whose tensor a later fold rewrote again is
+  checked at that later tensor. Folds inside subgraphs or functions, and tensors that do not exist
+  in both main graphs (inlined functions), cannot be exposed: the graph outputs alone cover them,
+  and the result says so.
 - **Outputs far below the tensors that feed them.** When every fold was checked at its own tensor
-  and passed, an output's scale is ``max(own scale, ATOL[dtype] * S)``, where ``S`` is the largest
-  scale (max |reference|) of the checked fold tensors the output depends on. Why: those tensors were
-  accepted with differences up to ``ATOL * S``, so an output smaller than that holds values at the
-  level of differences already accepted as rounding where it is computed (a Sigmoid of logits near
-  -16 is about 1e-7, and onnxruntime computes it as ``0.5 + (...)``, to 6e-8 absolute); its own
-  scale cannot measure the fold there. The folds themselves have been proven at their tensors, so
-  the output comparison only has to catch what lies outside them, and errors of that kind are far
-  above ``ATOL * ATOL * S``. When any fold could not be checked, or one failed, every output keeps
-  its own scale. Outputs larger than the floor are unchanged.
+  and passed, an output's atol is ``max(ATOL[dtype] * its scale, FLOOR[dtype] * S)``, ``S`` the
+  largest scale of the checked fold tensors it depends on. A Sigmoid of logits near -16 is about
+  1e-7, and onnxruntime computes it as ``0.5 + (...)``, to 6e-8 absolute: its own scale says
+  "1e-11", rounding on the scale of its logits says "1e-4". The folds themselves are proven at
+  their tensors, so the output comparison only has to catch what lies outside them. When any fold
+  could not be checked, or one failed, every output keeps its own scale alone.
 - **Nothing compared is no proof.** When every output and every checked fold tensor is empty (a batch
   fixed at 0), :class:`VerifyError` is raised: there is nothing to call passed or failed.
 
@@ -77,10 +75,15 @@ TOLERANCES = {
     "float16": (1e-2, 1e-2),
     "bfloat16": (5e-2, 5e-2),
 }
-# A channel's tolerance never goes below CHANNEL_FLOOR_ULPS units in the last place of the whole
-# tensor's scale (nor below ATOL of it, where that is smaller): see the module's docstring.
-CHANNEL_FLOOR_ULPS = 64
+# No tolerance goes below FLOOR_ULPS units in the last place of the scale of the tensors it is
+# computed from (nor below ATOL of it, where that is smaller): see the module's docstring.
+FLOOR_ULPS = 64
 EPS = {"float64": 2.0**-52, "float32": 2.0**-23, "float16": 2.0**-10, "bfloat16": 2.0**-7}
+
+
+def floor(dtype: str) -> float:
+    """FLOOR[dtype]: the smallest atol, as a fraction of the scale of the tensors a value comes from."""
+    return min(TOLERANCES[dtype][0], FLOOR_ULPS * EPS[dtype])
 DEFAULT_RANGE = (-1.0, 1.0)
 DEFAULT_BATCH = 1
 DEFAULT_DIM = 32
@@ -498,10 +501,10 @@ def run_pair(reference, candidate, feeds, provider: str, expose=(), stage=lambda
 
 
 def compare(name: str, ref: np.ndarray, cand: np.ndarray, atol=None, rtol=None, *, per_channel: bool = False,
-            scale: float | None = None) -> OutputComparison:
-    """Compare one tensor. Default ``atol = ATOL[dtype] * scale``, ``scale = max |ref|`` (or ``scale``
-    when given and larger); with ``per_channel`` each channel of axis 1 takes its own scale and the
-    result names the channel nearest to (or past) its tolerance."""
+            atol_floor: float | None = None) -> OutputComparison:
+    """Compare one tensor. Default ``atol = ATOL[dtype] * max |ref|``, at least ``atol_floor``; with
+    ``per_channel`` each channel of axis 1 takes its own scale, down to ``FLOOR[dtype] * max |ref|``,
+    and the result names the channel nearest to (or past) its tolerance."""
     ref = np.asarray(ref)
     cand = np.asarray(cand)
     dtype = ref.dtype.name
@@ -528,17 +531,21 @@ def compare(name: str, ref: np.ndarray, cand: np.ndarray, atol=None, rtol=None, 
     max_rel = float(rel.max()) if rel.size else 0.0
     need = np.maximum(err - rtol * np.abs(np.where(finite, r, 0.0)), 0.0)
     channels = per_channel and r.ndim >= 2 and r.shape[1] > 0 and r.size > 0
-    if channels:  # one scale and one needed atol per channel of axis 1, floored (CHANNEL_FLOOR_ULPS)
+    if channels:  # one scale and one needed atol per channel of axis 1
         axes = tuple(a for a in range(r.ndim) if a != 1)
         scales = np.max(np.abs(np.where(finite, r, 0.0)), axis=axes)
-        scales = np.maximum(scales, min(1.0, CHANNEL_FLOOR_ULPS * EPS[dtype] / d_atol) * scales.max())
         needs = np.max(need, axis=axes)
     else:
         scales = np.array([float(np.max(np.abs(r[finite]))) if finite.any() else 0.0])
         needs = np.array([float(need.max()) if need.size else 0.0])
-    if scale is not None:
-        scales = np.maximum(scales, scale)
-    atols = d_atol * np.maximum(scales, np.finfo(np.float64).tiny) if atol is None else np.full_like(scales, float(atol))
+    if atol is None:
+        atols = d_atol * np.maximum(scales, np.finfo(np.float64).tiny)
+        if channels:
+            atols = np.maximum(atols, floor(dtype) * scales.max())
+        if atol_floor is not None:
+            atols = np.maximum(atols, atol_floor)
+    else:
+        atols = np.full_like(scales, float(atol))
     worst = int(np.argmax(needs / atols))
     note = ""
     if bad_nonfinite.any():
@@ -566,14 +573,14 @@ def _compare_provider(job: dict, provider: str, stage) -> ProviderResult:
             continue
         f_atol, f_rtol = tolerances.get(name, (None, None))
         folds.append(compare(name, ref_out[name], cand_out[name], f_atol, f_rtol, per_channel=True))
-    # The floor of an output's scale: the fold tensors feeding it, when every fold was checked and passed.
+    # The floor of an output's atol: the fold tensors feeding it, when every fold was checked and passed.
     floors = {}
     if job["all_checked"] and folds and all(f.passed for f in folds):
-        fold_scale = {f.name: _scale(ref_out[f.name]) * TOLERANCES[f.dtype][0] for f in folds if f.dtype in TOLERANCES}
+        fold_floor = {f.name: floor(f.dtype) * _scale(ref_out[f.name]) for f in folds if f.dtype in TOLERANCES}
         for out, feeders in job["feeders"].items():
-            s = max((fold_scale[n] for n in feeders if n in fold_scale), default=0.0)
-            if s > 0:
-                floors[out] = s
+            value = max((fold_floor[n] for n in feeders if n in fold_floor), default=0.0)
+            if value > 0:
+                floors[out] = value
     outputs = []
     for name, value in ref_out.items():
         if name in exposed:
@@ -585,11 +592,10 @@ def _compare_provider(job: dict, provider: str, stage) -> ProviderResult:
         o_atol, o_rtol = tolerances.get(name, (None, None))
         o_atol = o_atol if o_atol is not None else job["atol"]
         o_rtol = o_rtol if o_rtol is not None else job["rtol"]
-        floor = floors.get(name) if o_atol is None else None
-        c = compare(name, value, cand_out[name], o_atol, o_rtol, scale=floor)
-        own = _scale(value)
-        if floor is not None and floor > own:
-            c.note = (f"scale {floor:.3g} from the checked fold tensors feeding it, not its own {own:.3g}"
+        low = floors.get(name) if o_atol is None else None
+        c = compare(name, value, cand_out[name], o_atol, o_rtol, atol_floor=low)
+        if low is not None and c.dtype in TOLERANCES and low > TOLERANCES[c.dtype][0] * _scale(value):
+            c.note = ("atol from the scale of the checked fold tensors feeding it, not its own"
                       + (f"; {c.note}" if c.note else ""))
         outputs.append(c)
     return ProviderResult(provider, engine, outputs, note, folds)
