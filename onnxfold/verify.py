@@ -333,9 +333,10 @@ def _reference_ops() -> list:
     return [_BN]
 
 
-def batch_norm(x, scale, bias, mean, var, *, since: int, outputs=(True,), epsilon=1e-5, momentum=0.9,
+def batch_norm(x, scale, bias, mean, var, *, since: int, outputs=(True,), epsilon=float(np.float32(1e-5)), momentum=0.9,
                is_test=0, spatial=1, training_mode=0, **_ignored):
     """BatchNormalization-``since`` (6, 7, 9, 14, 15) as its spec defines it, computed in float64.
+    ``epsilon`` is a float attribute: its default 1e-5 is the float32 nearest 1e-5, as when written.
 
     Inference mode: ``Y = (X - mean) / sqrt(var + epsilon) * scale + B`` with the statistics on axis 1,
     or, with ``spatial=0`` (6 and 7), per activation (shape ``X.shape[1:]``). The mode: ``is_test`` at
