@@ -56,6 +56,7 @@ applies to graph outputs and fold tensors alike.
 
 from __future__ import annotations
 
+import atexit
 import math
 import os
 import signal
@@ -454,6 +455,20 @@ def _no_kernel(err: Exception) -> bool:
     return "NOT_IMPLEMENTED" in text or "Could not find an implementation" in text or "Type Error" in text
 
 
+class _ExposureRefused(Exception):
+    """onnxruntime loads the model, but not with the fold tensors as extra outputs."""
+
+
+def _check_exposure(model, expose, provider, err) -> None:
+    if not expose:
+        return
+    try:
+        _session(*_ort_source(model), provider=provider)
+    except Exception:
+        return  # it fails without them too: the caller reports that
+    raise _ExposureRefused(str(err).splitlines()[0][:200])
+
+
 def run_pair(reference, candidate, feeds, provider: str, expose=(), stage=lambda text: None) -> tuple[dict, dict, str, str]:
     """Run both models on one provider, with the tensors ``expose`` ([(name, elem_type)]) as extra
     outputs. Returns (reference outputs, candidate outputs, engine, note). ``stage`` is told what runs
@@ -475,6 +490,7 @@ def run_pair(reference, candidate, feeds, provider: str, expose=(), stage=lambda
     except VerifyError:
         raise
     except Exception as e:
+        _check_exposure(reference, expose, provider, e)
         if provider == "cpu" and _no_kernel(e):
             note = "onnxruntime has no CPU kernel for this model: " + str(e).splitlines()[0][:160]
             stage("running the original model in onnx.reference")
@@ -488,6 +504,7 @@ def run_pair(reference, candidate, feeds, provider: str, expose=(), stage=lambda
     except VerifyError:
         raise
     except Exception as e:
+        _check_exposure(candidate, expose, provider, e)
         raise VerifyError(f"onnxruntime cannot load the folded model: {str(e).splitlines()[0]}") from None
     stage("running the original model")
     ref = _run_session(ref_sess, feeds, "original")
@@ -560,13 +577,21 @@ def compare(name: str, ref: np.ndarray, cand: np.ndarray, atol=None, rtol=None, 
 
 def _compare_provider(job: dict, provider: str, stage) -> ProviderResult:
     """Run and compare on one provider (in the child): only the comparisons go back."""
-    expose = job["expose"]
-    ref_out, cand_out, engine, note = run_pair(job["reference"], job["candidate"], job["feeds"], provider,
-                                               expose, stage)
+    expose, fold_tensors, all_checked = job["expose"], job["fold_tensors"], job["all_checked"]
+    try:
+        ref_out, cand_out, engine, note = run_pair(job["reference"], job["candidate"], job["feeds"], provider,
+                                                   expose, stage)
+    except _ExposureRefused as e:  # verify as without per-fold checks, and say so
+        ref_out, cand_out, engine, note = run_pair(job["reference"], job["candidate"], job["feeds"], provider,
+                                                   (), stage)
+        note = "; ".join(x for x in (note, f"the fold tensors could not be added as outputs ({e}): the graph "
+                                           "outputs alone cover the folds") if x)
+        expose, all_checked = (), False
+        fold_tensors = [n for n in fold_tensors if n in ref_out]
     stage("comparing")
     tolerances, exposed = job["tolerances"], {name for name, _ in expose}
     folds = []
-    for name in job["fold_tensors"]:
+    for name in fold_tensors:
         if name not in ref_out or name not in cand_out:
             folds.append(OutputComparison(name, "", (), math.inf, math.inf, 0.0, 0.0, math.inf, False,
                                           "missing in the " + ("original" if name not in ref_out else "folded")
@@ -576,7 +601,7 @@ def _compare_provider(job: dict, provider: str, stage) -> ProviderResult:
         folds.append(compare(name, ref_out[name], cand_out[name], f_atol, f_rtol, per_channel=True))
     # The floor of an output's atol: the fold tensors feeding it, when every fold was checked and passed.
     floors = {}
-    if job["all_checked"] and folds and all(f.passed for f in folds):
+    if all_checked and folds and all(f.passed for f in folds):
         fold_floor = {f.name: floor(f.dtype) * _scale(ref_out[f.name]) for f in folds if f.dtype in TOLERANCES}
         for out, feeders in job["feeders"].items():
             value = max((fold_floor[n] for n in feeders if n in fold_floor), default=0.0)
@@ -632,7 +657,7 @@ def _run_job(job: dict, send) -> None:
 
 WORKER = os.environ.get("ONNXFOLD_VERIFY_WORKER", "auto")  # "fork", "spawn" or "auto"
 _lock = threading.Lock()
-_worker = None
+_worker = None  # the _Worker of this process, started on first use, stopped at exit
 
 
 def _can_fork() -> bool:
@@ -729,6 +754,7 @@ class _Worker:
         os.close(from_child)
         self.send = Connection(from_parent, readable=False)
         self.recv = Connection(to_parent, writable=False)
+        self.owner = os.getpid()
 
     def run(self, job: dict) -> list[ProviderResult]:
         try:
@@ -769,27 +795,32 @@ def _run_spawned(job: dict) -> list[ProviderResult]:
             if job[key].ByteSize() > PROTOBUF_LIMIT:
                 raise VerifyError("the model is over 2 GiB: save it with external data and verify the file")
             job[key] = job[key].SerializeToString()
+    if _worker is not None and _worker.owner != os.getpid():
+        _worker = None  # inherited through a fork: its pipes belong to the parent's conversation
     if _worker is None or _worker.proc.poll() is not None:
-        if _worker is None:
-            import atexit
-
-            atexit.register(_stop_worker)
+        _stop_worker()
         _worker = _Worker()
     try:
         return _worker.run(job)
-    except BaseException as e:
-        if _worker.proc.poll() is not None or not isinstance(e, (VerifyError, RuntimeError)):
-            _stop_worker()  # crashed or interrupted: the next call starts a fresh one
+    except (VerifyError, RuntimeError):
+        if _worker.proc.poll() is not None:  # it crashed: the next call starts a fresh one
+            _stop_worker()
+        raise
+    except BaseException:  # interrupted mid-job: its answer would be read by the next call
+        _stop_worker(kill=True)
         raise
 
 
-def _stop_worker() -> None:
+def _stop_worker(kill: bool = False) -> None:
     global _worker
-    if _worker is not None:
+    if _worker is not None and _worker.owner == os.getpid():
         w, _worker = _worker, None
-        if w.proc.poll() is None and sys.exc_info()[0] is KeyboardInterrupt:
+        if kill and w.proc.poll() is None:
             w.proc.kill()
         w.close()
+
+
+atexit.register(_stop_worker)
 
 
 def _run_isolated(job: dict) -> list[ProviderResult]:

@@ -434,3 +434,17 @@ def test_a_batch_fixed_at_zero_proves_nothing(tmp_path):
     assert proc.returncode == 2 and "nothing to compare" in proc.stderr and not out.exists()
     assert "verification passed" not in proc.stderr
     assert cli(src, out, "--no-verify").returncode == 0 and out.exists()
+
+
+def test_a_model_onnxruntime_refuses_with_extra_outputs_is_verified_without_them(monkeypatch):
+    """Should onnxruntime refuse the models with the fold tensors added as outputs, verification runs as
+    before (graph outputs alone, each at its own scale) and says so, rather than fail or fall back."""
+    model = conv_bn_model()
+    model.graph.node.append(helper.make_node("Relu", ["y"], ["z"]))
+    model.graph.output[0].name = "z"
+    folded, report = fold_model(model)
+    monkeypatch.setitem(verify_module._ELEM_TYPES, "float32", TensorProto.DOUBLE)  # a wrong declared type
+    result = verify(model, folded, folds=report.folded)
+    assert result and not result.results[0].folds
+    assert result.results[0].engine.startswith("onnxruntime")
+    assert "could not be added as outputs" in result.results[0].note
