@@ -4,7 +4,7 @@ Both models run in onnxruntime with graph optimizations OFF (``ORT_DISABLE_ALL``
 onnxruntime fuses Conv+BatchNormalization in the reference itself and a wrong fold can look right.
 Where onnxruntime's CPU provider has no kernel for the model (float64 or bfloat16 Conv), both run in
 ``onnx.reference.ReferenceEvaluator`` instead, and the result says so; there BatchNormalization is
-computed by :class:`BatchNormalization` below, as the spec says (onnx.reference's own normalizes
+computed by :func:`batch_norm` below, as the spec says (onnx.reference's own normalizes
 with batch statistics at opsets 9-13 and raises at 6-7).
 
 The runtime runs in a child process, so that a crash of onnxruntime (it segfaults on some valid
@@ -29,7 +29,7 @@ Rules (README: "How verification decides"):
   ``FLOOR[dtype] = min(ATOL[dtype], 64 * eps[dtype])``: 64 units in the last place (float32: 7.6e-6,
   float64: 1.4e-14), or ATOL itself in float16 and bfloat16, whose rounding is that coarse.
   64 ulps is above what rounding gathers through a deep network (PaddleOCR's detector, 61 folds:
-  14 ulps at its deepest fold) and far below a wrong fold.
+  at most 14 ulps of a fold tensor's scale) and far below a wrong fold.
 - **Each fold, where it happens.** Given the folds (``folds=report.folded``), the tensor each fold
   in the main graph rewrote (the consumer's output, whose name the fold keeps) is exposed as an extra
   output of both models and compared *per channel* (axis 1): channel ``c`` passes when
@@ -43,8 +43,9 @@ Rules (README: "How verification decides"):
 - **Outputs far below the tensors that feed them.** When every fold was checked at its own tensor
   and passed, an output's atol is ``max(ATOL[dtype] * its scale, FLOOR[dtype] * S)``, ``S`` the
   largest scale of the checked fold tensors it depends on. A Sigmoid of logits near -16 is about
-  1e-7, and onnxruntime computes it as ``0.5 + (...)``, to 6e-8 absolute: its own scale says
-  "1e-11", rounding on the scale of its logits says "1e-4". The folds themselves are proven at
+  1e-7, and onnxruntime computes it to about 6e-8 absolute (2^-24: its rounding is on the scale of
+  0.5, not of the result): its own scale says atol 1e-11, rounding on the scale of its logits says
+  about 1e-4. The folds themselves are proven at
   their tensors, so the output comparison only has to catch what lies outside them. When any fold
   could not be checked, or one failed, every output keeps its own scale alone.
 - **Nothing compared is no proof.** When every output and every checked fold tensor is empty (a batch
@@ -725,6 +726,7 @@ def _run_forked(job: dict) -> list[ProviderResult]:
             return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
 
         results = _collect(conn.recv, finish)
+        finish()
         return results
     finally:
         conn.close()
