@@ -448,3 +448,29 @@ def test_a_model_onnxruntime_refuses_with_extra_outputs_is_verified_without_them
     assert result and not result.results[0].folds
     assert result.results[0].engine.startswith("onnxruntime")
     assert "could not be added as outputs" in result.results[0].note
+
+
+@pytest.mark.parametrize("weights_inside", [True, False])
+def test_folds_in_functions_are_covered_by_the_outputs_and_the_result_says_so(weights_inside):
+    """A fold in a function body, or in an inlined call (its tensor is not in the original's main
+    graph), cannot be exposed in both models: the outputs cover it, at their own scale, and the
+    report says why for each fold."""
+    from test_functions import function_model
+
+    model = function_model(weights_inside)
+    folded, report = fold_model(model)
+    result = verify(model, folded, folds=report.folded)
+    assert result and not result.results[0].folds
+    assert any(f"{len(report.folded)} fold(s) could not be compared" in n for n in result.notes)
+    annotate(report.folded, result)
+    why = "inside a function" if weights_inside else "an inlined function"
+    assert report.folded and all(f.passed is None and why in f.note for f in report.folded)
+
+
+@pytest.mark.parametrize("name", ["resnet_block.onnx", "resnet_block_extdata.onnx", "mobilenetv2_fp16.onnx"])
+def test_node_outputs_read_from_the_wire_format_match_the_parsed_model(name):
+    """The folded file's tensor names are read without parsing its weights: the same set as onnx.load's."""
+    path = ROOT / "models" / name
+    model = onnx.load(str(path), load_external_data=False)
+    names = verify_module._main_outputs(str(path))
+    assert names == verify_module._main_outputs(model) and len(names) == len(model.graph.node) > 5
