@@ -19,7 +19,7 @@ from . import __version__
 from .fold import fold_model
 from .io import DataSink, InputError, commit, load, staged, write
 from .rules import describe_rules, rule_names, select_rules
-from .verify import VerifyError, load_inputs, parse_shape, verify
+from .verify import VerifyError, annotate, load_inputs, parse_shape, verify
 
 EXIT_OK, EXIT_VERIFY, EXIT_USAGE, EXIT_CHECK = 0, 1, 2, 3
 
@@ -176,14 +176,19 @@ def fold_file(args, src: Path, dst: Path | None, say) -> tuple[int, dict]:
         else:
             t = time.perf_counter()
             result = verify(src, tmp, args.providers, inputs=feeds, input_shapes=shapes, input_range=value_range,
-                            seed=args.seed, atol=args.atol, rtol=args.rtol)
+                            seed=args.seed, atol=args.atol, rtol=args.rtol, folds=report.folded)
             timings["verify_s"] = time.perf_counter() - t
+            annotate(report.folded, result)  # each fold's own check, into folded[]
+            data.update(report.to_dict())
             data["verification"] = _verification(result)
             if not quiet:
                 for w in result.warnings:
                     say(f"warning: {w}")
             if not quiet or not result:
                 say(str(result))
+            if args.verbose and not quiet:
+                for f in report.folded:
+                    say(f.check_line())
             if not result and not args.force_write:
                 say(f"onnxfold: {dst} not written: the folded model does not match the original "
                     "(--force-write writes it anyway)")
@@ -204,10 +209,13 @@ def _verification(result) -> dict:
             {"provider": r.provider, "engine": r.engine, "note": r.note,
              "outputs": [{"name": o.name, "dtype": o.dtype, "shape": list(o.shape), "max_abs": o.max_abs,
                           "max_rel": o.max_rel, "atol": o.atol, "rtol": o.rtol, "passed": o.passed}
-                         for o in r.outputs]}
+                         for o in r.outputs],
+             "folds": [{"name": o.name, "shape": list(o.shape), "max_abs": o.max_abs, "max_rel": o.max_rel,
+                        "atol": o.atol, "channel": o.channel, "passed": o.passed} for o in r.folds]}
             for r in result.results
         ],
         "warnings": list(result.warnings),
+        "notes": list(result.notes),
     }
 
 

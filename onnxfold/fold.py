@@ -449,7 +449,8 @@ def _fold_scope(scope: Scope, rules, report: FoldReport, orphans: set[str]) -> i
         pnode.output[0] = node.output[0]
         scope.producer[node.output[0]] = pi
         folded += 1
-        report.folded.append(_record(rule.name, plabel, clabel, scope, weights.dtype, weight_name, biggest))
+        report.folded.append(_record(rule.name, plabel, clabel, scope, weights.dtype, weight_name, biggest,
+                                     node.output[0]))
     scope.rebuild_nodes(removed)
     return folded
 
@@ -482,7 +483,7 @@ def _fold_input(scope: Scope, ci: int, rule, report, orphans, removed, outputs) 
     _remove(scope, [bi, *chain], removed, orphans)
     for name in between:
         scope.producer.pop(name, None)
-    report.folded.append(_record(rule.name, blabel, clabel, scope, dtype, weight_name, biggest))
+    report.folded.append(_record(rule.name, blabel, clabel, scope, dtype, weight_name, biggest, conv.output[0]))
     return 1
 
 
@@ -572,8 +573,8 @@ def _remove(scope: Scope, indices, removed: set[int], orphans: set[str]) -> None
         removed.add(i)
 
 
-def _record(rule, upstream, downstream, scope, dtype, weight_name, biggest) -> Folded:
-    return Folded(rule, upstream, downstream, scope.path, str(np.dtype(dtype)), weight_name, biggest)
+def _record(rule, upstream, downstream, scope, dtype, weight_name, biggest, output) -> Folded:
+    return Folded(rule, upstream, downstream, scope.path, str(np.dtype(dtype)), weight_name, biggest, output)
 
 
 def _find_producer(scope: Scope, node, consumer, rules):

@@ -17,6 +17,21 @@ class Folded:
     dtype: str
     weight: str  # the new weight tensor's name
     max_abs_weight: float
+    output: str = ""  # the tensor the fold rewrote: the consumer's output (a Conv's for bn_conv), name kept
+    # Verification of this fold at ``output`` (per channel; see verify.py), None when not compared there:
+    max_abs: float | None = None
+    max_rel: float | None = None
+    atol: float | None = None  # the tolerance of the channel nearest to (or past) it
+    passed: bool | None = None
+    note: str = ""  # why it was not compared at its own tensor
+
+    def check_line(self) -> str:
+        """One line for -v: this fold's own check."""
+        head = f"  fold {self.rule} {self.producer} + {self.consumer} [{self.graph}] -> {self.output}"
+        if self.passed is None:
+            return f"{head}: {self.note or 'not verified'}"
+        return (f"{head}: max abs {self.max_abs:.3g}, max rel {self.max_rel:.3g}, atol {self.atol:.3g} "
+                f"{'ok' if self.passed else 'FAILED'}")
 
 
 @dataclass

@@ -152,7 +152,10 @@ def test_json_report_schema(tmp_path):
     data = json.loads(report.read_text())
     assert set(data) >= {"input", "output", "status", "bn_before", "bn_after", "rounds", "folded", "declined",
                          "left", "inlined_functions", "verification", "timings"}
-    assert set(data["folded"][0]) == {"rule", "producer", "consumer", "graph", "dtype", "weight", "max_abs_weight"}
+    assert set(data["folded"][0]) == {"rule", "producer", "consumer", "graph", "dtype", "weight", "max_abs_weight",
+                                      "output", "max_abs", "max_rel", "atol", "passed", "note"}
+    # each fold is verified at its own tensor: its error and tolerance are in the report
+    assert all(f["passed"] is True and 0 <= f["max_abs"] <= f["atol"] for f in data["folded"])
     assert set(data["declined"][0]) == {"rule", "producer", "consumer", "graph", "reason"}
     assert set(data["timings"]) >= {"load_s", "fold_s", "write_s", "verify_s"}
     v = data["verification"]
