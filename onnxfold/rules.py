@@ -30,6 +30,7 @@ from .affine import (
 )
 
 FLOAT_TYPES = ("float16", "bfloat16", "float32", "float64")
+DEFAULT_EPSILON = float(np.float32(1e-5))  # BatchNormalization's epsilon attribute is a float32
 
 
 def attr(node: onnx.NodeProto, name: str, default=None):
@@ -291,7 +292,8 @@ class BatchNormConsumer(Consumer):
                 )
             stats.append(value)
         gamma, beta, mean, var = stats
-        eps = float(attr(node, "epsilon", 1e-5))
+        # the attribute is a float32: its default is float32(1e-5), as a written 1e-5 reads back
+        eps = float(attr(node, "epsilon", DEFAULT_EPSILON))
         return bn_affine(gamma, beta, mean, var, eps)
 
 

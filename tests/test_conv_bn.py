@@ -156,6 +156,17 @@ def test_default_epsilon_when_the_attribute_is_absent():
     assert verify(model, folded)
 
 
+def test_default_epsilon_is_the_float32_attribute_value():
+    """The epsilon attribute is a float32, so its default is float32(1e-5) = 9.99999974738e-06, as a
+    written 1e-5 reads back and as onnxruntime uses it: a float64 fold with the absent attribute and one
+    with epsilon written out give the same weights to the last bit (the double 1e-5 was 4.6e-12 off)."""
+    absent, _ = assert_folded(conv_bn_model(dtype="float64", epsilon=None, opset=13))
+    written, _ = assert_folded(conv_bn_model(dtype="float64", epsilon=1e-5, opset=13))
+    for a, b in zip(absent.graph.initializer, written.graph.initializer):
+        assert a.name == b.name
+        np.testing.assert_array_equal(onnx.numpy_helper.to_array(a), onnx.numpy_helper.to_array(b))
+
+
 def test_weights_from_constant_nodes_paddle_style():
     """PaddlePaddle exports have no initializers: every weight is a Constant node."""
     model = conv_bn_model(constants_as_nodes=True)
