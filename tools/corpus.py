@@ -151,11 +151,125 @@ def _hf_model(spec, seed: int):
 
 
 def _count_bn(path: Path) -> int:
+    return count_bn(path)
+
+
+# --------------------------------------------------------------------------
+# Helpers shared by tests/test_corpus.py and tools/corpus_report.py
+# --------------------------------------------------------------------------
+def count_bn(path) -> int:
+    """BatchNormalization nodes in a model file: main graph, subgraphs and local functions."""
     import onnx
 
     m = onnx.load(str(path), load_external_data=False)
-    n = sum(1 for node in m.graph.node if node.op_type == "BatchNormalization")
-    return n + sum(1 for f in m.functions for node in f.node if node.op_type == "BatchNormalization")
+
+    def in_nodes(nodes) -> int:
+        n = 0
+        for node in nodes:
+            n += node.op_type == "BatchNormalization"
+            for a in node.attribute:
+                if a.type == onnx.AttributeProto.GRAPH:
+                    n += in_nodes(a.g.node)
+                elif a.type == onnx.AttributeProto.GRAPHS:
+                    n += sum(in_nodes(g.node) for g in a.graphs)
+        return n
+
+    return in_nodes(m.graph.node) + sum(in_nodes(f.node) for f in m.functions)
+
+
+def load_records(root) -> list[dict]:
+    """The manifest's records whose model file exists, in manifest order."""
+    root = Path(root)
+    p = root / "manifest.json"
+    if not p.exists():
+        return []
+    return [r for r in json.loads(p.read_text())["models"] if (root / r["file"]).exists()]
+
+
+def make_inputs(path, record: dict, seed: int = 0) -> dict:
+    """Random inputs in [-1, 1] for every graph input that is not an initializer.
+
+    Shapes: the manifest's ``inputs`` (wheel models), else ``input_shape`` (transformers
+    exports, one input), else the graph's static dims, a dynamic dim being 1 on axis 0 and
+    32 elsewhere (onnxfold's own default)."""
+    import numpy as np
+    import onnx
+    from onnx import helper
+
+    m = onnx.load(str(path), load_external_data=False)
+    inits = {t.name for t in m.graph.initializer}
+    rng = np.random.default_rng(seed)
+    given = record.get("inputs") or {}
+    feeds = {}
+    for vi in m.graph.input:
+        if vi.name in inits:
+            continue
+        tt = vi.type.tensor_type
+        dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tt.elem_type))
+        spec = given.get(vi.name)
+        if spec is not None:
+            shape = spec["shape"]
+            dtype = np.dtype(spec.get("dtype", dtype))
+        elif record.get("input_shape") and len([i for i in m.graph.input if i.name not in inits]) == 1:
+            shape = record["input_shape"]
+        else:
+            shape = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else (1 if i == 0 else 32)
+                     for i, d in enumerate(tt.shape.dim)]
+        if spec is not None and "value" in spec:
+            feeds[vi.name] = np.full(shape, spec["value"], dtype=dtype)
+        elif dtype.kind == "f":
+            feeds[vi.name] = rng.uniform(-1, 1, size=shape).astype(dtype)
+        else:
+            feeds[vi.name] = rng.integers(0, 2, size=shape).astype(dtype)
+    return feeds
+
+
+def run_ort(path, feeds: dict) -> dict:
+    """Outputs of onnxruntime on the CPU with every graph optimization disabled."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    so.log_severity_level = 3
+    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    names = [o.name for o in sess.get_outputs()]
+    return dict(zip(names, sess.run(names, feeds)))
+
+
+# Output tolerance for the corpus comparison: atol = K[dtype] * max(1, max|reference|).
+# Inputs are in [-1, 1] and every BatchNorm statistic is O(1), so activations are O(1): an
+# output smaller than 1 is held to the absolute rounding budget of an O(1) tensor (a tiny output,
+# such as a sigmoid of very negative logits, carries the absolute error of its O(1) inputs),
+# a larger one to the same budget relative to its scale. K is about 1000 ulp of the dtype at 1.
+TOL_K = {"float32": 1e-4, "float64": 1e-10, "float16": 1e-1, "bfloat16": 5e-1}
+
+
+def compare_outputs(ref: dict, got: dict) -> list[dict]:
+    """Per output: max abs error, its tolerance, and whether it is within it."""
+    import numpy as np
+
+    rows = []
+    for name, a in ref.items():
+        b = got.get(name)
+        row = {"name": name, "dtype": str(a.dtype), "shape": list(a.shape)}
+        if b is None or b.shape != a.shape:
+            row.update(max_abs=float("inf"), atol=0.0, passed=False,
+                       why=f"missing or shape {None if b is None else list(b.shape)}")
+        elif a.dtype.kind != "f":
+            row.update(max_abs=float(np.max(np.abs(a.astype(np.int64) - b.astype(np.int64)), initial=0)),
+                       atol=0.0)
+            row["passed"] = row["max_abs"] == 0
+        else:
+            a64, b64 = a.astype(np.float64), b.astype(np.float64)
+            same_nan = np.array_equal(np.isnan(a64), np.isnan(b64))
+            fin = np.isfinite(a64) & np.isfinite(b64)
+            err = float(np.max(np.abs(a64[fin] - b64[fin]), initial=0.0))
+            scale = float(np.max(np.abs(a64[fin]), initial=0.0))
+            atol = TOL_K.get(str(a.dtype), 1e-4) * max(1.0, scale)
+            row.update(max_abs=err, atol=atol,
+                       passed=bool(same_nan and np.array_equal(np.isinf(a64), np.isinf(b64)) and err <= atol))
+        rows.append(row)
+    return rows
 
 
 def build_hf(out: Path, only, records: dict, log) -> None:
@@ -244,6 +358,19 @@ def _jsonable(v):
 # .onnx files shipped in other projects' wheels
 # (package, version, path inside the wheel, license of the package, note)
 # --------------------------------------------------------------------------
+# Models with dynamic input dimensions get the shapes their projects feed them; "inputs" in the
+# manifest: {name: {"shape": [...], "dtype": optional (else the graph's), "value": optional constant}}.
+WHEEL_INPUTS = {
+    "ch_PP-OCRv4_det_infer.onnx": {"x": {"shape": [1, 3, 64, 64], "dtype": "float32"}},
+    "ch_PP-OCRv4_rec_infer.onnx": {"x": {"shape": [1, 3, 48, 96], "dtype": "float32"}},
+    "ch_ppocr_mobile_v2.0_cls_infer.onnx": {"x": {"shape": [1, 3, 48, 192], "dtype": "float32"}},
+    "silero_vad_16k_op15.onnx": {"input": {"shape": [1, 512], "dtype": "float32"},
+                                 "state": {"shape": [2, 1, 128], "dtype": "float32"},
+                                 "sr": {"shape": [], "dtype": "int64", "value": 16000}},
+    "silero_vad_half.onnx": {"input": {"shape": [1, 512]}, "state": {"shape": [2, 1, 128]}},
+    "320n.onnx": {"images": {"shape": [1, 3, 64, 64], "dtype": "float32"}},
+}
+
 WHEEL_MODELS = [
     ("rapidocr-onnxruntime", "1.4.4", "rapidocr_onnxruntime/models/ch_PP-OCRv4_det_infer.onnx",
      "Apache-2.0", "PaddleOCR v4 text detection (paddle2onnx), dynamic H/W"),
@@ -305,6 +432,7 @@ def build_wheels(out: Path, only, records: dict, log) -> None:
                 "wheel_sha256": sha256(whl[0]),
                 "license": f"{lic} (package metadata of {pkg}=={ver})",
                 "note": note,
+                "inputs": WHEEL_INPUTS.get(dst.name),
                 "bn_nodes": _count_bn(dst),
                 "sha256": sha256(dst),
             }
