@@ -135,3 +135,27 @@ def test_committed_manifest_matches_files():
         if r.get("data_file"):
             assert (COMMITTED / r["data_file"]).exists()
         assert corpus.count_bn(COMMITTED / r["file"]) == r["bn_nodes"] > 0
+
+
+def test_comparison_catches_a_wrong_model(tmp_path):
+    """Guards the oracle of this file: the onnxruntime comparison must fail when one
+    BatchNormalization's scale is off by 1% in a committed real model (a wrong fold would look
+    like this), and pass on the unchanged model."""
+    import numpy as np
+    from onnx import numpy_helper
+
+    record = next(r for r in corpus.load_records(COMMITTED) if r["file"] == "hf/resnet_basic_legacy.onnx")
+    src = COMMITTED / record["file"]
+    model = onnx.load(str(src))
+    bn = next(n for n in model.graph.node if n.op_type == "BatchNormalization")
+    inits = {t.name: t for t in model.graph.initializer}
+    scale = numpy_helper.to_array(inits[bn.input[1]])
+    inits[bn.input[1]].CopyFrom(numpy_helper.from_array((scale * np.float32(1.01)).astype(scale.dtype),
+                                                        bn.input[1]))
+    wrong = tmp_path / "wrong.onnx"
+    onnx.save(model, str(wrong))
+    feeds = corpus.make_inputs(src, record, seed=7)
+    ref = corpus.run_ort(src, feeds)
+    assert all(r["passed"] for r in corpus.compare_outputs(ref, corpus.run_ort(src, feeds)))
+    rows = corpus.compare_outputs(ref, corpus.run_ort(wrong, feeds))
+    assert not all(r["passed"] for r in rows), rows
