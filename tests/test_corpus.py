@@ -40,31 +40,33 @@ _spec.loader.exec_module(corpus)
 
 pytestmark = pytest.mark.corpus
 
-# Defects of issue 9 that these models hit on the code at eadbfe9, by file name: the command line
+# Defects of issue 9 that these models hit on the code at eadbfe9, by path in the corpus: the command line
 # is expected to fail with this text in its output (strict: once the defect is fixed the test
 # passes its checks and then fails, telling to delete the entry here). A list gives the defects in
 # the order a model meets them (one hides the next).
 KNOWN_DEFECTS = {
     # defect 1: a second fold into the same producer reads the first fold's streamed weight
     # relative to the input's folder
-    "light_densenet121.onnx": ("issue 9 defect 1", "FileNotFoundError"),
-    "light_inception_v2.onnx": ("issue 9 defect 1", "FileNotFoundError"),
-    "detr_dynamo.onnx": ("issue 9 defect 1", "FileNotFoundError"),
-    "detr_legacy.onnx": ("issue 9 defect 1", "FileNotFoundError"),
+    "backend/light_densenet121.onnx": ("issue 9 defect 1", "FileNotFoundError"),
+    "backend/light_inception_v2.onnx": ("issue 9 defect 1", "FileNotFoundError"),
+    "backend/randomized/light_densenet121.onnx": ("issue 9 defect 1", "FileNotFoundError"),
+    "backend/randomized/light_inception_v2.onnx": ("issue 9 defect 1", "FileNotFoundError"),
+    "hf/detr_dynamo.onnx": ("issue 9 defect 1", "FileNotFoundError"),
+    "hf/detr_legacy.onnx": ("issue 9 defect 1", "FileNotFoundError"),
     # ... and behind it defect 8: max|output| is 1e-7 (Sigmoid of very negative logits), the default
     # atol 6e-12, a correct fold's 6e-8 error "fails" (the fold API + this file's check: 8.9e-8)
-    "ch_PP-OCRv4_det_infer.onnx": [("issue 9 defect 1", "FileNotFoundError"),
+    "wheels/rapidocr-onnxruntime/ch_PP-OCRv4_det_infer.onnx": [("issue 9 defect 1", "FileNotFoundError"),
                                    ("issue 9 defect 8", "verification FAILED")],
-    "ch_PP-OCRv4_rec_infer.onnx": ("issue 9 defect 1", "FileNotFoundError"),
+    "wheels/rapidocr-onnxruntime/ch_PP-OCRv4_rec_infer.onnx": ("issue 9 defect 1", "FileNotFoundError"),
     # defect 2: an input dim written as dim_value -1 (paddle2onnx) crashes verification
-    "ch_ppocr_mobile_v2.0_cls_infer.onnx": ("issue 9 defect 2", "negative dimensions are not allowed"),
+    "wheels/rapidocr-onnxruntime/ch_ppocr_mobile_v2.0_cls_infer.onnx": ("issue 9 defect 2", "negative dimensions are not allowed"),
 }
 
 
 def _committed_cases():
     cases = [pytest.param(COMMITTED, r, id=f"committed/{r['file']}") for r in corpus.load_records(COMMITTED)]
     for src in sorted(LIGHT.glob("*.onnx")):
-        record = {"file": src.name, "kind": "onnx-backend"}
+        record = {"file": src.name, "key": f"backend/{src.name}", "kind": "onnx-backend"}
         cases.append(pytest.param(LIGHT, record, id=f"onnx-light/{src.name}"))
     return cases
 
@@ -80,7 +82,7 @@ def _cache_cases():
 
 def fold_and_check(root: Path, record: dict, tmp_path: Path) -> None:
     src = root / record["file"]
-    defects = KNOWN_DEFECTS.get(src.name)
+    defects = KNOWN_DEFECTS.get(record.get("key", record["file"]))
     defects = [defects] if isinstance(defects, tuple) else (defects or [])
     out = tmp_path / "folded.onnx"
     rep = tmp_path / "report.json"

@@ -448,7 +448,8 @@ def build_backend(out: Path, only, records: dict, log) -> None:
         if only and src.stem not in only and "backend" not in only:
             continue
         dst = out / rel
-        if dst.exists() and rel in records:
+        rrel = f"backend/randomized/{src.name}"
+        if dst.exists() and rel in records and (not records[rel]["bn_nodes"] or rrel in records):
             continue
         dst.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(src, dst)
@@ -458,11 +459,91 @@ def build_backend(out: Path, only, records: dict, log) -> None:
             "kind": "onnx-backend",
             "source": f"onnx=={onnx.__version__} wheel: onnx/backend/test/data/light/{src.name}",
             "license": "Apache-2.0 (onnx)",
-            "note": "IR 3, opset 9: initializers are also graph inputs",
+            "note": "IR 3, opset 9: initializers are also graph inputs; every weight is made by "
+                    "ConstantOfShape (one value repeated), so the outputs are uniform: a structure test",
             "bn_nodes": _count_bn(dst),
             "sha256": sha256(dst),
         }
         log(f"  {rel}: {records[rel]['bn_nodes']} BatchNormalization")
+        if records[rel]["bn_nodes"]:
+            rdst = out / rrel
+            rdst.parent.mkdir(parents=True, exist_ok=True)
+            n = randomize_light(src, rdst, seed=BN_SEED)
+            records[rrel] = {
+                "file": rrel,
+                "data_file": None,
+                "kind": "onnx-backend",
+                "source": f"onnx=={onnx.__version__} wheel: onnx/backend/test/data/light/{src.name}, its "
+                          f"{n} ConstantOfShape weights replaced by random initializers "
+                          f"(tools/corpus.py randomize_light, seed {BN_SEED}); graph otherwise unchanged",
+                "license": "Apache-2.0 (onnx)",
+                "note": "IR 3, opset 9, initializers also graph inputs; random weights and BN statistics",
+                "bn_nodes": _count_bn(rdst),
+                "sha256": sha256(rdst),
+            }
+            log(f"  {rrel}: {records[rrel]['bn_nodes']} BatchNormalization, {n} tensors randomized")
+
+
+def randomize_light(src: Path, dst: Path, seed: int) -> int:
+    """The same IR-3 graph with real-looking numbers: the light models make every weight with
+    ConstantOfShape (one value repeated), so their outputs are uniform and a comparison of outputs
+    proves little. Each ConstantOfShape feeding a Conv/Gemm weight or bias or a BatchNormalization
+    statistic becomes an initializer (also listed as a graph input, as IR 3 requires) with random
+    values: weights N(0, 1/fan_in) (keeps the activations O(1) through residual sums), biases N(0, .1), BN scale U(.5, 1.5), bias N(0, .5), mean
+    N(0, .5), var U(.5, 2). Returns the number of tensors replaced."""
+    import numpy as np
+    import onnx
+    from onnx import helper, numpy_helper
+
+    m = onnx.load(str(src))
+    g = m.graph
+    rng = np.random.default_rng(seed)
+    inits = {t.name: t for t in g.initializer}
+    uses = {}
+    for node in g.node:
+        for i, name in enumerate(node.input):
+            uses.setdefault(name, []).append((node.op_type, i))
+    keep, replaced = [], 0
+    for node in g.node:
+        if node.op_type != "ConstantOfShape" or node.input[0] not in inits:
+            keep.append(node)
+            continue
+        use = uses.get(node.output[0], [])
+        shape = [int(d) for d in numpy_helper.to_array(inits[node.input[0]])]
+        kinds = {(op, i) for op, i in use}
+        if len(kinds) != 1:
+            keep.append(node)
+            continue
+        op, i = kinds.pop()
+        if op in ("Conv", "Gemm") and i == 1:
+            fan_in = int(np.prod(shape[1:])) if op == "Conv" else shape[-1]
+            v = rng.normal(0, np.sqrt(1.0 / max(fan_in, 1)), shape)
+        elif op in ("Conv", "Gemm") and i == 2:
+            v = rng.normal(0, 0.1, shape)
+        elif op == "BatchNormalization" and i in (1, 2, 3, 4):
+            v = {1: lambda: rng.uniform(0.5, 1.5, shape), 2: lambda: rng.normal(0, 0.5, shape),
+                 3: lambda: rng.normal(0, 0.5, shape), 4: lambda: rng.uniform(0.5, 2.0, shape)}[i]()
+        else:
+            keep.append(node)
+            continue
+        t = numpy_helper.from_array(v.astype(np.float32), node.output[0])
+        g.initializer.append(t)
+        g.input.append(helper.make_tensor_value_info(t.name, onnx.TensorProto.FLOAT, shape))
+        replaced += 1
+    del g.node[:]
+    g.node.extend(keep)
+    # shape tensors no longer used are dropped (they are graph inputs too in IR 3)
+    used = {name for node in g.node for name in node.input} | {o.name for o in g.output}
+    dead = {t.name for t in g.initializer if t.name not in used}
+    kept_inits = [t for t in g.initializer if t.name not in dead]
+    kept_inputs = [vi for vi in g.input if vi.name not in dead]
+    del g.initializer[:]
+    g.initializer.extend(kept_inits)
+    del g.input[:]
+    g.input.extend(kept_inputs)
+    onnx.checker.check_model(m)
+    onnx.save(m, str(dst))
+    return replaced
 
 
 def load_manifest(root: Path) -> dict:
