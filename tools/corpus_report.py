@@ -211,14 +211,15 @@ def render(rows: list[dict], root: Path, seconds: float) -> str:
         f"- Over all {n} models: onnxruntime (EXTENDED) left "
         f"**{sum(r['ort_bn'] for r in rows if isinstance(r.get('ort_bn'), int))}**, onnxslim left "
         f"**{sum(r['slim_bn'] for r in rows if isinstance(r.get('slim_bn'), int))}** "
-        f"(a model either could not process counts 0 here; see below).",
+        f"(a model a tool failed on counts nothing for it; see below).",
         f"- On the {len(ok_rows)} models onnxfold finished ({ok_before} BatchNormalization): onnxfold left "
         f"**{fold_left}**, onnxruntime (EXTENDED) left **{ort_left}**"
         + (f" ({ort_err} models it could not optimize)" if ort_err else "")
         + f", onnxslim left **{slim_left}**" + (f" ({slim_err} models it could not slim)" if slim_err else "")
         + ".",
         "",
-        "By kind, on the models onnxfold finished (BN before: onnxfold / onnxruntime / onnxslim left):",
+        "By kind, on the models onnxfold finished: BatchNormalization before; left by onnxfold / onnxruntime / "
+        "onnxslim:",
         "",
     ]
     groups = [("transformers, dynamo exporter", lambda r: r["file"].endswith("_dynamo.onnx")),
@@ -228,7 +229,7 @@ def render(rows: list[dict], root: Path, seconds: float) -> str:
     for label, pick in groups:
         sub = [r for r in ok_rows if pick(r)]
         lines.append(f"- {label} ({len(sub)} of {sum(1 for r in rows if pick(r))} models): "
-                     f"{sum(r['bn_before'] for r in sub)}: {total('bn_after', sub)[0]} / "
+                     f"{sum(r['bn_before'] for r in sub)} before; left {total('bn_after', sub)[0]} / "
                      f"{total('ort_bn', sub)[0]} / {total('slim_bn', sub)[0]}")
     lines += [
         "",
