@@ -44,25 +44,10 @@ pytestmark = pytest.mark.corpus
 # is expected to fail with this text in its output (strict: once the defect is fixed the test
 # passes its checks and then fails, telling to delete the entry here). A list gives the defects in
 # the order a model meets them (one hides the next).
-KNOWN_DEFECTS = {
-    # defect 1: a second fold into the same producer reads the first fold's streamed weight
-    # relative to the input's folder
-    "backend/light_densenet121.onnx": ("issue 9 defect 1", "FileNotFoundError"),
-    "backend/light_inception_v2.onnx": ("issue 9 defect 1", "FileNotFoundError"),
-    "backend/randomized/light_densenet121.onnx": ("issue 9 defect 1", "FileNotFoundError"),
-    "backend/randomized/light_inception_v2.onnx": ("issue 9 defect 1", "FileNotFoundError"),
-    "timm/fastvit_t8_legacy.onnx": ("issue 9 defect 1", "FileNotFoundError"),
-    "timm/mobileone_s0_legacy.onnx": ("issue 9 defect 1", "FileNotFoundError"),
-    "hf/detr_dynamo.onnx": ("issue 9 defect 1", "FileNotFoundError"),
-    "hf/detr_legacy.onnx": ("issue 9 defect 1", "FileNotFoundError"),
-    # ... and behind it defect 8: max|output| is 1e-7 (Sigmoid of very negative logits), the default
-    # atol 6e-12, a correct fold's 6e-8 error "fails" (the fold API + this file's check: 8.9e-8)
-    "wheels/rapidocr-onnxruntime/ch_PP-OCRv4_det_infer.onnx": [("issue 9 defect 1", "FileNotFoundError"),
-                                   ("issue 9 defect 8", "verification FAILED")],
-    "wheels/rapidocr-onnxruntime/ch_PP-OCRv4_rec_infer.onnx": ("issue 9 defect 1", "FileNotFoundError"),
-    # defect 2: an input dim written as dim_value -1 (paddle2onnx) crashes verification
-    "wheels/rapidocr-onnxruntime/ch_ppocr_mobile_v2.0_cls_infer.onnx": ("issue 9 defect 2", "negative dimensions are not allowed"),
-}
+# Models that hit a known defect, as an expected failure matching the defect's exact error text.
+# Issue 9's defects 1, 2 and 8 (10 models crashed with FileNotFoundError on chained folds, 1 on a
+# dim_value of -1, PaddleOCR's detector was a false alarm) are fixed: none is left.
+KNOWN_DEFECTS: dict = {}
 
 
 def _committed_cases():
