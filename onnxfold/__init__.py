@@ -14,6 +14,7 @@ __version__ = "0.1.0"
 
 from .affine import NotFoldable
 from .fold import fold_model
+from .io import InputError
 from .report import FoldReport
 from .rules import rule_names
 from .verify import VerifyError, VerifyResult, verify
@@ -25,6 +26,7 @@ __all__ = [
     "FoldReport",
     "VerifyResult",
     "VerifyError",
+    "InputError",
     "NotFoldable",
     "rule_names",
     "__version__",

@@ -352,6 +352,9 @@ def verify(
     the default). Raises :class:`VerifyError` when it cannot run (a provider is missing, an input
     cannot be made); the result is falsy when an output disagrees.
     """
+    for which, model in (("reference", reference), ("candidate", candidate)):
+        if not isinstance(model, (onnx.ModelProto, str, os.PathLike)):
+            raise TypeError(f"verify: {which} must be an onnx.ModelProto or a path, not {type(model).__name__}")
     result = VerifyResult()
     if isinstance(providers, str):
         providers = [p for p in providers.split(",") if p]
