@@ -12,12 +12,33 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from .affine import NotFoldable
-from .fold import fold_model
-from .io import InputError
-from .report import FoldReport
-from .rules import rule_names
-from .verify import VerifyError, VerifyResult, verify
+# The public names are imported on first use (PEP 562): `python -m onnxfold` then installs its
+# SIGINT/SIGTERM handlers before onnx and onnxruntime load (about a second), so a Ctrl-C at start-up
+# prints one line, not an import traceback.
+_LAZY = {
+    "NotFoldable": ".affine",
+    "fold_model": ".fold",
+    "InputError": ".io",
+    "FoldReport": ".report",
+    "rule_names": ".rules",
+    "VerifyError": ".verify",
+    "VerifyResult": ".verify",
+    "verify": ".verify",
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'onnxfold' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))
 
 __all__ = [
     "fold_conv_bn",
@@ -45,6 +66,8 @@ def fold_conv_bn(obj, *, disable=()):
     """
     import onnx
 
+    from .fold import fold_model
+
     if isinstance(obj, onnx.ModelProto):
         return fold_model(obj, disable=disable)[0]
     if isinstance(obj, onnx.GraphProto):
@@ -57,3 +80,22 @@ def fold_conv_bn(obj, *, disable=()):
 
         return fold_graph(obj, disable=disable)[0]
     raise TypeError(f"fold_conv_bn takes an onnx.ModelProto, onnx.GraphProto or onnx_graphsurgeon.Graph, not {type(obj).__name__}")
+
+
+def _console() -> None:
+    """``python -m onnxfold`` and the ``onnxfold`` script: a signal before the command line's own handlers
+    are in place (while onnx loads) ends the run with one line; nothing has been opened yet."""
+    import os
+    import signal
+    import sys
+
+    def early(signum, frame):
+        sys.stderr.write(f"onnxfold: interrupted by {signal.Signals(signum).name}: nothing written\n")
+        sys.stderr.flush()
+        os._exit(128 + signum)
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, early)
+    from .cli import main
+
+    raise SystemExit(main())

@@ -40,7 +40,11 @@ class Interrupted(BaseException):
         self.signum = signum
 
 
+_SIGNALLED: list[int] = []
+
+
 def _on_signal(signum, frame):
+    _SIGNALLED.append(signum)  # an import (onnxruntime's) may turn the exception into an ImportError
     raise Interrupted(signum)
 
 
@@ -154,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         return code
 
     handlers = {}
+    _SIGNALLED.clear()
     try:
         if _is_main_thread():
             for signum in (signal.SIGINT, signal.SIGTERM):
@@ -174,13 +179,8 @@ def main(argv: list[str] | None = None) -> int:
         except MemoryError:
             say("onnxfold: error: out of memory")
             return finish(EXIT_USAGE)
-        except Interrupted as e:
-            name = signal.Signals(e.signum).name
-            say(f"onnxfold: interrupted by {name}: nothing written, temporary files removed")
-            return finish(128 + e.signum)
-        except KeyboardInterrupt:  # a SIGINT that came before our handler was in place
-            say("onnxfold: interrupted by SIGINT: nothing written, temporary files removed")
-            return finish(128 + signal.SIGINT)
+        except (Interrupted, KeyboardInterrupt) as e:  # KeyboardInterrupt: a SIGINT before our handler
+            return finish(_interrupted(getattr(e, "signum", signal.SIGINT), say))
         except OutputBroken as e:
             import traceback
 
@@ -188,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
             say(f"onnxfold: error: {e}; nothing written: this is a bug in onnxfold, please report it")
             return finish(EXIT_BUG)
         except Exception:
+            if _SIGNALLED:  # the signal's exception, wrapped by the code it interrupted
+                return finish(_interrupted(_SIGNALLED[0], say))
             import traceback
 
             traceback.print_exc()
@@ -196,6 +198,11 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for signum, handler in handlers.items():
             signal.signal(signum, handler)
+
+
+def _interrupted(signum: int, say) -> int:
+    say(f"onnxfold: interrupted by {signal.Signals(signum).name}: nothing written, temporary files removed")
+    return 128 + signum
 
 
 def _is_main_thread() -> bool:

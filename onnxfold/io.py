@@ -353,11 +353,25 @@ def staged(path: str | os.PathLike):
     if path.is_dir():
         raise InputError(f"{path}: is a directory")
     remove_stale_temps(parent)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name[:64]}{TEMP_MARK}{os.getpid()}-", dir=parent))
+    with signals_deferred():  # made and removed whole: a signal waits until the folder is known or gone
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name[:64]}{TEMP_MARK}{os.getpid()}-", dir=parent))
     try:
         yield tmp / path.name
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        with signals_deferred():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def signals_deferred():
+    """SIGINT and SIGTERM wait (blocked, not lost) until the block is done."""
+    import signal
+
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def write(model: onnx.ModelProto, staged_path: Path, *, base_dir=None, sink: DataSink | None = None,
@@ -505,16 +519,12 @@ def commit(files: list[Path], destination: Path, *, mode: int | None = None, sta
     before the renames and the folder after, so a crash cannot leave a renamed but empty file.
     SIGINT and SIGTERM wait until the commit is done.
     """
-    import signal
-
     folder = destination.parent if str(destination.parent) else Path(".")
     for f in files:
         if mode is not None:
             os.chmod(f, mode)
         _fsync(f)
-    blocked = {signal.SIGINT, signal.SIGTERM}
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
-    try:
+    with signals_deferred():
         for f in files[1:]:
             os.replace(f, folder / f.name)
         if len(files) > 1:
@@ -524,8 +534,6 @@ def commit(files: list[Path], destination: Path, *, mode: int | None = None, sta
         for old in stale:
             with contextlib.suppress(OSError):
                 os.unlink(old)
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def check_output(path: Path, src: Path, *, session: bool) -> list[str]:
