@@ -60,7 +60,8 @@ def hashes(folder: Path) -> dict:
 
 
 def temp_folders(folder: Path) -> list:
-    return [p.name for p in folder.iterdir() if ".onnxfold-" in p.name]
+    """Hidden folders beside the output: onnxfold's staging folders (of any version's naming)."""
+    return [p.name for p in folder.iterdir() if p.name.startswith(".") and p.is_dir()]
 
 
 def valid(path: Path) -> bool:
@@ -284,7 +285,8 @@ def test_folder_mode_workers_die_with_their_parent(tmp_path):
         for task in Path(f"/proc/{proc.pid}/task").iterdir():
             text = (task / "children").read_text().split()
             children |= {int(c) for c in text}
-        if len(children) >= 2 and any(".onnxfold-" in p.name for p in (tmp_path / "out").rglob(".*")):
+        if len(children) >= 2 and (tmp_path / "out").exists() and \
+                any(p.is_dir() for p in (tmp_path / "out").rglob(".*")):
             break
         time.sleep(0.01)
     if proc.poll() is not None:
@@ -297,7 +299,7 @@ def test_folder_mode_workers_die_with_their_parent(tmp_path):
         alive = {c for c in alive if Path(f"/proc/{c}").exists() and "Z" not in _state(c)}
         time.sleep(0.05)
     assert not alive, f"workers {alive} outlived their parent"
-    assert not [p for p in (tmp_path / "out").rglob("*") if ".onnxfold-" in p.name]
+    assert not [p for p in (tmp_path / "out").rglob(".*") if p.is_dir()]
 
 
 def _state(pid: int) -> str:
