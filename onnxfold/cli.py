@@ -238,8 +238,6 @@ def _check_args(args) -> None:
                                  f"generate and run (at most 2^31)")
     except ValueError as e:
         raise InputError(str(e)) from None
-    if args.report and args.check is False and args.output and real(args.report) == real(args.output):
-        raise InputError(f"--report {args.report}: that is the output model; choose another name")
     if args.report:
         check_report(args.report, {real(args.input)} | ({real(args.output)} if args.output else set()))
 

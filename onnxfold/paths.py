@@ -31,9 +31,11 @@ def real(path) -> Path:
 
 def data_files(model: onnx.ModelProto, model_path) -> set[Path]:
     """Real paths of the external data files ``model`` (at ``model_path``) reads."""
+    from .io import _every_tensor
+
     base = Path(model_path).parent
     out = set()
-    for tensor in external_data_helper._get_all_tensors(model):
+    for tensor in _every_tensor(model):
         if external_data_helper.uses_external_data(tensor):
             for entry in tensor.external_data:
                 if entry.key == "location":
@@ -86,7 +88,8 @@ def plan_output(src: Path, reads: set[Path], dst: Path, data_name: str | None, *
         raise InputError(f"{dst}: the input reads that file (its external data): choose another output")
     if out in protect:
         raise InputError(f"{dst}: another model in this run reads that file: choose another output")
-    old = files_of(dst)  # the model now at OUT, which must stay whole until the new one replaces it
+    # the model now at OUT, which must stay whole until the new one replaces it (in place: the input)
+    old = reads if out == real(src) else files_of(dst)
     busy = reads | old | set(protect)
     if data_name:
         chosen = folder / data_name
