@@ -246,15 +246,15 @@ def _run(args, say) -> int:
     src = Path(args.input)
     if src.is_dir():
         return _run_folder(args, say)
-    code, _ = fold_file(args, src, None if args.check else Path(args.output), say, report=args.report)
+    code, _ = fold_file(args, src, None if args.check else Path(args.output), say, report_path=args.report)
     return code
 
 
-def fold_file(args, src: Path, dst: Path | None, say, *, report=None, protect=frozenset(),
+def fold_file(args, src: Path, dst: Path | None, say, *, report_path=None, protect=frozenset(),
               shared_folder=False) -> tuple[int, dict]:
     """Fold one model as the options say. Returns the exit code and the report's data for it.
 
-    ``report``: where to write the JSON report; it is written before the model is committed, so a
+    ``report_path``: where to write the JSON report; it is written before the model is committed, so a
     report that cannot be written leaves no output either. ``protect`` and ``shared_folder``: see
     :func:`onnxfold.paths.plan_output` (folder mode).
     """
@@ -270,17 +270,17 @@ def fold_file(args, src: Path, dst: Path | None, say, *, report=None, protect=fr
     plan = None
     if dst is not None:
         plan = plan_output(src, reads, dst, args.data_name, protect=protect, shared_folder=shared_folder)
-    if report:
-        check_report(report, reads | ({real(dst), real(dst.parent / plan.data_name)} if plan else set()))
+    if report_path:
+        check_report(report_path, reads | ({real(dst), real(dst.parent / plan.data_name)} if plan else set()))
     data = {"input": str(src), "output": None if dst is None else str(dst)}
     if dst is None:  # --check
-        _, rep = fold_model(model, disable=args.disable, copy=False, base_dir=src.parent)
+        _, report = fold_model(model, disable=args.disable, copy=False, base_dir=src.parent)
         if not quiet:
-            say(rep.summary(verbose=args.verbose))
-        data.update(rep.to_dict(), timings={**timings, "fold_s": rep.seconds})
-        data["status"] = "foldable" if rep.folded else "nothing to fold"
-        _write_json(report, data)
-        return (EXIT_CHECK if rep.folded else EXIT_OK), data
+            say(report.summary(verbose=args.verbose))
+        data.update(report.to_dict(), timings={**timings, "fold_s": report.seconds})
+        data["status"] = "foldable" if report.folded else "nothing to fold"
+        _write_json(report_path, data)
+        return (EXIT_CHECK if report.folded else EXIT_OK), data
     result = None
     with staged(dst) as tmp:
         want_external = {"always": True, "never": False}.get(args.external_data, True if external else None)
@@ -288,13 +288,13 @@ def fold_file(args, src: Path, dst: Path | None, say, *, report=None, protect=fr
         # for a single-file output they are read back once, a tensor at a time.
         sink = DataSink(tmp.parent / plan.data_name)
         try:
-            folded, rep = fold_model(model, disable=args.disable, copy=False, base_dir=src.parent, sink=sink)
-            timings["fold_s"] = rep.seconds
+            folded, report = fold_model(model, disable=args.disable, copy=False, base_dir=src.parent, sink=sink)
+            timings["fold_s"] = report.seconds
             del model  # folded in place: the input file stays as it is on disk
             if not quiet:
-                say(rep.summary(verbose=args.verbose))
+                say(report.summary(verbose=args.verbose))
                 if args.verbose:
-                    for f in rep.folded:
+                    for f in report.folded:
                         say(f"  folded {f.rule} {f.producer} + {f.consumer} [{f.graph}] {f.dtype}, "
                             f"max |w'| {f.max_abs_weight:.4g}")
             t = time.perf_counter()
@@ -303,11 +303,11 @@ def fold_file(args, src: Path, dst: Path | None, say, *, report=None, protect=fr
         finally:
             sink.close()
         del folded
-        data.update(rep.to_dict())
+        data.update(report.to_dict())
         if args.no_verify:
             if not quiet:
                 say("verification skipped (--no-verify)")
-        elif not rep.folded:
+        elif not report.folded:
             if not quiet:
                 say("nothing folded: verification skipped")
         else:
@@ -325,13 +325,13 @@ def fold_file(args, src: Path, dst: Path | None, say, *, report=None, protect=fr
                 say(f"onnxfold: {dst} not written: the folded model does not match the original "
                     "(--force-write writes it anyway)")
                 data.update(timings=timings, status="verification failed, not written")
-                _write_json(report, data)
+                _write_json(report_path, data)
                 return EXIT_VERIFY, data
         # Exit 0 promises a model that loads: check it where it lies, before it replaces anything.
         for w in check_output(tmp, src, session=result is None):
             say(f"warning: {w}")
         data.update(timings=timings, status="written" if result is None or result else "verification failed, written")
-        staged_report = _stage_json(report, data)
+        staged_report = _stage_json(report_path, data)
         try:
             commit(files, dst, mode=plan.mode, stale=plan.stale)
         except BaseException:
@@ -339,7 +339,7 @@ def fold_file(args, src: Path, dst: Path | None, say, *, report=None, protect=fr
                 staged_report.unlink(missing_ok=True)
             raise
         if staged_report:
-            os.replace(staged_report, report)
+            os.replace(staged_report, report_path)
     if not quiet:
         say(f"wrote {dst}" + (f" (+ {files[1].name})" if len(files) > 1 else ""))
     return (EXIT_OK if result is None or result else EXIT_VERIFY), data
