@@ -391,6 +391,13 @@ def _jsonable(value):
 
 
 _IN_WORKER = False
+_IN_JOB = False
+
+
+def _on_worker_signal(signum, frame):
+    if _IN_JOB:  # unwind the fold, which removes its temp folder; _folder_job then exits
+        _on_signal(signum, frame)
+    os._exit(128 + signum)  # idle, between models: nothing to clean
 
 
 def _worker_init() -> None:
@@ -398,8 +405,8 @@ def _worker_init() -> None:
     elsewhere a thread watches the parent's pid), and removes its temp folder on SIGTERM/SIGINT."""
     global _IN_WORKER
     _IN_WORKER = True
-    signal.signal(signal.SIGTERM, _on_signal)
-    signal.signal(signal.SIGINT, _on_signal)
+    signal.signal(signal.SIGTERM, _on_worker_signal)
+    signal.signal(signal.SIGINT, _on_worker_signal)
     parent = os.getppid()
     try:
         import ctypes
@@ -427,9 +434,11 @@ def _worker_init() -> None:
 def _folder_job(options: dict, src: str, dst: str | None, protect=frozenset(),
                 shared_folder=False) -> tuple[int, dict, list[str]]:
     """One model of a folder, in a worker process: never raises, returns its code, data and messages."""
+    global _IN_JOB
     args = argparse.Namespace(**options)
     lines: list[str] = []
     start = time.perf_counter()
+    _IN_JOB = True
     try:
         code, data = fold_file(args, Path(src), None if dst is None else Path(dst), lines.append,
                                protect=protect, shared_folder=shared_folder)
@@ -452,6 +461,8 @@ def _folder_job(options: dict, src: str, dst: str | None, protect=frozenset(),
         code, data = EXIT_BUG, {"input": src, "output": dst, "status": f"crashed: {type(e).__name__}: {e}"}
         lines.append(traceback.format_exc())
         lines.append("this is a bug in onnxfold, please report it (with the traceback above)")
+    finally:
+        _IN_JOB = False
     data["seconds"] = time.perf_counter() - start
     return code, data, lines
 
@@ -515,9 +526,12 @@ def _run_folder(args, say) -> int:
                 results[futures[future]] = future.result()
                 bar.update()
         except BaseException:  # interrupted (or a broken pool): the workers stop too, and clean up
-            for proc in list((getattr(pool, "_processes", None) or {}).values()):
+            workers = list((getattr(pool, "_processes", None) or {}).values())
+            for proc in workers:
                 if proc.is_alive():
                     proc.terminate()
+            for proc in workers:  # each removes its temp folder before it exits
+                proc.join(timeout=60)
             pool.shutdown(wait=True, cancel_futures=True)
             raise
         pool.shutdown(wait=True)

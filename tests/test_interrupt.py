@@ -307,3 +307,36 @@ def _state(pid: int) -> str:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     except (OSError, IndexError):
         return "Z"
+
+
+def test_sigterm_in_folder_mode_stops_the_workers_and_cleans_up(tmp_path):
+    """SIGTERM to a folder run (-j 2): the workers stop too, every temp folder goes, one line, exit 143."""
+    src_dir = tmp_path / "in"
+    for i in range(4):
+        (src_dir / f"s{i}").mkdir(parents=True)
+        big_model(src_dir / f"s{i}", 256, 10)
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "onnxfold", str(src_dir), str(out), "-j", "2", "-q"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    deadline = time.monotonic() + 60
+    while proc.poll() is None and time.monotonic() < deadline:
+        if out.exists() and any(p.is_dir() for p in out.rglob(".*")):
+            break
+        time.sleep(0.005)
+    children = set()
+    for task in Path(f"/proc/{proc.pid}/task").iterdir() if proc.poll() is None else ():
+        children |= {int(c) for c in (task / "children").read_text().split()}
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    if proc.returncode == 0:
+        pytest.skip("the folder run finished before the signal")
+    assert proc.returncode == 143, err
+    assert "Traceback" not in err, err
+    assert "onnxfold: interrupted by SIGTERM" in err
+    assert not [p for p in out.rglob(".*") if p.is_dir()]
+    deadline = time.monotonic() + 20
+    while children and time.monotonic() < deadline:
+        children = {c for c in children if Path(f"/proc/{c}").exists() and _state(c) != "Z"}
+        time.sleep(0.05)
+    assert not children
