@@ -353,13 +353,15 @@ def staged(path: str | os.PathLike):
     if path.is_dir():
         raise InputError(f"{path}: is a directory")
     remove_stale_temps(parent)
-    with signals_deferred():  # made and removed whole: a signal waits until the folder is known or gone
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name[:64]}{TEMP_MARK}{os.getpid()}-", dir=parent))
+    tmp = None
     try:
+        with signals_deferred():  # a signal waits until the folder is made and known here, or removed
+            tmp = Path(tempfile.mkdtemp(prefix=f".{path.name[:64]}{TEMP_MARK}{os.getpid()}-", dir=parent))
         yield tmp / path.name
     finally:
-        with signals_deferred():
-            shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            with signals_deferred():
+                shutil.rmtree(tmp, ignore_errors=True)
 
 
 @contextlib.contextmanager
