@@ -45,6 +45,8 @@ _SIGNALLED: list[int] = []
 
 def _on_signal(signum, frame):
     _SIGNALLED.append(signum)  # an import (onnxruntime's) may turn the exception into an ImportError
+    for s in (signal.SIGINT, signal.SIGTERM):  # a second signal must not cut the cleanup short
+        signal.signal(s, signal.SIG_IGN)
     raise Interrupted(signum)
 
 
