@@ -84,14 +84,7 @@ def _graphs(graph: onnx.GraphProto):
 
 def nbytes(tensor: onnx.TensorProto, where="") -> int:
     """The size of a tensor's data in bytes, from its dims and data type (what external data must hold)."""
-    count = 1
-    for d in tensor.dims:
-        if d < 0:
-            raise InputError(f"{where}tensor {tensor.name!r} has a negative dimension ({d})")
-        count *= d
-        if count > _MAX_ELEMENTS:
-            raise InputError(f"{where}tensor {tensor.name!r} has dims {list(tensor.dims)}: "
-                             f"more than 2^40 elements, not a real weight")
+    count = _count(tensor, where)
     try:
         dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tensor.data_type))
     except Exception:
@@ -103,15 +96,30 @@ def nbytes(tensor: onnx.TensorProto, where="") -> int:
     return count * dtype.itemsize
 
 
+def _count(tensor: onnx.TensorProto, where="") -> int:
+    count = 1
+    for d in tensor.dims:
+        if d < 0:
+            raise InputError(f"{where}tensor {tensor.name!r} has a negative dimension ({d})")
+        count *= d
+        if count > _MAX_ELEMENTS:
+            raise InputError(f"{where}tensor {tensor.name!r} has dims {list(tensor.dims)}: "
+                             f"more than 2^40 elements, not a real weight")
+    return count
+
+
 _FOUR_BIT = {getattr(onnx.TensorProto, n) for n in ("INT4", "UINT4", "FLOAT4E2M1") if hasattr(onnx.TensorProto, n)}
 
 
 def check_tensor(tensor: onnx.TensorProto, path="") -> None:
     """One line for a tensor whose size cannot be right: dims too large, raw_data not matching them."""
     where = f"{path}: " if path else ""
-    size = nbytes(tensor, where) if (tensor.HasField("raw_data") or external_data_helper.uses_external_data(tensor)
-                                     or tensor.dims) else 0
-    if tensor.HasField("raw_data") and not external_data_helper.uses_external_data(tensor) and len(tensor.raw_data) != size:
+    external = external_data_helper.uses_external_data(tensor)
+    if not (tensor.HasField("raw_data") or external):  # typed fields (float_data, string_data, ...)
+        _count(tensor, where)
+        return
+    size = nbytes(tensor, where)
+    if tensor.HasField("raw_data") and not external and len(tensor.raw_data) != size:
         raise InputError(f"{where}tensor {tensor.name!r} has {len(tensor.raw_data)} bytes of raw_data, but its dims "
                          f"{list(tensor.dims)} need {size}")
 

@@ -113,7 +113,7 @@ def plan_output(src: Path, reads: set[Path], dst: Path, data_name: str | None, *
     else:
         mode = 0o666 & ~_umask()
     stale = set()
-    if not shared_folder:
+    if not shared_folder and not dst.is_symlink():  # a link is replaced, its target (not ours) stays
         pattern = _family(chosen.name)
         keep = reads if real(src) != out else set()
         stale = {p for p in old - {out} - keep - set(protect) if pattern.match(p.name) and p.parent == real(folder)}

@@ -197,3 +197,17 @@ def test_output_path_that_is_a_symlink_to_the_input_data_is_refused(tmp_path):
     before = snapshot(tmp_path)
     refused(cli(src, tmp_path / "o.onnx"), "the input reads that file")
     assert snapshot(tmp_path) == before
+
+
+def test_output_that_is_a_symlink_to_the_input_replaces_the_link_not_the_input(tmp_path):
+    """The rename replaces the link; the input it pointed to, and its data file, stay as they were."""
+    src = external_model(tmp_path)
+    before = snapshot(tmp_path)
+    os.symlink(src, tmp_path / "link.onnx")
+    proc = cli(src, tmp_path / "link.onnx")
+    assert proc.returncode == 0, proc.stderr
+    assert not (tmp_path / "link.onnx").is_symlink()
+    assert {k: v for k, v in snapshot(tmp_path).items() if k in before} == before
+    loads(src)
+    loads(tmp_path / "link.onnx")
+    assert verify(src, tmp_path / "link.onnx")

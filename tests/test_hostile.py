@@ -404,3 +404,17 @@ def test_api_type_errors_and_exports():
     assert not report.folded and "rule conv_bn is disabled" in report.left[0].reason
     with pytest.raises(ValueError, match="unknown rule 'conv_bm'"):
         fold_model(conv_bn_model(), disable="conv_bm")
+
+
+def test_typed_tensors_are_not_mistaken_for_bad_sizes(tmp_path):
+    """The size checks apply to raw and external data only: a string Constant and float_data stay valid."""
+    m = conv_bn_model()
+    strings = helper.make_tensor("labels", onnx.TensorProto.STRING, [2], [b"cat", b"dog"])
+    m.graph.node.append(helper.make_node("Constant", [], ["labels"], value=strings))
+    m.graph.output.append(helper.make_tensor_value_info("labels", onnx.TensorProto.STRING, [2]))
+    w = init(m, "b")
+    w.CopyFrom(helper.make_tensor("b", onnx.TensorProto.FLOAT, [6], [0.5, -1.0, 2.0, 0.25, -0.75, 1.5]))
+    src = save(m, tmp_path / "m.onnx")
+    proc = cli(src, tmp_path / "o.onnx")
+    assert proc.returncode == 0, proc.stderr
+    onnx.checker.check_model(str(tmp_path / "o.onnx"))
