@@ -586,5 +586,8 @@ def _table(root: Path, rows) -> str:
 
 
 def console() -> None:
-    """The ``onnxfold`` console script."""
-    raise SystemExit(main())
+    """The ``onnxfold`` console script (``python -m onnxfold`` also installs its signal handlers before
+    this module's imports: see :func:`onnxfold._console`)."""
+    from . import _console
+
+    _console()
