@@ -10,35 +10,43 @@
 
 from __future__ import annotations
 
+import sys as _sys
+
 __version__ = "0.1.0"
 
-# The public names are imported on first use (PEP 562): `python -m onnxfold` then installs its
-# SIGINT/SIGTERM handlers before onnx and onnxruntime load (about a second), so a Ctrl-C at start-up
-# prints one line, not an import traceback.
-_LAZY = {
-    "NotFoldable": ".affine",
-    "fold_model": ".fold",
-    "InputError": ".io",
-    "FoldReport": ".report",
-    "rule_names": ".rules",
-    "VerifyError": ".verify",
-    "VerifyResult": ".verify",
-    "verify": ".verify",
-}
+
+def _run_as_main() -> bool:
+    """Whether this import is ``python -m onnxfold`` starting (not a library user importing us)."""
+    argv = getattr(_sys, "orig_argv", [])
+    for i, a in enumerate(argv[:-1]):
+        if a == "-m":
+            return argv[i + 1] == "onnxfold"
+    return "-monnxfold" in argv
 
 
-def __getattr__(name):
-    if name in _LAZY:
-        import importlib
+def _early_signal(signum, frame):
+    import os
+    import signal
 
-        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'onnxfold' has no attribute {name!r}")
+    _sys.stderr.write(f"onnxfold: interrupted by {signal.Signals(signum).name}: nothing written\n")
+    _sys.stderr.flush()
+    os._exit(128 + signum)
 
 
-def __dir__():
-    return sorted(set(globals()) | set(_LAZY))
+# `python -m onnxfold`: a Ctrl-C or SIGTERM while onnx and onnxruntime load (about a second) ends the run
+# with one line, not an import traceback; nothing has been opened yet. Library users are not affected.
+if _run_as_main():
+    import signal as _signal
+
+    for _s in (_signal.SIGINT, _signal.SIGTERM):
+        _signal.signal(_s, _early_signal)
+
+from .affine import NotFoldable  # noqa: E402
+from .fold import fold_model  # noqa: E402
+from .io import InputError  # noqa: E402
+from .report import FoldReport  # noqa: E402
+from .rules import rule_names  # noqa: E402
+from .verify import VerifyError, VerifyResult, verify  # noqa: E402
 
 __all__ = [
     "fold_conv_bn",
@@ -66,8 +74,6 @@ def fold_conv_bn(obj, *, disable=()):
     """
     import onnx
 
-    from .fold import fold_model
-
     if isinstance(obj, onnx.ModelProto):
         return fold_model(obj, disable=disable)[0]
     if isinstance(obj, onnx.GraphProto):
@@ -83,19 +89,12 @@ def fold_conv_bn(obj, *, disable=()):
 
 
 def _console() -> None:
-    """``python -m onnxfold`` and the ``onnxfold`` script: a signal before the command line's own handlers
-    are in place (while onnx loads) ends the run with one line; nothing has been opened yet."""
-    import os
+    """``python -m onnxfold`` and the ``onnxfold`` script: the early handlers stay until the command
+    line installs its own (:func:`onnxfold.cli.main`)."""
     import signal
-    import sys
-
-    def early(signum, frame):
-        sys.stderr.write(f"onnxfold: interrupted by {signal.Signals(signum).name}: nothing written\n")
-        sys.stderr.flush()
-        os._exit(128 + signum)
 
     for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, early)
+        signal.signal(signum, _early_signal)
     from .cli import main
 
     raise SystemExit(main())

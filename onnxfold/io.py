@@ -453,12 +453,26 @@ def _write_inline(model: onnx.ModelProto, path: Path, base_dir, sink: DataSink |
     then each streamed initializer appended to the graph, its bytes read back from the data file.
     No copy of the whole model is made in memory (``onnx.save`` makes one, and sizes it twice).
     """
+    taken: list[onnx.TensorProto] = []
+    try:
+        return _write_pieces(model, path, base_dir, sink, taken)
+    except _TooLarge:
+        # The streamed initializers were taken out of the graph: put them back (still pointing to the
+        # sink's data file), so the caller can write the model with external data instead.
+        model.graph.initializer.extend(taken)
+        raise
+
+
+def _write_pieces(model, path: Path, base_dir, sink: DataSink | None, taken: list) -> Path:
     graph = model.graph
     streamed_names = sink.written if sink is not None else set()
     streamed = []
     for i in reversed(range(len(graph.initializer))):
         t = graph.initializer[i]
         if t.name in streamed_names and external_data_helper.uses_external_data(t):
+            kept = onnx.TensorProto()
+            kept.CopyFrom(t)
+            taken.append(kept)
             header = onnx.TensorProto()
             header.CopyFrom(t)
             _, offset, length = external_fields(t)

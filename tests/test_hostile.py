@@ -418,3 +418,18 @@ def test_typed_tensors_are_not_mistaken_for_bad_sizes(tmp_path):
     proc = cli(src, tmp_path / "o.onnx")
     assert proc.returncode == 0, proc.stderr
     onnx.checker.check_model(str(tmp_path / "o.onnx"))
+
+
+def test_single_file_output_over_the_limit_falls_back_to_external_data_whole(tmp_path, monkeypatch, capsys):
+    """eadbfe9: when a single-file output turned out over protobuf's limit, the fallback to external
+    data lost the streamed folded weights (onnxruntime: "Node input 'w_folded' is not ... an
+    initializer"). The limit is lowered here so a small model takes that path."""
+    from onnxfold import cli as cli_module
+    from onnxfold import io, verify
+
+    src = save(conv_bn_model(cin=16, cout=16), tmp_path / "m.onnx")
+    monkeypatch.setattr(io, "PROTOBUF_LIMIT", 3000)
+    code = cli_module.main([str(src), str(tmp_path / "o.onnx"), "--no-verify"])
+    assert code == 0, capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path)) == ["m.onnx", "o.onnx", "o.onnx.data"]
+    assert verify(src, tmp_path / "o.onnx")
