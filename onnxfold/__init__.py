@@ -10,13 +10,43 @@
 
 from __future__ import annotations
 
+import sys as _sys
+
 __version__ = "0.1.0"
 
-from .affine import NotFoldable
-from .fold import fold_model
-from .report import FoldReport
-from .rules import rule_names
-from .verify import VerifyError, VerifyResult, verify
+
+def _run_as_main() -> bool:
+    """Whether this import is ``python -m onnxfold`` starting (not a library user importing us)."""
+    argv = getattr(_sys, "orig_argv", [])
+    for i, a in enumerate(argv[:-1]):
+        if a == "-m":
+            return argv[i + 1] == "onnxfold"
+    return "-monnxfold" in argv
+
+
+def _early_signal(signum, frame):
+    import os
+    import signal
+
+    _sys.stderr.write(f"onnxfold: interrupted by {signal.Signals(signum).name}: nothing written\n")
+    _sys.stderr.flush()
+    os._exit(128 + signum)
+
+
+# `python -m onnxfold`: a Ctrl-C or SIGTERM while onnx and onnxruntime load (about a second) ends the run
+# with one line, not an import traceback; nothing has been opened yet. Library users are not affected.
+if _run_as_main():
+    import signal as _signal
+
+    for _s in (_signal.SIGINT, _signal.SIGTERM):
+        _signal.signal(_s, _early_signal)
+
+from .affine import NotFoldable  # noqa: E402
+from .fold import fold_model  # noqa: E402
+from .io import InputError  # noqa: E402
+from .report import FoldReport  # noqa: E402
+from .rules import rule_names  # noqa: E402
+from .verify import VerifyError, VerifyResult, verify  # noqa: E402
 
 __all__ = [
     "fold_conv_bn",
@@ -25,6 +55,7 @@ __all__ = [
     "FoldReport",
     "VerifyResult",
     "VerifyError",
+    "InputError",
     "NotFoldable",
     "rule_names",
     "__version__",
@@ -55,3 +86,15 @@ def fold_conv_bn(obj, *, disable=()):
 
         return fold_graph(obj, disable=disable)[0]
     raise TypeError(f"fold_conv_bn takes an onnx.ModelProto, onnx.GraphProto or onnx_graphsurgeon.Graph, not {type(obj).__name__}")
+
+
+def _console() -> None:
+    """``python -m onnxfold`` and the ``onnxfold`` script: the early handlers stay until the command
+    line installs its own (:func:`onnxfold.cli.main`)."""
+    import signal
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, _early_signal)
+    from .cli import main
+
+    raise SystemExit(main())

@@ -1,5 +1,5 @@
 """python -m onnxfold IN OUT"""
 
-from .cli import main
+from . import _console
 
-raise SystemExit(main())
+_console()

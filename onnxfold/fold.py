@@ -178,6 +178,8 @@ class Scope:
         chain = []
         i = self.producer.get(name)
         while i is not None and self.graph.node[i].op_type == "Identity" and self.graph.node[i].domain in DEFAULT_DOMAINS:
+            if i in chain:  # an Identity cycle (an invalid graph): no producer, so nothing folds through it
+                return None, chain
             chain.append(i)
             i = self.producer.get(self.graph.node[i].input[0])
         return i, chain
@@ -309,6 +311,9 @@ def fold_model(
     tensors whose external data has not been loaded; ``sink`` (an :class:`onnxfold.io.DataSink`)
     receives large folded tensors as they are made, so no more than one weight is in memory at a time.
     """
+    if not isinstance(model, onnx.ModelProto):
+        raise TypeError(f"fold_model takes an onnx.ModelProto, not {type(model).__name__} "
+                        "(fold_conv_bn also takes a GraphProto or an onnx_graphsurgeon.Graph)")
     start = time.perf_counter()
     rules = select_rules(disable)
     if copy:
@@ -389,8 +394,11 @@ def _reads_weights_from_inputs(fn: onnx.FunctionProto) -> bool:
     producer = {o: n for n in fn.node for o in n.output}
 
     def upstream(name):
-        node = producer.get(name)
+        node, seen = producer.get(name), set()
         while node is not None and node.op_type == "Identity":
+            if id(node) in seen:  # an Identity cycle: no producer
+                return None
+            seen.add(id(node))
             node = producer.get(node.input[0])
         return node
 
@@ -523,6 +531,8 @@ def _materialize(scope: Scope, update, dtype) -> tuple[dict[int, onnx.TensorProt
                 made[i] = sink.stream(name, shape, dtype, blocks())
             else:
                 arrays = list(blocks())
+                if not arrays:  # a zero-size weight (a Conv with no output channels): an empty tensor
+                    arrays = [np.zeros(0, dtype=dtype)]
                 array = np.concatenate(arrays) if len(arrays) > 1 else arrays[0].reshape(shape)
                 made[i] = numpy_helper.from_array(array.reshape(shape), name)
             if i == min(update.inputs):

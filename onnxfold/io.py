@@ -40,20 +40,159 @@ def load(path: str | os.PathLike) -> tuple[onnx.ModelProto, bool]:
         raise InputError(f"{path}: not an ONNX model (no graph or no opset_import)")
     external = False
     sizes: dict[Path, int] = {}
-    for tensor in external_data_helper._get_all_tensors(model):
+    for tensor in _every_tensor(model):
+        check_tensor(tensor, path)
         if not external_data_helper.uses_external_data(tensor):
             continue
         external = True
-        info = external_data_helper.ExternalDataInfo(tensor)
-        data = _data_path(path.parent, info.location)
+        location, offset, length = external_fields(tensor, path)
+        data = _data_path(path.parent, location)
         if data not in sizes:
             if not data.is_file():
-                raise InputError(f"{path}: its external data file {info.location!r} is missing")
+                raise InputError(f"{path}: its external data file {location!r} is missing")
             sizes[data] = data.stat().st_size
-        end = (info.offset or 0) + (info.length or 0)
-        if end > sizes[data]:
-            raise InputError(f"{path}: tensor {tensor.name!r} lies past the end of {info.location!r} (truncated?)")
+        if offset + length > sizes[data]:
+            raise InputError(f"{path}: tensor {tensor.name!r} lies past the end of {location!r} (truncated?)")
+    for graph in _graphs(model.graph):
+        _check_acyclic(graph.node, f"{path}: graph {graph.name!r}")
+    for fn in model.functions:
+        _check_acyclic(fn.node, f"{path}: function {fn.name!r}")
     return model, external
+
+
+_MAX_ELEMENTS = 1 << 40  # more than any real model: a larger count is a corrupt or hostile file
+
+
+def _every_tensor(model: onnx.ModelProto):
+    """Every TensorProto of the model: initializers, attribute values, sparse initializers' parts."""
+    yield from external_data_helper._get_all_tensors(model)
+    for graph in _graphs(model.graph):
+        for sparse in graph.sparse_initializer:
+            yield sparse.values
+            yield sparse.indices
+
+
+def _graphs(graph: onnx.GraphProto):
+    yield graph
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("g"):
+                yield from _graphs(attr.g)
+            for g in attr.graphs:
+                yield from _graphs(g)
+
+
+def nbytes(tensor: onnx.TensorProto, where="") -> int:
+    """The size of a tensor's data in bytes, from its dims and data type (what external data must hold)."""
+    count = _count(tensor, where)
+    try:
+        dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tensor.data_type))
+    except Exception:
+        raise InputError(f"{where}tensor {tensor.name!r} has an unknown data type ({tensor.data_type})") from None
+    if tensor.data_type in _FOUR_BIT:
+        return (count + 1) // 2
+    if dtype.kind in "OUS":
+        raise InputError(f"{where}tensor {tensor.name!r}: strings cannot be stored as raw or external data")
+    return count * dtype.itemsize
+
+
+def _count(tensor: onnx.TensorProto, where="") -> int:
+    count = 1
+    for d in tensor.dims:
+        if d < 0:
+            raise InputError(f"{where}tensor {tensor.name!r} has a negative dimension ({d})")
+        count *= d
+        if count > _MAX_ELEMENTS:
+            raise InputError(f"{where}tensor {tensor.name!r} has dims {list(tensor.dims)}: "
+                             f"more than 2^40 elements, not a real weight")
+    return count
+
+
+_FOUR_BIT = {getattr(onnx.TensorProto, n) for n in ("INT4", "UINT4", "FLOAT4E2M1") if hasattr(onnx.TensorProto, n)}
+
+
+def check_tensor(tensor: onnx.TensorProto, path="") -> None:
+    """One line for a tensor whose size cannot be right: dims too large, raw_data not matching them."""
+    where = f"{path}: " if path else ""
+    external = external_data_helper.uses_external_data(tensor)
+    if not (tensor.HasField("raw_data") or external):  # typed fields (float_data, string_data, ...)
+        _count(tensor, where)
+        return
+    size = nbytes(tensor, where)
+    if tensor.HasField("raw_data") and not external and len(tensor.raw_data) != size:
+        raise InputError(f"{where}tensor {tensor.name!r} has {len(tensor.raw_data)} bytes of raw_data, but its dims "
+                         f"{list(tensor.dims)} need {size}")
+
+
+def external_fields(tensor: onnx.TensorProto, path="") -> tuple[str, int, int]:
+    """(location, offset, length) of an external tensor, each field checked; ``length`` defaults to the
+    tensor's size from its dims and dtype (the key is optional in the spec)."""
+    where = f"{path}: " if path else ""
+    fields = {}
+    for entry in tensor.external_data:
+        fields[entry.key] = entry.value
+    location = fields.get("location", "")
+    if not location or "\0" in location or len(location) > 4096:
+        raise InputError(f"{where}tensor {tensor.name!r} has a bad external data location {location[:80]!r}")
+    numbers = {}
+    for key in ("offset", "length"):
+        text = fields.get(key)
+        if text is None:
+            continue
+        if not (text.isascii() and text.isdigit()) or len(text) > 19:
+            raise InputError(f"{where}tensor {tensor.name!r}: external data {key} {text[:40]!r} is not a "
+                             "non-negative integer")
+        numbers[key] = int(text)
+    size = nbytes(tensor, where)
+    length = numbers.get("length", size)
+    if length != size:
+        raise InputError(f"{where}tensor {tensor.name!r}: external data length {length} does not match its dims "
+                         f"{list(tensor.dims)} ({size} bytes)")
+    return location, numbers.get("offset", 0), length
+
+
+def inline_external(tensor: onnx.TensorProto, base_dir) -> None:
+    """Read a tensor's external bytes into ``raw_data`` (checked like every other read)."""
+    location, offset, length = external_fields(tensor)
+    with open(_data_path(base_dir, location), "rb") as f:
+        f.seek(offset)
+        raw = f.read(length)
+    if len(raw) != length:
+        raise InputError(f"tensor {tensor.name!r}: its external data is truncated")
+    del tensor.external_data[:]
+    tensor.data_location = onnx.TensorProto.DEFAULT
+    tensor.raw_data = raw
+
+
+def _check_acyclic(nodes, where: str) -> None:
+    """ONNX graphs are acyclic; a cycle (an Identity feeding itself, two nodes feeding each other)
+    would make every walk up the graph endless, so such a file is refused."""
+    producer = {}
+    for i, node in enumerate(nodes):
+        for o in node.output:
+            if o:
+                producer[o] = i
+    state = [0] * len(nodes)  # 0 unseen, 1 on the current path, 2 done
+    for root in range(len(nodes)):
+        if state[root]:
+            continue
+        stack = [(root, iter(nodes[root].input))]
+        state[root] = 1
+        while stack:
+            i, inputs = stack[-1]
+            for name in inputs:
+                j = producer.get(name)
+                if j is None or state[j] == 2:
+                    continue
+                if state[j] == 1:
+                    raise InputError(f"{where} has a cycle through {nodes[j].op_type} output {name!r}: "
+                                     "not a valid ONNX graph")
+                state[j] = 1
+                stack.append((j, iter(nodes[j].input)))
+                break
+            else:
+                state[i] = 2
+                stack.pop()
 
 
 def _data_path(base_dir, location: str) -> Path:
@@ -76,21 +215,21 @@ def read_tensor(tensor: onnx.TensorProto, base_dir, sink: "DataSink | None" = No
         return sink.read(tensor)
     if base_dir is None:
         raise InputError(f"tensor {tensor.name!r} has external data, but the model's folder is not known")
-    info = external_data_helper.ExternalDataInfo(tensor)
+    location, offset, length = external_fields(tensor)
     dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tensor.data_type))
     if tensor.data_type in _RAW_TYPES and dtype.byteorder in "=<|" and np.little_endian:
         count = int(np.prod(tensor.dims, dtype=np.int64))
-        length = info.length if info.length else count * dtype.itemsize
-        if length != count * dtype.itemsize:
-            raise InputError(f"tensor {tensor.name!r}: external length {length} does not match its shape")
-        path = _data_path(base_dir, info.location)
-        if (info.offset or 0) + length > path.stat().st_size:
+        path = _data_path(base_dir, location)
+        if offset + length > path.stat().st_size:
             raise InputError(f"tensor {tensor.name!r}: its external data is truncated")
         if count == 0:
             return np.zeros(tuple(tensor.dims), dtype=dtype)
         # Mapped, not read: a fold touches each page once, a block of rows at a time.
-        return np.memmap(path, dtype=dtype, mode="r", offset=info.offset or 0, shape=tuple(tensor.dims))
-    return numpy_helper.to_array(tensor, str(base_dir))
+        return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=tuple(tensor.dims))
+    copy = onnx.TensorProto()
+    copy.CopyFrom(tensor)
+    inline_external(copy, base_dir)
+    return numpy_helper.to_array(copy)
 
 
 _RAW_TYPES = {
@@ -204,14 +343,10 @@ class DataSink:
         if self.owns(tensor):
             return
         if external_data_helper.uses_external_data(tensor):
-            info = external_data_helper.ExternalDataInfo(tensor)
-            nbytes = info.length
-            with open(_data_path(base_dir, info.location), "rb") as src:
-                if nbytes is None or nbytes <= 0:
-                    src.seek(0, os.SEEK_END)
-                    nbytes = src.tell() - (info.offset or 0)
+            location, offset, nbytes = external_fields(tensor)  # exactly the tensor's bytes, `length` or not
+            with open(_data_path(base_dir, location), "rb") as src:
                 start = self._reserve(nbytes)
-                src.seek(info.offset or 0)
+                src.seek(offset)
                 self.file.flush()
                 _copy(src, self.file, nbytes)
             self._point(tensor, start, nbytes)
@@ -260,8 +395,12 @@ def _first_line(e: BaseException) -> str:
 def staged(path: str | os.PathLike):
     """A temporary folder beside ``path``; :func:`commit` moves what was written there into place.
 
-    Nothing is left behind when the block raises.
+    Nothing is left behind when the block raises (an interruption included: SIGINT and SIGTERM raise
+    in the CLI). A fold killed outright leaves its folder, ``.<name>.onnxfold-<pid>-<random>``; the next
+    run to the same folder removes it once that pid no longer runs.
     """
+    from .paths import TEMP_MARK, remove_stale_temps
+
     path = Path(path)
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
@@ -270,11 +409,28 @@ def staged(path: str | os.PathLike):
         raise InputError(f"{path}: the folder {parent} is not writable")
     if path.is_dir():
         raise InputError(f"{path}: is a directory")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=parent))
+    remove_stale_temps(parent)
+    tmp = None
     try:
+        with signals_deferred():  # a signal waits until the folder is made and known here, or removed
+            tmp = Path(tempfile.mkdtemp(prefix=f".{path.name[:64]}{TEMP_MARK}{os.getpid()}-", dir=parent))
         yield tmp / path.name
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            with signals_deferred():
+                shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def signals_deferred():
+    """SIGINT and SIGTERM wait (blocked, not lost) until the block is done."""
+    import signal
+
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def write(model: onnx.ModelProto, staged_path: Path, *, base_dir=None, sink: DataSink | None = None,
@@ -296,12 +452,14 @@ def write(model: onnx.ModelProto, staged_path: Path, *, base_dir=None, sink: Dat
         sink = DataSink(staged_path.parent / (staged_path.name + ".data"))
     for tensor in external_data_helper._get_attribute_tensors(model):
         if external_data_helper.uses_external_data(tensor):  # Constant values stay inline
-            external_data_helper.load_external_data_for_tensor(tensor, str(base_dir))
+            inline_external(tensor, base_dir)
+    _inline_sparse(model, base_dir)
     sink.compact(external_data_helper._get_initializer_tensors(model))
     for tensor in external_data_helper._get_initializer_tensors(model):
         sink.take(tensor, base_dir)
     sink.close()
-    onnx.save(model, str(staged_path))
+    with open(staged_path, "wb") as f:
+        f.write(model.SerializeToString())
     return [staged_path, sink.path]
 
 
@@ -317,6 +475,15 @@ def copy_fields(src, dst, skip=()) -> None:
             getattr(dst, field.name).CopyFrom(value)
         else:
             setattr(dst, field.name, value)
+
+
+def _inline_sparse(model: onnx.ModelProto, base_dir) -> None:
+    """Sparse initializers keep their data: external parts are read in (they are small by nature)."""
+    for graph in _graphs(model.graph):
+        for sparse in graph.sparse_initializer:
+            for part in (sparse.values, sparse.indices):
+                if external_data_helper.uses_external_data(part):
+                    inline_external(part, base_dir)
 
 
 class _TooLarge(Exception):
@@ -350,21 +517,36 @@ def _write_inline(model: onnx.ModelProto, path: Path, base_dir, sink: DataSink |
     then each streamed initializer appended to the graph, its bytes read back from the data file.
     No copy of the whole model is made in memory (``onnx.save`` makes one, and sizes it twice).
     """
+    taken: list[onnx.TensorProto] = []
+    try:
+        return _write_pieces(model, path, base_dir, sink, taken)
+    except _TooLarge:
+        # The streamed initializers were taken out of the graph: put them back (still pointing to the
+        # sink's data file), so the caller can write the model with external data instead.
+        model.graph.initializer.extend(taken)
+        raise
+
+
+def _write_pieces(model, path: Path, base_dir, sink: DataSink | None, taken: list) -> Path:
     graph = model.graph
     streamed_names = sink.written if sink is not None else set()
     streamed = []
     for i in reversed(range(len(graph.initializer))):
         t = graph.initializer[i]
         if t.name in streamed_names and external_data_helper.uses_external_data(t):
+            kept = onnx.TensorProto()
+            kept.CopyFrom(t)
+            taken.append(kept)
             header = onnx.TensorProto()
             header.CopyFrom(t)
-            info = external_data_helper.ExternalDataInfo(t)
-            streamed.append((header, int(info.offset), int(info.length)))
+            _, offset, length = external_fields(t)
+            streamed.append((header, offset, length))
             del graph.initializer[i]
     streamed.reverse()
     for tensor in external_data_helper._get_all_tensors(model):
         if external_data_helper.uses_external_data(tensor):  # the input's data: read in, one tensor at a time
-            external_data_helper.load_external_data_for_tensor(tensor, str(base_dir))
+            inline_external(tensor, base_dir)
+    _inline_sparse(model, base_dir)
     pieces = []
     for header, _, length in streamed:
         header.ClearField("data_location")
@@ -398,9 +580,74 @@ def _write_inline(model: onnx.ModelProto, path: Path, base_dir, sink: DataSink |
     return path
 
 
-def commit(files: list[Path], destination: Path) -> None:
-    """Move staged files beside ``destination``: data files first, the model last."""
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:  # a folder on a filesystem that cannot sync one: nothing more to do
+        pass
+    finally:
+        os.close(fd)
+
+
+def commit(files: list[Path], destination: Path, *, mode: int | None = None, stale=()) -> None:
+    """Move staged files into place so that ``destination`` always holds a whole model, old or new.
+
+    The data file goes first, under its own name (a name neither the input nor the model now at
+    ``destination`` reads: see :func:`onnxfold.paths.plan_output`), then the model replaces the old
+    one in one rename, then the old model's data files (``stale``) are removed. Files are synced
+    before the renames and the folder after, so a crash cannot leave a renamed but empty file.
+    SIGINT and SIGTERM wait until the commit is done.
+    """
     folder = destination.parent if str(destination.parent) else Path(".")
-    for f in files[1:]:
-        os.replace(f, folder / f.name)
-    os.replace(files[0], destination)
+    for f in files:
+        if mode is not None:
+            os.chmod(f, mode)
+        _fsync(f)
+    with signals_deferred():
+        for f in files[1:]:
+            os.replace(f, folder / f.name)
+        if len(files) > 1:
+            _fsync(folder)
+        os.replace(files[0], destination)
+        _fsync(folder)
+        for old in stale:
+            with contextlib.suppress(OSError):
+                os.unlink(old)
+
+
+def check_output(path: Path, src: Path, *, session: bool) -> list[str]:
+    """Exit 0 promises a model that loads: ``onnx.checker`` on the written file (from its path, so external
+    data is checked where it lies) and, when verification did not already run it, an onnxruntime session.
+
+    A failure is onnxfold's fault, not the user's (:class:`OutputBroken`), unless the input fails the
+    same way: then it is a warning (returned) about the input, which onnxfold does not repair.
+    """
+    warnings = []
+    checks = [("onnx.checker", lambda p: onnx.checker.check_model(str(p)))]
+    if session:
+        checks.append(("onnxruntime", _session))
+    for name, check in checks:
+        try:
+            check(path)
+        except Exception as e:
+            try:
+                check(src)
+            except Exception:
+                warnings.append(f"{name} rejects the input too ({_first_line(e)}): written as it was given")
+                continue
+            raise OutputBroken(f"{name} rejects the written model, though it accepts the input: "
+                               f"{_first_line(e)}") from e
+    return warnings
+
+
+def _session(path: Path) -> None:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+class OutputBroken(Exception):
+    """The model onnxfold wrote does not load: a bug, never exit 0."""

@@ -428,7 +428,7 @@ def rule_names() -> list[str]:
 
 def select_rules(disable=()) -> dict[tuple[str, str], object]:
     """Rules keyed by (upstream op_type, downstream op_type), without the disabled ones."""
-    disable = set(disable)
+    disable = {disable} if isinstance(disable, str) else set(disable)  # a string is one rule's name, not letters
     unknown = disable - set(rule_names())
     if unknown:
         raise ValueError(f"unknown rule {sorted(unknown)[0]!r}; known rules: {', '.join(rule_names())}")

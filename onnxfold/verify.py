@@ -997,6 +997,9 @@ def verify(
     missing, an input cannot be made, onnxruntime crashes, nothing had an element to compare); the
     result is falsy when an output or a fold tensor disagrees.
     """
+    for which, model in (("reference", reference), ("candidate", candidate)):
+        if not isinstance(model, (onnx.ModelProto, str, os.PathLike)):
+            raise TypeError(f"verify: {which} must be an onnx.ModelProto or a path, not {type(model).__name__}")
     result = VerifyResult()
     if isinstance(providers, str):
         providers = [p for p in providers.split(",") if p]

@@ -60,8 +60,14 @@ def test_command_line_with_external_data_out_equals_in(tmp_path):
     src = external_model(tmp_path)
     proc = cli(src, src)
     assert proc.returncode == 0, proc.stderr
-    assert sorted(os.listdir(tmp_path)) == ["m.onnx", "m.onnx.data"]
+    # The new data goes under a fresh name (the old model reads m.onnx.data until the model's rename),
+    # and the old data file is removed after: one model, one data file.
+    assert sorted(os.listdir(tmp_path)) == ["m.onnx", "m.onnx.1.data"]
     assert count(onnx.load(src), "BatchNormalization") == 0
+    proc = cli(src, src)  # folding again in place goes back to the default name
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(os.listdir(tmp_path)) == ["m.onnx", "m.onnx.data"]
+    assert verify(src, src)
 
 
 def test_missing_or_truncated_data_file_is_an_input_error(tmp_path):

@@ -1,0 +1,191 @@
+"""Where an output may go: the files an input reads, collisions, fresh data names, stale temp folders.
+
+The rule: no file onnxfold writes may be a file the input reads or another output (real paths, after
+symlinks). A user's own choice that would break that (``--data-name`` naming the input's data file, or
+the output's own name; ``--report`` naming a model or data file) is refused before any work. The default
+data name never is: when ``OUT.data`` is a file the input or the model now at ``OUT`` still reads, the
+new data goes under a fresh name (``OUT.1.data``), so the commit can swap the model in one rename.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import onnx
+from onnx import external_data_helper
+
+from .io import InputError
+
+TEMP_MARK = ".onnxfold-"  # temp folders are ``.<name>.onnxfold-<pid>-<random>`` beside the output
+_TEMP = re.compile(r"^\..*\.onnxfold-(\d+)-[A-Za-z0-9_]+$")
+
+
+def real(path) -> Path:
+    """The path with every symlink resolved (also of a file that does not exist yet)."""
+    return Path(os.path.realpath(path))
+
+
+def data_files(model: onnx.ModelProto, model_path) -> set[Path]:
+    """Real paths of the external data files ``model`` (at ``model_path``) reads."""
+    from .io import _every_tensor
+
+    base = Path(model_path).parent
+    out = set()
+    for tensor in _every_tensor(model):
+        if external_data_helper.uses_external_data(tensor):
+            for entry in tensor.external_data:
+                if entry.key == "location":
+                    out.add(real(base / entry.value))
+    return out
+
+
+def files_of(path) -> set[Path]:
+    """What the model at ``path`` reads (itself and its data files); empty when it is not a readable model."""
+    path = Path(path)
+    if not path.is_file():
+        return set()
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:  # not a model: nothing of it to keep consistent
+        return {real(path)}
+    return {real(path)} | data_files(model, path)
+
+
+@dataclass
+class OutputPlan:
+    """Where one model's output goes. ``data_name`` is the data file's name beside ``OUT`` (used when the
+    output has external data); ``mode`` the permission bits of every file written; ``stale`` the old data
+    files of the model now at ``OUT`` that the commit removes once the new model is in place."""
+
+    dst: Path
+    data_name: str
+    mode: int
+    stale: set[Path] = field(default_factory=set)
+
+
+def plan_output(src: Path, reads: set[Path], dst: Path, data_name: str | None, *, protect: set[Path] = frozenset(),
+                shared_folder: bool = False) -> OutputPlan:
+    """Check ``dst`` and choose its data file's name, before any work.
+
+    ``reads``: real paths of the input and its data files. ``protect``: other files that must survive
+    (folder mode: every other model). ``shared_folder``: the output folder is also an input folder, so an
+    existing file there may belong to another model: it is never overwritten nor removed.
+    """
+    folder = dst.parent if str(dst.parent) else Path(".")
+    if folder.exists() and not folder.is_dir():
+        raise InputError(f"{dst}: the folder {folder} does not exist (that path is a file)")
+    if dst.is_dir():
+        raise InputError(f"{dst}: is a directory")
+    if len(os.fsencode(dst.name)) > 240:
+        raise InputError(f"{dst}: the file name is too long (at most 240 bytes: the data file and temporary names "
+                         "add to it)")
+    out = real(dst)
+    if out in reads - {real(src)}:
+        raise InputError(f"{dst}: the input reads that file (its external data): choose another output")
+    if out in protect:
+        raise InputError(f"{dst}: another model in this run reads that file: choose another output")
+    # the model now at OUT, which must stay whole until the new one replaces it (in place: the input)
+    old = reads if out == real(src) else files_of(dst)
+    busy = reads | old | set(protect)
+    if data_name:
+        chosen = folder / data_name
+        where = real(chosen)
+        if where == out:
+            raise InputError(f"--data-name {data_name!r} is the output's own file name")
+        if where in reads:
+            raise InputError(f"--data-name {data_name!r}: the input reads that file, so writing it would destroy the "
+                             "input; choose another name")
+        if where in protect:
+            raise InputError(f"--data-name {data_name!r}: another model in this run reads that file")
+    else:
+        chosen = folder / (dst.name + ".data")
+    if chosen.is_dir():
+        raise InputError(f"{chosen}: the data file name is an existing directory")
+    name = chosen.name
+    if real(chosen) in busy or (shared_folder and chosen.exists()):
+        name = fresh_name(folder, chosen.name, busy)
+    if dst.exists():
+        mode = dst.stat().st_mode & 0o7777  # in place: a private model stays private
+    else:
+        mode = 0o666 & ~_umask()
+    stale = set()
+    if not shared_folder and not dst.is_symlink():  # a link is replaced, its target (not ours) stays
+        pattern = _family(chosen.name)
+        keep = reads if real(src) != out else set()
+        stale = {p for p in old - {out} - keep - set(protect) if pattern.match(p.name) and p.parent == real(folder)}
+        stale.discard(real(folder / name))
+    return OutputPlan(dst, name, mode, stale)
+
+
+def _family(name: str) -> re.Pattern:
+    """``m.onnx.data`` and its fresh variants ``m.onnx.1.data``, ``m.onnx.2.data``, ..."""
+    stem, dot, suffix = name.rpartition(".")
+    if not dot or not stem:
+        return re.compile(re.escape(name) + r"(\.\d+)?$")
+    return re.compile(re.escape(stem) + r"(\.\d+)?" + re.escape("." + suffix) + "$")
+
+
+def fresh_name(folder: Path, name: str, busy: set[Path]) -> str:
+    stem, dot, suffix = name.rpartition(".")
+    for n in range(1, 10_000):
+        candidate = f"{stem}.{n}.{suffix}" if dot and stem else f"{name}.{n}"
+        path = folder / candidate
+        if not path.exists() and not path.is_symlink() and real(path) not in busy:
+            return candidate
+    raise InputError(f"{folder / name}: no free name for the data file beside it")
+
+
+_UMASK: int | None = None
+
+
+def _umask() -> int:
+    global _UMASK
+    if _UMASK is None:
+        _UMASK = os.umask(0o022)
+        os.umask(_UMASK)
+    return _UMASK
+
+
+def check_report(report, reads_and_writes: set[Path]) -> None:
+    """``--report``: not a model or data file, and writable; checked before any work."""
+    path = Path(report)
+    where = real(path)
+    if where in reads_and_writes:
+        raise InputError(f"--report {report}: that file is an input or output of this run; choose another name")
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise InputError(f"--report {report}: the folder {folder} does not exist")
+    if path.is_dir():
+        raise InputError(f"--report {report}: is a directory")
+    if not os.access(folder, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise InputError(f"--report {report}: not writable")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def remove_stale_temps(folder: Path) -> None:
+    """Remove temp folders of onnxfold's own pattern whose fold is gone (its process no longer runs).
+
+    A fold killed by SIGKILL cannot clean up; the next run to the same folder does. The folder name holds
+    the pid of the fold that made it, so a running fold's folder is never touched.
+    """
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return
+    for entry in entries:
+        m = _TEMP.match(entry.name)
+        if m and entry.is_dir(follow_symlinks=False) and int(m.group(1)) != os.getpid() and not _alive(int(m.group(1))):
+            shutil.rmtree(entry.path, ignore_errors=True)
