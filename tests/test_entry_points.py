@@ -124,6 +124,9 @@ def _consumer(b: _B, op: str, y: str, channels: int, rank: int) -> str:
     if op == "bn":
         stats = [b.init(a, s) for a, s in zip(bn_stats(b.rng, channels), ("gamma", "beta", "mean", "var"))]
         return b.node("BatchNormalization", [y, *stats], epsilon=1e-3)
+    if op == "mul_rows":  # a Mul of Gemm's [3, N] output by a [3, 1] constant: per row, not per channel
+        assert rank == 2
+        return b.node("Mul", [y, b.init(b.rng.uniform(0.5, 1.5, (3, 1)).astype(np.float32), "mul_rows")])
     if op == "add0":  # Add of exact zeros: a no-op that still folds
         return b.node("Add", [y, b.init(np.zeros([channels] + [1] * (rank - 2), np.float32), "zero")])
     op_type = {"mul": "Mul", "add": "Add", "sub": "Sub", "div": "Div"}[op]
@@ -149,7 +152,8 @@ def chain(producer: str, consumers: list[str], size: str, seed: int = 0) -> Case
     x_info, y, channels, rank = _producer(b, producer, "x", size)
     for c in consumers:
         y = _consumer(b, c, y, channels, rank)
-    return Case(_model(b, x_info, y, rank), folds=len(consumers), bn_after=0)
+    declined = sum(1 for c in consumers if c == "mul_rows")
+    return Case(_model(b, x_info, y, rank), folds=len(consumers) - declined, bn_after=0)
 
 
 def bn_conv(size: str, seed: int = 0) -> Case:
@@ -272,6 +276,8 @@ CHAINS = {
     "conv_bn_mul_add": ("conv", ["bn", "mul", "add"]),
     "gemm_mul_bn": ("gemm", ["mul", "bn"]),
     "matmul_bn_add": ("matmul", ["bn", "add"]),
+    # One fold, then a candidate that is declined (a per-row Mul): the decline reads the folded weight.
+    "gemm_bn_mul_rows": ("gemm", ["bn", "mul_rows"]),
 }
 
 
@@ -493,3 +499,40 @@ def test_the_comparison_catches_a_wrong_fold():
     w.CopyFrom(numpy_helper.from_array(array, w.name))
     with pytest.raises(AssertionError, match="max abs error"):
         _compare(case, folded, "perturbed")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_check_mode_counts_without_writing(family, tmp_path):
+    """``--check``: exit 3 when something folds (0 when nothing does), the report counts the folds the
+    other entry points make, and nothing is written."""
+    case = build(family, "4KiB")
+    src = _save_input(case, tmp_path / "in")
+    report_path = tmp_path / "report.json"
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    code = cli.main([str(src), "--check", "-q", "--report", str(report_path)])
+    assert code == (3 if case.folds else 0)
+    report = json.loads(report_path.read_text())
+    assert len(report["folded"]) == case.folds and report["bn_after"] == case.bn_after
+    assert report["output"] is None
+    assert sorted(p.name for p in tmp_path.rglob("*")) == sorted(before + ["report.json"])
+
+
+def test_folder_mode_with_two_workers(tmp_path):
+    """Folder mode with ``-j 2``: every family (at a size no known defect hits) in one folder, each
+    output checked like the single-file ones, and the totals add up."""
+    chosen = {}
+    for family in FAMILIES:
+        size = "4KiB" if _known_defect(family, "folder", "4KiB") is None else "512B"
+        if _known_defect(family, "folder", size):
+            continue
+        case = build(family, size)
+        _save_input(case, tmp_path / "in" / family)
+        chosen[family] = case
+    report_path = tmp_path / "report.json"
+    code = cli.main([str(tmp_path / "in"), str(tmp_path / "out"), "-q", "-j", "2", "--report", str(report_path)])
+    data = json.loads(report_path.read_text())
+    by_input = {Path(m["input"]).parent.name: m for m in data["models"]}
+    assert set(by_input) == set(chosen)
+    for family, case in chosen.items():
+        _check_cli_result(case, code, by_input[family], tmp_path / "out" / family / "m.onnx", None, f"-j 2: {family}")
+    assert data["totals"] == {"models": len(chosen), "failed": 0, "folded": sum(c.folds for c in chosen.values())}

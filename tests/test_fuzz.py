@@ -29,7 +29,11 @@ a BatchNormalization count that disagrees with the report, a second fold of the 
 still finds something, a command line exit code other than 0, the API and the command line disagreeing
 on the number of folds, or an output (every graph output, intermediate ones too) that differs from the
 original in onnxruntime with ORT_DISABLE_ALL beyond k * max|ref| + k * |ref|, k = 1e-4 for float32 and
-1e-2 for float16 (checks.py).
+1e-2 for float16 (checks.py), plus k times the magnitude of the terms behind each element (the model
+run on absolute values, ``checks.magnitude_model``): an output made by cancellation (a float16 Gemm of
+three terms near 0.5 that sum to 5e-4) carries the rounding of each folded weight, k * 0.5, far above
+k * its own scale, however the fold is done (issue 9 defect 8 is this, in the command line's
+verification). A wrong fold is off by a share of the magnitude itself.
 
 CI: derandomized, ``DEFAULT_EXAMPLES`` examples. Longer runs: ``ONNXFOLD_FUZZ_EXAMPLES=2000`` (fresh
 random examples each run; hypothesis prints the falsifying spec and a ``@reproduce_failure`` blob),
@@ -57,7 +61,7 @@ from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper, shape_inference
 
 from builders import bn_stats
-from checks import assert_close, check_valid, feeds_for, op_counts, run
+from checks import assert_close, check_valid, feeds_for, magnitudes, op_counts, run
 from onnxfold import cli, fold_conv_bn, fold_model
 
 DEFAULT_EXAMPLES = 100
@@ -489,29 +493,32 @@ def _io_signature(model):
 
 
 def check_example(spec) -> None:
-    note(f"spec = {spec!r}")
+    with contextlib.suppress(Exception):  # outside hypothesis (a spec replayed by hand) there is nothing to note
+        note(f"spec = {spec!r}")
     model = build_model(spec)
     check_valid(model)  # a generator bug otherwise, not an onnxfold one
     feeds = feeds_for(model, seed=spec["seed"] % 1000)
     ref = run(model, feeds)
+    exact = magnitudes(model, feeds)  # the size of the terms behind each output element (checks.py)
     folded, report = fold_model(model)
     where = f"fold_model on spec {spec!r}\n{report.summary(verbose=True)}"
     check_valid(folded)
     assert _io_signature(folded) == _io_signature(model), where
     assert report.bn_after == op_counts(folded)["BatchNormalization"], where
     assert report.bn_before == op_counts(model)["BatchNormalization"], where
-    assert_close(ref, run(folded, feeds), where)
+    assert_close(ref, run(folded, feeds), where, exact)
     if spec["entry"] == "gs" and not ("6" in spec["avoid"] and spec["producer"]["op"] == "MatMul"):
-        _check_gs(spec, model, feeds, ref)
+        _check_gs(spec, model, feeds, ref, exact)
     again, second = fold_model(folded)
     assert not second.folded, f"{where}\nfolding the folded model folds again: {second.summary()}"
-    # Defect 1 needs two folds and a weight >= 1 KiB; while it is avoided, such examples skip the command line.
-    defect1 = len(report.folded) >= 2 and _max_weight_bytes(model) >= 1024
+    # Defect 1 needs a fold, a weight >= 1 KiB and another candidate after the fold (folded or declined);
+    # while it is avoided, such examples skip the command line.
+    defect1 = report.folded and len(report.folded) + len(report.declined) >= 2 and _max_weight_bytes(model) >= 1024
     if spec["entry"].startswith("cli") and not ("1" in spec["avoid"] and defect1):
-        _check_cli(spec, model, feeds, ref, len(report.folded), report.bn_after)
+        _check_cli(spec, model, feeds, ref, exact, len(report.folded), report.bn_after)
 
 
-def _check_gs(spec, model, feeds, ref) -> None:
+def _check_gs(spec, model, feeds, ref, exact) -> None:
     import onnx_graphsurgeon as gs
 
     # graphsurgeon's own round trip drops initializers from the graph inputs (an IR 3 model becomes
@@ -525,7 +532,7 @@ def _check_gs(spec, model, feeds, ref) -> None:
     where = f"fold_conv_bn(gs.Graph) on spec {spec!r}\n{expected.summary(verbose=True)}"
     check_valid(folded)
     assert op_counts(folded)["BatchNormalization"] == expected.bn_after, where
-    assert_close(ref, run(folded, feeds), where)
+    assert_close(ref, run(folded, feeds), where, exact)
 
 
 def _max_weight_bytes(model) -> int:
@@ -535,7 +542,7 @@ def _max_weight_bytes(model) -> int:
     return max(sizes, default=0)
 
 
-def _check_cli(spec, model, feeds, ref, folds: int, bn_after: int) -> None:
+def _check_cli(spec, model, feeds, ref, exact, folds: int, bn_after: int) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         src, out, rep = Path(tmp, "in.onnx"), Path(tmp, "out", "folded.onnx"), Path(tmp, "report.json")
         out.parent.mkdir()
@@ -551,7 +558,7 @@ def _check_cli(spec, model, feeds, ref, folds: int, bn_after: int) -> None:
         if options:
             assert Path(str(out) + ".data").is_file(), where
         check_valid(out)
-        assert_close(ref, run(out, feeds), where)
+        assert_close(ref, run(out, feeds), where, exact)
 
 
 # -- the tests -------------------------------------------------------------------------------------
@@ -600,3 +607,26 @@ def test_generator_covers_what_it_claims():
     collect()
     assert {"Conv", "ConvTranspose", "Gemm", "MatMul", "BatchNormalization", "Constant", "Mul", "Add", "Sub", "Div",
             "Unsqueeze", "Reshape", "Cast", "Transpose", "Identity"} <= seen, seen
+
+
+def test_the_oracle_catches_a_wrong_fold():
+    """Guards the fuzzer's comparison, magnitude term included: a Conv -> BN fold that is 2% off in one
+    output channel must fail it."""
+    spec = {"seed": 7, "opset": 17, "dtype": "float32", "ir3": False, "batch": 1, "pre_bn": False,
+            "producer": {"op": "Conv", "dims": 2, "groups": 1, "kernel": 3, "cin": 3, "cout": 4, "wide": 1,
+                         "strides": 1, "dilations": 1, "pads": [1, 1, 1, 1], "auto_pad": None, "bias": True,
+                         "spatial": 5},
+            "weight_src": "init", "chain": [{"op": "BatchNormalization", "src": "init", "name": 0, "epsilon": 1e-3,
+                                             "stats_f32": False, "explicit_attrs": False}],
+            "extra_outputs": [], "overridable": False, "names": "plain", "entry": "api", "wide_values": False,
+            "share": False, "fanout": None, "avoid": sorted(AVOID), "force": None}
+    model = build_model(spec)
+    folded, report = fold_model(model)
+    assert len(report.folded) == 1
+    w = next(t for t in folded.graph.initializer if t.name == folded.graph.node[0].input[1])
+    array = numpy_helper.to_array(w).copy()
+    array[2] *= 1.02
+    w.CopyFrom(numpy_helper.from_array(array, w.name))
+    feeds = feeds_for(model, seed=1)
+    with pytest.raises(AssertionError, match="max abs error"):
+        assert_close(run(model, feeds), run(folded, feeds), "perturbed", magnitudes(model, feeds))
