@@ -446,8 +446,9 @@ def _known_defect(family: str, entry: str, size: str) -> str | None:
     branch when its fix lands (the tests then XPASS, which fails the run)."""
     cli_entry = entry not in ("fold_model", "graphproto", "graphsurgeon")
     if family in CHAINS and cli_entry and size != "512B":
-        return ("issue 9 defect 1: a second fold into a producer whose weight is >= 1 KiB reads the streamed "
-                "weight relative to the input's folder (FileNotFoundError <input dir>/<OUT>.onnx.data)")
+        return ("issue 9 defect 1: after a fold into a producer whose weight is >= 1 KiB, the next candidate on "
+                "it (folded or declined) reads the streamed weight relative to the input's folder "
+                "(FileNotFoundError <input dir>/<OUT>.onnx.data)")
     if family.startswith("matmul_") and entry == "graphsurgeon":
         return ("issue 9 defect 6: the gs entry point leaves a MatMul with three inputs (op type Gemm and its "
                 "attributes not carried back)")

@@ -39,9 +39,10 @@ CI: derandomized, ``DEFAULT_EXAMPLES`` examples. Longer runs: ``ONNXFOLD_FUZZ_EX
 random examples each run; hypothesis prints the falsifying spec and a ``@reproduce_failure`` blob),
 ``ONNXFOLD_FUZZ_SEED=N`` to pick the seed.
 
-Known defects of issue 9 that other work is fixing are kept out of the main test by ``AVOID``
-(documented in :func:`_avoid_doc`); each has its own test that forces it, marked
-``xfail(strict=True)``. When a fix lands: remove its entry from AVOID and the xfail mark.
+Known defects of issue 9 that other work is fixing are kept out of the main test by ``AVOID`` (each
+entry says which trigger it keeps out); defects 1, 2 and 3 each have a test that forces their trigger,
+marked ``xfail(strict=True)`` (defect 6 is in test_entry_points.py). When a fix lands: remove its entry
+from AVOID and its xfail mark.
 """
 
 from __future__ import annotations
@@ -71,7 +72,7 @@ OPSETS = list(range(7, 24))
 
 # Issue 9 defects being fixed elsewhere: the main fuzz test does not generate their triggers.
 AVOID = frozenset({
-    "1",  # the command line on a model with a weight >= 1 KiB (two folds into it crash: FileNotFoundError)
+    "1",  # the command line after a fold into a weight >= 1 KiB and another candidate (FileNotFoundError)
     "2",  # an input dimension written as dim_value -1 (verification crashes)
     "3",  # Unsqueeze before opset 13 with shuffled or negative axes (evaluated with onnx.reference: wrong)
     "6",  # the onnx-graphsurgeon entry point on a MatMul that folds (left with three inputs)
@@ -572,8 +573,8 @@ def test_fuzz_fold_is_valid_and_equivalent(spec):
 
 
 KNOWN = {
-    "1": "issue 9 defect 1: two folds into a producer whose weight is >= 1 KiB crash the command line "
-         "(FileNotFoundError <input dir>/<OUT>.onnx.data)",
+    "1": "issue 9 defect 1: a fold into a producer whose weight is >= 1 KiB, then another candidate on it, "
+         "crash the command line (FileNotFoundError <input dir>/<OUT>.onnx.data)",
     "2": "issue 9 defect 2: an input dimension written as dim_value -1 crashes verification",
     "3": "issue 9 defect 3: Unsqueeze-1/11 with shuffled or negative axes evaluated by onnx.reference folds wrongly",
 }
