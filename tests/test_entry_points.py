@@ -14,8 +14,8 @@ both sides of each size threshold in onnxfold: DataSink.THRESHOLD = 1024 B (512 
 4 KiB), fold.py CACHE_BYTES = 64 KiB (4 KiB, 80 KiB) and the 1 MiB alignment in DataSink._reserve
 (80 KiB, 2 MiB).
 
-Tests marked xfail(strict=True) exercise a defect listed in issue 9 that other work is fixing; each
-reason names it. When the fix lands the test XPASSes, which fails the run: remove the mark then.
+Issue 9's defects 1 (chained folds through the command line), 6 (graphsurgeon MatMul -> Gemm) and 7
+(a BatchNormalization left in a function, missing from report.left) failed here before their fixes.
 """
 
 from __future__ import annotations
@@ -441,26 +441,8 @@ ENTRY_POINTS = {
 CLI_PATHS = ["cli", "cli_ext_always", "cli_ext_never", "cli_no_verify", "cli_external_input", "folder"]
 
 
-def _known_defect(family: str, entry: str, size: str) -> str | None:
-    """The issue 9 defect a combination exercises, or None. Used only for xfail(strict=True): remove a
-    branch when its fix lands (the tests then XPASS, which fails the run)."""
-    cli_entry = entry not in ("fold_model", "graphproto", "graphsurgeon")
-    if family in CHAINS and cli_entry and size != "512B":
-        return ("issue 9 defect 1: after a fold into a producer whose weight is >= 1 KiB, the next candidate on "
-                "it (folded or declined) reads the streamed weight relative to the input's folder "
-                "(FileNotFoundError <input dir>/<OUT>.onnx.data)")
-    if family.startswith("matmul_") and entry == "graphsurgeon":
-        return ("issue 9 defect 6: the gs entry point leaves a MatMul with three inputs (op type Gemm and its "
-                "attributes not carried back)")
-    if family == "function_left" and entry in ("fold_model", *CLI_PATHS, "subprocess"):
-        return "issue 9 defect 7: a BatchNormalization left in a model-local function is missing from report.left"
-    return None
-
-
 def _param(family: str, entry: str, size: str):
-    reason = _known_defect(family, entry, size)
-    marks = [pytest.mark.xfail(strict=True, reason=reason)] if reason else []
-    return pytest.param(family, entry, size, id=f"{family}-{entry}-{size}", marks=marks)
+    return pytest.param(family, entry, size, id=f"{family}-{entry}-{size}")
 
 
 MATRIX = [_param(f, e, "4KiB") for f in FAMILIES for e in ENTRY_POINTS]
@@ -523,9 +505,7 @@ def test_folder_mode_with_two_workers(tmp_path):
     output checked like the single-file ones, and the totals add up."""
     chosen = {}
     for family in FAMILIES:
-        size = "4KiB" if _known_defect(family, "folder", "4KiB") is None else "512B"
-        if _known_defect(family, "folder", size):
-            continue
+        size = "4KiB"
         case = build(family, size)
         _save_input(case, tmp_path / "in" / family)
         chosen[family] = case

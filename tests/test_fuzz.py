@@ -39,10 +39,9 @@ CI: derandomized, ``DEFAULT_EXAMPLES`` examples. Longer runs: ``ONNXFOLD_FUZZ_EX
 random examples each run; hypothesis prints the falsifying spec and a ``@reproduce_failure`` blob),
 ``ONNXFOLD_FUZZ_SEED=N`` to pick the seed.
 
-Known defects of issue 9 that other work is fixing are kept out of the main test by ``AVOID`` (each
-entry says which trigger it keeps out); defects 1, 2 and 3 each have a test that forces their trigger,
-marked ``xfail(strict=True)`` (defect 6 is in test_entry_points.py). When a fix lands: remove its entry
-from AVOID and its xfail mark.
+The main test generates every trigger of issue 9's defects 1, 2, 3 and 6 among the rest; defects 1,
+2 and 3 also each have a test that forces their trigger in every example (they failed before the fixes).
+``AVOID`` keeps a trigger out of the main test, for a defect found and not yet fixed: it is empty.
 """
 
 from __future__ import annotations
@@ -71,12 +70,7 @@ SEED = os.environ.get("ONNXFOLD_FUZZ_SEED")
 OPSETS = list(range(7, 24))
 
 # Issue 9 defects being fixed elsewhere: the main fuzz test does not generate their triggers.
-AVOID = frozenset({
-    "1",  # the command line after a fold into a weight >= 1 KiB and another candidate (FileNotFoundError)
-    "2",  # an input dimension written as dim_value -1 (verification crashes)
-    "3",  # Unsqueeze before opset 13 with shuffled or negative axes (evaluated with onnx.reference: wrong)
-    "6",  # the onnx-graphsurgeon entry point on a MatMul that folds (left with three inputs)
-})
+AVOID: frozenset[str] = frozenset()
 
 
 def _settings(n=EXAMPLES):
@@ -580,10 +574,9 @@ KNOWN = {
 }
 
 
-@pytest.mark.parametrize("defect", [pytest.param(d, marks=pytest.mark.xfail(strict=True, reason=r), id=f"defect{d}")
-                                    for d, r in KNOWN.items()])
+@pytest.mark.parametrize("defect", [pytest.param(d, id=f"defect{d}") for d in KNOWN])
 def test_fuzz_known_defect(defect):
-    """The fuzzer aimed at one known defect (its trigger generated every time); strict xfail until fixed."""
+    """The fuzzer aimed at one of issue 9's defects (its trigger generated every time): a regression test."""
 
     @_settings(min(EXAMPLES, 25))
     @given(specs(avoid=AVOID - {defect}, force=defect))
