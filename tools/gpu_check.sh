@@ -19,7 +19,6 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
 python3 -c 'import onnxruntime as o; print(o.__version__, o.__file__, o.get_available_providers())'
 python3 -m pytest -q -p no:cacheprovider -rs tests/test_cuda.py tests/test_verify.py 2>&1 | tail -25
 mkdir -p /tmp/folded
-for m in models/*.onnx tests/corpus/*.onnx; do
-  [ -f "$m" ] || continue
+for m in models/*.onnx $(find tests/corpus -name '*.onnx' | sort); do
   python3 -m onnxfold "$m" "/tmp/folded/$(basename "$m")" --providers cpu,cuda -v 2>&1 | grep -E "verify on|ok  |FAIL|PASSED|FAILED|error" | head -12
 done
