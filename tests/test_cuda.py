@@ -29,7 +29,7 @@ def test_every_model_verifies_on_cuda_from_the_command_line(tmp_path, path):
     report = tmp_path / "report.json"
     proc = subprocess.run([sys.executable, "-m", "onnxfold", str(path), str(out), "--providers", "cpu,cuda",
                            "--report", str(report)], capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))})
     assert proc.returncode == 0, proc.stderr
     data = json.loads(report.read_text())
     onnx.checker.check_model(str(out), full_check=True)
@@ -48,6 +48,6 @@ def test_chain_with_large_weights_verifies_on_cuda(tmp_path):
     onnx.save(chain_model("conv_mul_bn_sub", channels=128, kernel=5), src)
     proc = subprocess.run([sys.executable, "-m", "onnxfold", str(src), str(tmp_path / "o.onnx"), "--providers",
                            "cuda", "--external-data", "always"], capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))})
     assert proc.returncode == 0, proc.stderr
     assert "verify on cuda (onnxruntime CUDAExecutionProvider" in proc.stderr

@@ -12,9 +12,8 @@ wheel=.gpuwheels/onnxruntime_gpu-1.31.1-cp312-cp312-manylinux_2_28_x86_64.whl
 cat .gpuwheels/p_*/ort.part.* > "$wheel"
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "$wheel" .gpuwheels/p_e/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
-# CUDA and cuDNN come as nvidia-* pip packages on this image: put their libraries on the loader's path
-libs=$(python3 -c 'import glob, site; print(":".join(sorted({p for s in site.getsitepackages() for p in glob.glob(s + "/nvidia/*/lib")})))')
-export LD_LIBRARY_PATH=${libs}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+# CUDA 13 and cuDNN 9 come as nvidia-* pip packages on that image; onnxruntime-gpu 1.31 finds them
+# itself (checked on an H200: --providers cpu,cuda passes with LD_LIBRARY_PATH unset)
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
 python3 -c 'import onnxruntime as o; print(o.__version__, o.__file__, o.get_available_providers())'
 python3 -m pytest -q -p no:cacheprovider -rs tests/test_cuda.py tests/test_verify.py 2>&1 | tail -25
