@@ -34,11 +34,17 @@ CONSTANT_EXPRESSION_OPS = frozenset(
     "Identity Cast CastLike Shape Size Slice Expand Concat Reshape Unsqueeze Squeeze Flatten Transpose "
     "Gather Tile Range Add Sub Mul Div Neg Sqrt Reciprocal".split()
 )
+_CONSTANT_MAKERS = CONSTANT_EXPRESSION_OPS | {"Constant", "ConstantOfShape"}
 MAX_ROUNDS = 16
 CACHE_BYTES = 1 << 16
 
 _CONSUMER_BY_OP = {op: c for c in CONSUMERS for op in c.op_types}
 _PRODUCER_BY_OP = {op: p for p in PRODUCERS for op in p.op_types}
+
+
+def _a(word: str) -> str:
+    """'a Mul', 'an Add', 'an Identity': the article by the op's first letter (close enough for op names)."""
+    return ("an " if word[:1] in "AEIOU" else "a ") + word
 
 
 def _node_label(node: onnx.NodeProto, index: int) -> str:
@@ -138,7 +144,7 @@ class Scope:
                         break
             else:
                 return self.index.evaluate(node, values)[list(node.output).index(name)]
-        raise NotFoldable(f"{what} '{name}' is computed by a {node.op_type} node, not a constant")
+        raise NotFoldable(f"{what} '{name}' is computed by {_a(node.op_type)} node, not a constant")
 
     def elem_type(self, name: str) -> int:
         """The declared element type of a tensor visible here, or 0 when nothing declares it."""
@@ -190,6 +196,27 @@ class Scope:
         except NotFoldable:
             return False
         return True
+
+    def constant_like(self, name: str, _seen: frozenset = frozenset()) -> bool:
+        """Whether ``name`` is made from constants alone (an initializer, a Constant node, or an
+        expression over them), whether or not onnxfold can evaluate it: the graph's structure only.
+        A candidate whose constant cannot be evaluated is then declined with the reason, not skipped."""
+        if name in _seen:  # a cycle (an invalid graph)
+            return False
+        scope = self
+        while scope is not None:
+            if name in scope.init:
+                return not scope.overridable(name)
+            if name in scope.producer:
+                node = scope.graph.node[scope.producer[name]]
+                if node.domain not in DEFAULT_DOMAINS or node.op_type not in _CONSTANT_MAKERS:
+                    return False
+                inputs = node.input[:1] if node.op_type == "CastLike" else node.input  # CastLike: only the dtype of the 2nd
+                return all(scope.constant_like(i, _seen | {name}) for i in inputs if i)
+            if name in scope.inputs:
+                return False
+            scope = scope.parent
+        return False
 
     # -- writing ---------------------------------------------------------------------------------
     def streams(self) -> bool:
@@ -604,7 +631,7 @@ def _find_producer(scope: Scope, node, consumer, rules):
         pnode = scope.graph.node[pi]
         producer = _PRODUCER_BY_OP.get(pnode.op_type) if pnode.domain in DEFAULT_DOMAINS else None
         if producer is None:
-            why = why or f"its input comes from a {pnode.op_type} node"
+            why = why or f"its input comes from {_a(pnode.op_type)} node"
             continue
         rule = rules.get((pnode.op_type, node.op_type))
         if rule is None:

@@ -323,7 +323,8 @@ class ArithmeticConsumer(Consumer):
     def is_candidate(self, scope, node, data_index):
         # Only an operand that is a constant makes this an affine of the other side: a residual Add
         # of two Convs is no candidate, not a decline.
-        return len(node.input) == 2 and scope.is_const(node.input[1 - data_index])
+        # "Constant" by structure: one whose value onnxfold cannot evaluate is declined with the reason.
+        return len(node.input) == 2 and scope.constant_like(node.input[1 - data_index])
 
     def affine(self, scope, node, data_index, w):
         if len(node.input) != 2:
