@@ -25,7 +25,7 @@ from .fold import fold_model
 from .io import DataSink, InputError, OutputBroken, check_output, commit, load, staged, write
 from .paths import check_report, data_files, plan_output, real
 from .rules import describe_rules, rule_names, select_rules
-from .verify import VerifyError, annotate, load_inputs, parse_shape, verify
+from .verify import VerifyError, annotate, check_providers, load_inputs, model_inputs, parse_shape, verify
 
 EXIT_OK, EXIT_VERIFY, EXIT_USAGE, EXIT_CHECK = 0, 1, 2, 3
 EXIT_BUG = 70  # EX_SOFTWARE: an unexpected exception, never 1 (which means "verification failed")
@@ -146,18 +146,30 @@ def _range(text: str) -> tuple[float, float]:
     return lo, hi
 
 
+def _prog() -> str:
+    """How the user ran us: ``python -m onnxfold`` or the ``onnxfold`` script."""
+    name = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else ""
+    return "python -m onnxfold" if name == "__main__.py" else "onnxfold"
+
+
 def main(argv: list[str] | None = None) -> int:
+    prog = _prog() if argv is None else "onnxfold"
     argv = sys.argv[1:] if argv is None else list(argv)
-    command = "onnxfold " + shlex.join(argv)
+    command = prog + " " + shlex.join(argv)
     start = time.perf_counter()
 
     def say(msg: str) -> None:
         print(msg, file=sys.stderr)
 
     def finish(code: int) -> int:
-        state = "PASSED" if code == EXIT_OK else "FAILED"
+        # --check finding something to fold is a finding, not a failure
+        state = {EXIT_OK: "PASSED", EXIT_CHECK: "FOLDABLE"}.get(code, "FAILED")
         say(f"{state} | Runtime: {time.perf_counter() - start:.2f}s | Command: {command}")
         return code
+
+    def error(text: str) -> int:  # a usage or input error: one line, exit 2
+        say(f"onnxfold: error: {text}")
+        return EXIT_USAGE
 
     handlers = {}
     _SIGNALLED.clear()
@@ -173,14 +185,11 @@ def main(argv: list[str] | None = None) -> int:
             _check_args(args)
             return finish(_run(args, say))
         except (InputError, VerifyError) as e:
-            say(f"onnxfold: error: {e}")
-            return finish(EXIT_USAGE)
+            return error(str(e))
         except OSError as e:  # the disk, permissions, names: the user's environment, in one line
-            say(f"onnxfold: error: {_os_error(e)}")
-            return finish(EXIT_USAGE)
+            return error(_os_error(e))
         except MemoryError:
-            say("onnxfold: error: out of memory")
-            return finish(EXIT_USAGE)
+            return error("out of memory")
         except (Interrupted, KeyboardInterrupt) as e:  # KeyboardInterrupt: a SIGINT before our handler
             return finish(_interrupted(getattr(e, "signum", signal.SIGINT), say))
         except OutputBroken as e:
@@ -229,6 +238,10 @@ def _check_args(args) -> None:
         if value is not None and not (math.isfinite(value) and value >= 0):
             raise InputError(f"--{name} {value}: expected a finite number >= 0")
     _range(args.input_range)
+    try:  # with nothing to verify, the names only
+        args.providers = check_providers(args.providers, available=not (args.no_verify or args.check))
+    except VerifyError as e:
+        raise InputError(str(e)) from None
     if isinstance(args.disable, str):
         args.disable = [args.disable]
     try:
@@ -268,6 +281,7 @@ def fold_file(args, src: Path, dst: Path | None, say, *, report_path=None, prote
     t = time.perf_counter()
     model, external = load(src)
     timings["load_s"] = time.perf_counter() - t
+    _check_inputs(model, shapes, feeds, args)
     reads = {real(src)} | data_files(model, src)
     plan = None
     if dst is not None:
@@ -278,7 +292,7 @@ def fold_file(args, src: Path, dst: Path | None, say, *, report_path=None, prote
     if dst is None:  # --check
         _, report = fold_model(model, disable=args.disable, copy=False, base_dir=src.parent)
         if not quiet:
-            say(report.summary(verbose=args.verbose))
+            say(report.summary(verbose=args.verbose, check=True))
         data.update(report.to_dict(), timings={**timings, "fold_s": report.seconds})
         data["status"] = "foldable" if report.folded else "nothing to fold"
         _write_json(report_path, data)
@@ -350,6 +364,21 @@ def fold_file(args, src: Path, dst: Path | None, say, *, report_path=None, prote
     if not quiet:
         say(f"wrote {dst}" + (f" (+ {files[1].name})" if len(files) > 1 else ""))
     return (EXIT_OK if result is None or result else EXIT_VERIFY), data
+
+
+def _check_inputs(model, shapes: dict, feeds: dict | None, args) -> None:
+    """--input-shape and --inputs against the model's inputs, before any work (verification would
+    find out only after the fold)."""
+    if args.no_verify or args.check or not (shapes or feeds):
+        return
+    names = [v.name for v in model_inputs(model)]
+    unknown = sorted(set(shapes) - set(names))
+    if unknown:
+        raise InputError(f"--input-shape names no input of the model: {', '.join(unknown)} "
+                         f"(its inputs: {', '.join(names)})")
+    missing = [n for n in names if feeds is not None and n not in feeds]
+    if missing:
+        raise InputError(f"--inputs {args.inputs}: lacks the model's input(s) {', '.join(missing)}")
 
 
 def _verification(result) -> dict:
@@ -521,7 +550,7 @@ def _run_folder(args, say) -> int:
             out = dst_dir / rel
             out.parent.mkdir(parents=True, exist_ok=True)
         jobs.append((str(path), None if out is None else str(out), frozenset(inputs - {real(path)})))
-    options = {**vars(args), "quiet": True, "report": None}
+    options = {**vars(args), "report": None}  # each model's messages are collected, shown below
     results: dict[str, tuple[int, dict, list[str]]] = {}
     from tqdm import tqdm
 
@@ -552,7 +581,11 @@ def _run_folder(args, say) -> int:
     bar.close()
     rows = [results[s] for s, _, _ in jobs]
     for code, data, lines in rows:
-        if code not in (EXIT_OK, EXIT_CHECK) and lines:
+        failed = code not in (EXIT_OK, EXIT_CHECK)
+        if failed and args.quiet:  # one line a model, whatever it was (a traceback is in the report)
+            status = data.get("status") or ""
+            say(f"{data['input']}: {status.splitlines()[0] if status else ''}")
+        elif (failed or args.verbose) and lines:
             say(f"{data['input']}:")
             say("\n".join("  " + line for line in "\n".join(lines).splitlines()))
     if not args.quiet:
@@ -586,11 +619,17 @@ def _table(root: Path, rows) -> str:
             str(len(data.get("declined", []))) if "declined" in data else "-",
             "-" if err is None else f"{err:.2g}",
             f"{data.get('seconds', 0):.2f}",
-            data.get("status", ""),
+            _cell(data.get("status", "")),
         ))
     widths = [max(len(h), *(len(r[i]) for r in lines)) for i, h in enumerate(header)]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
     return "\n".join([fmt.format(*header), fmt.format(*("-" * w for w in widths))] + [fmt.format(*r) for r in lines])
+
+
+def _cell(text: str, width: int = 48) -> str:
+    """A table cell: the first line, cut to ``width`` (the whole message is printed above the table)."""
+    line = text.splitlines()[0] if text else ""
+    return line if len(line) <= width else line[: width - 3] + "..."
 
 
 def console() -> None:

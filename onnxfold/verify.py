@@ -384,6 +384,38 @@ def batch_norm(x, scale, bias, mean, var, *, since: int, outputs=(True,), epsilo
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
 
+def check_providers(providers, *, available: bool = True) -> list[str]:
+    """The providers named ("cpu,cuda" or a list), checked before any work: each known and, with
+    ``available``, each one other than the CPU available in this onnxruntime build. onnxruntime is
+    asked in a child process unless it is already imported (verification forks from a parent that
+    has not imported it)."""
+    if isinstance(providers, str):
+        providers = [p.strip() for p in providers.split(",") if p.strip()]
+    providers = list(providers)
+    if not providers:
+        raise VerifyError("--providers names no provider; choose from " + ", ".join(PROVIDERS))
+    for p in providers:
+        if p not in PROVIDERS:
+            raise VerifyError(f"unknown provider {p!r}; choose from {', '.join(PROVIDERS)}")
+    wanted = [PROVIDERS[p] for p in providers if p != "cpu"]
+    if wanted and available:
+        if "onnxruntime" in sys.modules:
+            available = sys.modules["onnxruntime"].get_available_providers()
+        else:
+            import subprocess
+
+            proc = subprocess.run([sys.executable, "-c", "import onnxruntime; print(','.join("
+                                   "onnxruntime.get_available_providers()))"], capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise VerifyError("cannot import onnxruntime: " + (proc.stderr.strip().splitlines() or ["?"])[-1])
+            available = proc.stdout.strip().split(",")
+        for name in wanted:
+            if name not in available:
+                raise VerifyError(f"{name} is not available in this onnxruntime build (available: "
+                                  f"{', '.join(available)})")
+    return providers
+
+
 def _session(source, data_dir: str | None = None, *, provider: str):
     import onnxruntime as ort
 
@@ -1004,8 +1036,6 @@ def verify(
     if isinstance(providers, str):
         providers = [p for p in providers.split(",") if p]
     for which, model in (("original", reference), ("folded", candidate)):
-        if not isinstance(model, (onnx.ModelProto, str, os.PathLike)):
-            raise VerifyError(f"the {which} model must be an onnx.ModelProto or a path, not {type(model).__name__}")
         if not isinstance(model, onnx.ModelProto) and not Path(model).is_file():
             raise VerifyError(f"{model}: no such file")
     ref_model = reference if isinstance(reference, onnx.ModelProto) else onnx.load(str(reference), load_external_data=False)

@@ -36,7 +36,7 @@ def assert_clean_error(proc, code, text):
     assert "Traceback" not in proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("onnxfold: error:")]
     assert len(errors) == 1 and text in errors[0], proc.stderr
-    assert proc.stderr.strip().splitlines()[-1].startswith("FAILED | Runtime:")
+    assert proc.stderr.strip().splitlines() == errors  # one line and nothing else (no FAILED line)
 
 
 def test_folds_a_model_and_prints_the_summary(tmp_path):
