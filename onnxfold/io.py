@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 import tempfile
 from pathlib import Path
 
@@ -618,27 +619,95 @@ def commit(files: list[Path], destination: Path, *, mode: int | None = None, sta
 
 def check_output(path: Path, src: Path, *, session: bool) -> list[str]:
     """Exit 0 promises a model that loads: ``onnx.checker`` on the written file (from its path, so external
-    data is checked where it lies) and, when verification did not already run it, an onnxruntime session.
+    data is checked where it lies) and, when verification did not already run it, an onnxruntime session,
+    in a child process where it can fork (a crash of the runtime cannot take onnxfold down), at the same
+    time as the checker.
 
     A failure is onnxfold's fault, not the user's (:class:`OutputBroken`), unless the input fails the
     same way: then it is a warning (returned) about the input, which onnxfold does not repair.
     """
-    warnings = []
-    checks = [("onnx.checker", lambda p: onnx.checker.check_model(str(p)))]
-    if session:
-        checks.append(("onnxruntime", _session))
-    for name, check in checks:
-        try:
-            check(path)
-        except Exception as e:
-            try:
-                check(src)
-            except Exception:
-                warnings.append(f"{name} rejects the input too ({_first_line(e)}): written as it was given")
-                continue
-            raise OutputBroken(f"{name} rejects the written model, though it accepts the input: "
-                               f"{_first_line(e)}") from e
+    warnings: list[str] = []
+    loading = _Background(_session, path) if session else None  # while this process runs the checker
+    try:
+        _judge("onnx.checker", _run_here(_checker, path), lambda: _run_here(_checker, src), warnings)
+        if loading is not None:
+            _judge("onnxruntime", loading.result(), lambda: _Background(_session, src).result(), warnings)
+    finally:
+        if loading is not None:
+            loading.close()
     return warnings
+
+
+def _judge(name: str, error: str | None, input_error, warnings: list[str]) -> None:
+    if error is None:
+        return
+    if input_error() is not None:
+        warnings.append(f"{name} rejects the input too ({error}): written as it was given")
+        return
+    raise OutputBroken(f"{name} rejects the written model, though it accepts the input: {error}")
+
+
+def _checker(path: Path) -> None:
+    onnx.checker.check_model(str(path))
+
+
+def _run_here(fn, path) -> str | None:
+    try:
+        fn(path)
+    except Exception as e:
+        return _first_line(e)
+    return None
+
+
+class _Background:
+    """``fn(path)`` in a forked child while this process goes on; :meth:`result` is None or the error's
+    first line. Runs in this process, at :meth:`result`, where forking is not safe (onnxruntime already
+    loaded here, other threads, not Linux)."""
+
+    def __init__(self, fn, path):
+        from .verify import _can_fork
+
+        self.fn, self.path, self.pid = fn, path, None
+        if not _can_fork():
+            return
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: never runs the parent's handlers or cleanup
+            code = 0
+            try:
+                os.close(r)
+                for signum in (signal.SIGINT, signal.SIGTERM):
+                    signal.signal(signum, signal.SIG_DFL)
+                error = _run_here(fn, path)
+                os.write(w, (error or "").encode()[:4096])
+            except BaseException:
+                code = 1
+            finally:
+                os._exit(code)
+        os.close(w)
+        self.pid, self.fd = pid, r
+
+    def result(self) -> str | None:
+        if self.pid is None:
+            return _run_here(self.fn, self.path)
+        with os.fdopen(self.fd, "rb") as f:
+            message = f.read().decode(errors="replace")
+        code = os.waitstatus_to_exitcode(os.waitpid(self.pid, 0)[1])
+        self.pid = None
+        if code < 0:
+            return f"onnxruntime crashed (signal {-code}) loading it"
+        if code:
+            return f"the check ended with exit code {code}"
+        return message or None
+
+    def close(self) -> None:
+        """Stop the child if its result was never asked for (the parent was interrupted)."""
+        if self.pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGKILL)
+            os.waitpid(self.pid, 0)
+            os.close(self.fd)
+            self.pid = None
 
 
 def _session(path: Path) -> None:

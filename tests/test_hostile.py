@@ -433,3 +433,30 @@ def test_single_file_output_over_the_limit_falls_back_to_external_data_whole(tmp
     assert code == 0, capsys.readouterr().err
     assert sorted(os.listdir(tmp_path)) == ["m.onnx", "o.onnx", "o.onnx.data"]
     assert verify(src, tmp_path / "o.onnx")
+
+
+@pytest.mark.parametrize("worker", ["fork", "spawn"])
+def test_a_written_model_onnxruntime_rejects_is_never_exit_0(tmp_path, monkeypatch, capsys, worker):
+    """With --no-verify, the written model is loaded in onnxruntime before the commit, in a child process
+    (fork) or, where forking is not safe, here: one that onnxruntime rejects (simulated) is a bug, exit 70,
+    nothing written; the input, which it accepts, is checked to tell the two apart."""
+    import importlib
+
+    from onnxfold import cli as cli_module
+    from onnxfold import io
+
+    monkeypatch.setattr(importlib.import_module("onnxfold.verify"), "WORKER", worker)
+    real_session = io._session
+    src = save(conv_bn_model(), tmp_path / "m.onnx")
+
+    def picky(path):
+        if Path(path) != src:
+            raise RuntimeError("planted: onnxruntime refuses this model")
+        real_session(path)
+
+    monkeypatch.setattr(io, "_session", picky)
+    code = cli_module.main([str(src), str(tmp_path / "o.onnx"), "--no-verify"])
+    err = capsys.readouterr().err
+    assert code == 70, err
+    assert "onnxruntime rejects the written model, though it accepts the input: planted" in err
+    nothing_at(tmp_path, "m.onnx")
