@@ -40,13 +40,11 @@ _spec.loader.exec_module(corpus)
 
 pytestmark = pytest.mark.corpus
 
-# Defects of issue 9 that these models hit on the code at eadbfe9, by path in the corpus: the command line
-# is expected to fail with this text in its output (strict: once the defect is fixed the test
-# passes its checks and then fails, telling to delete the entry here). A list gives the defects in
-# the order a model meets them (one hides the next).
-# Models that hit a known defect, as an expected failure matching the defect's exact error text.
-# Issue 9's defects 1, 2 and 8 (10 models crashed with FileNotFoundError on chained folds, 1 on a
-# dim_value of -1, PaddleOCR's detector was a false alarm) are fixed: none is left.
+# Known defects, by path in the corpus: {path: (name, text)} or a list of them in the order a model
+# meets them. The command line is expected to fail with that text in its output (strict: once fixed,
+# the test passes its checks and then fails, telling to delete the entry). Issue 9's defects 1, 2 and 8
+# (10 models crashed with FileNotFoundError on chained folds, 1 on a dim_value of -1, PaddleOCR's
+# detector was a false alarm) are fixed: none is left.
 KNOWN_DEFECTS: dict = {}
 
 
