@@ -349,8 +349,10 @@ def fold_file(args, src: Path, dst: Path | None, say, *, report_path=None, prote
                 _write_json(report_path, data)
                 return EXIT_VERIFY, data
         # Exit 0 promises a model that loads: check it where it lies, before it replaces anything.
+        t = time.perf_counter()
         for w in check_output(tmp, src, session=result is None):
             say(f"warning: {w}")
+        timings["check_s"] = time.perf_counter() - t
         data.update(timings=timings, status="written" if result is None or result else "verification failed, written")
         staged_report = _stage_json(report_path, data)
         try:
