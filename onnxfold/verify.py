@@ -70,6 +70,8 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from .rules import DEFAULT_EPSILON
+
 # Default tolerances by output dtype: (atol as a fraction of the output's scale, rtol).
 TOLERANCES = {
     "float64": (1e-10, 1e-10),
@@ -335,7 +337,7 @@ def _reference_ops() -> list:
     return [_BN]
 
 
-def batch_norm(x, scale, bias, mean, var, *, since: int, outputs=(True,), epsilon=float(np.float32(1e-5)), momentum=0.9,
+def batch_norm(x, scale, bias, mean, var, *, since: int, outputs=(True,), epsilon=DEFAULT_EPSILON, momentum=0.9,
                is_test=0, spatial=1, training_mode=0, **_ignored):
     """BatchNormalization-``since`` (6, 7, 9, 14, 15) as its spec defines it, computed in float64.
     ``epsilon`` is a float attribute: its default 1e-5 is the float32 nearest 1e-5, as when written.
