@@ -75,7 +75,8 @@ class FoldReport:
         folded_bn = self.bn_before - self.bn_after
         others = sum(1 for f in self.folded if not f.rule.endswith("_bn") and not f.rule.startswith("bn_"))
         lines = [
-            ("foldable (nothing changed, --check): " if check else "folded ")
+            (("foldable (nothing changed, --check): " if self.folded else "nothing to fold (--check): ") if check
+             else "folded ")
             + f"{folded_bn} of {self.bn_before} BatchNormalization"
             + (f" and {others} Mul/Add/Sub/Div" if others else "")
             + (f" ({rules})" if rules else "")

@@ -26,6 +26,7 @@ def test_check_with_nothing_to_fold_passes(tmp_path):
     assert cli(MODELS / "resnet_block.onnx", folded, "-q").returncode == 0
     proc = cli(folded, "--check")
     assert proc.returncode == 0 and proc.stderr.strip().splitlines()[-1].startswith("PASSED | "), proc.stderr
+    assert proc.stderr.startswith("nothing to fold (--check): 0 of 0 BatchNormalization"), proc.stderr
 
 
 def _one_line(proc, text):
