@@ -12,7 +12,8 @@ from __future__ import annotations
 import onnx
 from onnx import numpy_helper
 
-from .fold import _subgraphs, fold_model
+from .fold import fold_model
+from .io import all_graphs
 
 
 def _gs_graphs(graph):
@@ -25,13 +26,6 @@ def _gs_graphs(graph):
             for sub in subs:
                 if isinstance(sub, gs.Graph):
                     yield from _gs_graphs(sub)
-
-
-def _proto_graphs(graph: onnx.GraphProto):
-    yield graph
-    for node in graph.node:
-        for _, sub in _subgraphs(node):
-            yield from _proto_graphs(sub)
 
 
 def fold_graph(graph, *, disable=()):
@@ -75,7 +69,7 @@ def _apply(graphs, folded: onnx.ModelProto) -> None:
 
     by_name: dict[str, onnx.NodeProto] = {}
     constants: dict[str, onnx.TensorProto] = {}
-    for g in _proto_graphs(folded.graph):
+    for g in all_graphs(folded.graph):
         for t in g.initializer:
             constants[t.name] = t
         for node in g.node:

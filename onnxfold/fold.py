@@ -23,7 +23,7 @@ from onnx import helper, numpy_helper
 
 from . import constexpr
 from .affine import NotFoldable, RowScaled, iter_cast
-from .io import copy_fields, read_tensor
+from .io import all_graphs, copy_fields, read_tensor
 from .report import Declined, Folded, FoldReport, Left
 from .rules import CONSUMERS, PRODUCERS, select_rules
 
@@ -733,10 +733,8 @@ def _infer_ranks(model: onnx.ModelProto) -> dict[str, int]:
 
 
 def _all_value_infos(graph: onnx.GraphProto):
-    yield from (*graph.input, *graph.value_info, *graph.output)
-    for node in graph.node:
-        for _, sub in _subgraphs(node):
-            yield from _all_value_infos(sub)
+    for g in all_graphs(graph):
+        yield from (*g.input, *g.value_info, *g.output)
 
 
 def _delete_where(repeated, predicate) -> None:

@@ -54,7 +54,7 @@ def load(path: str | os.PathLike) -> tuple[onnx.ModelProto, bool]:
             sizes[data] = data.stat().st_size
         if offset + length > sizes[data]:
             raise InputError(f"{path}: tensor {tensor.name!r} lies past the end of {location!r} (truncated?)")
-    for graph in _graphs(model.graph):
+    for graph in all_graphs(model.graph):
         _check_acyclic(graph.node, f"{path}: graph {graph.name!r}")
     for fn in model.functions:
         _check_acyclic(fn.node, f"{path}: function {fn.name!r}")
@@ -67,20 +67,21 @@ _MAX_ELEMENTS = 1 << 40  # more than any real model: a larger count is a corrupt
 def _every_tensor(model: onnx.ModelProto):
     """Every TensorProto of the model: initializers, attribute values, sparse initializers' parts."""
     yield from external_data_helper._get_all_tensors(model)
-    for graph in _graphs(model.graph):
+    for graph in all_graphs(model.graph):
         for sparse in graph.sparse_initializer:
             yield sparse.values
             yield sparse.indices
 
 
-def _graphs(graph: onnx.GraphProto):
+def all_graphs(graph: onnx.GraphProto):
+    """``graph`` and every subgraph below it (If/Loop/Scan bodies, at any depth)."""
     yield graph
     for node in graph.node:
         for attr in node.attribute:
             if attr.HasField("g"):
-                yield from _graphs(attr.g)
+                yield from all_graphs(attr.g)
             for g in attr.graphs:
-                yield from _graphs(g)
+                yield from all_graphs(g)
 
 
 def nbytes(tensor: onnx.TensorProto, where="") -> int:
@@ -480,7 +481,7 @@ def copy_fields(src, dst, skip=()) -> None:
 
 def _inline_sparse(model: onnx.ModelProto, base_dir) -> None:
     """Sparse initializers keep their data: external parts are read in (they are small by nature)."""
-    for graph in _graphs(model.graph):
+    for graph in all_graphs(model.graph):
         for sparse in graph.sparse_initializer:
             for part in (sparse.values, sparse.indices):
                 if external_data_helper.uses_external_data(part):

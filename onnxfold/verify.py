@@ -70,6 +70,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from .io import PROTOBUF_LIMIT, all_graphs
 from .rules import DEFAULT_EPSILON
 
 # Default tolerances by output dtype: (atol as a fraction of the output's scale, rtol).
@@ -88,10 +89,11 @@ EPS = {"float64": 2.0**-52, "float32": 2.0**-23, "float16": 2.0**-10, "bfloat16"
 def floor(dtype: str) -> float:
     """FLOOR[dtype]: the smallest atol, as a fraction of the scale of the tensors a value comes from."""
     return min(TOLERANCES[dtype][0], FLOOR_ULPS * EPS[dtype])
+
+
 DEFAULT_RANGE = (-1.0, 1.0)
 DEFAULT_BATCH = 1
 DEFAULT_DIM = 32
-PROTOBUF_LIMIT = 2**31 - 1
 _ELEM_TYPES = {"float32": onnx.TensorProto.FLOAT, "float16": onnx.TensorProto.FLOAT16,
                "float64": onnx.TensorProto.DOUBLE, "bfloat16": onnx.TensorProto.BFLOAT16}
 
@@ -922,14 +924,11 @@ def _feeders(model: onnx.ModelProto, wanted: set[str]) -> dict[str, list[str]]:
 
     def reads(node):
         names = list(node.input)
-        stack = [a.g for a in node.attribute if a.type == onnx.AttributeProto.GRAPH]
-        stack += [g for a in node.attribute if a.type == onnx.AttributeProto.GRAPHS for g in a.graphs]
-        while stack:
-            g = stack.pop()
-            for n in g.node:
-                names.extend(n.input)
-                stack += [a.g for a in n.attribute if a.type == onnx.AttributeProto.GRAPH]
-                stack += [s for a in n.attribute if a.type == onnx.AttributeProto.GRAPHS for s in a.graphs]
+        for a in node.attribute:
+            for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
+                for g in all_graphs(sub):
+                    for n in g.node:
+                        names.extend(n.input)
         return [x for x in names if x]
 
     result = {}
