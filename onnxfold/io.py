@@ -426,8 +426,6 @@ def staged(path: str | os.PathLike):
 @contextlib.contextmanager
 def signals_deferred():
     """SIGINT and SIGTERM wait (blocked, not lost) until the block is done."""
-    import signal
-
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
     try:
         yield
@@ -712,11 +710,10 @@ class _Background:
 
 
 def _session(path: Path) -> None:
-    import onnxruntime as ort
+    """Load the model at ``path`` in onnxruntime, as verification does (CPU, optimizations off)."""
+    from .verify import _session as session
 
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    session(str(path), provider="cpu")
 
 
 class OutputBroken(Exception):
