@@ -68,6 +68,19 @@ def _os_error(e: OSError) -> str:
     return f"{e.filename}: {what}" if e.filename else what
 
 
+# What a user's input or environment causes (a bad file or option; the disk, permissions, names; memory):
+# one line and exit 2, for one model or for one model of a folder.
+USER_ERRORS = (InputError, VerifyError, OSError, MemoryError)
+
+
+def _user_error(e: BaseException) -> str:
+    if isinstance(e, MemoryError):
+        return "out of memory"
+    if isinstance(e, OSError):
+        return _os_error(e)
+    return str(e)
+
+
 def _negative(text: str) -> bool:
     return len(text) > 1 and text[0] == "-" and (text[1].isdigit() or text[1] == ".")
 
@@ -184,12 +197,8 @@ def main(argv: list[str] | None = None) -> int:
                 return EXIT_OK
             _check_args(args)
             return finish(_run(args, say))
-        except (InputError, VerifyError) as e:
-            return error(str(e))
-        except OSError as e:  # the disk, permissions, names: the user's environment, in one line
-            return error(_os_error(e))
-        except MemoryError:
-            return error("out of memory")
+        except USER_ERRORS as e:
+            return error(_user_error(e))
         except (Interrupted, KeyboardInterrupt) as e:  # KeyboardInterrupt: a SIGINT before our handler
             return finish(_interrupted(getattr(e, "signum", signal.SIGINT), say))
         except OutputBroken as e:
@@ -483,15 +492,9 @@ def _folder_job(options: dict, src: str, dst: str | None, protect=frozenset(),
     try:
         code, data = fold_file(args, Path(src), None if dst is None else Path(dst), lines.append,
                                protect=protect, shared_folder=shared_folder)
-    except (InputError, VerifyError) as e:
-        code, data = EXIT_USAGE, {"input": src, "output": dst, "status": f"error: {e}"}
-        lines.append(f"onnxfold: error: {e}")
-    except OSError as e:
-        code, data = EXIT_USAGE, {"input": src, "output": dst, "status": f"error: {_os_error(e)}"}
-        lines.append(f"onnxfold: error: {_os_error(e)}")
-    except MemoryError:
-        code, data = EXIT_USAGE, {"input": src, "output": dst, "status": "error: out of memory"}
-        lines.append("onnxfold: error: out of memory")
+    except USER_ERRORS as e:
+        code, data = EXIT_USAGE, {"input": src, "output": dst, "status": f"error: {_user_error(e)}"}
+        lines.append(f"onnxfold: error: {_user_error(e)}")
     except (Interrupted, KeyboardInterrupt) as e:
         if _IN_WORKER:  # temp folder removed on the way here; a worker does not go on with other models
             os._exit(128 + getattr(e, "signum", signal.SIGINT))
