@@ -1,4 +1,5 @@
-"""onnxfold: fold BatchNormalization into the Conv or ConvTranspose before it, and prove it.
+"""onnxfold: fold BatchNormalization (and per-channel Mul/Add/Sub/Div) into the Conv, ConvTranspose,
+Gemm or MatMul next to it, and prove the folded model equivalent.
 
     from onnxfold import fold_conv_bn, fold_model, verify
 

@@ -13,8 +13,9 @@ A producer that owns per-output-channel weights absorbs it:
 
 which is the same as ``b' = (b - mean) * scale + beta`` for BatchNormalization.
 
-Everything is computed in float64; :func:`cast_finite` casts the result once to the model's
-dtype and refuses values that do not fit it (float16 overflows past 65504).
+Everything is computed in float64; :func:`iter_cast` casts the result once to the model's dtype,
+a block of rows at a time, and refuses values that do not fit it (float16 overflows past 65504).
+:func:`cast_finite` is the same for a whole array at once.
 """
 
 from __future__ import annotations

@@ -24,6 +24,14 @@ class Folded:
     atol: float | None = None  # the tolerance of the channel nearest to (or past) it
     passed: bool | None = None
     note: str = ""  # why it was not compared at its own tensor
+    # the op type of the affine node the fold removed (BatchNormalization, Mul ...); for the summary,
+    # not part of the JSON report (its schema is the command line's contract)
+    removed: str = field(default="", repr=False)
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        del data["removed"]
+        return data
 
     def check_line(self) -> str:
         """One line for -v: this fold's own check."""
@@ -73,7 +81,7 @@ class FoldReport:
         by_rule = Counter(f.rule for f in self.folded)
         rules = ", ".join(f"{k}: {v}" for k, v in sorted(by_rule.items()))
         folded_bn = self.bn_before - self.bn_after
-        others = sum(1 for f in self.folded if not f.rule.endswith("_bn") and not f.rule.startswith("bn_"))
+        others = sum(1 for f in self.folded if f.removed != "BatchNormalization")
         lines = [
             (("foldable (nothing changed, --check): " if self.folded else "nothing to fold (--check): ") if check
              else "folded ")
@@ -99,7 +107,7 @@ class FoldReport:
             "bn_after": self.bn_after,
             "rounds": self.rounds,
             "seconds": self.seconds,
-            "folded": [asdict(f) for f in self.folded],
+            "folded": [f.to_dict() for f in self.folded],
             "declined": [asdict(d) for d in self.declined],
             "left": [asdict(x) for x in self.left],
             "inlined_functions": list(self.inlined),

@@ -116,7 +116,7 @@ def initializers_to_constants(graph: onnx.GraphProto) -> onnx.GraphProto:
 
 
 def count(model: onnx.ModelProto, op_type: str) -> int:
-    from onnxfold.fold import count_ops
+    from onnxfold.graph import count_ops
 
     return count_ops(model, op_type)
 

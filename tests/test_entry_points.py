@@ -460,7 +460,7 @@ def test_entry_point(family, entry, size, tmp_path):
 
 def test_size_table_straddles_each_threshold():
     """The sizes above sit on both sides of every threshold they are meant to (guards against drift)."""
-    from onnxfold.fold import CACHE_BYTES
+    from onnxfold.constants import CACHE_BYTES
     from onnxfold.io import DataSink
 
     conv_bytes = {s: int(np.prod([c[0], c[1], c[2], c[2]])) * 4 for s, (c, _) in SIZES.items()}

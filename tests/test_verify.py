@@ -55,7 +55,7 @@ def test_dropped_epsilon_is_caught():
 
 PLANT = """
 import sys
-import onnxfold.rules as rules
+import onnxfold.rules.consumers as rules
 real = rules.bn_affine
 rules.bn_affine = lambda g, b, m, v, eps: real(g, b, m, v, 0.0)   # the planted bug: epsilon dropped
 from onnxfold.cli import main

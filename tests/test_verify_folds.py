@@ -269,7 +269,7 @@ def test_a_fold_that_flips_a_small_channel_fails_per_channel():
 FLIP = """
 import sys
 import numpy as np
-import onnxfold.rules as rules
+import onnxfold.rules.consumers as rules
 real = rules.bn_affine
 def flipped(*args):                      # the planted bug: channel 1 of every BatchNormalization negated
     scale, shift = real(*args)

@@ -1,0 +1,145 @@
+"""Constant resolution: the value of a tensor that does not depend on the graph's inputs.
+
+A value is constant when it is, in this graph or an enclosing one:
+
+- an initializer, unless it is also a graph input in IR >= 4 (then it can be fed at run time);
+- made by a Constant node, or by ConstantOfShape of a constant shape;
+- made by an op of :data:`CONSTANT_EXPRESSION_OPS` from constants, evaluated exactly as the ONNX
+  specification says at the model's opset (:mod:`onnxfold.constexpr`; what it cannot evaluate exactly
+  is declined with the reason). Exporters compute biases and transposed weights this way: torch's
+  dynamo exporter makes a bias-free Conv's zero bias with Shape -> Expand -> CastLike;
+- a tensor an earlier fold of this run wrote, wherever it was written (the output's data file
+  included: :func:`onnxfold.io.read_tensor` asks the sink).
+
+Small values (statistics, shapes) are kept once read; weights are read when asked and not held.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from . import constexpr
+from .affine import NotFoldable
+from .io import read_tensor
+
+if TYPE_CHECKING:
+    from .graph import GraphView
+
+DEFAULT_DOMAINS = ("", "ai.onnx")
+CONSTANT_EXPRESSION_OPS = frozenset(
+    "Identity Cast CastLike Shape Size Slice Expand Concat Reshape Unsqueeze Squeeze Flatten Transpose "
+    "Gather Tile Range Add Sub Mul Div Neg Sqrt Reciprocal".split()
+)
+CONSTANT_MAKERS = CONSTANT_EXPRESSION_OPS | {"Constant", "ConstantOfShape"}
+CACHE_BYTES = 1 << 16
+
+
+def a(word: str) -> str:
+    """'a Mul', 'an Add', 'an Identity': the article by the op's first letter (close enough for op names)."""
+    return ("an " if word[:1] in "AEIOU" else "a ") + word
+
+
+class Constants:
+    """The constants visible in one graph (and, through its parent, in the graphs around it)."""
+
+    def __init__(self, view: GraphView):
+        self.view = view
+        self._cache: dict[str, np.ndarray] = {}
+
+    def overridable(self, name: str) -> bool:
+        """An initializer that is also a graph input can be fed at run time (IR >= 4)."""
+        return name in self.view.inputs and self.view.model.ir_version >= 4
+
+    def value(self, name: str, what: str) -> np.ndarray:
+        """The value of a constant tensor, or NotFoldable saying why it is not one (``what`` names it)."""
+        view: GraphView | None = self.view
+        while view is not None:
+            here = view.constants
+            if name in here._cache:
+                return here._cache[name]
+            if name in view.init:
+                if here.overridable(name):
+                    raise NotFoldable(
+                        f"{what} '{name}' is an initializer that is also a graph input (IR version "
+                        f"{view.model.ir_version}), so it can be fed at run time"
+                    )
+                value = read_tensor(view.graph.initializer[view.init[name]], view.model.base_dir, view.model.sink)
+            elif name in view.producer:
+                value = here._made_by(view.graph.node[view.producer[name]], name, what)
+            elif name in view.inputs:
+                raise NotFoldable(f"{what} '{name}' is a graph input, not a constant")
+            else:
+                view = view.parent
+                continue
+            if value.nbytes <= CACHE_BYTES:  # statistics, shapes; weights are read once, not held
+                here._cache[name] = value
+            return value
+        raise NotFoldable(f"{what} '{name}' is not defined in this graph or an enclosing one")
+
+    def _made_by(self, node: onnx.NodeProto, name: str, what: str) -> np.ndarray:
+        op = node.op_type if node.domain in DEFAULT_DOMAINS else ""
+        model = self.view.model
+        since = model.since_version(node.op_type)
+        if op == "Constant":
+            try:
+                return constexpr.constant_value(node, since, lambda t: read_tensor(t, model.base_dir))
+            except NotFoldable as e:
+                raise NotFoldable(f"{what} '{name}' is a Constant node that is not folded: {e}") from None
+        if op == "ConstantOfShape":
+            if not node.input or not node.input[0]:
+                raise NotFoldable(f"{what} '{name}' is made by a ConstantOfShape node without a shape")
+            shape = self.value(node.input[0], f"shape of {what}")
+            try:
+                return constexpr.constant_of_shape(node, shape, since)
+            except NotFoldable as e:
+                raise NotFoldable(f"{what} '{name}' is made by a ConstantOfShape node that is not folded: {e}") from None
+        if op == "CastLike" and len(node.input) == 2 and self.view.elem_type(node.input[1]):
+            return self._cast_like(node, name, what)
+        if op in CONSTANT_EXPRESSION_OPS and node.input:
+            values = {}
+            for inp in node.input:
+                if inp:
+                    try:
+                        values[inp] = self.value(inp, f"input of the {op} making {what}")
+                    except NotFoldable:
+                        break
+            else:
+                return model.evaluate(node, values)[list(node.output).index(name)]
+        raise NotFoldable(f"{what} '{name}' is computed by {a(node.op_type)} node, not a constant")
+
+    def _cast_like(self, node: onnx.NodeProto, name: str, what: str) -> np.ndarray:
+        # Only the dtype of the second input matters: it need not be a constant.
+        value = self.value(node.input[0], f"input of the CastLike making {what}")
+        target = self.view.elem_type(node.input[1])
+        try:
+            like = np.empty(0, helper.tensor_dtype_to_np_dtype(target))
+        except Exception:
+            raise NotFoldable(f"{what} '{name}' is cast to data type {target}, which is not evaluated") from None
+        return self.view.model.evaluate(node, {node.input[0]: value, node.input[1]: like})[0]
+
+    def constant_like(self, name: str, _seen: frozenset = frozenset()) -> bool:
+        """Whether ``name`` is made from constants alone (an initializer, a Constant node, or an
+        expression over them), whether or not onnxfold can evaluate it: the graph's structure only.
+        A candidate whose constant cannot be evaluated is then declined with the reason, not skipped."""
+        if name in _seen:  # a cycle (an invalid graph)
+            return False
+        if name in self.view.model.bound_at_call:
+            return True
+        view: GraphView | None = self.view
+        while view is not None:
+            if name in view.init:
+                return not view.constants.overridable(name)
+            if name in view.producer:
+                node = view.graph.node[view.producer[name]]
+                if node.domain not in DEFAULT_DOMAINS or node.op_type not in CONSTANT_MAKERS:
+                    return False
+                inputs = node.input[:1] if node.op_type == "CastLike" else node.input  # CastLike: only the dtype of the 2nd
+                return all(view.constants.constant_like(i, _seen | {name}) for i in inputs if i)
+            if name in view.inputs:
+                return False
+            view = view.parent
+        return False

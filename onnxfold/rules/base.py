@@ -1,0 +1,134 @@
+"""What a rule is, what it may ask of the graph, and what it gives back.
+
+A rule is anchored at an op type. The driver (:mod:`onnxfold.fold`) offers it each node of that type;
+``match`` looks at the graph's structure only and returns a :class:`Match` (which nodes fold, which
+values the fold removes, how the graph is rewired) or a sentence saying why there is nothing to fold.
+The driver then checks what every rule shares (the values the fold removes have no other reader and
+are not graph outputs), calls ``fold`` for the new values (float64, or :class:`~onnxfold.affine.RowScaled`
+made a block at a time), casts them once to the model's dtype and applies the edit. ``fold`` raises
+:class:`~onnxfold.affine.NotFoldable` with a sentence when the fold is not safe.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Protocol, Union
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from ..affine import NotFoldable, RowScaled
+
+DEFAULT_DOMAINS = ("", "ai.onnx")
+FLOAT_TYPES = ("float16", "bfloat16", "float32", "float64")
+
+Value = Union[np.ndarray, RowScaled]  # a folded value in float64, before the cast to the model's dtype
+
+
+class GraphQuery(Protocol):
+    """What a rule may ask of the graph it works in (:class:`onnxfold.graph.GraphView` answers)."""
+
+    def node(self, i: int) -> onnx.NodeProto: ...
+
+    def upstream(self, name: str) -> tuple[int | None, list[int]]:
+        """The position of the node making ``name`` through any Identity nodes, and the Identities'."""
+        ...
+
+    def origin(self, name: str) -> str:
+        """Why a value has no producer node in this graph: a sentence fragment for the report."""
+        ...
+
+    def const(self, name: str, what: str) -> np.ndarray:
+        """A constant's value, or NotFoldable with a sentence naming it as ``what``."""
+        ...
+
+    def constant_like(self, name: str) -> bool:
+        """Whether ``name`` is made from constants alone, evaluable or not (structure only)."""
+        ...
+
+    def rank(self, name: str) -> int | None: ...
+
+    def since_version(self, op_type: str) -> int:
+        """The version of ``op_type`` at the model's opset."""
+        ...
+
+
+@dataclass
+class NewValue:
+    """A folded input of a node: its float64 value, what it is (for messages), a hint for its name."""
+
+    value: Value
+    what: str
+    hint: str
+
+
+@dataclass
+class Update:
+    """What a fold changes in one node: new inputs by slot, attributes, maybe its op type."""
+
+    inputs: dict[int, NewValue]
+    attributes: dict[str, object] = field(default_factory=dict)
+    op_type: str | None = None  # a producer may become another op (MatMul + bias -> Gemm)
+
+
+@dataclass
+class Match:
+    """A candidate fold, found from the graph's structure alone (node positions in one graph)."""
+
+    upstream: int  # the first node of the pair (a producer; a BatchNormalization before a Conv)
+    downstream: int  # the second (the consumer; the Conv)
+    between: list[str]  # values the fold removes: each must have one reader and not be a graph output
+    remove: list[int]  # nodes that go: the affine node first, then any Identity nodes between the pair
+    output: str  # the value the fold rewrites (compared at, when verified); its name is kept
+    reads: set[str]  # the weights and statistics the fold reads (a function input here means inlining)
+    outputs: dict[tuple[int, int], str] = field(default_factory=dict)  # (node, slot) writes this name
+    inputs: dict[tuple[int, int], str] = field(default_factory=dict)  # (node, slot) reads this name
+    data_index: int = 0  # which input of the consumer carries the producer's output
+
+
+@dataclass
+class Rewrite:
+    """A rule's folded values: an :class:`Update` per node position, and the dtype to cast them to."""
+
+    dtype: np.dtype
+    updates: dict[int, Update]
+
+
+class Rule(ABC):
+    """One fold. Subclasses set ``name``, ``description`` and ``anchors`` (the op types ``match`` takes)."""
+
+    name: str = ""
+    description: str = ""
+    anchors: tuple[str, ...] = ()
+    report_left: bool = False  # report an anchor no rule matched (a BatchNormalization that stays)
+
+    @abstractmethod
+    def match(self, g: GraphQuery, i: int) -> Match | str:
+        """The fold anchored at node ``i``, or why there is none ("" when there is nothing to say)."""
+
+    @abstractmethod
+    def fold(self, g: GraphQuery, m: Match) -> Rewrite:
+        """The folded values; NotFoldable with a sentence when the fold is not safe."""
+
+
+def a(word: str) -> str:
+    """'a Mul', 'an Add', 'an Identity': the article by the op's first letter (close enough for op names)."""
+    return ("an " if word[:1] in "AEIOU" else "a ") + word
+
+
+def attr(node: onnx.NodeProto, name: str, default=None):
+    for at in node.attribute:
+        if at.name == name:
+            return helper.get_attribute_value(at)
+    return default
+
+
+def check_float(array: np.ndarray, what: str) -> None:
+    if array.dtype.name not in FLOAT_TYPES:
+        raise NotFoldable(f"{what} has dtype {array.dtype.name}, not a float type onnxfold folds")
+
+
+def is_default(node: onnx.NodeProto) -> bool:
+    return node.domain in DEFAULT_DOMAINS

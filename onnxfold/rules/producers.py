@@ -1,0 +1,215 @@
+"""Producers: nodes that own per-output-channel weights, so a per-channel affine after them folds in.
+
+Each states its algebra: output channel c is made by one slice of the weight (and one bias entry), so
+``y[:, c] * scale[c] + shift[c]`` is the same node with that slice scaled by ``scale[c]`` and the bias
+``b[c] * scale[c] + shift[c]``. The math is :mod:`onnxfold.affine`'s; here is only where each op keeps it.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+import numpy as np
+import onnx
+
+from ..affine import NotFoldable, RowScaled, fold_bias, scale_columns, scale_conv_transpose_weight, scale_conv_weight
+from .base import GraphQuery, NewValue, Update, attr, check_float
+
+
+@dataclass
+class Weights:
+    """What a producer owns: its constants and how many output channels it makes."""
+
+    weight: np.ndarray
+    bias: np.ndarray | None
+    channels: int
+    rank: int  # rank of the producer's output (its channel axis is 1)
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.weight.dtype
+
+
+@dataclass
+class GroupedWeights(Weights):
+    group: int = 1
+
+
+@dataclass
+class GemmWeights(Weights):
+    trans_b: bool = False
+    beta: float = 1.0
+    c_shape: tuple[int, ...] | None = None
+
+
+W = TypeVar("W", bound=Weights)
+
+
+class Producer(ABC, Generic[W]):
+    name = ""
+    op_types: tuple[str, ...] = ()
+    description = ""
+
+    @abstractmethod
+    def weights(self, g: GraphQuery, node: onnx.NodeProto) -> W:
+        """The producer's constants, or NotFoldable with the reason they are not foldable."""
+
+    @abstractmethod
+    def fold(self, node: onnx.NodeProto, w: W, scale: np.ndarray, shift: np.ndarray) -> Update:
+        """The node's new inputs for ``y * scale + shift`` on its output channels."""
+
+
+def conv_constants(g: GraphQuery, node: onnx.NodeProto) -> tuple[np.ndarray, np.ndarray | None]:
+    """A Conv or ConvTranspose's constant weight (rank 3+) and bias."""
+    if len(node.input) < 2 or not node.input[1]:
+        raise NotFoldable(f"{node.op_type} has no weight input")
+    w = g.const(node.input[1], f"{node.op_type} weight")
+    check_float(w, f"{node.op_type} weight")
+    if w.ndim < 3:
+        raise NotFoldable(f"{node.op_type} weight has rank {w.ndim}, expected at least 3")
+    b = None
+    if len(node.input) > 2 and node.input[2]:
+        b = g.const(node.input[2], f"{node.op_type} bias")
+        check_float(b, f"{node.op_type} bias")
+    return w, b
+
+
+def bias_hint(node: onnx.NodeProto) -> str:
+    """A name for a producer's new bias: its old one, or the weight's with .bias / _bias."""
+    if len(node.input) > 2 and node.input[2]:
+        return node.input[2]
+    base = node.input[1]
+    return base[: -len(".weight")] + ".bias" if base.endswith(".weight") else base + "_bias"
+
+
+class ConvProducer(Producer[Weights]):
+    """Conv, any dimensionality: W [M, C/group, k...], B [M]. Output channel m is made by W[m].
+
+    W'[m] = W[m] * scale[m];  B'[m] = B[m] * scale[m] + shift[m]. Strides, pads, dilations and
+    groups do not enter the algebra: each output channel is a linear function of its own filter.
+    """
+
+    name = "conv"
+    op_types = ("Conv",)
+    description = "Conv (1-D/2-D/3-D, any strides, pads, dilations, groups, with or without bias)"
+
+    def weights(self, g, node):
+        w, b = conv_constants(g, node)
+        group = int(attr(node, "group", 1))
+        if group < 1 or w.shape[0] % group:
+            raise NotFoldable(f"Conv weight has {w.shape[0]} output channels, not divisible by group={group}")
+        return Weights(w, b, channels=w.shape[0], rank=w.ndim)
+
+    def fold(self, node, w, scale, shift):
+        return Update({1: NewValue(scale_conv_weight(w.weight, scale), "weight", node.input[1]),
+                       2: NewValue(fold_bias(w.bias, scale, shift), "bias", bias_hint(node))})
+
+
+class ConvTransposeProducer(Producer[GroupedWeights]):
+    """ConvTranspose: W [C_in, M/group, k...], B [M].
+
+    Output channel ``m = g * (M/group) + j`` is made by the slice ``W[g*C_in/group:(g+1)*C_in/group, j]``,
+    so the scale applies within each group along axis 1 (torch's fusion utility is right only for
+    group = 1). output_padding, strides and pads do not enter the algebra.
+    """
+
+    name = "convtranspose"
+    op_types = ("ConvTranspose",)
+    description = "ConvTranspose (1-D/2-D/3-D, groups, strides, output_padding, with or without bias)"
+
+    def weights(self, g, node):
+        w, b = conv_constants(g, node)
+        group = int(attr(node, "group", 1))
+        if group < 1 or w.shape[0] % group:
+            raise NotFoldable(f"ConvTranspose weight has {w.shape[0]} input channels, not divisible by group={group}")
+        return GroupedWeights(w, b, channels=w.shape[1] * group, rank=w.ndim, group=group)
+
+    def fold(self, node, w, scale, shift):
+        return Update({1: NewValue(scale_conv_transpose_weight(w.weight, scale, w.group), "weight", node.input[1]),
+                       2: NewValue(fold_bias(w.bias, scale, shift), "bias", bias_hint(node))})
+
+
+def matrix_weight(g: GraphQuery, node: onnx.NodeProto, what: str) -> np.ndarray:
+    """The constant 2-D weight of a Gemm or MatMul, in an opset where the folded Gemm's [N] bias broadcasts."""
+    since = g.since_version("Gemm")
+    if since < 7:  # the fold writes a Gemm whose C is [N]: numpy-style broadcasting came with Gemm-7
+        raise NotFoldable(f"the model's opset has Gemm-{since}, whose C does not broadcast like numpy "
+                          "(the broadcast attribute)")
+    w = g.const(node.input[1], what)
+    check_float(w, what)
+    if w.ndim != 2:
+        raise NotFoldable(f"{what} has rank {w.ndim}, expected 2")
+    return w
+
+
+class GemmProducer(Producer[GemmWeights]):
+    """Gemm: Y = alpha * A' @ B' + beta * C, with B' = B (transB=0, [K, N]) or B^T (transB=1, [N, K]).
+
+    Output channel n is column n of B' (axis 1 of B, or axis 0 with transB=1); alpha and transA do
+    not enter the algebra. B'[:, n] = B[:, n] * scale[n]; C' = beta * C * scale + shift (C absent,
+    scalar, [N] or [1, N]) and beta becomes 1.
+    """
+
+    name = "gemm"
+    op_types = ("Gemm",)
+    description = "Gemm (transA, transB, alpha, beta; C absent, scalar, [N] or [1, N])"
+
+    def weights(self, g, node):
+        b = matrix_weight(g, node, "Gemm B")
+        trans_b = bool(attr(node, "transB", 0))
+        n = b.shape[0] if trans_b else b.shape[1]
+        c = None
+        if len(node.input) > 2 and node.input[2]:
+            c = g.const(node.input[2], "Gemm C")
+            check_float(c, "Gemm C")
+            if c.shape not in ((), (1,), (n,), (1, n), (1, 1)):
+                raise NotFoldable(f"Gemm C has shape {list(c.shape)}: only a scalar, [N] or [1, N] bias folds")
+        return GemmWeights(b, c, channels=n, rank=2, trans_b=trans_b, beta=float(attr(node, "beta", 1.0)),
+                           c_shape=None if c is None else tuple(c.shape))
+
+    def fold(self, node, w, scale, shift):
+        if w.trans_b:
+            b: RowScaled = RowScaled(w.weight, lambda i, j: scale[i:j].reshape(-1, 1))
+        else:
+            b = scale_columns(w.weight, scale)
+        c = np.zeros(w.channels) if w.bias is None else np.broadcast_to(
+            np.asarray(w.bias, np.float64).reshape(-1), (w.channels,))
+        c = c * w.beta * scale + shift
+        if w.c_shape and len(w.c_shape) == 2:
+            c = c.reshape(1, -1)
+        return Update({1: NewValue(b, "weight", node.input[1]), 2: NewValue(c, "bias", bias_hint(node))},
+                      attributes={"beta": 1.0})
+
+
+class MatMulProducer(Producer[Weights]):
+    """MatMul with a constant 2-D weight W [K, N] and a rank-2 output [M, N] (BatchNorm1d after Linear).
+
+    W'[:, n] = W[:, n] * scale[n]; the shift becomes a bias, so the node becomes Gemm(A, W', shift).
+    A rank-3+ output is declined: Gemm is 2-D, and there BatchNormalization's channel axis 1 is not
+    the weight's output axis.
+    """
+
+    name = "matmul"
+    op_types = ("MatMul",)
+    description = "MatMul with a constant 2-D weight and a rank-2 output (becomes Gemm)"
+
+    def weights(self, g, node):
+        rank = g.rank(node.input[0])  # before the weight is read: most rank-3+ MatMuls decline here
+        if rank is None:
+            raise NotFoldable("the rank of MatMul's input is unknown (no shape information)")
+        if rank != 2:
+            raise NotFoldable(
+                f"MatMul output has rank {rank}: only a rank-2 MatMul folds (it becomes a Gemm, whose output "
+                "is 2-D and whose channel axis 1 is the weight's output axis)"
+            )
+        w = matrix_weight(g, node, "MatMul weight")
+        return Weights(w, None, channels=w.shape[1], rank=2)
+
+    def fold(self, node, w, scale, shift):
+        return Update({1: NewValue(scale_columns(w.weight, scale), "weight", node.input[1]),
+                       2: NewValue(shift.copy(), "bias", bias_hint(node))}, op_type="Gemm")
+
+
+PRODUCERS: tuple[Producer, ...] = (ConvProducer(), ConvTransposeProducer(), GemmProducer(), MatMulProducer())

@@ -1,0 +1,43 @@
+"""Ranks from onnx shape inference, run on a copy of the model without its weights."""
+
+from __future__ import annotations
+
+import onnx
+from onnx import helper
+
+from .io import all_graphs, copy_fields
+
+# Initializers that shape inference may need the values of (Reshape's shape, Slice's starts ...).
+_SHAPE_LIKE_BYTES = 1024
+_SHAPE_LIKE_TYPES = (onnx.TensorProto.INT64, onnx.TensorProto.INT32)
+
+
+def infer_ranks(model: onnx.ModelProto) -> dict[str, int]:
+    """Ranks of every value, from onnx shape inference on a weightless copy of the model.
+
+    A weight enters inference only through its type and shape, so each large or float initializer
+    is given to it as a graph input of that type and shape: the copy is small (inference serializes
+    the model it is given), and external data is never read.
+    """
+    stub = onnx.ModelProto()
+    copy_fields(model, stub, skip=("graph",))
+    graph = stub.graph
+    copy_fields(model.graph, graph, skip=("initializer",))
+    declared = {v.name for v in graph.input}
+    for t in model.graph.initializer:
+        small = t.data_type in _SHAPE_LIKE_TYPES and t.ByteSize() <= _SHAPE_LIKE_BYTES and not t.external_data
+        if small:
+            graph.initializer.append(t)
+        elif t.name not in declared:
+            graph.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    try:
+        inferred = onnx.shape_inference.infer_shapes(stub)
+    except Exception:  # inference is a convenience here; without it the rule declines
+        return {}
+    return {v.name: len(v.type.tensor_type.shape.dim)
+            for v in _all_value_infos(inferred.graph) if v.type.tensor_type.HasField("shape")}
+
+
+def _all_value_infos(graph: onnx.GraphProto):
+    for g in all_graphs(graph):
+        yield from (*g.input, *g.value_info, *g.output)
