@@ -30,13 +30,11 @@ contribution)`` only where no padding is read, so a shift folds only into an unp
 
 from __future__ import annotations
 
-from typing import Optional
-
 import numpy as np
 
 from onnxfold.affine import NotFoldable, RowScaled, fold_input_affine
 
-__all__ = ["gemm_input_affine", "matmul_input_affine", "conv_input_affine"]
+__all__ = ["conv_input_affine", "gemm_input_affine", "matmul_input_affine"]
 
 
 def _features(scale, shift) -> tuple[np.ndarray, np.ndarray]:
@@ -49,14 +47,14 @@ def _features(scale, shift) -> tuple[np.ndarray, np.ndarray]:
 
 def gemm_input_affine(
     b: np.ndarray,
-    c: Optional[np.ndarray],
+    c: np.ndarray | None,
     scale,
     shift,
     *,
     trans_b: int = 0,
     alpha: float = 1.0,
     beta: float = 1.0,
-) -> tuple[np.ndarray, Optional[np.ndarray], float]:
+) -> tuple[np.ndarray, np.ndarray | None, float]:
     """Fold ``A' = A' * s + t`` (over Gemm's K axis) into B and C; returns (B', C', beta').
 
     C' is None when C is absent and the shift is zero (nothing to add).
@@ -84,7 +82,7 @@ def gemm_input_affine(
     return new_b, np.broadcast_to(c64, shape) + added / float(beta), float(beta)
 
 
-def matmul_input_affine(w: np.ndarray, scale, shift) -> tuple[np.ndarray, Optional[np.ndarray]]:
+def matmul_input_affine(w: np.ndarray, scale, shift) -> tuple[np.ndarray, np.ndarray | None]:
     """Fold ``X' = X * s + t`` (over X's last axis) into MatMul's constant W [..., K, N].
 
     Returns (W', added bias or None when the shift is zero).

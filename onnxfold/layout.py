@@ -26,31 +26,33 @@ Transpose moves axes without merging them: channel axis ``a`` goes to ``perm.ind
 
 from __future__ import annotations
 
+import itertools
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 
 from onnxfold.affine import NotFoldable
 
 __all__ = [
-    "Shape",
-    "AxisMap",
-    "normalize_axis",
-    "follow_reshape",
-    "follow_flatten",
-    "follow_transpose",
-    "follow_squeeze",
-    "follow_unsqueeze",
-    "follow_layout",
     "LAYOUT_OPS",
+    "AxisMap",
+    "Shape",
+    "follow_flatten",
+    "follow_layout",
+    "follow_reshape",
+    "follow_squeeze",
+    "follow_transpose",
+    "follow_unsqueeze",
+    "normalize_axis",
     "split_affine",
     "split_slices",
 ]
 
-Shape = tuple[Optional[int], ...]
+Shape = tuple[int | None, ...]
+Ints = Sequence[int] | np.ndarray  # a list of ints or a constant's value
 
 LAYOUT_OPS = ("Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze")
 
@@ -71,7 +73,7 @@ class _Mono:
     syms: tuple[tuple[int, int], ...] = ()  # sorted (input position, power)
 
     @staticmethod
-    def of(dim: Optional[int], pos: int) -> _Mono:
+    def of(dim: int | None, pos: int) -> _Mono:
         return _Mono(1, ((pos, 1),)) if dim is None else _Mono(int(dim))
 
     def __mul__(self, other: _Mono) -> _Mono:
@@ -79,7 +81,7 @@ class _Mono:
         syms.update(dict(other.syms))
         return _Mono(self.coef * other.coef, tuple(sorted(syms.items())))
 
-    def divide(self, other: _Mono) -> Optional[_Mono]:
+    def divide(self, other: _Mono) -> _Mono | None:
         """self / other when it is a monomial with an integer coefficient, else None."""
         syms = Counter(dict(self.syms))
         syms.subtract(dict(other.syms))
@@ -88,7 +90,7 @@ class _Mono:
         return _Mono(self.coef // other.coef, tuple(sorted((k, v) for k, v in syms.items() if v)))
 
     @property
-    def value(self) -> Optional[int]:
+    def value(self) -> int | None:
         return None if self.syms else self.coef
 
 
@@ -107,7 +109,7 @@ def normalize_axis(axis: int, rank: int, what: str = "axis") -> int:
     return axis + rank if axis < 0 else axis
 
 
-def _check_input(shape: Sequence[Optional[int]], axis: int) -> tuple[Shape, int, int]:
+def _check_input(shape: Sequence[int | None], axis: int) -> tuple[Shape, int, int]:
     shape = tuple(None if d is None else int(d) for d in shape)
     if any(d is not None and d <= 0 for d in shape):
         raise NotFoldable(f"input shape {list(shape)} has a dimension that is not positive")
@@ -140,7 +142,7 @@ def _regroup(in_dims: Sequence[_Mono], axis: int, out_dims: Sequence[_Mono], op:
 
 def _reshape_dims(shape: Shape, target: Sequence[int], allowzero: int) -> list[_Mono]:
     in_dims = [_Mono.of(d, i) for i, d in enumerate(shape)]
-    out: list[Optional[_Mono]] = []
+    out: list[_Mono | None] = []
     for i, t in enumerate(int(t) for t in target):
         if t == 0 and not allowzero:
             if i >= len(shape):
@@ -168,7 +170,7 @@ def _reshape_dims(shape: Shape, target: Sequence[int], allowzero: int) -> list[_
     return dims
 
 
-def follow_reshape(shape: Sequence[Optional[int]], axis: int, target: Sequence[int], allowzero: int = 0) -> AxisMap:
+def follow_reshape(shape: Sequence[int | None], axis: int, target: Ints, allowzero: int = 0) -> AxisMap:
     """Reshape to the constant ``target`` (``0`` copies the input dim unless allowzero, ``-1`` infers)."""
     shape, axis, _ = _check_input(shape, axis)
     target = [int(t) for t in np.asarray(target).reshape(-1)]
@@ -180,7 +182,7 @@ def follow_reshape(shape: Sequence[Optional[int]], axis: int, target: Sequence[i
     return AxisMap(j, tuple(d.value for d in out_dims))
 
 
-def follow_flatten(shape: Sequence[Optional[int]], axis: int, flatten_axis: int = 1) -> AxisMap:
+def follow_flatten(shape: Sequence[int | None], axis: int, flatten_axis: int = 1) -> AxisMap:
     """Flatten(axis): ``[prod(shape[:axis]), prod(shape[axis:])]``; axis in [-r, r]."""
     shape, axis, _ = _check_input(shape, axis)
     rank = len(shape)
@@ -193,7 +195,7 @@ def follow_flatten(shape: Sequence[Optional[int]], axis: int, flatten_axis: int 
     return AxisMap(j, tuple(d.value for d in out_dims))
 
 
-def follow_transpose(shape: Sequence[Optional[int]], axis: int, perm: Optional[Sequence[int]] = None) -> AxisMap:
+def follow_transpose(shape: Sequence[int | None], axis: int, perm: Ints | None = None) -> AxisMap:
     """Transpose: output axis i is input axis perm[i]; perm defaults to the reversed axes."""
     shape, axis, _ = _check_input(shape, axis)
     rank = len(shape)
@@ -203,15 +205,18 @@ def follow_transpose(shape: Sequence[Optional[int]], axis: int, perm: Optional[S
     return AxisMap(perm.index(axis), tuple(shape[p] for p in perm))
 
 
-def _squeezed_axes(shape: Shape, axes: Optional[Sequence[int]]) -> list[int]:
+def _squeezed_axes(shape: Shape, axes: Ints | None) -> list[int]:
     rank = len(shape)
     if axes is None:
         if any(d is None for d in shape):
             raise NotFoldable("Squeeze without axes on a shape with unknown dimensions: which axes go is unknown")
         return [i for i, d in enumerate(shape) if d == 1]
-    out = sorted({normalize_axis(a, rank, "Squeeze axis") for a in np.asarray(axes).reshape(-1)})
-    if len(out) != len(np.asarray(axes).reshape(-1)):
-        raise NotFoldable(f"Squeeze axes {list(axes)} repeat an axis")
+    flat = [int(a) for a in np.asarray(axes).reshape(-1)]
+    if not flat:  # onnxruntime squeezes every size-1 axis, numpy and the reference none: do not guess
+        raise NotFoldable("Squeeze has an empty axes list, which runtimes read differently")
+    out = sorted({normalize_axis(a, rank, "Squeeze axis") for a in flat})
+    if len(out) != len(flat):
+        raise NotFoldable(f"Squeeze axes {flat} repeat an axis")
     for a in out:
         if shape[a] != 1:
             size = "an unknown size" if shape[a] is None else f"size {shape[a]}"
@@ -219,7 +224,7 @@ def _squeezed_axes(shape: Shape, axes: Optional[Sequence[int]]) -> list[int]:
     return out
 
 
-def follow_squeeze(shape: Sequence[Optional[int]], axis: int, axes: Optional[Sequence[int]] = None) -> AxisMap:
+def follow_squeeze(shape: Sequence[int | None], axis: int, axes: Ints | None = None) -> AxisMap:
     """Squeeze the size-1 ``axes`` (all size-1 axes when None); the channel axis must not go."""
     shape, axis, _ = _check_input(shape, axis)
     gone = _squeezed_axes(shape, axes)
@@ -229,7 +234,7 @@ def follow_squeeze(shape: Sequence[Optional[int]], axis: int, axes: Optional[Seq
     return AxisMap(kept.index(axis), tuple(shape[i] for i in kept))
 
 
-def follow_unsqueeze(shape: Sequence[Optional[int]], axis: int, axes: Sequence[int]) -> AxisMap:
+def follow_unsqueeze(shape: Sequence[int | None], axis: int, axes: Ints) -> AxisMap:
     """Unsqueeze: ``axes`` index the output (rank r + len(axes)), negative ones counted from its end."""
     shape, axis, _ = _check_input(shape, axis)
     flat = [int(a) for a in np.asarray(axes).reshape(-1)]
@@ -243,7 +248,7 @@ def follow_unsqueeze(shape: Sequence[Optional[int]], axis: int, axes: Sequence[i
     return AxisMap(kept[axis], out)
 
 
-def _const(consts: Sequence[Any], index: int) -> Optional[np.ndarray]:
+def _const(consts: Sequence[Any], index: int) -> np.ndarray | None:
     if len(consts) <= index or consts[index] is None:
         return None
     return np.asarray(consts[index])
@@ -251,7 +256,7 @@ def _const(consts: Sequence[Any], index: int) -> Optional[np.ndarray]:
 
 def follow_layout(
     op_type: str,
-    shape: Sequence[Optional[int]],
+    shape: Sequence[int | None],
     axis: int,
     attrs: Mapping[str, Any],
     consts: Sequence[Any] = (),
@@ -295,14 +300,14 @@ def split_affine(scale: np.ndarray, shift: np.ndarray, counts: Sequence[int]) ->
     if sum(counts) != scale.shape[0] or shift.shape != scale.shape:
         raise NotFoldable(f"Concat inputs have {sum(counts)} channels in all, the affine has {scale.shape[0]}")
     edges = np.cumsum([0, *counts])
-    return [(scale[a:b], shift[a:b]) for a, b in zip(edges[:-1], edges[1:])]
+    return [(scale[a:b], shift[a:b]) for a, b in itertools.pairwise(edges)]
 
 
 def split_slices(
     channels: int,
     outputs: int,
-    split: Optional[Sequence[int]] = None,
-    num_outputs: Optional[int] = None,
+    split: Ints | None = None,
+    num_outputs: int | None = None,
     opset: int = 21,
 ) -> list[tuple[int, int]]:
     """The [start, stop) channels of each Split output, as the ONNX spec says.
@@ -325,4 +330,4 @@ def split_slices(
             raise NotFoldable(f"Split cannot cut {channels} channels equally into {outputs} outputs")
         sizes = [channels // outputs] * outputs
     edges = np.cumsum([0, *sizes])
-    return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:])]
+    return [(int(a), int(b)) for a, b in itertools.pairwise(edges)]

@@ -6,12 +6,16 @@ Tolerance: float64 throughout, relative 1e-10 (the fold reorders a few sums of p
 import numpy as np
 import pytest
 import torch
+from builders import bn_stats
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from builders import bn_stats
 from onnxfold.affine import NotFoldable, bn_affine
-from onnxfold.affine_input import conv_input_affine, gemm_input_affine, matmul_input_affine
+from onnxfold.affine_input import (
+    conv_input_affine,
+    gemm_input_affine,
+    matmul_input_affine,
+)
 
 RTOL, ATOL = 1e-10, 1e-10
 

@@ -94,7 +94,7 @@ def test_levit_bn_of_the_wrong_axis_declines(exported):
 
 
 def test_split_branches_slices_match_the_bn_sizes(exported):
-    model, consts, shapes, made = _graph(exported["split_branches"])
+    model, consts, shapes, _made = _graph(exported["split_branches"])
     split = next(n for n in model.graph.node if n.op_type == "Split")
     assert _attrs(split)["axis"] == 1
     channels = shapes[split.input[0]][1]

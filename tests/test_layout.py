@@ -152,7 +152,7 @@ def test_transpose_moves_the_channel_axis(case, data):
 def test_squeeze_keeps_the_channel_axis(case, data):
     shape, axis, masked = case
     ones = [i for i, d in enumerate(shape) if d == 1]
-    axes = data.draw(st.one_of(st.none(), st.lists(st.sampled_from(ones), unique=True) if ones else st.just([])))
+    axes = data.draw(st.one_of(st.none(), st.lists(st.sampled_from(ones), unique=True, min_size=1) if ones else st.none()))
     if axes is not None:
         axes = [a - len(shape) if data.draw(st.booleans()) else a for a in axes]
     masked = [1 if d == 1 else m for d, m in zip(shape, masked)]  # a squeezed axis has a known size
@@ -283,6 +283,8 @@ def test_transpose_and_squeeze_and_unsqueeze_decline():
         follow_squeeze((2, 3, None), 1, [2])
     with pytest.raises(NotFoldable, match="which axes go is unknown"):
         follow_squeeze((None, 3, 1), 1, None)
+    with pytest.raises(NotFoldable, match="empty axes list"):
+        follow_squeeze((2, 3, 1), 1, np.array([], dtype=np.int64))
     with pytest.raises(NotFoldable, match="repeat"):
         follow_squeeze((2, 3, 1), 1, [2, -1])
     with pytest.raises(NotFoldable, match="repeat"):
