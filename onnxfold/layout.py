@@ -40,6 +40,7 @@ __all__ = [
     "LAYOUT_OPS",
     "AxisMap",
     "Shape",
+    "check_channel_axis",
     "follow_flatten",
     "follow_layout",
     "follow_reshape",
@@ -115,7 +116,7 @@ def _check_input(shape: Sequence[int | None], axis: int) -> tuple[Shape, int, in
         raise NotFoldable(f"input shape {list(shape)} has a dimension that is not positive")
     axis = normalize_axis(axis, len(shape), "channel axis")
     channels = shape[axis]
-    if channels is None:
+    if channels is None:  # the caller may fill it in from the producer's weight
         raise NotFoldable(f"the channel axis {axis} has an unknown size")
     return shape, axis, channels
 
@@ -289,6 +290,14 @@ def follow_layout(
             raise NotFoldable("Unsqueeze's axes are not a constant")
         return follow_unsqueeze(shape, axis, axes)
     raise NotFoldable(f"{op_type} is not a layout op this fold can follow")
+
+
+def check_channel_axis(op_type: str, axis: int, channel_axis: int, rank: int) -> None:
+    """A Concat or Split must work along the channel axis; NotFoldable otherwise."""
+    along = normalize_axis(axis, rank, f"{op_type} axis")
+    channel = normalize_axis(channel_axis, rank, "channel axis")
+    if along != channel:
+        raise NotFoldable(f"{op_type} works along axis {along}, not the channel axis {channel}")
 
 
 def split_affine(scale: np.ndarray, shift: np.ndarray, counts: Sequence[int]) -> list[tuple[np.ndarray, np.ndarray]]:

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from onnxfold.affine import NotFoldable
 from onnxfold.layout import (
     AxisMap,
+    check_channel_axis,
     follow_flatten,
     follow_layout,
     follow_reshape,
@@ -373,3 +374,15 @@ def test_split_slices_match_numpy(channels, outputs, split, num_outputs, opset):
 def test_split_slices_decline(channels, outputs, split, num_outputs, opset, reason):
     with pytest.raises(NotFoldable, match=reason):
         split_slices(channels, outputs, split, num_outputs, opset)
+
+
+def test_concat_and_split_must_be_along_the_channel_axis():
+    check_channel_axis("Concat", 1, 1, 4)
+    check_channel_axis("Split", -3, 1, 4)
+    check_channel_axis("Concat", -1, 2, 3)
+    with pytest.raises(NotFoldable, match="Split works along axis 2, not the channel axis 1"):
+        check_channel_axis("Split", 2, 1, 4)
+    with pytest.raises(NotFoldable, match="Concat works along axis 0, not the channel axis 1"):
+        check_channel_axis("Concat", -4, 1, 4)
+    with pytest.raises(NotFoldable, match="Concat axis 4 is out of range"):
+        check_channel_axis("Concat", 4, 1, 4)
