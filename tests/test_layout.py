@@ -386,3 +386,15 @@ def test_concat_and_split_must_be_along_the_channel_axis():
         check_channel_axis("Concat", -4, 1, 4)
     with pytest.raises(NotFoldable, match="Concat axis 4 is out of range"):
         check_channel_axis("Concat", 4, 1, 4)
+
+
+def test_at_least_as_careful_as_onnxruntime_on_square_layouts():
+    """onnxruntime 1.32 leaves MatMul [4, 4] -> Transpose -> BN(4) and MatMul [4, 4] -> Reshape [2, 4, 2] -> BN(4).
+
+    Sizes match in both (4 channels), but the BN's axis 1 is not the MatMul's output-column axis: the
+    Transpose moves the columns to axis 0 and the Reshape splits them across axes 0 and 2.
+    """
+    assert follow_transpose((4, 4), 1, [1, 0]).axis == 0  # not BN's channel axis 1: the fold must decline
+    with pytest.raises(NotFoldable, match="merges or splits"):
+        follow_reshape((4, 4), 1, [2, 4, 2])
+    assert follow_reshape((4, 4), 1, [4, 4]) == AxisMap(1, (4, 4))  # onnxruntime folds this one too
