@@ -255,6 +255,17 @@ def _const(consts: Sequence[Any], index: int) -> np.ndarray | None:
     return np.asarray(consts[index])
 
 
+def _with_channels(shape: Sequence[int | None], axis: int, channels: int | None) -> list[int | None]:
+    out = list(shape)
+    if channels is None:
+        return out
+    axis = normalize_axis(axis, len(out), "channel axis")
+    if out[axis] is not None and out[axis] != channels:
+        raise NotFoldable(f"the channel axis {axis} has size {out[axis]}, the producer makes {channels} channels")
+    out[axis] = int(channels)
+    return out
+
+
 def follow_layout(
     op_type: str,
     shape: Sequence[int | None],
@@ -262,13 +273,17 @@ def follow_layout(
     attrs: Mapping[str, Any],
     consts: Sequence[Any] = (),
     opset: int = 21,
+    channels: int | None = None,
 ) -> AxisMap:
     """Follow the channel axis through one layout node.
 
     ``attrs`` are the node's attributes as Python values; ``consts`` has one entry for each input
     the node has after the first (an optional input left out or named "" has none): its constant
-    value, or None when it is not a constant. ``opset`` is the ai.onnx opset.
+    value, or None when it is not a constant. ``opset`` is the ai.onnx opset. ``channels``, the
+    producer's channel count, fills in a channel axis that shape inference left unknown, and must
+    agree with one it knows.
     """
+    shape = _with_channels(shape, axis, channels)
     if op_type == "Reshape":
         target = _const(consts, 0)
         if target is None:

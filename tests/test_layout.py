@@ -398,3 +398,13 @@ def test_at_least_as_careful_as_onnxruntime_on_square_layouts():
     with pytest.raises(NotFoldable, match="merges or splits"):
         follow_reshape((4, 4), 1, [2, 4, 2])
     assert follow_reshape((4, 4), 1, [4, 4]) == AxisMap(1, (4, 4))  # onnxruntime folds this one too
+
+
+def test_follow_layout_takes_the_channel_count_from_the_producer():
+    attrs = {"axis": 2}
+    assert follow_layout("Flatten", (None, None, None), 2, attrs, channels=32) == AxisMap(1, (None, 32))
+    assert follow_layout("Flatten", (None, None, 32), 2, attrs, channels=32) == AxisMap(1, (None, 32))
+    with pytest.raises(NotFoldable, match="unknown size"):
+        follow_layout("Flatten", (None, None, None), 2, attrs)
+    with pytest.raises(NotFoldable, match="has size 16, the producer makes 32 channels"):
+        follow_layout("Flatten", (None, None, 16), 2, attrs, channels=32)
