@@ -1,0 +1,110 @@
+"""A per-feature affine on a producer's INPUT, folded into its weights: pure NumPy, no ONNX types.
+
+The affine is ``x' = x * s + t`` along the producer's reduction (input-feature) axis, ``s`` and
+``t`` of length ``K``. Everything is computed in float64; the caller casts once with
+:func:`onnxfold.affine.cast_finite`.
+
+Gemm computes ``Y = alpha * A' @ B' + beta * C`` with ``A' = A.T if transA else A`` ([M, K]) and
+``B' = B.T if transB else B`` ([K, N]). The affine acts on the K columns of A'. Then
+
+    Y = alpha * (A' diag(s) + 1 t^T) B' + beta * C
+      = alpha * A' (diag(s) B') + (alpha * t^T B' + beta * C)
+
+so the fold scales row k of B' by s[k] (column k of B when transB) and adds ``alpha * t @ B'``
+([N], broadcast over the M rows) to ``beta * C``:
+
+    with C:     C'    = C + (alpha / beta) * (t @ B'),  beta unchanged (needs beta != 0);
+                C' takes the broadcast shape of C and [N] ([M, 1] or [1] grow to [M, N] or [N])
+    without C:  C'    = alpha * (t @ B') and beta' = 1
+    t == 0:     C and beta are untouched (also when beta == 0)
+
+MatMul ``Y = X @ W`` with a constant W [..., K, N]: ``W'[..., k, :] = W[..., k, :] * s[k]`` and an
+added bias ``t @ W`` of shape [N] for a 2-D W, [..., 1, N] for a batched one (keeping the broadcast
+against Y [..., M, N]); MatMul has no bias input, so the caller adds it (or refuses when t != 0).
+
+Conv reads zero-padded input: ``conv(pad(x * s + t))`` is ``conv(pad(x) * s) + (the shift's
+contribution)`` only where no padding is read, so a shift folds only into an unpadded Conv
+(:func:`onnxfold.affine.fold_input_affine`). A pure scale commutes with zero padding
+(``pad(x * s) = pad(x) * s`` as ``0 * s = 0``) and folds into any Conv.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from onnxfold.affine import NotFoldable, RowScaled, fold_input_affine
+
+__all__ = ["conv_input_affine", "gemm_input_affine", "matmul_input_affine"]
+
+
+def _features(scale, shift) -> tuple[np.ndarray, np.ndarray]:
+    s = np.asarray(scale, dtype=np.float64).reshape(-1)
+    t = np.asarray(shift, dtype=np.float64).reshape(-1)
+    if s.shape != t.shape:
+        raise NotFoldable(f"the affine's scale has {s.size} values, its shift {t.size}")
+    return s, t
+
+
+def gemm_input_affine(
+    b: np.ndarray,
+    c: np.ndarray | None,
+    scale,
+    shift,
+    *,
+    trans_b: int = 0,
+    alpha: float = 1.0,
+    beta: float = 1.0,
+) -> tuple[np.ndarray, np.ndarray | None, float]:
+    """Fold ``A' = A' * s + t`` (over Gemm's K axis) into B and C; returns (B', C', beta').
+
+    C' is None when C is absent and the shift is zero (nothing to add).
+    """
+    s, t = _features(scale, shift)
+    b64 = np.asarray(b, dtype=np.float64)
+    if b64.ndim != 2:
+        raise NotFoldable(f"Gemm's B has rank {b64.ndim}, not 2")
+    bk = b64.T if trans_b else b64  # B' [K, N]
+    if bk.shape[0] != s.size:
+        raise NotFoldable(f"Gemm reduces over {bk.shape[0]} input features, the affine has {s.size}")
+    new_b = b64 * (s.reshape(1, -1) if trans_b else s.reshape(-1, 1))
+    if not np.any(t):
+        return new_b, None if c is None else np.asarray(c, dtype=np.float64), float(beta)
+    added = float(alpha) * (t @ bk)  # [N]
+    if c is None:
+        return new_b, added, 1.0
+    if float(beta) == 0.0:
+        raise NotFoldable("Gemm has beta = 0, so its C cannot take the affine's shift")
+    c64 = np.asarray(c, dtype=np.float64)
+    try:
+        shape = np.broadcast_shapes(c64.shape, added.shape)
+    except ValueError:
+        raise NotFoldable(f"Gemm's C has shape {list(c64.shape)}, which does not broadcast against [{added.size}]") from None
+    return new_b, np.broadcast_to(c64, shape) + added / float(beta), float(beta)
+
+
+def matmul_input_affine(w: np.ndarray, scale, shift) -> tuple[np.ndarray, np.ndarray | None]:
+    """Fold ``X' = X * s + t`` (over X's last axis) into MatMul's constant W [..., K, N].
+
+    Returns (W', added bias or None when the shift is zero).
+    """
+    s, t = _features(scale, shift)
+    w64 = np.asarray(w, dtype=np.float64)
+    if w64.ndim < 2:
+        raise NotFoldable(f"MatMul's weight has rank {w64.ndim}: no input-feature axis to scale")
+    if w64.shape[-2] != s.size:
+        raise NotFoldable(f"MatMul reduces over {w64.shape[-2]} input features, the affine has {s.size}")
+    new_w = w64 * s.reshape(-1, 1)
+    if not np.any(t):
+        return new_w, None
+    added = np.einsum("k,...kn->...n", t, w64)
+    return new_w, added if w64.ndim == 2 else added[..., None, :]
+
+
+def conv_input_affine(
+    w: np.ndarray, bias, scale, shift, group: int, padded: bool
+) -> tuple[RowScaled, np.ndarray]:
+    """A per-input-channel affine before a Conv; a padded Conv takes only a pure scale."""
+    s, t = _features(scale, shift)
+    if padded and np.any(t):
+        raise NotFoldable("the Conv pads its input with zeros, and a shift does not commute with padding")
+    return fold_input_affine(w, bias, s, t, group)
