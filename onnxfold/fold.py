@@ -91,15 +91,19 @@ def _fold_graph(g: GraphView, rules: RuleSet, report: FoldReport) -> int:
         except NotFoldable as e:
             report.declined.append(Declined(rule.name, g.label(m.upstream), g.label(m.downstream), g.path, str(e)))
             continue
-        removed = g.node(m.remove[0]).op_type
-        g.model.apply(g, Edit(tensors, m.outputs, m.inputs, m.remove,
-                              {n: u.attributes for n, u in rewrite.updates.items() if u.attributes},
-                              {n: u.op_type for n, u in rewrite.updates.items() if u.op_type}))
+        removed = g.node(m.affine).op_type
+        g.model.apply(g, _edit(rewrite, tensors))
         report.folded.append(Folded(rule.name, g.label(m.upstream), g.label(m.downstream), g.path,
                                     str(np.dtype(rewrite.dtype)), tensors[min(tensors)].name, biggest, m.output,
                                     removed=removed))
         folded += 1
     return folded
+
+
+def _edit(r: Rewrite, tensors: dict[tuple[int, int], onnx.TensorProto]) -> Edit:
+    u = r.updates
+    return Edit(tensors, r.outputs, r.inputs, r.remove, {n: x.attributes for n, x in u.items() if x.attributes},
+                {n: x.op_type for n, x in u.items() if x.op_type}, {n: x.arity for n, x in u.items() if x.arity})
 
 
 def _match(g: GraphView, i: int, rules: RuleSet) -> tuple[Rule, Match] | str | None:
@@ -119,12 +123,13 @@ def _match(g: GraphView, i: int, rules: RuleSet) -> tuple[Rule, Match] | str | N
 
 
 def _check_single_reader(g: GraphView, m: Match) -> None:
-    """The check every rule shares: what the fold removes is read by nothing else."""
+    """The check every rule shares: what the fold changes or removes is read by nothing else (a value
+    that stays may also be read by Shape and Size nodes: its shape does not change)."""
     up, down = g.node(m.upstream).op_type, g.node(m.downstream).op_type
     for name in m.between:
         if g.is_output(name):
             raise NotFoldable(f"{up} output '{name}' is a graph output")
-        n = g.readers(name)
+        n = g.readers(name) - (g.shape_readers(name) if name in m.kept else 0)
         if n != 1:
             raise NotFoldable(f"{up} output '{name}' has {n} readers, not only the {down}")
 

@@ -18,7 +18,7 @@ constant nodes nothing reads any more. Nothing else edits the graph.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -28,7 +28,7 @@ from onnx import helper
 from . import constexpr
 from .constants import Constants
 from .io import DataSink
-from .shapes import infer_ranks
+from .shapes import dims, infer_shapes
 
 DEFAULT_DOMAINS = ("", "ai.onnx")
 
@@ -53,7 +53,8 @@ class Edit:
 
     ``tensors`` are new constants for node inputs: ``{(node, input slot): tensor}``. ``outputs`` and
     ``inputs`` rewire: node ``n``'s output (input) slot ``k`` takes the name given. ``remove`` lists
-    the nodes that go. ``attributes`` and ``op_types`` change nodes in place.
+    the nodes that go. ``attributes``, ``op_types`` and ``arity`` change nodes in place (a node with an
+    arity keeps that many inputs and none of its old attributes: it becomes another op).
     """
 
     tensors: dict[tuple[int, int], onnx.TensorProto] = field(default_factory=dict)
@@ -62,6 +63,7 @@ class Edit:
     remove: list[int] = field(default_factory=list)
     attributes: dict[int, dict[str, object]] = field(default_factory=dict)
     op_types: dict[int, str] = field(default_factory=dict)
+    arity: dict[int, int] = field(default_factory=dict)  # keep only this many inputs, drop old attributes
 
 
 class GraphView:
@@ -97,12 +99,13 @@ class GraphView:
         node = self.graph.node[i]
         return node.name or f"{node.op_type}#{i}"
 
-    def upstream(self, name: str) -> tuple[int | None, list[int]]:
-        """The node that makes ``name``, looking through Identity nodes: (its position, the Identities')."""
+    def upstream(self, name: str, through: Collection[str] = ("Identity",)) -> tuple[int | None, list[int]]:
+        """The node that makes ``name``, looking through nodes of the ``through`` op types (by their
+        first input): (its position, the positions passed through, nearest ``name`` first)."""
         chain: list[int] = []
         i = self.producer.get(name)
-        while i is not None and self.graph.node[i].op_type == "Identity" and is_default(self.graph.node[i]):
-            if i in chain:  # an Identity cycle (an invalid graph): no producer, so nothing folds through it
+        while i is not None and self.graph.node[i].op_type in through and is_default(self.graph.node[i]):
+            if i in chain or not self.graph.node[i].input:  # a cycle (an invalid graph): no producer
                 return None, chain
             chain.append(i)
             i = self.producer.get(self.graph.node[i].input[0])
@@ -113,6 +116,15 @@ class GraphView:
         if name in self.inputs or name in self.init:
             return "a graph input or a constant"
         return "an enclosing graph"
+
+    def readers_of(self, name: str) -> list[int]:
+        """The positions of this graph's nodes that read ``name`` (not removed ones)."""
+        return [i for i, node in enumerate(self.graph.node) if i not in self.removed and name in node.input]
+
+    def shape_readers(self, name: str) -> int:
+        """How many Shape and Size nodes of this graph read ``name`` (they see its shape, not its values)."""
+        return sum(1 for i in self.readers_of(name) if self.graph.node[i].op_type in ("Shape", "Size")
+                   and is_default(self.graph.node[i]))
 
     def readers(self, name: str) -> int:
         """How many times ``name`` is read, in any graph of the model, or as a graph output."""
@@ -143,15 +155,20 @@ class GraphView:
             view = view.parent
         return 0
 
-    def rank(self, name: str) -> int | None:
-        """The rank of a tensor, from declared shapes or, failing that, onnx shape inference."""
+    def shape(self, name: str) -> tuple[int | None, ...] | None:
+        """A tensor's shape (None for each dimension not known before run time), from declared shapes
+        or, failing that, onnx shape inference; None when neither knows its rank."""
         view: GraphView | None = self
         while view is not None:
             v = view.declared().get(name)
             if v is not None and v.type.tensor_type.HasField("shape"):
-                return len(v.type.tensor_type.shape.dim)
+                return dims(v)
             view = view.parent
-        return self.model.inferred_rank(name)
+        return self.model.inferred_shape(name)
+
+    def rank(self, name: str) -> int | None:
+        shape = self.shape(name)
+        return None if shape is None else len(shape)
 
     def declared(self) -> dict[str, onnx.ValueInfoProto]:
         """The graph's value infos by name (inputs, value_info, outputs; the first declaration wins)."""
@@ -219,9 +236,9 @@ class ModelView:
         self.ir_version = model.ir_version
         self.opset = next((o.version for o in model.opset_import if o.domain in DEFAULT_DOMAINS), None)
         self._since: dict[str, int] = {}
-        # Ranks from shape inference, for the whole fold: a fold keeps the names and shapes of the
+        # Shapes from shape inference, for the whole fold: a fold keeps the names and shapes of the
         # tensors that stay, so what was inferred once holds for the later rounds.
-        self._ranks: dict[str, int] | None = None
+        self._shapes: dict[str, tuple[int | None, ...]] | None = None
         self.orphans: set[str] = set()  # names a fold stopped reading: the sweep's work list
         self.refresh()
 
@@ -259,12 +276,12 @@ class ModelView:
         """One node on constant inputs, as the ONNX specification says at the model's opset."""
         return constexpr.evaluate(node, values, self.since_version(node.op_type))
 
-    def inferred_rank(self, name: str) -> int | None:
-        """The rank onnx shape inference gives ``name``; inference runs at most once per fold, and only
-        when a rule asks, on a copy of the model without its weights (:func:`onnxfold.shapes.infer_ranks`)."""
-        if self._ranks is None:
-            self._ranks = infer_ranks(self.model)
-        return self._ranks.get(name)
+    def inferred_shape(self, name: str) -> tuple[int | None, ...] | None:
+        """The shape onnx shape inference gives ``name``; inference runs at most once per fold, and only
+        when a rule asks, on a copy of the model without its weights (:func:`onnxfold.shapes.infer_shapes`)."""
+        if self._shapes is None:
+            self._shapes = infer_shapes(self.model)
+        return self._shapes.get(name)
 
     def fresh(self, hint: str) -> str:
         """A name no graph of the model uses, from ``hint``: ``<hint>_folded``, ``<hint>_folded_1`` ..."""
@@ -280,6 +297,11 @@ class ModelView:
     def apply(self, view: GraphView, edit: Edit) -> None:
         """Apply a fold's edit to ``view``'s graph and keep every book right."""
         nodes = view.graph.node
+        for n, arity in edit.arity.items():
+            for name in nodes[n].input[arity:]:
+                self._unread(name)
+            del nodes[n].input[arity:]
+            del nodes[n].attribute[:]
         for (n, slot), tensor in sorted(edit.tensors.items()):
             view._add_constant(tensor, before=n)
             self._set_input(view, n, slot, tensor.name)

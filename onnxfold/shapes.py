@@ -1,4 +1,4 @@
-"""Ranks from onnx shape inference, run on a copy of the model without its weights."""
+"""Shapes from onnx shape inference, run on a copy of the model without its weights."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ _SHAPE_LIKE_BYTES = 1024
 _SHAPE_LIKE_TYPES = (onnx.TensorProto.INT64, onnx.TensorProto.INT32)
 
 
-def infer_ranks(model: onnx.ModelProto) -> dict[str, int]:
-    """Ranks of every value, from onnx shape inference on a weightless copy of the model.
+def infer_shapes(model: onnx.ModelProto) -> dict[str, tuple[int | None, ...]]:
+    """The shape of every value (None for a dimension not known before run time), from onnx shape inference on a weightless copy of the model.
 
     A weight enters inference only through its type and shape, so each large or float initializer
     is given to it as a graph input of that type and shape: the copy is small (inference serializes
@@ -34,8 +34,13 @@ def infer_ranks(model: onnx.ModelProto) -> dict[str, int]:
         inferred = onnx.shape_inference.infer_shapes(stub)
     except Exception:  # inference is a convenience here; without it the rule declines
         return {}
-    return {v.name: len(v.type.tensor_type.shape.dim)
-            for v in _all_value_infos(inferred.graph) if v.type.tensor_type.HasField("shape")}
+    return {v.name: dims(v) for v in _all_value_infos(inferred.graph) if v.type.tensor_type.HasField("shape")}
+
+
+def dims(value: onnx.ValueInfoProto) -> tuple[int | None, ...]:
+    """A value info's shape: each dimension's size, or None when it is symbolic or unknown."""
+    return tuple(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None
+                 for d in value.type.tensor_type.shape.dim)
 
 
 def _all_value_infos(graph: onnx.GraphProto):

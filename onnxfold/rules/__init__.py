@@ -13,14 +13,23 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from .base import Match, NewValue, Rewrite, Rule, Update
+from .bias import BiasAddRule
+from .concat import ConcatRule
 from .consumers import CONSUMERS, DEFAULT_EPSILON, Consumer
-from .input_side import BatchNormBeforeConv
+from .input_side import TARGETS, InputAffineRule
 from .pair import PairRule
 from .producers import PRODUCERS, Producer
+from .split import SplitRule
 
+# The driver offers a node to the rules anchored at its op type in this order; the first whose match
+# finds a candidate takes it. bias_add takes only producers with a run-time weight, and a Concat rule
+# only a Concat, so they go before the producer rules that would decline those.
 RULES: tuple[Rule, ...] = (
+    BiasAddRule(),
+    *(ConcatRule(c) for c in CONSUMERS),
     *(PairRule(p, c) for p in PRODUCERS for c in CONSUMERS),
-    BatchNormBeforeConv(),
+    SplitRule(),
+    *(InputAffineRule(c, t) for c in CONSUMERS for t in TARGETS),
 )
 
 # Reasons every rule shares; checked once, in the driver.
@@ -85,10 +94,12 @@ def describe_rules() -> str:
         lines.append(f"  {c.name}: {c.description}")
         if i + 1 == len(CONSUMERS) or _doc(CONSUMERS[i + 1]) != _doc(c):  # Mul/Add/Sub/Div share one: say it once
             lines += _doc(c)
+    families: dict[type, list[str]] = {}
     for r in RULES:
-        if not isinstance(r, PairRule):
-            lines.append(f"{r.name}: {r.description}")
-            lines += _doc(r)
+        families.setdefault(type(r), []).append("<producer>_<consumer>" if isinstance(r, PairRule) else r.name)
+    for family, names in families.items():
+        lines.append(f"{', '.join(dict.fromkeys(names))}:")
+        lines += ["    " + line.strip() for line in (family.__doc__ or "").strip().splitlines() if line.strip()]
     lines.append("every rule declines when:")
     lines.extend(f"    - {reason}" for reason in SHARED_DECLINES)
     return "\n".join(lines)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from collections.abc import Collection
 from typing import Protocol, Union
 
 import numpy as np
@@ -32,8 +33,13 @@ class GraphQuery(Protocol):
 
     def node(self, i: int) -> onnx.NodeProto: ...
 
-    def upstream(self, name: str) -> tuple[int | None, list[int]]:
-        """The position of the node making ``name`` through any Identity nodes, and the Identities'."""
+    def upstream(self, name: str, through: Collection[str] = ("Identity",)) -> tuple[int | None, list[int]]:
+        """The position of the node making ``name`` through nodes of the ``through`` op types, and the
+        positions of those (nearest ``name`` first)."""
+        ...
+
+    def readers_of(self, name: str) -> list[int]:
+        """The positions of the nodes of this graph that read ``name``."""
         ...
 
     def origin(self, name: str) -> str:
@@ -49,6 +55,10 @@ class GraphQuery(Protocol):
         ...
 
     def rank(self, name: str) -> int | None: ...
+
+    def shape(self, name: str) -> tuple[int | None, ...] | None:
+        """A tensor's shape, None for each dimension not known before run time (None: rank unknown)."""
+        ...
 
     def since_version(self, op_type: str) -> int:
         """The version of ``op_type`` at the model's opset."""
@@ -71,29 +81,44 @@ class Update:
     inputs: dict[int, NewValue]
     attributes: dict[str, object] = field(default_factory=dict)
     op_type: str | None = None  # a producer may become another op (MatMul + bias -> Gemm)
+    arity: int | None = None  # keep only this many inputs (and drop every old attribute)
 
 
 @dataclass
 class Match:
     """A candidate fold, found from the graph's structure alone (node positions in one graph)."""
 
-    upstream: int  # the first node of the pair (a producer; a BatchNormalization before a Conv)
-    downstream: int  # the second (the consumer; the Conv)
-    between: list[str]  # values the fold removes: each must have one reader and not be a graph output
-    remove: list[int]  # nodes that go: the affine node first, then any Identity nodes between the pair
+    upstream: int  # the first node of the pair (a producer; an affine before a producer)
+    downstream: int  # the second (the consumer; the producer after an affine)
+    affine: int  # the affine node the fold takes in (the consumer, or the node before the producer)
+    between: list[str]  # values whose content the fold changes or removes: each must have one reader
+    #                     (the next node of the match) and not be a graph output
+    remove: list[int]  # nodes that go (the affine node, Identity nodes next to it)
     output: str  # the value the fold rewrites (compared at, when verified); its name is kept
     reads: set[str]  # the weights and statistics the fold reads (a function input here means inlining)
     outputs: dict[tuple[int, int], str] = field(default_factory=dict)  # (node, slot) writes this name
     inputs: dict[tuple[int, int], str] = field(default_factory=dict)  # (node, slot) reads this name
     data_index: int = 0  # which input of the consumer carries the producer's output
+    path: list[int] = field(default_factory=list)  # layout nodes between the pair, nearest the consumer first
+    upstreams: list[int] = field(default_factory=list)  # every producer, when several fold at once (Concat)
+    kept: set[str] = field(default_factory=set)  # values of ``between`` that stay, with new content:
+    #                                              Shape and Size nodes may read them as well
+
+    def rewrite(self, dtype: np.dtype, updates: dict[int, Update]) -> Rewrite:
+        """The edit this match plans, with the rule's new values."""
+        return Rewrite(dtype, updates, list(self.remove), dict(self.outputs), dict(self.inputs))
 
 
 @dataclass
 class Rewrite:
-    """A rule's folded values: an :class:`Update` per node position, and the dtype to cast them to."""
+    """A rule's edit: an :class:`Update` per node position (values cast to ``dtype``), the nodes that go,
+    and the outputs and inputs that take new names (usually what the :class:`Match` planned)."""
 
     dtype: np.dtype
     updates: dict[int, Update]
+    remove: list[int] = field(default_factory=list)
+    outputs: dict[tuple[int, int], str] = field(default_factory=dict)
+    inputs: dict[tuple[int, int], str] = field(default_factory=dict)
 
 
 class Rule(ABC):

@@ -1,7 +1,7 @@
 """Consumers: nodes that compute a per-channel affine ``y = x * scale + shift`` of one input.
 
 Each gives its (scale, shift) in float64 over the channels of its data input, or NotFoldable with the
-reason. The channel axis is 1 of a rank-``rank`` input with ``channels`` channels.
+reason. The channels are axis ``axis`` of the data input, of rank ``rank``.
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ class Consumer(ABC):
     description = ""
 
     report_left = False  # list this consumer in the report when it has nothing to fold into
+    fixed_axis: int | None = None  # the one axis this op works along (BatchNormalization: 1), if any
+    becomes_add = False  # a shift a producer cannot take stays behind as an Add in this node's place
 
     def data_inputs(self, node: onnx.NodeProto) -> tuple[int, ...]:
         """Indices of the inputs that may carry the producer's output."""
@@ -33,9 +35,13 @@ class Consumer(ABC):
         """Whether this input is worth matching at all (not a reason to decline)."""
         return True
 
+    def shift_only(self, node: onnx.NodeProto, data_index: int) -> bool:
+        """Whether the affine is a pure shift whatever its constant (x + c, x - c)."""
+        return False
+
     @abstractmethod
     def affine(self, g: GraphQuery, node: onnx.NodeProto, data_index: int, channels: int,
-               rank: int) -> tuple[np.ndarray, np.ndarray]:
+               rank: int, axis: int = 1) -> tuple[np.ndarray, np.ndarray]:
         """(scale, shift), float64 of length ``channels``."""
 
 
@@ -51,8 +57,10 @@ class BatchNormConsumer(Consumer):
     op_types = ("BatchNormalization",)
     description = "BatchNormalization in inference mode"
     report_left = True
+    fixed_axis = 1
+    becomes_add = True
 
-    def affine(self, g, node, data_index, channels, rank):
+    def affine(self, g, node, data_index, channels, rank, axis=1):
         _check_inference(node, g.since_version(node.op_type))
         stats = []
         for name, tensor in zip(("scale", "B", "mean", "var"), node.input[1:5]):
@@ -114,7 +122,10 @@ class ArithmeticConsumer(Consumer):
         # "Constant" by structure: one whose value onnxfold cannot evaluate is declined with the reason.
         return len(node.input) == 2 and g.constant_like(node.input[1 - data_index])
 
-    def affine(self, g, node, data_index, channels, rank):
+    def shift_only(self, node, data_index):
+        return node.op_type == "Add" or (node.op_type == "Sub" and data_index == 0)
+
+    def affine(self, g, node, data_index, channels, rank, axis=1):
         if len(node.input) != 2:
             raise NotFoldable(f"{node.op_type} does not have two inputs")
         since = g.since_version(node.op_type)
@@ -122,7 +133,7 @@ class ArithmeticConsumer(Consumer):
             raise NotFoldable(f"{node.op_type}-{since} broadcasts by its broadcast/axis attributes, not like numpy")
         const = g.const(node.input[1 - data_index], f"{node.op_type} operand")
         check_float(const, f"{node.op_type} operand")
-        c = per_channel(const, rank, channels)
+        c = per_channel(const, rank, channels, axis)
         op = node.op_type
         ones, zeros = np.ones(channels), np.zeros(channels)
         if op == "Mul":
@@ -136,15 +147,16 @@ class ArithmeticConsumer(Consumer):
         return 1.0 / c, zeros
 
 
-def per_channel(const: np.ndarray, rank: int, channels: int) -> np.ndarray:
-    """A constant's per-channel values (float64, length C), if it broadcasts only along axis 1."""
+def per_channel(const: np.ndarray, rank: int, channels: int, axis: int = 1) -> np.ndarray:
+    """A constant's per-channel values (float64, length C), if it broadcasts only along ``axis``."""
     shape = tuple(const.shape)
     if len(shape) > rank:
         raise NotFoldable(f"constant of shape {list(shape)} has more dimensions than the output (rank {rank})")
     padded = (1,) * (rank - len(shape)) + shape
-    others = [d for axis, d in enumerate(padded) if axis != 1]
-    if any(d != 1 for d in others) or padded[1] not in (1, channels):
-        hint = " (a length-C vector broadcasts over the last axis, not the channels)" if len(shape) == 1 and rank > 2 else ""
+    others = [d for k, d in enumerate(padded) if k != axis]
+    if any(d != 1 for d in others) or padded[axis] not in (1, channels):
+        hint = (" (a length-C vector broadcasts over the last axis, not the channels)"
+                if len(shape) == 1 and axis != rank - 1 else "")
         raise NotFoldable(f"constant of shape {list(shape)} does not broadcast per channel against rank {rank}{hint}")
     return np.broadcast_to(np.asarray(const, np.float64).reshape(-1), (channels,)).copy()
 

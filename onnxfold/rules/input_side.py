@@ -1,63 +1,130 @@
-"""An affine before a producer folds into the producer's INPUT channels."""
+"""A per-channel affine BEFORE a producer folds into the producer's input channels.
+
+Matched at the producer (Conv, Gemm, MatMul): its data input is, through any Identity nodes, the
+output of an affine node (BatchNormalization, or Mul/Add/Sub/Div by a constant that broadcasts over
+the producer's input channels, a scalar included). The producer then reads the affine's input, and
+the affine goes. The algebra is in :mod:`onnxfold.affine_input`:
+
+- Conv W [M, C/group, k...]: W'[m, j] = W[m, j] * scale[c]; b'[m] = b[m] + sum_{j,k} W[m, j, k] * shift[c]
+  (c = g*C/group + j). Zero padding is applied after the affine, so with padding only a pure scale
+  folds (0 * s = 0); a shift would reach the border where the original saw zeros.
+- Gemm (transA = 0): row k of B' scales by s[k], and alpha * t @ B' joins C (beta kept, or C made).
+- MatMul with a constant 2-D W: W'[k, :] = W[k, :] * s[k]; a shift needs a bias, so only a rank-2
+  MatMul takes one (it becomes a Gemm).
+"""
 
 from __future__ import annotations
 
-from ..affine import NotFoldable, fold_input_affine
+import numpy as np
+import onnx
+
+from ..affine import NotFoldable
+from ..affine_input import conv_input_affine, gemm_input_affine, matmul_input_affine
 from .base import GraphQuery, Match, NewValue, Rewrite, Rule, Update, attr, is_default
-from .consumers import BatchNormConsumer
-from .producers import bias_hint, conv_constants
+from .consumers import Consumer
+from .producers import bias_hint, conv_constants, matrix_weight
+
+TARGETS = ("Conv", "Gemm", "MatMul")
 
 
-class BatchNormBeforeConv(Rule):
-    """BatchNormalization -> Conv: the affine folds into the Conv's INPUT channels.
+class InputAffineRule(Rule):
+    """An affine node (BatchNormalization, or Mul/Add/Sub/Div by a scalar or per-input-channel constant)
+    -> Conv, Gemm or MatMul: the affine folds into the producer's input channels. Conv: W'[m, j] =
+    W[m, j] * s[c], b' = b + sum W * t[c]; zero padding comes after the affine, so a padded Conv takes
+    only a pure scale (a shift is declined). Gemm (transA=0): B' rows scaled, C' = C + alpha/beta * t @ B'.
+    MatMul: W' rows scaled; a shift needs a bias, so only a rank-2 MatMul takes one (it becomes Gemm)."""
 
-    W'[m, j] = W[m, j] * scale[c]; b'[m] = b[m] + sum over j and the kernel of W[m, j, k] * shift[c],
-    with c = g*C/group + j for output channel m of group g. Only when the Conv has no padding (pads all
-    zero or auto_pad VALID): zero padding is applied after BatchNormalization, so with padding the
-    border outputs would see shift where the original saw zeros.
-    """
-
-    name = "bn_conv"
-    anchors = ("Conv",)
-    description = "BatchNormalization -> Conv without padding (into the Conv's input channels)"
+    def __init__(self, consumer: Consumer, target: str):
+        self.consumer = consumer
+        self.target = target
+        self.name = f"{consumer.name}_{target.lower()}"
+        self.anchors = (target,)
+        pad = " without padding (a pure scale also with padding)" if target == "Conv" else ""
+        self.description = f"{consumer.op_types[0]} -> {target}{pad} (into its input channels)"
 
     def match(self, g: GraphQuery, i: int) -> Match | str:
-        conv = g.node(i)
-        if not conv.input or not conv.input[0]:
+        node = g.node(i)
+        if not node.input or not node.input[0]:
             return ""
-        bi, chain = g.upstream(conv.input[0])
-        if bi is None:
+        ai, chain = g.upstream(node.input[0])
+        if ai is None:
             return ""
-        bn = g.node(bi)
-        if bn.op_type != "BatchNormalization" or not is_default(bn):
+        affine = g.node(ai)
+        if not is_default(affine) or affine.op_type not in self.consumer.op_types:
             return ""
-        return Match(
-            upstream=bi, downstream=i,
-            between=[bn.output[0], *(g.node(k).output[0] for k in reversed(chain))],
-            remove=[bi, *chain],
-            inputs={(i, 0): bn.input[0]},  # the Conv reads the BatchNormalization's input
-            output=conv.output[0],
-            reads={*bn.input[1:], *conv.input[1:]} - {""},
-        )
+        for d in self.consumer.data_inputs(affine):
+            if d < len(affine.input) and affine.input[d] and self.consumer.is_candidate(g, affine, d):
+                if self.target == "MatMul" and self.consumer.shift_only(affine, d) and g.rank(affine.input[d]) != 2:
+                    return ""  # a pure shift needs a bias, which only a rank-2 MatMul gets (as a Gemm)
+                return Match(
+                    upstream=ai, downstream=i, affine=ai, data_index=d,
+                    between=[affine.output[0], *(g.node(k).output[0] for k in reversed(chain))],
+                    remove=[ai, *chain],
+                    inputs={(i, 0): affine.input[d]},  # the producer reads the affine's input
+                    output=node.output[0],
+                    reads=({*(n for k, n in enumerate(affine.input) if k != d), *node.input[1:]}) - {""},
+                )
+        return ""
 
     def fold(self, g: GraphQuery, m: Match) -> Rewrite:
-        bn, conv = g.node(m.upstream), g.node(m.downstream)
-        _check_unpadded(conv)
-        w, b = conv_constants(g, conv)
-        group = int(attr(conv, "group", 1))
-        scale, shift = BatchNormConsumer().affine(g, bn, 0, w.shape[1] * group, w.ndim)
-        w2, b2 = fold_input_affine(w, b, scale, shift, group)
-        return Rewrite(w.dtype, {m.downstream: Update({1: NewValue(w2, "weight", conv.input[1]),
-                                                       2: NewValue(b2, "bias", bias_hint(conv))})})
+        a, node = g.node(m.upstream), g.node(m.downstream)
+        fold = {"Conv": _into_conv, "Gemm": _into_gemm, "MatMul": _into_matmul}[self.target]
+        dtype, update = fold(g, self.consumer, a, m.data_index, node)
+        return m.rewrite(dtype, {m.downstream: update})
 
 
-def _check_unpadded(conv) -> None:
+def _into_conv(g: GraphQuery, consumer: Consumer, a: onnx.NodeProto, d: int, conv: onnx.NodeProto):
+    w, b = conv_constants(g, conv)
+    group = int(attr(conv, "group", 1))
+    scale, shift = consumer.affine(g, a, d, w.shape[1] * group, w.ndim, 1)
+    padding = _padding(conv)
+    if padding and np.any(shift):
+        raise NotFoldable(f"Conv pads its input ({padding}): zero padding after {a.op_type} "
+                          "is not an affine of the input")
+    w2, b2 = conv_input_affine(w, b, scale, shift, group, padded=bool(padding))
+    return w.dtype, Update({1: NewValue(w2, "weight", conv.input[1]), 2: NewValue(b2, "bias", bias_hint(conv))})
+
+
+def _padding(conv: onnx.NodeProto) -> str:
+    """How a Conv pads its input ("" when it does not)."""
     auto_pad = attr(conv, "auto_pad", b"NOTSET")
     auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else str(auto_pad)
     if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
-        raise NotFoldable(f"Conv pads its input (auto_pad={auto_pad}): zero padding after BatchNormalization "
-                          "is not an affine of the input")
+        return f"auto_pad={auto_pad}"
     pads = attr(conv, "pads", None)
     if auto_pad == "NOTSET" and pads and any(pads):
-        raise NotFoldable(f"Conv pads its input (pads={list(pads)}): zero padding after BatchNormalization "
-                          "is not an affine of the input")
+        return f"pads={list(pads)}"
+    return ""
+
+
+def _into_gemm(g: GraphQuery, consumer: Consumer, a: onnx.NodeProto, d: int, gemm: onnx.NodeProto):
+    if int(attr(gemm, "transA", 0)):
+        raise NotFoldable("Gemm has transA=1: its input's channel axis 1 is not the axis it reduces over")
+    b = matrix_weight(g, gemm, "Gemm B")
+    trans_b = int(attr(gemm, "transB", 0))
+    c = g.const(gemm.input[2], "Gemm C") if len(gemm.input) > 2 and gemm.input[2] else None
+    scale, shift = consumer.affine(g, a, d, b.shape[1] if trans_b else b.shape[0], 2, 1)
+    b2, c2, beta = gemm_input_affine(b, c, scale, shift, trans_b=trans_b, alpha=float(attr(gemm, "alpha", 1.0)),
+                                     beta=float(attr(gemm, "beta", 1.0)))
+    inputs = {1: NewValue(b2, "weight", gemm.input[1])}
+    if c2 is not None:
+        inputs[2] = NewValue(c2, "bias", bias_hint(gemm))
+    return b.dtype, Update(inputs, attributes={"beta": beta})
+
+
+def _into_matmul(g: GraphQuery, consumer: Consumer, a: onnx.NodeProto, d: int, matmul: onnx.NodeProto):
+    rank = g.rank(a.input[d])
+    if rank is None or rank < 2:
+        raise NotFoldable(f"the rank of MatMul's input is {'unknown' if rank is None else rank}")
+    if consumer.fixed_axis is not None and consumer.fixed_axis != rank - 1:
+        raise NotFoldable(f"MatMul's input has rank {rank}: it reduces over axis {rank - 1}, the "
+                          f"{a.op_type}'s channels are on axis {consumer.fixed_axis}")
+    w = matrix_weight(g, matmul, "MatMul weight")
+    scale, shift = consumer.affine(g, a, d, w.shape[0], rank, rank - 1)
+    w2, added = matmul_input_affine(w, scale, shift)
+    weight = NewValue(w2, "weight", matmul.input[1])
+    if added is None:
+        return w.dtype, Update({1: weight})
+    if rank != 2:
+        raise NotFoldable(f"MatMul's input has rank {rank}: it has no bias to take the {a.op_type}'s shift")
+    return w.dtype, Update({1: weight, 2: NewValue(added, "bias", bias_hint(matmul))}, op_type="Gemm")

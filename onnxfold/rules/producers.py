@@ -25,7 +25,9 @@ class Weights:
     weight: np.ndarray
     bias: np.ndarray | None
     channels: int
-    rank: int  # rank of the producer's output (its channel axis is 1)
+    rank: int  # rank of the producer's output
+    axis: int = 1  # the producer's channel axis in its output
+    takes_shift: bool = True  # whether the producer has (or can get) a bias for a shift
 
     @property
     def dtype(self) -> np.dtype:
@@ -53,12 +55,26 @@ class Producer(ABC, Generic[W]):
     description = ""
 
     @abstractmethod
-    def weights(self, g: GraphQuery, node: onnx.NodeProto) -> W:
-        """The producer's constants, or NotFoldable with the reason they are not foldable."""
+    def weights(self, g: GraphQuery, node: onnx.NodeProto, shift_only: bool = False) -> W:
+        """The producer's constants, or NotFoldable with the reason they are not foldable.
+        ``shift_only``: the affine is a pure shift (an Add), so a producer without a bias declines early."""
 
     @abstractmethod
     def fold(self, node: onnx.NodeProto, w: W, scale: np.ndarray, shift: np.ndarray) -> Update:
         """The node's new inputs for ``y * scale + shift`` on its output channels."""
+
+    def is_producer(self, g: GraphQuery, node: onnx.NodeProto) -> bool:
+        """Whether ``node`` is one of this producer (by structure only)."""
+        return node.op_type in self.op_types
+
+    def inner(self, g: GraphQuery, node: onnx.NodeProto) -> list[str]:
+        """For a producer of several nodes: the values inside it whose content the fold changes (each
+        must have one reader); :meth:`inner_updates` changes those nodes."""
+        return []
+
+    def inner_updates(self, w: W, scale: np.ndarray) -> dict[int, Update]:
+        """Updates of the other nodes of a producer of several nodes, by position."""
+        return {}
 
 
 def conv_constants(g: GraphQuery, node: onnx.NodeProto) -> tuple[np.ndarray, np.ndarray | None]:
@@ -95,7 +111,7 @@ class ConvProducer(Producer[Weights]):
     op_types = ("Conv",)
     description = "Conv (1-D/2-D/3-D, any strides, pads, dilations, groups, with or without bias)"
 
-    def weights(self, g, node):
+    def weights(self, g, node, shift_only=False):
         w, b = conv_constants(g, node)
         group = int(attr(node, "group", 1))
         if group < 1 or w.shape[0] % group:
@@ -119,7 +135,7 @@ class ConvTransposeProducer(Producer[GroupedWeights]):
     op_types = ("ConvTranspose",)
     description = "ConvTranspose (1-D/2-D/3-D, groups, strides, output_padding, with or without bias)"
 
-    def weights(self, g, node):
+    def weights(self, g, node, shift_only=False):
         w, b = conv_constants(g, node)
         group = int(attr(node, "group", 1))
         if group < 1 or w.shape[0] % group:
@@ -156,7 +172,7 @@ class GemmProducer(Producer[GemmWeights]):
     op_types = ("Gemm",)
     description = "Gemm (transA, transB, alpha, beta; C absent, scalar, [N] or [1, N])"
 
-    def weights(self, g, node):
+    def weights(self, g, node, shift_only=False):
         b = matrix_weight(g, node, "Gemm B")
         trans_b = bool(attr(node, "transB", 0))
         n = b.shape[0] if trans_b else b.shape[1]
@@ -184,32 +200,109 @@ class GemmProducer(Producer[GemmWeights]):
 
 
 class MatMulProducer(Producer[Weights]):
-    """MatMul with a constant 2-D weight W [K, N] and a rank-2 output [M, N] (BatchNorm1d after Linear).
+    """MatMul with a constant 2-D weight W [K, N]: output channel n (the last axis) is column n of W.
 
-    W'[:, n] = W[:, n] * scale[n]; the shift becomes a bias, so the node becomes Gemm(A, W', shift).
-    A rank-3+ output is declined: Gemm is 2-D, and there BatchNormalization's channel axis 1 is not
-    the weight's output axis.
+    W'[:, n] = W[:, n] * scale[n]. With a rank-2 input the shift becomes a bias, so the node becomes
+    Gemm(A, W', shift) (BatchNorm1d after Linear). With a rank-3+ input MatMul has no bias: a pure
+    scale folds (the node stays a MatMul), a BatchNormalization's shift stays behind as an Add of a
+    constant, and a pure shift (an Add) is declined.
     """
 
     name = "matmul"
     op_types = ("MatMul",)
-    description = "MatMul with a constant 2-D weight and a rank-2 output (becomes Gemm)"
+    description = "MatMul with a constant 2-D weight (rank 2 becomes Gemm; rank 3+ takes a scale)"
 
-    def weights(self, g, node):
+    def weights(self, g, node, shift_only=False):
         rank = g.rank(node.input[0])  # before the weight is read: most rank-3+ MatMuls decline here
         if rank is None:
             raise NotFoldable("the rank of MatMul's input is unknown (no shape information)")
-        if rank != 2:
+        if rank < 2:
+            raise NotFoldable(f"MatMul's input has rank {rank}: no channel axis to fold into")
+        if rank > 2 and shift_only:
             raise NotFoldable(
-                f"MatMul output has rank {rank}: only a rank-2 MatMul folds (it becomes a Gemm, whose output "
-                "is 2-D and whose channel axis 1 is the weight's output axis)"
+                f"MatMul output has rank {rank}: it has no bias to take the shift (only a rank-2 MatMul "
+                "becomes a Gemm, whose C is a bias)"
             )
         w = matrix_weight(g, node, "MatMul weight")
-        return Weights(w, None, channels=w.shape[1], rank=2)
+        return Weights(w, None, channels=w.shape[1], rank=rank, axis=rank - 1, takes_shift=rank == 2)
 
     def fold(self, node, w, scale, shift):
-        return Update({1: NewValue(scale_columns(w.weight, scale), "weight", node.input[1]),
-                       2: NewValue(shift.copy(), "bias", bias_hint(node))}, op_type="Gemm")
+        weight = NewValue(scale_columns(w.weight, scale), "weight", node.input[1])
+        if not w.takes_shift:
+            return Update({1: weight})
+        return Update({1: weight, 2: NewValue(shift.copy(), "bias", bias_hint(node))}, op_type="Gemm")
 
 
-PRODUCERS: tuple[Producer, ...] = (ConvProducer(), ConvTransposeProducer(), GemmProducer(), MatMulProducer())
+@dataclass
+class LinearWeights(Weights):
+    matmul: int = -1  # the MatMul's position
+    weight_name: str = ""
+    bias_slot: int = 1  # which input of the Add is the bias
+    bias_shape: tuple[int, ...] = ()
+
+
+class LinearProducer(Producer[LinearWeights]):
+    """MatMul with a constant 2-D weight W [K, N], then Add of a constant bias b over the last axis
+    ([N] or [1, ..., N]): torch's Linear on a rank-3+ input. Channel n is column n of W and b[n]:
+    W'[:, n] = W[:, n] * scale[n]; b'[n] = b[n] * scale[n] + shift[n]. Both nodes stay."""
+
+    name = "linear"
+    op_types = ("Add",)
+    description = "MatMul + Add of a bias over the last axis (a Linear layer on a rank-3+ input)"
+
+    def _parts(self, g: GraphQuery, node: onnx.NodeProto) -> tuple[int, list[int], int] | None:
+        """(the MatMul's position, the Identity positions between, the bias input's slot) or None."""
+        if node.op_type != "Add" or len(node.input) != 2:
+            return None
+        for d in (0, 1):
+            mi, chain = g.upstream(node.input[d])
+            if mi is not None and g.node(mi).op_type == "MatMul" and g.constant_like(node.input[1 - d]):
+                return mi, chain, 1 - d
+        return None
+
+    def is_producer(self, g, node):
+        return self._parts(g, node) is not None
+
+    def inner(self, g, node):
+        parts = self._parts(g, node)
+        if parts is None:
+            return []
+        mi, chain, _ = parts
+        return [g.node(mi).output[0], *(g.node(k).output[0] for k in reversed(chain))]
+
+    def weights(self, g, node, shift_only=False):
+        parts = self._parts(g, node)
+        if parts is None:
+            raise NotFoldable("the Add is not a MatMul plus a constant")
+        mi, _, slot = parts
+        matmul = g.node(mi)
+        rank = g.rank(matmul.input[0])
+        if rank is None or rank < 2:
+            raise NotFoldable("the rank of the MatMul's input is unknown (no shape information)" if rank is None
+                              else f"the MatMul's input has rank {rank}")
+        w = matrix_weight(g, matmul, "MatMul weight")
+        b = g.const(node.input[slot], "Linear bias")
+        check_float(b, "Linear bias")
+        n = w.shape[1]
+        if b.ndim > rank or b.shape[-1:] != (n,) or any(d != 1 for d in b.shape[:-1]):
+            raise NotFoldable(f"the Add's constant has shape {list(b.shape)}, not a bias over the last axis ({n})")
+        return LinearWeights(w, b, channels=n, rank=rank, axis=rank - 1, matmul=mi, weight_name=matmul.input[1],
+                             bias_slot=slot, bias_shape=tuple(b.shape))
+
+    def fold(self, node, w, scale, shift):
+        bias = (np.asarray(w.bias, np.float64).reshape(-1) * scale + shift).reshape(w.bias_shape)
+        return Update({w.bias_slot: NewValue(bias, "bias", node.input[w.bias_slot])})
+
+    def inner_updates(self, w, scale):
+        return {w.matmul: Update({1: NewValue(scale_columns(w.weight, scale), "weight", w.weight_name)})}
+
+
+PRODUCERS: tuple[Producer, ...] = (ConvProducer(), ConvTransposeProducer(), GemmProducer(), MatMulProducer(),
+                                   LinearProducer())
+PRODUCER_BY_OP: dict[str, Producer] = {op: p for p in PRODUCERS for op in p.op_types}
+
+
+def producer_of(g: GraphQuery, node: onnx.NodeProto) -> Producer | None:
+    """The producer ``node`` is, if any (default domain; by structure)."""
+    p = PRODUCER_BY_OP.get(node.op_type) if node.domain in ("", "ai.onnx") else None
+    return p if p is not None and p.is_producer(g, node) else None
