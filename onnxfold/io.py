@@ -13,10 +13,12 @@ import numpy as np
 import onnx
 from onnx import external_data_helper, helper, numpy_helper
 
+from .errors import FoldError
+
 PROTOBUF_LIMIT = 2**31 - 1
 
 
-class InputError(Exception):
+class InputError(FoldError):
     """A problem with what the user gave us: one line, no traceback, exit code 2."""
 
 

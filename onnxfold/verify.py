@@ -70,6 +70,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from .errors import FoldError
 from .io import PROTOBUF_LIMIT, all_graphs
 from .rules import DEFAULT_EPSILON
 
@@ -98,7 +99,7 @@ _ELEM_TYPES = {"float32": onnx.TensorProto.FLOAT, "float16": onnx.TensorProto.FL
                "float64": onnx.TensorProto.DOUBLE, "bfloat16": onnx.TensorProto.BFLOAT16}
 
 
-class VerifyError(Exception):
+class VerifyError(FoldError):
     """Verification could not run (provider missing, bad inputs): the message says why."""
 
 
@@ -173,6 +174,24 @@ class VerifyResult:
 
     def max_abs(self) -> float:
         return max((o.max_abs for r in self.results for o in r.outputs), default=0.0)
+
+    def to_dict(self) -> dict:
+        """The comparison as JSON-ready data (the ``verification`` field of ``--report``)."""
+        return {
+            "passed": bool(self),
+            "max_abs": self.max_abs(),
+            "providers": [
+                {"provider": r.provider, "engine": r.engine, "note": r.note,
+                 "outputs": [{"name": o.name, "dtype": o.dtype, "shape": list(o.shape), "max_abs": o.max_abs,
+                              "max_rel": o.max_rel, "atol": o.atol, "rtol": o.rtol, "passed": o.passed}
+                             for o in r.outputs],
+                 "folds": [{"name": o.name, "shape": list(o.shape), "max_abs": o.max_abs, "max_rel": o.max_rel,
+                            "atol": o.atol, "channel": o.channel, "passed": o.passed} for o in r.folds]}
+                for r in self.results
+            ],
+            "warnings": list(self.warnings),
+            "notes": list(self.notes),
+        }
 
     def __str__(self) -> str:
         lines = []
