@@ -25,7 +25,6 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Union
 
 import numpy as np
 import onnx
@@ -43,7 +42,7 @@ log = logging.getLogger("onnxfold")
 
 MAX_INPUT_ELEMENTS = 1 << 31  # per input shape: larger inputs cannot be generated and run
 EXTERNAL_DATA = ("auto", "always", "never")
-Inputs = Union[str, os.PathLike, Mapping[str, np.ndarray]]
+Inputs = str | os.PathLike | Mapping[str, np.ndarray]
 
 
 @dataclass(frozen=True)
@@ -143,7 +142,8 @@ class FoldResult:
         return self.report.summary(check=self.output is None)
 
     def to_dict(self) -> dict:
-        data = {"input": str(self.input), "output": None if self.output is None else str(self.output)}
+        data: dict[str, object] = {"input": str(self.input),
+                                   "output": None if self.output is None else str(self.output)}
         data.update(self.report.to_dict())
         if self.verification is not None:
             data["verification"] = self.verification.to_dict()

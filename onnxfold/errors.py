@@ -30,7 +30,7 @@ _OS_ERRORS = {
 
 def os_error(e: OSError) -> str:
     """``path: what went wrong``, in words a user acts on."""
-    what = _OS_ERRORS.get(e.errno, e.strerror or type(e).__name__)
+    what = _OS_ERRORS.get(e.errno or 0, e.strerror or type(e).__name__)
     return f"{e.filename}: {what}" if e.filename else what
 
 

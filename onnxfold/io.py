@@ -574,6 +574,7 @@ def _write_pieces(model, path: Path, base_dir, sink: DataSink | None, taken: lis
         out.write(graph_bytes)
         del graph_bytes
         if pieces:
+            assert sink is not None  # only streamed tensors make pieces
             with open(sink.path, "rb") as data:
                 for (h, n), (_, offset, _) in zip(pieces, streamed):
                     out.write(_key(_GRAPH_INITIALIZER) + _varint(len(h) + n) + h)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -67,8 +68,8 @@ class OutputPlan:
     stale: set[Path] = field(default_factory=set)
 
 
-def plan_output(src: Path, reads: set[Path], dst: Path, data_name: str | None, *, protect: set[Path] = frozenset(),
-                shared_folder: bool = False) -> OutputPlan:
+def plan_output(src: Path, reads: set[Path], dst: Path, data_name: str | None, *,
+                protect: AbstractSet[Path] = frozenset(), shared_folder: bool = False) -> OutputPlan:
     """Check ``dst`` and choose its data file's name, before any work.
 
     ``reads``: real paths of the input and its data files. ``protect``: other files that must survive

@@ -429,8 +429,9 @@ def check_providers(providers, *, available: bool = True) -> list[str]:
             raise VerifyError(f"unknown provider {p!r}; choose from {', '.join(PROVIDERS)}")
     wanted = [PROVIDERS[p] for p in providers if p != "cpu"]
     if wanted and available:
+        found: list[str]
         if "onnxruntime" in sys.modules:
-            available = sys.modules["onnxruntime"].get_available_providers()
+            found = sys.modules["onnxruntime"].get_available_providers()
         else:
             import subprocess
 
@@ -438,11 +439,11 @@ def check_providers(providers, *, available: bool = True) -> list[str]:
                                    "onnxruntime.get_available_providers()))"], capture_output=True, text=True)
             if proc.returncode != 0:
                 raise VerifyError("cannot import onnxruntime: " + (proc.stderr.strip().splitlines() or ["?"])[-1])
-            available = proc.stdout.strip().split(",")
+            found = proc.stdout.strip().split(",")
         for name in wanted:
-            if name not in available:
+            if name not in found:
                 raise VerifyError(f"{name} is not available in this onnxruntime build (available: "
-                                  f"{', '.join(available)})")
+                                  f"{', '.join(found)})")
     return providers
 
 
@@ -903,10 +904,10 @@ def _main_outputs(model) -> set[str]:
     import mmap
 
     with open(model, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-        names = set()
+        names: set[str] = set()
         for graph in _fields(buf, 0, len(buf), 7):  # ModelProto.graph
-            for node in _fields(buf, *graph, 1):  # GraphProto.node
-                names.update(bytes(buf[a:b]).decode("utf-8", "replace") for a, b in _fields(buf, *node, 2))
+            for node in _fields(buf, graph[0], graph[1], 1):  # GraphProto.node
+                names.update(bytes(buf[a:b]).decode("utf-8", "replace") for a, b in _fields(buf, node[0], node[1], 2))
         names.discard("")
         return names
 

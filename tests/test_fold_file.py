@@ -21,10 +21,10 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from onnx import helper, numpy_helper
+from builders import conv_bn_model, count
+from onnx import numpy_helper
 
 import onnxfold
-from builders import conv_bn_model, count
 from onnxfold import FoldError, InputError, VerifyError, cli, fold_file, verify
 
 ROOT = Path(__file__).resolve().parent.parent
