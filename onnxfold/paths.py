@@ -9,6 +9,7 @@ new data goes under a fresh name (``OUT.1.data``), so the commit can swap the mo
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import shutil
@@ -20,6 +21,8 @@ import onnx
 from onnx import external_data_helper
 
 from .io import InputError
+
+log = logging.getLogger("onnxfold")
 
 TEMP_MARK = ".onnxfold-"  # temp folders are ``.<name>.onnxfold-<pid>-<random>`` beside the output
 _TEMP = re.compile(r"^\..*\.onnxfold-(\d+)-[A-Za-z0-9_]+$")
@@ -109,6 +112,7 @@ def plan_output(src: Path, reads: set[Path], dst: Path, data_name: str | None, *
     name = chosen.name
     if real(chosen) in busy or (shared_folder and chosen.exists()):
         name = fresh_name(folder, chosen.name, busy)
+        log.debug("data file %s: %s is in use", folder / name, chosen.name)
     if dst.exists():
         mode = dst.stat().st_mode & 0o7777  # in place: a private model stays private
     else:
@@ -189,4 +193,5 @@ def remove_stale_temps(folder: Path) -> None:
     for entry in entries:
         m = _TEMP.match(entry.name)
         if m and entry.is_dir(follow_symlinks=False) and int(m.group(1)) != os.getpid() and not _alive(int(m.group(1))):
+            log.debug("removing %s, left by onnxfold process %s, which no longer runs", entry.path, m.group(1))
             shutil.rmtree(entry.path, ignore_errors=True)
