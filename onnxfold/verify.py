@@ -1066,7 +1066,7 @@ def verify(
     result = VerifyResult()
     if isinstance(providers, str):
         providers = [p for p in providers.split(",") if p]
-    for which, model in (("original", reference), ("folded", candidate)):
+    for model in (reference, candidate):
         if not isinstance(model, onnx.ModelProto) and not Path(model).is_file():
             raise VerifyError(f"{model}: no such file")
     ref_model = reference if isinstance(reference, onnx.ModelProto) else onnx.load(str(reference), load_external_data=False)

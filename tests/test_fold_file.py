@@ -21,11 +21,12 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from builders import conv_bn_model, count
 from onnx import numpy_helper
 
 import onnxfold
+from builders import conv_bn_model, count
 from onnxfold import FoldError, InputError, VerifyError, cli, fold_file, verify
+from test_cli import cli as run_cli
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -299,20 +300,15 @@ def test_nothing_reaches_the_terminal_without_logging_configured(tmp_path):
     assert proc.returncode == 0 and proc.stdout == "" and proc.stderr == "", proc.stderr
 
 
-def _run(*args):
-    return subprocess.run([sys.executable, "-m", "onnxfold", *map(str, args)], capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)})
-
-
 def test_report_dash_writes_the_json_to_stdout_and_the_messages_to_stderr(tmp_path):
     src = save(conv_bn_model(), tmp_path / "m.onnx")
-    proc = _run(src, tmp_path / "o.onnx", "--report", "-")
+    proc = run_cli(src, tmp_path / "o.onnx", "--report", "-")
     assert proc.returncode == 0, proc.stderr
     data = json.loads(proc.stdout)
     assert data["status"] == "written" and data["verification"]["passed"] and len(data["folded"]) == 1
     assert proc.stderr.startswith("folded 1 of 1") and proc.stderr.strip().splitlines()[-1].startswith("PASSED")
     assert sorted(os.listdir(tmp_path)) == ["m.onnx", "o.onnx"]  # no file named "-"
-    check = _run(src, "--check", "--report", "-")
+    check = run_cli(src, "--check", "--report", "-")
     assert check.returncode == 3 and json.loads(check.stdout)["status"] == "foldable"
 
 
@@ -321,7 +317,7 @@ def test_report_dash_in_folder_mode(tmp_path):
     folder.mkdir()
     for i in range(2):
         save(conv_bn_model(seed=i), folder / f"m{i}.onnx")
-    proc = _run(folder, tmp_path / "out", "-q", "--report", "-")
+    proc = run_cli(folder, tmp_path / "out", "-q", "--report", "-")
     assert proc.returncode == 0, proc.stderr
     data = json.loads(proc.stdout)
     assert data["totals"] == {"models": 2, "failed": 0, "folded": 2}
