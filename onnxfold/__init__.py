@@ -1,12 +1,16 @@
 """onnxfold: fold BatchNormalization (and per-channel Mul/Add/Sub/Div) into the Conv, ConvTranspose,
 Gemm or MatMul next to it, and prove the folded model equivalent.
 
-    from onnxfold import fold_conv_bn, fold_model, verify
+    from onnxfold import fold_conv_bn, fold_file, fold_model, verify
 
     folded = fold_conv_bn(model)             # onnx.ModelProto / GraphProto: a new, folded object
     graph = fold_conv_bn(gs_graph)           # onnx_graphsurgeon.Graph: folded in place, returned
     folded, report = fold_model(model)       # and what happened: folds, declines and reasons
     assert verify(model, folded)             # both in onnxruntime, optimizations off
+    result = fold_file("in.onnx", "out.onnx")  # a file: fold, verify, write atomically (the command line)
+
+The library prints nothing: it logs to the ``"onnxfold"`` logger (:mod:`logging`), and raises
+:class:`FoldError` (one line) for what a user's file, option or environment causes.
 """
 
 from __future__ import annotations
@@ -42,18 +46,27 @@ if _run_as_main():
     for _s in (_signal.SIGINT, _signal.SIGTERM):
         _signal.signal(_s, _early_signal)
 
+import logging as _logging  # noqa: E402
+
 from .affine import NotFoldable  # noqa: E402
+from .api import FoldResult, fold_file  # noqa: E402
+from .errors import FoldError  # noqa: E402
 from .fold import fold_model  # noqa: E402
 from .io import InputError  # noqa: E402
 from .report import FoldReport  # noqa: E402
 from .rules import rule_names  # noqa: E402
 from .verify import VerifyError, VerifyResult, verify  # noqa: E402
 
+_logging.getLogger("onnxfold").addHandler(_logging.NullHandler())  # a library: the application decides
+
 __all__ = [
     "fold_conv_bn",
     "fold_model",
+    "fold_file",
     "verify",
     "FoldReport",
+    "FoldResult",
+    "FoldError",
     "VerifyResult",
     "VerifyError",
     "InputError",

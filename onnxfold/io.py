@@ -13,10 +13,12 @@ import numpy as np
 import onnx
 from onnx import external_data_helper, helper, numpy_helper
 
+from .errors import FoldError
+
 PROTOBUF_LIMIT = 2**31 - 1
 
 
-class InputError(Exception):
+class InputError(FoldError):
     """A problem with what the user gave us: one line, no traceback, exit code 2."""
 
 
@@ -572,6 +574,7 @@ def _write_pieces(model, path: Path, base_dir, sink: DataSink | None, taken: lis
         out.write(graph_bytes)
         del graph_bytes
         if pieces:
+            assert sink is not None  # only streamed tensors make pieces
             with open(sink.path, "rb") as data:
                 for (h, n), (_, offset, _) in zip(pieces, streamed):
                     out.write(_key(_GRAPH_INITIALIZER) + _varint(len(h) + n) + h)

@@ -9,9 +9,11 @@ new data goes under a fresh name (``OUT.1.data``), so the commit can swap the mo
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import shutil
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,6 +21,8 @@ import onnx
 from onnx import external_data_helper
 
 from .io import InputError
+
+log = logging.getLogger("onnxfold")
 
 TEMP_MARK = ".onnxfold-"  # temp folders are ``.<name>.onnxfold-<pid>-<random>`` beside the output
 _TEMP = re.compile(r"^\..*\.onnxfold-(\d+)-[A-Za-z0-9_]+$")
@@ -67,8 +71,8 @@ class OutputPlan:
     stale: set[Path] = field(default_factory=set)
 
 
-def plan_output(src: Path, reads: set[Path], dst: Path, data_name: str | None, *, protect: set[Path] = frozenset(),
-                shared_folder: bool = False) -> OutputPlan:
+def plan_output(src: Path, reads: set[Path], dst: Path, data_name: str | None, *,
+                protect: AbstractSet[Path] = frozenset(), shared_folder: bool = False) -> OutputPlan:
     """Check ``dst`` and choose its data file's name, before any work.
 
     ``reads``: real paths of the input and its data files. ``protect``: other files that must survive
@@ -108,6 +112,7 @@ def plan_output(src: Path, reads: set[Path], dst: Path, data_name: str | None, *
     name = chosen.name
     if real(chosen) in busy or (shared_folder and chosen.exists()):
         name = fresh_name(folder, chosen.name, busy)
+        log.debug("data file %s: %s is in use", folder / name, chosen.name)
     if dst.exists():
         mode = dst.stat().st_mode & 0o7777  # in place: a private model stays private
     else:
@@ -188,4 +193,5 @@ def remove_stale_temps(folder: Path) -> None:
     for entry in entries:
         m = _TEMP.match(entry.name)
         if m and entry.is_dir(follow_symlinks=False) and int(m.group(1)) != os.getpid() and not _alive(int(m.group(1))):
+            log.debug("removing %s, left by onnxfold process %s, which no longer runs", entry.path, m.group(1))
             shutil.rmtree(entry.path, ignore_errors=True)

@@ -70,6 +70,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from .errors import FoldError
 from .io import PROTOBUF_LIMIT, all_graphs
 from .rules import DEFAULT_EPSILON
 
@@ -98,7 +99,7 @@ _ELEM_TYPES = {"float32": onnx.TensorProto.FLOAT, "float16": onnx.TensorProto.FL
                "float64": onnx.TensorProto.DOUBLE, "bfloat16": onnx.TensorProto.BFLOAT16}
 
 
-class VerifyError(Exception):
+class VerifyError(FoldError):
     """Verification could not run (provider missing, bad inputs): the message says why."""
 
 
@@ -173,6 +174,24 @@ class VerifyResult:
 
     def max_abs(self) -> float:
         return max((o.max_abs for r in self.results for o in r.outputs), default=0.0)
+
+    def to_dict(self) -> dict:
+        """The comparison as JSON-ready data (the ``verification`` field of ``--report``)."""
+        return {
+            "passed": bool(self),
+            "max_abs": self.max_abs(),
+            "providers": [
+                {"provider": r.provider, "engine": r.engine, "note": r.note,
+                 "outputs": [{"name": o.name, "dtype": o.dtype, "shape": list(o.shape), "max_abs": o.max_abs,
+                              "max_rel": o.max_rel, "atol": o.atol, "rtol": o.rtol, "passed": o.passed}
+                             for o in r.outputs],
+                 "folds": [{"name": o.name, "shape": list(o.shape), "max_abs": o.max_abs, "max_rel": o.max_rel,
+                            "atol": o.atol, "channel": o.channel, "passed": o.passed} for o in r.folds]}
+                for r in self.results
+            ],
+            "warnings": list(self.warnings),
+            "notes": list(self.notes),
+        }
 
     def __str__(self) -> str:
         lines = []
@@ -275,40 +294,47 @@ def make_inputs(
             dtype = _np_dtype(t.elem_type)
         except (KeyError, ValueError, TypeError):
             raise VerifyError(f"input '{v.name}' has no known element type; pass inputs with --inputs") from None
-        if v.name in shapes:
-            shape = shapes.pop(v.name)
-        else:
-            shape = []
-            for axis, d in enumerate(t.shape.dim):
-                if d.HasField("dim_value") and d.dim_value >= 0:
-                    shape.append(d.dim_value)
-                    continue
-                if d.HasField("dim_value"):
-                    key, what = f"{v.name}[{axis}]", f"dim_value {d.dim_value}"
-                else:
-                    key, what = d.dim_param or f"{v.name}[{axis}]", d.dim_param or "unnamed"
-                if key not in chosen:
-                    chosen[key] = DEFAULT_BATCH if axis == 0 else DEFAULT_DIM
-                    if warn:
-                        warn(
-                            f"input '{v.name}' axis {axis} is dynamic ({what}): "
-                            f"using {chosen[key]}; set it with --input-shape {v.name}:..."
-                        )
-                shape.append(chosen[key])
-        shape = tuple(shape)
-        kind = np.dtype(dtype).kind if dtype is not None else "O"
-        if kind == "f" or np.dtype(dtype).name == "bfloat16":
-            lo, hi = value_range
-            feeds[v.name] = rng.uniform(lo, hi, size=shape).astype(dtype)
-        elif kind in "iu":
-            feeds[v.name] = rng.integers(0, 4, size=shape).astype(dtype)
-        elif kind == "b":
-            feeds[v.name] = rng.integers(0, 2, size=shape).astype(bool)
-        else:
-            raise VerifyError(f"input '{v.name}' has dtype {np.dtype(dtype).name}; pass inputs with --inputs")
+        shape = shapes.pop(v.name) if v.name in shapes else _declared_shape(v, chosen, warn)
+        feeds[v.name] = _random(rng, v.name, dtype, shape, value_range)
     if shapes:
         raise VerifyError(f"--input-shape names no input of the model: {', '.join(sorted(shapes))}")
     return feeds
+
+
+def _declared_shape(v: onnx.ValueInfoProto, chosen: dict[str, int], warn) -> tuple[int, ...]:
+    """The input's declared shape, each dynamic dimension chosen once per name (``chosen``) and named
+    in a warning."""
+    shape = []
+    for axis, d in enumerate(v.type.tensor_type.shape.dim):
+        if d.HasField("dim_value") and d.dim_value >= 0:
+            shape.append(d.dim_value)
+            continue
+        if d.HasField("dim_value"):
+            key, what = f"{v.name}[{axis}]", f"dim_value {d.dim_value}"
+        else:
+            key, what = d.dim_param or f"{v.name}[{axis}]", d.dim_param or "unnamed"
+        if key not in chosen:
+            chosen[key] = DEFAULT_BATCH if axis == 0 else DEFAULT_DIM
+            if warn:
+                warn(
+                    f"input '{v.name}' axis {axis} is dynamic ({what}): "
+                    f"using {chosen[key]}; set it with --input-shape {v.name}:..."
+                )
+        shape.append(chosen[key])
+    return tuple(shape)
+
+
+def _random(rng: np.random.Generator, name: str, dtype, shape: tuple[int, ...],
+            value_range: tuple[float, float]) -> np.ndarray:
+    kind = np.dtype(dtype).kind if dtype is not None else "O"
+    if kind == "f" or np.dtype(dtype).name == "bfloat16":
+        lo, hi = value_range
+        return rng.uniform(lo, hi, size=shape).astype(dtype)
+    if kind in "iu":
+        return rng.integers(0, 4, size=shape).astype(dtype)
+    if kind == "b":
+        return rng.integers(0, 2, size=shape).astype(bool)
+    raise VerifyError(f"input '{name}' has dtype {np.dtype(dtype).name}; pass inputs with --inputs")
 
 
 # -- onnx.reference, corrected ------------------------------------------------------------------------
@@ -403,8 +429,9 @@ def check_providers(providers, *, available: bool = True) -> list[str]:
             raise VerifyError(f"unknown provider {p!r}; choose from {', '.join(PROVIDERS)}")
     wanted = [PROVIDERS[p] for p in providers if p != "cpu"]
     if wanted and available:
+        found: list[str]
         if "onnxruntime" in sys.modules:
-            available = sys.modules["onnxruntime"].get_available_providers()
+            found = sys.modules["onnxruntime"].get_available_providers()
         else:
             import subprocess
 
@@ -412,11 +439,11 @@ def check_providers(providers, *, available: bool = True) -> list[str]:
                                    "onnxruntime.get_available_providers()))"], capture_output=True, text=True)
             if proc.returncode != 0:
                 raise VerifyError("cannot import onnxruntime: " + (proc.stderr.strip().splitlines() or ["?"])[-1])
-            available = proc.stdout.strip().split(",")
+            found = proc.stdout.strip().split(",")
         for name in wanted:
-            if name not in available:
+            if name not in found:
                 raise VerifyError(f"{name} is not available in this onnxruntime build (available: "
-                                  f"{', '.join(available)})")
+                                  f"{', '.join(found)})")
     return providers
 
 
@@ -877,10 +904,10 @@ def _main_outputs(model) -> set[str]:
     import mmap
 
     with open(model, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-        names = set()
+        names: set[str] = set()
         for graph in _fields(buf, 0, len(buf), 7):  # ModelProto.graph
-            for node in _fields(buf, *graph, 1):  # GraphProto.node
-                names.update(bytes(buf[a:b]).decode("utf-8", "replace") for a, b in _fields(buf, *node, 2))
+            for node in _fields(buf, graph[0], graph[1], 1):  # GraphProto.node
+                names.update(bytes(buf[a:b]).decode("utf-8", "replace") for a, b in _fields(buf, node[0], node[1], 2))
         names.discard("")
         return names
 
@@ -963,19 +990,11 @@ def _plan_folds(ref_model, reference, candidate, folds, outputs: set[str], resul
         name = getattr(f, "output", "")
         if name in result.unchecked or name in checked:
             continue
-        why = ""
-        if not name:
-            why = "its tensor is not known: covered by the graph outputs alone"
-        elif f.graph != "main":
-            where = "a function" if f.graph.startswith("function") else "a subgraph"
-            why = f"inside {where} ({f.graph}): covered by the graph outputs alone"
-        elif name not in ref_names:
-            why = "not a tensor of the original's main graph (an inlined function): covered by the graph outputs alone"
-        elif name not in cand_names:  # a later fold of the same chain rewrote it again
+        if name and f.graph == "main" and name in ref_names and name not in cand_names:
+            # a later fold of the same chain rewrote it again
             result.unchecked[name] = "rewritten again by a later fold of its chain: checked at that fold's tensor"
             continue
-        elif f.dtype not in _ELEM_TYPES:
-            why = f"dtype {f.dtype}: covered by the graph outputs alone"
+        why = _why_not_at_its_tensor(f, name, ref_names)
         if why:
             result.unchecked[name or f"{f.producer} + {f.consumer}"] = why
             uncovered += 1
@@ -983,23 +1002,34 @@ def _plan_folds(ref_model, reference, candidate, folds, outputs: set[str], resul
         checked.append(name)
         if name not in outputs:
             expose.append((name, _ELEM_TYPES[f.dtype]))
-    if expose:
-        extra = len(_extra_outputs(expose))
-        biggest = max(_size(reference), _size(candidate))
-        if biggest + extra > PROTOBUF_LIMIT:
-            for name, _ in expose:
-                checked.remove(name)
-                result.unchecked[name] = "not exposed (the model is near 2 GiB): covered by the graph outputs alone"
-            uncovered += len(expose)
-            expose = []
-            result.notes.append("the model's file is too near protobuf's 2 GiB limit to add outputs: its folds "
-                                "are covered by the graph outputs alone")
+    if expose and max(_size(reference), _size(candidate)) + len(_extra_outputs(expose)) > PROTOBUF_LIMIT:
+        for name, _ in expose:
+            checked.remove(name)
+            result.unchecked[name] = "not exposed (the model is near 2 GiB): covered by the graph outputs alone"
+        uncovered += len(expose)
+        expose = []
+        result.notes.append("the model's file is too near protobuf's 2 GiB limit to add outputs: its folds "
+                            "are covered by the graph outputs alone")
     if uncovered:
         result.notes.append(f"{uncovered} fold(s) could not be compared at their own tensors: the graph outputs "
                             "alone cover them, each output at its own scale")
     all_checked = uncovered == 0 and bool(checked)
     feeders = _feeders(ref_model, set(checked)) if all_checked else {}
     return checked, expose, feeders, all_checked
+
+
+def _why_not_at_its_tensor(f, name: str, ref_names: set[str]) -> str:
+    """Why a fold cannot be compared at the tensor it rewrote ("" when it can)."""
+    if not name:
+        return "its tensor is not known: covered by the graph outputs alone"
+    if f.graph != "main":
+        where = "a function" if f.graph.startswith("function") else "a subgraph"
+        return f"inside {where} ({f.graph}): covered by the graph outputs alone"
+    if name not in ref_names:
+        return "not a tensor of the original's main graph (an inlined function): covered by the graph outputs alone"
+    if f.dtype not in _ELEM_TYPES:
+        return f"dtype {f.dtype}: covered by the graph outputs alone"
+    return ""
 
 
 def _size(model) -> int:
@@ -1036,7 +1066,7 @@ def verify(
     result = VerifyResult()
     if isinstance(providers, str):
         providers = [p for p in providers.split(",") if p]
-    for which, model in (("original", reference), ("folded", candidate)):
+    for model in (reference, candidate):
         if not isinstance(model, onnx.ModelProto) and not Path(model).is_file():
             raise VerifyError(f"{model}: no such file")
     ref_model = reference if isinstance(reference, onnx.ModelProto) else onnx.load(str(reference), load_external_data=False)
@@ -1054,6 +1084,13 @@ def verify(
            "atol": atol, "rtol": rtol, "tolerances": dict(tolerances or {})}
     del ref_model
     result.results = _run_isolated(job)
+    _something_compared(result, feeds)
+    return result
+
+
+def _something_compared(result: VerifyResult, feeds: dict[str, np.ndarray]) -> None:
+    """Nothing compared is no proof: raise when every output of a provider is empty; a fold tensor that
+    is empty on these inputs is left to the graph outputs (``result.unchecked``)."""
     for r in result.results:
         if sum(o.elements for o in (*r.outputs, *r.folds)) == 0:
             shapes = ", ".join(f"{k} {list(np.shape(v))}" for k, v in feeds.items())
@@ -1063,7 +1100,6 @@ def verify(
         for f in r.folds:
             if f.elements == 0 and f.name not in result.unchecked:
                 result.unchecked[f.name] = "its tensor is empty on these inputs: covered by the graph outputs alone"
-    return result
 
 
 def load_inputs(path: str | os.PathLike) -> dict[str, np.ndarray]:

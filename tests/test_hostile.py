@@ -349,12 +349,13 @@ def test_report_path_that_cannot_be_written_fails_before_any_output(tmp_path):
 
 def test_an_unexpected_exception_says_bug_and_exits_70(tmp_path, monkeypatch, capsys):
     """Not exit 1 (verification failed): its own code, the traceback, and a sentence saying it is a bug."""
+    from onnxfold import api
     from onnxfold import cli as cli_module
 
     def boom(*a, **k):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(cli_module, "fold_model", boom)
+    monkeypatch.setattr(api, "fold_model", boom)
     src = save(conv_bn_model(), tmp_path / "m.onnx")
     code = cli_module.main([str(src), str(tmp_path / "o.onnx")])
     err = capsys.readouterr().err
@@ -366,6 +367,7 @@ def test_an_unexpected_exception_says_bug_and_exits_70(tmp_path, monkeypatch, ca
 def test_a_written_model_that_does_not_load_is_never_exit_0(tmp_path, monkeypatch, capsys):
     """Exit 0 means the written model passes onnx.checker and loads in onnxruntime: a writer that breaks
     the model (simulated here) is caught before the commit, reported as a bug, and nothing is written."""
+    from onnxfold import api
     from onnxfold import cli as cli_module
     from onnxfold import io
 
@@ -376,7 +378,7 @@ def test_a_written_model_that_does_not_load_is_never_exit_0(tmp_path, monkeypatc
         files[0].write_bytes(files[0].read_bytes()[:-7])
         return files
 
-    monkeypatch.setattr(cli_module, "write", broken_write)
+    monkeypatch.setattr(api, "write", broken_write)
     src = save(conv_bn_model(), tmp_path / "m.onnx")
     code = cli_module.main([str(src), str(tmp_path / "o.onnx"), "--no-verify"])
     err = capsys.readouterr().err

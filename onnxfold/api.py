@@ -1,0 +1,410 @@
+"""``fold_file``: a model file in, a folded and verified model file out, as a step of an export pipeline.
+
+    import onnxfold
+
+    result = onnxfold.fold_file("model.onnx", "model.folded.onnx")  # load, fold, verify, write
+    if not result:  # verification failed: nothing was written (force_write=True writes it anyway)
+        print(result.verification)
+
+This is the command line's single-file path (``python -m onnxfold IN OUT``); the command line calls it
+and only adds parsing, printing and exit codes. Its guarantees are the command line's: the input is
+never modified; the output is absent or whole (written and checked by onnx.checker in a temporary
+folder beside it, then committed by renames: :func:`onnxfold.io.commit`); no file written is one the
+input reads (:mod:`onnxfold.paths`); verification runs the models in a child process. What the input
+or the environment causes raises :class:`~onnxfold.errors.FoldError` with the one line the command
+line prints; any other exception is a bug. Progress goes to the ``"onnxfold"`` logger: nothing is printed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from .errors import FoldError, message
+from .fold import fold_model
+from .io import DataSink, InputError, check_output, commit, load, staged, write
+from .paths import OutputPlan, check_report, data_files, plan_output, real
+from .report import FoldReport
+from .rules import select_rules
+from .verify import DEFAULT_RANGE, VerifyResult, annotate, check_providers, load_inputs, model_inputs
+from .verify import verify as compare_models
+
+log = logging.getLogger("onnxfold")
+
+MAX_INPUT_ELEMENTS = 1 << 31  # per input shape: larger inputs cannot be generated and run
+EXTERNAL_DATA = ("auto", "always", "never")
+Inputs = str | os.PathLike | Mapping[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class FoldOptions:
+    """How to fold a file: :func:`fold_file`'s keywords, checked by :func:`make_options`. Frozen and
+    picklable (the command line's folder mode hands it to its worker processes)."""
+
+    verify: bool = True
+    providers: tuple[str, ...] = ("cpu",)
+    input_shapes: tuple[tuple[str, tuple[int, ...]], ...] = ()
+    inputs: str | Mapping[str, np.ndarray] | None = None  # an .npz path, or arrays by input name
+    input_range: tuple[float, float] = DEFAULT_RANGE
+    seed: int = 0
+    atol: float | None = None
+    rtol: float | None = None
+    force_write: bool = False
+    external_data: str = "auto"
+    data_name: str | None = None
+    disable: tuple[str, ...] = ()
+
+
+def make_options(*, verify: bool = True, providers: str | Sequence[str] = ("cpu",),
+                 input_shapes: Mapping[str, Sequence[int]] | None = None, inputs: Inputs | None = None,
+                 input_range: tuple[float, float] = DEFAULT_RANGE, seed: int = 0, atol: float | None = None,
+                 rtol: float | None = None, force_write: bool = False, external_data: str = "auto",
+                 data_name: str | None = None, disable: str | Sequence[str] = ()) -> FoldOptions:
+    """Check every option before any work; each message names the command-line option it comes from.
+    Providers other than the CPU must be available in this onnxruntime only when ``verify``."""
+    if data_name is not None and (Path(data_name).name != data_name or data_name in (".", "..")
+                                  or "\0" in data_name):
+        raise InputError(f"--data-name {data_name!r}: a file name, without a folder")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**32:
+        raise InputError(f"--seed {seed}: expected an integer from 0 to 2^32 - 1")
+    for name, value in (("atol", atol), ("rtol", rtol)):
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            raise InputError(f"--{name} {value}: expected a finite number >= 0")
+    lo, hi = (float(x) for x in input_range)
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        raise InputError(f"--input-range {lo:g},{hi:g}: LO and HI must be finite numbers")
+    if not lo < hi:
+        raise InputError(f"--input-range {lo:g},{hi:g}: LO must be below HI")
+    if external_data not in EXTERNAL_DATA:
+        raise InputError(f"--external-data {external_data!r}: expected one of {', '.join(EXTERNAL_DATA)}")
+    disable = (disable,) if isinstance(disable, str) else tuple(disable)
+    try:
+        select_rules(disable)
+    except ValueError as e:
+        raise InputError(str(e)) from None
+    return FoldOptions(
+        verify=verify, providers=tuple(check_providers(providers, available=verify)),
+        input_shapes=_shapes(input_shapes or {}), inputs=os.fspath(inputs) if isinstance(inputs, os.PathLike) else inputs,
+        input_range=(lo, hi), seed=int(seed), atol=atol, rtol=rtol, force_write=force_write,
+        external_data=external_data, data_name=data_name, disable=disable)
+
+
+def _shapes(shapes: Mapping[str, Sequence[int]]) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    out = []
+    for name, dims in shapes.items():
+        shape = tuple(int(d) for d in dims)
+        text = f"{name}:{'x'.join(map(str, shape))}"
+        if any(d < 0 for d in shape):
+            raise InputError(f"--input-shape {text!r}: dimensions must not be negative")
+        if math.prod(shape) > MAX_INPUT_ELEMENTS:
+            raise InputError(f"--input-shape {text!r}: {math.prod(shape)} elements, more than onnxfold can "
+                             f"generate and run (at most 2^31)")
+        out.append((name, shape))
+    return tuple(out)
+
+
+@dataclass
+class FoldResult:
+    """What :func:`fold_file` did. Truthy unless verification failed (then nothing was written, unless
+    ``force_write``). ``str`` is the fold's summary; :meth:`to_dict` is the ``--report`` JSON."""
+
+    input: Path
+    output: Path | None  # None: a check (``dst=None``), nothing written
+    status: str  # written | verification failed, not written | verification failed, written | foldable | nothing to fold
+    report: FoldReport
+    verification: VerifyResult | None = None  # None when it did not run (verify=False, nothing folded, a check)
+    timings: dict[str, float] = field(default_factory=dict)  # seconds: load_s, fold_s, write_s, verify_s, check_s
+    written: list[Path] = field(default_factory=list)  # as committed: the model, its data file, the report
+    warnings: list[str] = field(default_factory=list)  # about the input (onnx.checker rejects it too, ...)
+
+    @property
+    def passed(self) -> bool:
+        return not self.status.startswith("verification failed")
+
+    def __bool__(self) -> bool:
+        return self.passed
+
+    @property
+    def foldable(self) -> bool:
+        """A check (``dst=None``) found something to fold."""
+        return self.output is None and bool(self.report.folded)
+
+    def __str__(self) -> str:
+        return self.report.summary(check=self.output is None)
+
+    def to_dict(self) -> dict:
+        data: dict[str, object] = {"input": str(self.input),
+                                   "output": None if self.output is None else str(self.output)}
+        data.update(self.report.to_dict())
+        if self.verification is not None:
+            data["verification"] = self.verification.to_dict()
+        data["timings"] = dict(self.timings)
+        data["status"] = self.status
+        return data
+
+
+@dataclass(frozen=True)
+class Summary:
+    """The fold's summary as a log message: ``str`` is the short form (at most ten declines listed);
+    the command line's ``-v`` asks for :meth:`text` with ``verbose=True``."""
+
+    report: FoldReport
+    check: bool = False
+
+    def text(self, verbose: bool = False) -> str:
+        return self.report.summary(verbose=verbose, check=self.check)
+
+    def __str__(self) -> str:
+        return self.text()
+
+
+def fold_file(src: str | os.PathLike, dst: str | os.PathLike | None, *, verify: bool = True,
+              providers: str | Sequence[str] = ("cpu",), input_shapes: Mapping[str, Sequence[int]] | None = None,
+              inputs: Inputs | None = None, input_range: tuple[float, float] = DEFAULT_RANGE, seed: int = 0,
+              atol: float | None = None, rtol: float | None = None, force_write: bool = False,
+              external_data: str = "auto", data_name: str | None = None, disable: str | Sequence[str] = (),
+              report: str | os.PathLike | None = None) -> FoldResult:
+    """Fold the model at ``src`` into ``dst`` (which may be ``src``): load, fold, verify, write atomically.
+
+    ``dst=None`` checks only: it folds in memory, writes nothing but the report, and the result's
+    ``foldable`` says whether anything would fold. ``verify``: compare the two models in onnxruntime on
+    ``providers`` ("cpu", "cuda") with seeded inputs (``input_shapes`` for dynamic dimensions,
+    ``input_range``, ``seed``) or ``inputs`` (arrays by name, or an .npz path); ``atol``/``rtol``
+    replace the default tolerances. A failed verification writes nothing unless ``force_write``; the
+    result is falsy either way. ``external_data``: "auto" (when the input had it or the model passes
+    2 GiB), "always" or "never"; ``data_name`` names the data file. ``disable``: rules to switch off.
+    ``report``: a path to write the JSON report to (committed with the model).
+
+    Raises :class:`~onnxfold.errors.FoldError` (one line) for a bad file, option or path; the input is
+    never modified and ``dst`` holds either its old content or the whole new model.
+    """
+    options = make_options(verify=verify and dst is not None, providers=providers, input_shapes=input_shapes,
+                           inputs=inputs, input_range=input_range, seed=seed, atol=atol, rtol=rtol,
+                           force_write=force_write, external_data=external_data, data_name=data_name,
+                           disable=disable)
+    if report is not None:  # before any work, like the command line
+        check_report(report, {real(src)} | ({real(dst)} if dst is not None else set()))
+    return fold_path(src, dst, options, report=report)
+
+
+def fold_path(src: str | os.PathLike, dst: str | os.PathLike | None, options: FoldOptions, *,
+              report: str | os.PathLike | None = None, protect: frozenset[Path] = frozenset(),
+              shared_folder: bool = False) -> FoldResult:
+    """:func:`fold_file` with options already checked (the command line's path, one model of a folder).
+    ``protect`` and ``shared_folder``: see :func:`onnxfold.paths.plan_output`."""
+    try:
+        job = _prepare(Path(src), None if dst is None else Path(dst), options, report, protect, shared_folder)
+        if job.plan is None:
+            return _check(job, options)
+        with staged(job.plan.dst) as tmp:
+            return _fold_verify_commit(job, tmp, options)
+    except OSError as e:  # the disk, permissions, names: one line
+        raise FoldError(message(e)) from e
+    except MemoryError:
+        raise FoldError("out of memory") from None
+
+
+@dataclass
+class _Job:
+    """One model, checked before any work."""
+
+    src: Path
+    model: onnx.ModelProto | None  # None once folded (in place)
+    external: bool  # the input has external data
+    feeds: dict[str, np.ndarray] | None
+    plan: OutputPlan | None  # None: a check
+    report_path: Path | None
+    timings: dict[str, float]
+
+
+def _prepare(src: Path, dst: Path | None, options: FoldOptions, report: str | os.PathLike | None,
+             protect: frozenset[Path], shared_folder: bool) -> _Job:
+    feeds = _feeds(options.inputs)
+    t = time.perf_counter()
+    model, external = load(src)
+    timings = {"load_s": time.perf_counter() - t}
+    if dst is not None and options.verify:
+        _check_inputs(model, options, feeds)
+    reads = {real(src)} | data_files(model, src)
+    plan = None if dst is None else plan_output(src, reads, dst, options.data_name, protect=protect,
+                                                shared_folder=shared_folder)
+    report_path = None if report is None else Path(report)
+    if report_path is not None:
+        writes = {real(plan.dst), real(plan.dst.parent / plan.data_name)} if plan else set()
+        check_report(report_path, reads | writes)
+    return _Job(src, model, external, feeds, plan, report_path, timings)
+
+
+def _feeds(inputs: str | Mapping[str, np.ndarray] | None) -> dict[str, np.ndarray] | None:
+    if inputs is None:
+        return None
+    if isinstance(inputs, str):
+        return load_inputs(inputs)
+    return {name: np.asarray(value) for name, value in inputs.items()}
+
+
+def _check_inputs(model: onnx.ModelProto, options: FoldOptions, feeds: dict[str, np.ndarray] | None) -> None:
+    """The input shapes and inputs against the model's inputs, before any work (verification would find
+    out only after the fold)."""
+    names = [v.name for v in model_inputs(model)]
+    unknown = sorted({name for name, _ in options.input_shapes} - set(names))
+    if unknown:
+        raise InputError(f"--input-shape names no input of the model: {', '.join(unknown)} "
+                         f"(its inputs: {', '.join(names)})")
+    missing = [n for n in names if feeds is not None and n not in feeds]
+    if missing:
+        given = f"--inputs {options.inputs}" if isinstance(options.inputs, str) else "the inputs given"
+        raise InputError(f"{given}: lacks the model's input(s) {', '.join(missing)}")
+
+
+def _check(job: _Job, options: FoldOptions) -> FoldResult:
+    """``dst=None``: fold in memory, write nothing but the report."""
+    assert job.model is not None
+    _, report = fold_model(job.model, disable=options.disable, copy=False, base_dir=job.src.parent)
+    job.model = None
+    log.info(Summary(report, check=True))
+    result = FoldResult(job.src, None, "foldable" if report.folded else "nothing to fold", report,
+                        timings={**job.timings, "fold_s": report.seconds})
+    _write_report(job, result)
+    return result
+
+
+def _fold_verify_commit(job: _Job, tmp: Path, options: FoldOptions) -> FoldResult:
+    """Fold and write to ``tmp`` (in the staging folder), verify, check, commit."""
+    assert job.plan is not None
+    report, files = _fold_and_write(job, tmp, options)
+    result = FoldResult(job.src, job.plan.dst, "written", report, timings=job.timings)
+    result.verification = _verify(job, tmp, options, report)
+    if result.verification is not None and not result.verification:
+        if not options.force_write:
+            log.error("%s not written: the folded model does not match the original (--force-write writes it "
+                      "anyway)", job.plan.dst)
+            result.status = "verification failed, not written"
+            _write_report(job, result)
+            return result
+        result.status = "verification failed, written"
+    # Exit 0 promises a model that loads: check it where it lies, before it replaces anything.
+    t = time.perf_counter()
+    result.warnings = check_output(tmp, job.src, session=result.verification is None)
+    for w in result.warnings:
+        log.warning(w)
+    job.timings["check_s"] = time.perf_counter() - t
+    _commit(job, files, result)
+    log.info("wrote %s%s", job.plan.dst, f" (+ {files[1].name})" if len(files) > 1 else "")
+    return result
+
+
+def _fold_and_write(job: _Job, tmp: Path, options: FoldOptions) -> tuple[FoldReport, list[Path]]:
+    """Fold (the model in place: the input file stays as it is on disk) and write to ``tmp``."""
+    assert job.plan is not None and job.model is not None
+    external = {"always": True, "never": False}.get(options.external_data, True if job.external else None)
+    # Large folded tensors go to the data file as they are made, whatever the output's form:
+    # for a single-file output they are read back once, a tensor at a time.
+    sink = DataSink(tmp.parent / job.plan.data_name)
+    try:
+        folded, report = fold_model(job.model, disable=options.disable, copy=False, base_dir=job.src.parent,
+                                    sink=sink)
+        job.model = None
+        job.timings["fold_s"] = report.seconds
+        log.info(Summary(report))
+        if report.folded:
+            log.debug("\n".join(f"  folded {f.rule} {f.producer} + {f.consumer} [{f.graph}] {f.dtype}, "
+                                f"max |w'| {f.max_abs_weight:.4g}" for f in report.folded))
+        t = time.perf_counter()
+        files = write(folded, tmp, base_dir=job.src.parent, sink=sink, external=external)
+        job.timings["write_s"] = time.perf_counter() - t
+    finally:
+        sink.close()
+    return report, files
+
+
+def _verify(job: _Job, tmp: Path, options: FoldOptions, report: FoldReport) -> VerifyResult | None:
+    """Compare the written model with the input; None when verification does not run."""
+    if not options.verify:
+        log.info("verification skipped (--no-verify)")
+        return None
+    if not report.folded:
+        log.info("nothing folded: verification skipped")
+        return None
+    t = time.perf_counter()
+    result = compare_models(job.src, tmp, options.providers, inputs=job.feeds, input_shapes=dict(options.input_shapes),
+                            input_range=options.input_range, seed=options.seed, atol=options.atol,
+                            rtol=options.rtol, folds=report.folded)
+    job.timings["verify_s"] = time.perf_counter() - t
+    annotate(report.folded, result)  # each fold's own check, into folded[]
+    for w in result.warnings:
+        log.warning(w)
+    if result:
+        log.info(result)
+    else:
+        log.error(result)
+    log.debug("\n".join(f.check_line() for f in report.folded))
+    return result
+
+
+def _commit(job: _Job, files: list[Path], result: FoldResult) -> None:
+    """The report (staged first: one that cannot be written leaves no output either), then the model."""
+    assert job.plan is not None
+    staged_report = stage_json(job.report_path, result.to_dict())
+    try:
+        commit(files, job.plan.dst, mode=job.plan.mode, stale=job.plan.stale)
+    except BaseException:
+        if staged_report:
+            staged_report.unlink(missing_ok=True)
+        raise
+    if staged_report:
+        os.replace(staged_report, job.report_path)  # type: ignore[arg-type]
+    dst = job.plan.dst
+    result.written = [dst, *(dst.parent / f.name for f in files[1:])]
+    if job.report_path is not None:
+        result.written.append(job.report_path)
+
+
+def _write_report(job: _Job, result: FoldResult) -> None:
+    if job.report_path is not None:
+        write_json(job.report_path, result.to_dict())
+        result.written.append(job.report_path)
+
+
+# -- JSON ---------------------------------------------------------------------------------------------
+
+
+def json_text(data: object) -> str:
+    """The report as JSON text (numbers that are not finite as strings: "inf", "nan")."""
+    return json.dumps(data, indent=2, default=_jsonable) + "\n"
+
+
+def write_json(path: str | os.PathLike | None, data: object) -> None:
+    staged_report = stage_json(path, data)
+    if staged_report:
+        os.replace(staged_report, path)  # type: ignore[arg-type]
+
+
+def stage_json(path: str | os.PathLike | None, data: object) -> Path | None:
+    """The report, written to a temporary file beside ``path`` (renamed into place by the caller)."""
+    if not path:
+        return None
+    path = Path(path)
+    tmp = path.with_name(f".{path.name[:64]}.onnxfold-{os.getpid()}.json")
+    try:
+        tmp.write_text(json_text(data))
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise InputError(f"{path}: cannot write the report ({message(e)})") from None
+    return tmp
+
+
+def _jsonable(value: object) -> object:
+    if isinstance(value, float) or hasattr(value, "__float__"):
+        v = float(value)  # type: ignore[arg-type]
+        return v if math.isfinite(v) else str(v)
+    return str(value)

@@ -1,0 +1,350 @@
+"""``onnxfold.fold_file``: the command line's single-file path as an API (issue 13), and what the library
+says: log records to the "onnxfold" logger, nothing printed; ``--report -`` puts the JSON on stdout.
+
+Every verification below runs in onnxruntime with ORT_DISABLE_ALL (onnxfold.verify) at its default
+tolerances: float32 outputs atol 1e-4 x the output's scale, rtol 1e-4.
+"""
+
+import errno
+import hashlib
+import json
+import logging
+import os
+import pickle
+import re
+import shutil
+import subprocess
+import sys
+from dataclasses import FrozenInstanceError
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+import onnxfold
+from builders import conv_bn_model, count
+from onnxfold import FoldError, InputError, VerifyError, cli, fold_file, verify
+from test_cli import cli as run_cli
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def save(model: onnx.ModelProto, path: Path) -> Path:
+    onnx.save(model, path)
+    return path
+
+
+def external(folder: Path, name: str = "m.onnx") -> Path:
+    """Conv -> BN with every tensor of at least 256 bytes in ``<name>.data``."""
+    path = folder / name
+    onnx.save(conv_bn_model(cin=8, cout=8, seed=3), path, save_as_external_data=True, all_tensors_to_one_file=True,
+              location=name + ".data", size_threshold=256)
+    return path
+
+
+def digests(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def flip_channel_one(monkeypatch) -> None:
+    """A planted bug: the fold's new weight has output channel 1 negated (the weights of conv_bn_model
+    are small enough to stay inline, where this reaches them)."""
+    real = onnxfold.api.fold_model
+
+    def flipped(model, **kw):
+        folded, report = real(model, **kw)
+        (weight,) = [t for t in folded.graph.initializer if t.name == report.folded[0].weight]
+        assert weight.HasField("raw_data") or weight.float_data, "the planted bug needs an inline weight"
+        w = numpy_helper.to_array(weight).copy()
+        w[1] = -w[1]
+        weight.CopyFrom(numpy_helper.from_array(w, weight.name))
+        return folded, report
+
+    monkeypatch.setattr(onnxfold.api, "fold_model", flipped)
+
+
+# -- success ------------------------------------------------------------------------------------------
+
+
+def test_a_fold_that_verifies_is_written_and_the_result_says_what_happened(tmp_path):
+    src = save(conv_bn_model(seed=1), tmp_path / "m.onnx")
+    before = digests(tmp_path)
+    dst = tmp_path / "o.onnx"
+    result = fold_file(src, dst)
+    assert result and result.passed and result.status == "written"
+    assert result.input == src and result.output == dst and result.written == [dst]
+    assert result.report.bn_before == 1 and result.report.bn_after == 0 and len(result.report.folded) == 1
+    assert result.verification and result.verification.results[0].provider == "cpu"
+    assert set(result.timings) == {"load_s", "fold_s", "write_s", "verify_s", "check_s"}
+    assert result.report.folded[0].passed is True  # its own check at its tensor, per channel
+    assert count(onnx.load(dst), "BatchNormalization") == 0
+    assert verify(src, dst)  # independently of the result
+    assert digests(tmp_path) == {**before, "o.onnx": digests(tmp_path)["o.onnx"]}  # the input untouched
+    data = result.to_dict()
+    assert data["status"] == "written" and data["verification"]["passed"] is True
+    assert data["input"] == str(src) and data["output"] == str(dst) and len(data["folded"]) == 1
+    json.dumps(data)
+    assert str(result).startswith("folded 1 of 1 BatchNormalization")
+
+
+def test_check_only_writes_nothing_and_says_whether_anything_folds(tmp_path):
+    src = save(conv_bn_model(), tmp_path / "m.onnx")
+    report = tmp_path / "r.json"
+    result = fold_file(src, None, report=report)
+    assert result and result.foldable and result.status == "foldable" and result.written == [report]
+    assert sorted(os.listdir(tmp_path)) == ["m.onnx", "r.json"]
+    assert json.loads(report.read_text())["status"] == "foldable"
+    folded = tmp_path / "f.onnx"
+    fold_file(src, folded, verify=False)
+    again = fold_file(folded, None)
+    assert again and not again.foldable and again.status == "nothing to fold"
+
+
+# -- verification failure -----------------------------------------------------------------------------
+
+
+def test_a_failed_verification_is_falsy_and_writes_nothing(tmp_path, monkeypatch):
+    flip_channel_one(monkeypatch)
+    src = save(conv_bn_model(seed=2), tmp_path / "m.onnx")
+    report = tmp_path / "r.json"
+    result = fold_file(src, tmp_path / "o.onnx", report=report)
+    assert not result and result.status == "verification failed, not written"
+    assert result.verification is not None and not result.verification
+    assert result.report.folded[0].passed is False
+    assert sorted(os.listdir(tmp_path)) == ["m.onnx", "r.json"] and result.written == [report]
+    assert json.loads(report.read_text())["status"] == "verification failed, not written"
+
+
+def test_force_write_writes_a_model_that_failed_verification_and_is_still_falsy(tmp_path, monkeypatch):
+    flip_channel_one(monkeypatch)
+    src = save(conv_bn_model(seed=2), tmp_path / "m.onnx")
+    dst = tmp_path / "o.onnx"
+    result = fold_file(src, dst, force_write=True)
+    assert not result and result.status == "verification failed, written" and result.written == [dst]
+    assert not verify(src, dst)  # what was written is the model that failed
+
+
+# -- errors: one type, the command line's line --------------------------------------------------------
+
+
+def _garbage(tmp_path):
+    (tmp_path / "g.onnx").write_bytes(b"\x08\x07garbage, not a model")
+    return tmp_path / "g.onnx", tmp_path / "o.onnx", {}, []
+
+
+def _missing(tmp_path):
+    return tmp_path / "nope.onnx", tmp_path / "o.onnx", {}, []
+
+
+def _unknown_input(tmp_path):
+    return save(conv_bn_model(), tmp_path / "m.onnx"), tmp_path / "o.onnx", {"input_shapes": {"bogus": (1, 3)}}, \
+        ["--input-shape", "bogus:1x3"]
+
+
+def _bad_seed(tmp_path):
+    return save(conv_bn_model(), tmp_path / "m.onnx"), tmp_path / "o.onnx", {"seed": -1}, ["--seed=-1"]
+
+
+def _bad_provider(tmp_path):
+    return save(conv_bn_model(), tmp_path / "m.onnx"), tmp_path / "o.onnx", {"providers": "tensorrt"}, \
+        ["--providers", "tensorrt"]
+
+
+def _unknown_rule(tmp_path):
+    return save(conv_bn_model(), tmp_path / "m.onnx"), tmp_path / "o.onnx", {"disable": ["conv_bm"]}, \
+        ["--disable", "conv_bm"]
+
+
+def _data_name_with_folder(tmp_path):
+    return save(conv_bn_model(), tmp_path / "m.onnx"), tmp_path / "o.onnx", {"data_name": "sub/x.data"}, \
+        ["--data-name", "sub/x.data"]
+
+
+def _output_is_the_inputs_data(tmp_path):
+    return external(tmp_path), tmp_path / "m.onnx.data", {}, []
+
+
+def _output_is_a_folder(tmp_path):
+    (tmp_path / "dir").mkdir()
+    return save(conv_bn_model(), tmp_path / "m.onnx"), tmp_path / "dir", {}, []
+
+
+def _empty_batch(tmp_path):  # verification cannot run: nothing to compare
+    return save(conv_bn_model(batch="N"), tmp_path / "m.onnx"), tmp_path / "o.onnx", \
+        {"input_shapes": {"x": (0, 4, 6, 6)}}, ["--input-shape", "x:0x4x6x6"]
+
+
+@pytest.mark.parametrize("case", [_garbage, _missing, _unknown_input, _bad_seed, _bad_provider, _unknown_rule,
+                                  _data_name_with_folder, _output_is_the_inputs_data, _output_is_a_folder,
+                                  _empty_batch])
+def test_each_input_error_raises_fold_error_with_the_command_lines_line(tmp_path, capsys, case):
+    src, dst, kwargs, options = case(tmp_path)
+    before = digests(tmp_path)
+    with pytest.raises(FoldError) as caught:
+        fold_file(src, dst, **kwargs)
+    text = str(caught.value)
+    assert text and "\n" not in text
+    assert digests(tmp_path) == before and not any(".onnxfold-" in n for n in os.listdir(tmp_path))
+    capsys.readouterr()
+    assert cli.main([str(src), str(dst), *options]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1] == f"onnxfold: error: {text}" and "Traceback" not in err, err
+    assert digests(tmp_path) == before
+
+
+def test_input_and_verify_errors_are_kinds_of_fold_error():
+    assert issubclass(InputError, FoldError) and issubclass(VerifyError, FoldError)
+    assert "FoldError" in onnxfold.__all__ and "fold_file" in onnxfold.__all__
+
+
+def test_an_os_error_while_writing_is_a_fold_error_with_the_command_lines_line(tmp_path, monkeypatch, capsys):
+    src = save(conv_bn_model(), tmp_path / "m.onnx")
+
+    def full(model, path, **kw):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(onnxfold.api, "write", full)
+    with pytest.raises(FoldError, match="the disk is full") as caught:
+        fold_file(src, tmp_path / "o.onnx")
+    assert isinstance(caught.value.__cause__, OSError)
+    assert os.listdir(tmp_path) == ["m.onnx"]  # the temporary folder removed
+    assert cli.main([str(src), str(tmp_path / "o.onnx")]) == 2
+    temp = re.compile(r"onnxfold-\d+-\w+")  # each run stages in a folder of its own
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert temp.sub("TEMP", lines[-1]) == temp.sub("TEMP", f"onnxfold: error: {caught.value}")
+
+
+# -- paths written ------------------------------------------------------------------------------------
+
+
+def test_external_data_input_lists_the_data_file_and_the_report(tmp_path):
+    src = external(tmp_path)
+    before = digests(tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    dst, report = out / "f.onnx", out / "r.json"
+    result = fold_file(src, dst, report=report)
+    assert result and result.written == [dst, out / "f.onnx.data", report]
+    assert sorted(os.listdir(out)) == ["f.onnx", "f.onnx.data", "r.json"]
+    assert digests(tmp_path) == before
+    assert verify(src, dst)
+    assert json.loads(report.read_text()) == json.loads(json.dumps(result.to_dict()))
+
+
+def test_in_place_with_external_data(tmp_path):
+    src = external(tmp_path)
+    original = tmp_path / "original"
+    original.mkdir()
+    shutil.copy(src, original / "m.onnx")
+    shutil.copy(tmp_path / "m.onnx.data", original / "m.onnx.data")
+    result = fold_file(src, src)
+    assert result and result.written[0] == src and len(result.written) == 2
+    data = result.written[1]
+    assert data.parent == tmp_path and data.name.startswith("m.onnx.") and data.name.endswith(".data")
+    assert sorted(os.listdir(tmp_path)) == sorted(["m.onnx", data.name, "original"])  # the old data file removed
+    assert count(onnx.load(src, load_external_data=False), "BatchNormalization") == 0
+    assert verify(original / "m.onnx", src)
+
+
+# -- options ------------------------------------------------------------------------------------------
+
+
+def test_command_line_options_are_parsed_once_into_a_frozen_picklable_object(tmp_path):
+    args = cli.build_parser().parse_args(["in.onnx", "out.onnx", "--input-shape", "x:1x4x6x6", "--seed", "7",
+                                          "--disable", "conv_bn", "-j", "2", "-v"])
+    options = cli.parse_options(args)
+    assert options.fold.input_shapes == (("x", (1, 4, 6, 6)),) and options.fold.seed == 7
+    assert options.fold.disable == ("conv_bn",) and options.jobs == 2 and options.level == logging.DEBUG
+    assert pickle.loads(pickle.dumps(options)) == options  # what folder mode's workers receive
+    with pytest.raises(FrozenInstanceError):
+        options.jobs = 3  # type: ignore[misc]
+
+
+def test_given_inputs_are_used_and_checked(tmp_path):
+    src = save(conv_bn_model(batch="N"), tmp_path / "m.onnx")
+    x = np.random.default_rng(4).uniform(-3, 3, (2, 4, 6, 6)).astype(np.float32)
+    result = fold_file(src, tmp_path / "o.onnx", inputs={"x": x})
+    assert result and not result.verification.warnings  # no dynamic dimension had to be chosen
+    assert result.verification.results[0].outputs[0].shape == (2, 6, 4, 4)  # a 3x3 kernel, no padding
+    with pytest.raises(FoldError, match="the inputs given: lacks the model's input"):
+        fold_file(src, tmp_path / "p.onnx", inputs={"other": x})
+    np.savez(tmp_path / "in.npz", x=x)
+    assert fold_file(src, tmp_path / "q.onnx", inputs=tmp_path / "in.npz")
+
+
+# -- what the library says ----------------------------------------------------------------------------
+
+
+def test_the_library_logs_and_prints_nothing(tmp_path, caplog, capsys):
+    src = save(conv_bn_model(batch="N"), tmp_path / "m.onnx")  # a dynamic batch: verification warns
+    with caplog.at_level(logging.DEBUG, logger="onnxfold"):
+        assert fold_file(src, tmp_path / "o.onnx")
+    assert capsys.readouterr() == ("", "")
+    records = [(r.name, r.levelname, r.getMessage()) for r in caplog.records]
+    assert all(name == "onnxfold" for name, _, _ in records)
+    messages = {level: [m for _, lv, m in records if lv == level] for level in ("DEBUG", "INFO", "WARNING")}
+    assert any(m.startswith("folded 1 of 1 BatchNormalization") for m in messages["INFO"])
+    assert any(m.startswith("wrote ") for m in messages["INFO"])
+    assert any("axis 0 is dynamic (N)" in m for m in messages["WARNING"])
+    assert any(m.startswith("  folded conv_bn conv + bn") for m in messages["DEBUG"])
+
+
+def test_nothing_reaches_the_terminal_without_logging_configured(tmp_path):
+    """Python prints WARNING records itself when no handler is set up; onnxfold's NullHandler stops that."""
+    src = save(conv_bn_model(batch="N"), tmp_path / "m.onnx")
+    code = f"import onnxfold; assert onnxfold.fold_file({str(src)!r}, {str(tmp_path / 'o.onnx')!r})"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0 and proc.stdout == "" and proc.stderr == "", proc.stderr
+
+
+def test_report_dash_writes_the_json_to_stdout_and_the_messages_to_stderr(tmp_path):
+    src = save(conv_bn_model(), tmp_path / "m.onnx")
+    proc = run_cli(src, tmp_path / "o.onnx", "--report", "-")
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout)
+    assert data["status"] == "written" and data["verification"]["passed"] and len(data["folded"]) == 1
+    assert proc.stderr.startswith("folded 1 of 1") and proc.stderr.strip().splitlines()[-1].startswith("PASSED")
+    assert sorted(os.listdir(tmp_path)) == ["m.onnx", "o.onnx"]  # no file named "-"
+    check = run_cli(src, "--check", "--report", "-")
+    assert check.returncode == 3 and json.loads(check.stdout)["status"] == "foldable"
+
+
+def test_report_dash_in_folder_mode(tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i in range(2):
+        save(conv_bn_model(seed=i), folder / f"m{i}.onnx")
+    proc = run_cli(folder, tmp_path / "out", "-q", "--report", "-")
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout)
+    assert data["totals"] == {"models": 2, "failed": 0, "folded": 2}
+    assert [Path(m["input"]).name for m in data["models"]] == ["m0.onnx", "m1.onnx"]
+    assert "models: 2 ok" in proc.stderr
+
+
+def test_quiet_prints_a_failed_verification_and_nothing_else(tmp_path):
+    """-q: errors and the final line. The comparison that failed is printed, as the model is not written."""
+    src = save(conv_bn_model(batch="N", seed=5), tmp_path / "m.onnx")
+    plan = ("import sys, numpy as np, onnxfold.api as api\n"
+            "from onnx import numpy_helper\n"
+            "real = api.fold_model\n"
+            "def flipped(model, **kw):\n"
+            "    folded, report = real(model, **kw)\n"
+            "    t = next(t for t in folded.graph.initializer if t.name == report.folded[0].weight)\n"
+            "    w = numpy_helper.to_array(t).copy(); w[1] = -w[1]\n"
+            "    t.CopyFrom(numpy_helper.from_array(w, t.name))\n"
+            "    return folded, report\n"
+            "api.fold_model = flipped\n"
+            "from onnxfold.cli import main\n"
+            "raise SystemExit(main(sys.argv[1:]))\n")
+    proc = subprocess.run([sys.executable, "-c", plan, str(src), str(tmp_path / "o.onnx"), "-q"],
+                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 1, proc.stderr
+    assert "warning:" not in proc.stderr and "folded 1 of 1" not in proc.stderr  # -q: no warnings, no summary
+    assert "verification FAILED" in proc.stderr
+    assert f"onnxfold: {tmp_path / 'o.onnx'} not written: the folded model does not match" in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("FAILED | ")
+    assert not (tmp_path / "o.onnx").exists()
