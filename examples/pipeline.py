@@ -123,6 +123,7 @@ def export(net: TinyNet, work: Path) -> dict[str, Path]:
     """Both exports, unfolded and folded: {"dynamo": ..., "dynamo folded": ..., "legacy": ..., "legacy folded": ...}."""
     x = torch.from_numpy(batches(0, 1)[0])
     program = torch.onnx.export(net, (x,), dynamo=True, optimize=False, verbose=False)
+    assert program is not None  # the dynamo exporter returns its ONNXProgram
     paths = {"dynamo": work / "dynamo.onnx", "dynamo folded": work / "dynamo.folded.onnx",
              "legacy": work / "legacy.onnx", "legacy folded": work / "legacy.folded.onnx"}
     program.save(paths["dynamo"])
@@ -168,8 +169,8 @@ def run(work: Path, seed: int = 0) -> list[dict]:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| export | BatchNormalization into quantize_static | left in the int8 model | float model vs export, "
-             "max abs | int8 vs float: max abs | max abs / output scale | mean abs / output scale |",
+    lines = [("| export | BatchNormalization into quantize_static | left in the int8 model | float model vs export, "
+              "max abs | int8 vs float: max abs | max abs / output scale | mean abs / output scale |"),
              "|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['model']} | {r['bn_to_quantizer']} | {r['bn_in_quantized']} | {r['float_max_abs']:.1e} "

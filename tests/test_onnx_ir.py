@@ -54,9 +54,9 @@ def _net():
 @pytest.fixture(scope="module")
 def exported():
     """One dynamo export (optimize=False) and its proto; each test builds its own program from the proto."""
+    net, x = _net()  # skips without torch, onnx_ir or onnxscript
     import torch
 
-    net, x = _net()
     program = torch.onnx.export(net, (x,), dynamo=True, optimize=False, verbose=False)
     return net, x, program.model_proto, program.exported_program
 
@@ -115,9 +115,9 @@ def test_fold_conv_bn_returns_the_program(exported):
 
 
 def test_what_onnxscripts_optimizer_leaves_is_folded():
+    net, x = _net()
     import torch
 
-    net, x = _net()
     program = torch.onnx.export(net, (x,), dynamo=True, optimize=True, verbose=False)
     original = program.model_proto
     assert count(original, "BatchNormalization") == 1  # BatchNormalization before a Conv: onnxscript keeps it

@@ -88,17 +88,21 @@ def main() -> None:
     net = Net().eval()
     for m in net.modules():
         if isinstance(m, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d)):
+            assert m.running_mean is not None and m.running_var is not None
             m.running_mean.uniform_(-1, 1)
             m.running_var.uniform_(0.5, 2)
     weights = sum(p.numel() * p.element_size() for p in net.state_dict().values()) / MB
     x = torch.randn(1, 3, 8, 8)
     program = torch.onnx.export(net, (x,), dynamo=True, optimize=False, verbose=False)
+    assert program is not None
     print(f"weights {weights:.0f} MiB")
     peak, traced, kept = peak_during(lambda: onnxfold.fold_model(program))
     print(f"ONNXProgram: peak RSS +{peak:.0f} MiB, tracemalloc peak {traced:.0f} MiB, retained +{kept:.0f} MiB")
     with tempfile.TemporaryDirectory() as tmp:
-        ir.save(torch.onnx.export(net, (x,), dynamo=True, optimize=False, verbose=False).model,
-                os.path.join(tmp, "m.onnx"), external_data="m.onnx.data")
+        exported = torch.onnx.export(net, (x,), dynamo=True, optimize=False, verbose=False)
+        assert exported is not None
+        ir.save(exported.model, os.path.join(tmp, "m.onnx"), external_data="m.onnx.data")
+        del exported
         model = ir.load(os.path.join(tmp, "m.onnx"))
         peak, traced, kept = peak_during(lambda: onnxfold.fold_model(model))
         print(f"onnx_ir.Model with external data: peak RSS +{peak:.0f} MiB, tracemalloc peak {traced:.0f} MiB, "
