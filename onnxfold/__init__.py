@@ -5,6 +5,7 @@ Gemm or MatMul next to it, and prove the folded model equivalent.
 
     folded = fold_conv_bn(model)             # onnx.ModelProto / GraphProto: a new, folded object
     graph = fold_conv_bn(gs_graph)           # onnx_graphsurgeon.Graph: folded in place, returned
+    program = fold_conv_bn(onnx_program)     # torch.onnx.ONNXProgram, onnx_ir.Model/Graph: in place too
     folded, report = fold_model(model)       # and what happened: folds, declines and reasons
     assert verify(model, folded)             # both in onnxruntime, optimizations off
     result = fold_file("in.onnx", "out.onnx")  # a file: fold, verify, write atomically (the command line)
@@ -51,7 +52,7 @@ import logging as _logging  # noqa: E402
 from .affine import NotFoldable  # noqa: E402
 from .api import FoldResult, fold_file  # noqa: E402
 from .errors import FoldError  # noqa: E402
-from .fold import fold_model  # noqa: E402
+from .fold import fold_model as _fold_proto  # noqa: E402
 from .io import InputError  # noqa: E402
 from .report import FoldReport  # noqa: E402
 from .rules import rule_names  # noqa: E402
@@ -76,6 +77,34 @@ __all__ = [
 ]
 
 
+def _ir_kind(obj) -> str | None:
+    """onnx_ir and torch objects, told by their type's module name: neither is imported for others."""
+    if not any(c.__module__.split(".")[0] in ("onnx_ir", "torch") for c in type(obj).__mro__):
+        return None
+    from ._onnx_ir import kind
+
+    return kind(obj)
+
+
+def fold_model(model, *, disable=(), copy: bool = True, base_dir=None, sink=None):
+    """Fold every safe producer -> consumer pair. Returns the folded model and a :class:`FoldReport`.
+
+    - ``onnx.ModelProto``: a new folded model; the argument is left untouched unless ``copy=False``.
+      ``base_dir`` is the model's folder, for tensors whose external data has not been loaded;
+      ``sink`` (an ``onnxfold.io.DataSink``) receives large folded tensors as they are made.
+    - ``onnx_ir.Model``, ``onnx_ir.Graph`` (also as ``onnxscript.ir``) and ``torch.onnx.ONNXProgram``
+      (``torch.onnx.export(..., dynamo=True)``): folded in place and returned, the convention of
+      onnx_ir's passes and of ``ONNXProgram.optimize()``; ``copy``, ``base_dir`` and ``sink`` do not
+      apply. A program's inference session is released, so calling it, ``call_reference()`` and
+      ``save()`` run the folded model. Weights are copied once (see ``onnxfold._onnx_ir``).
+    """
+    if _ir_kind(model) is not None:
+        from ._onnx_ir import fold
+
+        return fold(model, disable=disable)
+    return _fold_proto(model, disable=disable, copy=copy, base_dir=base_dir, sink=sink)
+
+
 def fold_conv_bn(obj, *, disable=()):
     """Fold every safe producer -> BatchNormalization pair in ``obj``.
 
@@ -83,6 +112,8 @@ def fold_conv_bn(obj, *, disable=()):
     - ``onnx.GraphProto``: returns a new folded graph (read with the latest opset).
     - ``onnx_graphsurgeon.Graph``: folds in place and returns the same graph, so it chains with
       ``.cleanup().toposort()``.
+    - ``onnx_ir.Model`` / ``onnx_ir.Graph`` and ``torch.onnx.ONNXProgram``: folds in place and returns
+      the same object (see :func:`fold_model`).
 
     Use :func:`fold_model` to also get the :class:`FoldReport`.
     """
@@ -99,7 +130,12 @@ def fold_conv_bn(obj, *, disable=()):
         from ._graphsurgeon import fold_graph
 
         return fold_graph(obj, disable=disable)[0]
-    raise TypeError(f"fold_conv_bn takes an onnx.ModelProto, onnx.GraphProto or onnx_graphsurgeon.Graph, not {type(obj).__name__}")
+    if _ir_kind(obj) is not None:
+        from ._onnx_ir import fold
+
+        return fold(obj, disable=disable)[0]
+    raise TypeError("fold_conv_bn takes an onnx.ModelProto, onnx.GraphProto, onnx_graphsurgeon.Graph, onnx_ir.Model, "
+                    f"onnx_ir.Graph or torch.onnx.ONNXProgram, not {type(obj).__name__}")
 
 
 def _console() -> None:

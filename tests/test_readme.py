@@ -39,11 +39,19 @@ def test_test_command_names_a_real_extra():
     assert test == "python -m pytest -q"
 
 
+def _importable(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
 def test_python_example_runs_as_written(monkeypatch):
     blocks = re.findall(r"```python\n(.+?)\n```", README, re.S)
     assert blocks, "README has no Python example"
     monkeypatch.chdir(ROOT)
     for code in blocks:
+        if "import torch" in code and not all(_importable(m) for m in ("torch", "onnxscript")):
+            continue  # the ONNXProgram example needs torch's dynamo exporter (the test extra has it)
         namespace: dict = {}
         exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102 - our own README
         assert namespace["result"]  # the example's verification passed
