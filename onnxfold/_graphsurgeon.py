@@ -14,6 +14,7 @@ from onnx import numpy_helper
 
 from .fold import fold_model
 from .io import all_graphs
+from .report import Declined, Folded
 
 
 def _gs_graphs(graph):
@@ -55,11 +56,12 @@ def fold_graph(graph, *, disable=()):
         for node in nodes:
             original = originals.get(node.name, node.name)
             node.name = "" if original.startswith(f"{node.op}#") else original
-    for record in (*report.folded, *report.declined):
+    pairs: list[Folded | Declined] = [*report.folded, *report.declined]
+    for record in pairs:
         record.producer = originals.get(record.producer, record.producer)
         record.consumer = originals.get(record.consumer, record.consumer)
-    for record in report.left:
-        record.consumer = originals.get(record.consumer, record.consumer)
+    for left in report.left:
+        left.consumer = originals.get(left.consumer, left.consumer)
     return graph, report
 
 
@@ -98,8 +100,8 @@ def _apply(graphs, folded: onnx.ModelProto) -> None:
     for g in graphs:
         for node in g.nodes:
             proto = by_name[node.name]
-            if ([t.name for t in node.inputs] == list(proto.input) and [t.name for t in node.outputs] == list(proto.output)
-                    and node.op == proto.op_type):
+            same_inputs = [t.name for t in node.inputs] == list(proto.input)
+            if same_inputs and [t.name for t in node.outputs] == list(proto.output) and node.op == proto.op_type:
                 continue
             node.inputs.clear()
             node.inputs.extend([tensor(n) for n in proto.input])  # a list: gs iterates it twice
@@ -111,7 +113,8 @@ def _apply(graphs, folded: onnx.ModelProto) -> None:
             node.op = proto.op_type
             node.domain = proto.domain or None
             subgraphs = {k: v for k, v in node.attrs.items() if _is_graph_attr(v)}
-            plain = [a for a in proto.attribute if a.type not in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)]
+            graph_types = (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+            plain = [a for a in proto.attribute if a.type not in graph_types]
             node.attrs.clear()
             node.attrs.update(OnnxImporter.import_attributes(plain, {}, {}, None, None))  # gs's own conversion
             node.attrs.update(subgraphs)

@@ -78,7 +78,8 @@ def gemm_input_affine(
     try:
         shape = np.broadcast_shapes(c64.shape, added.shape)
     except ValueError:
-        raise NotFoldable(f"Gemm's C has shape {list(c64.shape)}, which does not broadcast against [{added.size}]") from None
+        raise NotFoldable(f"Gemm's C has shape {list(c64.shape)}, which does not broadcast against "
+                          f"[{added.size}]") from None
     return new_b, np.broadcast_to(c64, shape) + added / float(beta), float(beta)
 
 

@@ -93,7 +93,8 @@ def make_options(*, verify: bool = True, providers: str | Sequence[str] = ("cpu"
         raise InputError(str(e)) from None
     return FoldOptions(
         verify=verify, providers=tuple(check_providers(providers, available=verify)),
-        input_shapes=_shapes(input_shapes or {}), inputs=os.fspath(inputs) if isinstance(inputs, os.PathLike) else inputs,
+        input_shapes=_shapes(input_shapes or {}),
+        inputs=os.fspath(inputs) if isinstance(inputs, os.PathLike) else inputs,
         input_range=(lo, hi), seed=int(seed), atol=atol, rtol=rtol, force_write=force_write,
         external_data=external_data, data_name=data_name, disable=disable)
 
@@ -119,7 +120,8 @@ class FoldResult:
 
     input: Path
     output: Path | None  # None: a check (``dst=None``), nothing written
-    status: str  # written | verification failed, not written | verification failed, written | foldable | nothing to fold
+    # written | verification failed, not written | verification failed, written | foldable | nothing to fold
+    status: str
     report: FoldReport
     verification: VerifyResult | None = None  # None when it did not run (verify=False, nothing folded, a check)
     timings: dict[str, float] = field(default_factory=dict)  # seconds: load_s, fold_s, write_s, verify_s, check_s
@@ -405,6 +407,6 @@ def stage_json(path: str | os.PathLike | None, data: object) -> Path | None:
 
 def _jsonable(value: object) -> object:
     if isinstance(value, float) or hasattr(value, "__float__"):
-        v = float(value)  # type: ignore[arg-type]
+        v = float(value)
         return v if math.isfinite(v) else str(v)
     return str(value)

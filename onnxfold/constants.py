@@ -96,7 +96,8 @@ class Constants:
             try:
                 return constexpr.constant_of_shape(node, shape, since)
             except NotFoldable as e:
-                raise NotFoldable(f"{what} '{name}' is made by a ConstantOfShape node that is not folded: {e}") from None
+                raise NotFoldable(f"{what} '{name}' is made by a ConstantOfShape node that is not folded: "
+                                  f"{e}") from None
         if op == "CastLike" and len(node.input) == 2 and self.view.elem_type(node.input[1]):
             return self._cast_like(node, name, what)
         if op in CONSTANT_EXPRESSION_OPS and node.input:
@@ -137,7 +138,8 @@ class Constants:
                 node = view.graph.node[view.producer[name]]
                 if node.domain not in DEFAULT_DOMAINS or node.op_type not in CONSTANT_MAKERS:
                     return False
-                inputs = node.input[:1] if node.op_type == "CastLike" else node.input  # CastLike: only the dtype of the 2nd
+                # CastLike: only the dtype of its second input matters
+                inputs = node.input[:1] if node.op_type == "CastLike" else node.input
                 return all(view.constants.constant_like(i, _seen | {name}) for i in inputs if i)
             if name in view.inputs:
                 return False

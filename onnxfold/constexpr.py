@@ -196,7 +196,7 @@ def _slice(v, x, a):
     if not len(starts) == len(ends) == len(axes) == len(steps):
         raise NotFoldable("Slice starts, ends, axes and steps differ in length")
     axes = _axes(axes, data.ndim, v >= 11, "Slice axes")
-    index = [slice(None)] * data.ndim
+    index: list[slice | np.ndarray] = [slice(None)] * data.ndim
     for axis, s, e, st in zip(axes, starts, ends, steps):
         if st == 0:
             raise NotFoldable("Slice step 0 is invalid")
@@ -270,9 +270,9 @@ def _unsqueeze(v, x, a):
     data = x[0]
     axes = list(a["axes"]) if v < 13 else _ints(x[1], "Unsqueeze axes")
     rank = data.ndim + len(axes)
-    axes = set(_axes(axes, rank, v >= 11, "Unsqueeze axes"))
+    inserted = set(_axes(axes, rank, v >= 11, "Unsqueeze axes"))
     dims = iter(data.shape)
-    return data.reshape([1 if i in axes else next(dims) for i in range(rank)]).copy()
+    return data.reshape([1 if i in inserted else next(dims) for i in range(rank)]).copy()
 
 
 def _squeeze(v, x, a):
@@ -332,10 +332,10 @@ def _range(v, x, a):
     start, limit, delta = (_scalar(t, f"Range {n}") for t, n in zip(x, ("start", "limit", "delta")))
     dtype = start.dtype
     if dtype in _INTS:
-        s, l, d = int(start), int(limit), int(delta)
+        s, stop, d = int(start), int(limit), int(delta)
         if d == 0:
             raise NotFoldable("Range delta 0 is invalid")
-        n = max(-((s - l) // d), 0)  # ceil((l - s) / d), exactly
+        n = max(-((s - stop) // d), 0)  # ceil((stop - s) / d), exactly
         _limit([n], "Range")
         return _check_int_range(np.array([s + i * d for i in range(n)], dtype=object), dtype, "Range")
     if dtype not in (np.dtype(np.float32), np.dtype(np.float64)):
@@ -570,7 +570,8 @@ def constant_of_shape(node: onnx.NodeProto, shape: np.ndarray, since_version: in
         fill = onnx.numpy_helper.to_array(attrs["value"])
         if fill.size != 1:
             raise NotFoldable(f"ConstantOfShape value must have one element, it has {fill.size}")
-        allowed = {c.type_param_str: set(c.allowed_type_strs) for c in schema.type_constraints}[schema.outputs[0].type_str]
+        constraints = {c.type_param_str: set(c.allowed_type_strs) for c in schema.type_constraints}
+        allowed = constraints[schema.outputs[0].type_str]
         if f"tensor({_type_name(fill.dtype)})" not in allowed:
             raise NotFoldable(f"ConstantOfShape-{schema.since_version} cannot make {_type_name(fill.dtype)}")
     else:

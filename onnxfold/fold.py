@@ -144,7 +144,8 @@ def _materialize(g: GraphView, rewrite: Rewrite) -> tuple[dict[tuple[int, int], 
     made: dict[tuple[int, int], onnx.TensorProto] = {}
     peaks: dict[tuple[int, int], float] = {}
     try:
-        for key, v in sorted(values.items(), key=lambda kv: _count(kv[1].value)):  # small first: a decline there costs nothing
+        # small values first: a decline there costs nothing
+        for key, v in sorted(values.items(), key=lambda kv: _count(kv[1].value)):
             made[key], peaks[key] = _tensor(g, v.value, rewrite.dtype, v.what, g.model.fresh(v.hint), sink)
     except NotFoldable:
         if sink is not None:
@@ -199,7 +200,8 @@ def _fold_functions(model: onnx.ModelProto, rules: RuleSet, report: FoldReport) 
         sub = FoldReport()
         _fold_rounds(ModelView(body, constants_as_nodes=True), rules, sub)
         path = f"function {fn.domain}.{fn.name}" if fn.domain else f"function {fn.name}"
-        for record in (*sub.folded, *sub.declined, *sub.left):
+        records: list[Folded | Declined | Left] = [*sub.folded, *sub.declined, *sub.left]
+        for record in records:
             record.graph = path
         report.folded += sub.folded
         kept.declined += sub.declined

@@ -207,7 +207,7 @@ class GraphView:
             for i in sorted(self.removed, reverse=True):
                 del self.graph.node[i]
         else:
-            nodes = []
+            nodes: list[onnx.NodeProto] = []
             for i, node in enumerate(self.graph.node):
                 nodes.extend(self._pending.get(i, ()))
                 if i not in self.removed:

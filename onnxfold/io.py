@@ -207,7 +207,7 @@ def _data_path(base_dir, location: str) -> Path:
     return data
 
 
-def read_tensor(tensor: onnx.TensorProto, base_dir, sink: "DataSink | None" = None) -> np.ndarray:
+def read_tensor(tensor: onnx.TensorProto, base_dir, sink: DataSink | None = None) -> np.ndarray:
     """A tensor's value; external data is read from its file (just this tensor's bytes).
 
     A tensor that ``sink`` wrote during this run (a fold's output, folded again by a later fold) is
@@ -449,7 +449,8 @@ def write(model: onnx.ModelProto, staged_path: Path, *, base_dir=None, sink: Dat
             return [_write_inline(model, staged_path, base_dir, sink)]
         except _TooLarge:
             if external is False:
-                raise InputError("the folded model is over 2 GiB: it needs external data (--external-data always)") from None
+                raise InputError("the folded model is over 2 GiB: it needs external data "
+                                 "(--external-data always)") from None
     if sink is None:
         sink = DataSink(staged_path.parent / (staged_path.name + ".data"))
     for tensor in external_data_helper._get_attribute_tensors(model):

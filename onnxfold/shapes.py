@@ -13,7 +13,8 @@ _SHAPE_LIKE_TYPES = (onnx.TensorProto.INT64, onnx.TensorProto.INT32)
 
 
 def infer_shapes(model: onnx.ModelProto) -> dict[str, tuple[int | None, ...]]:
-    """The shape of every value (None for a dimension not known before run time), from onnx shape inference on a weightless copy of the model.
+    """The shape of every value (None for a dimension not known before run time), from onnx shape
+    inference on a weightless copy of the model.
 
     A weight enters inference only through its type and shape, so each large or float initializer
     is given to it as a graph input of that type and shape: the copy is small (inference serializes

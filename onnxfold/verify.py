@@ -501,7 +501,8 @@ def _run_reference(model, feeds, expose=()):
     try:
         outs = ReferenceEvaluator(m, new_ops=_reference_ops()).run(None, feeds)
     except Exception as e:
-        raise VerifyError(f"onnx.reference cannot run the model either: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
+        first = str(e).splitlines()[0][:200] if str(e) else ""
+        raise VerifyError(f"onnx.reference cannot run the model either: {type(e).__name__}: {first}") from None
     return dict(zip([o.name for o in m.graph.output], outs))
 
 
@@ -533,7 +534,8 @@ def _check_exposure(model, expose, provider, err) -> None:
     raise _ExposureRefused(str(err).splitlines()[0][:200])
 
 
-def run_pair(reference, candidate, feeds, provider: str, expose=(), stage=lambda text: None) -> tuple[dict, dict, str, str]:
+def run_pair(reference, candidate, feeds, provider: str, expose=(),
+             stage=lambda text: None) -> tuple[dict, dict, str, str]:
     """Run both models on one provider, with the tensors ``expose`` ([(name, elem_type)]) as extra
     outputs. Returns (reference outputs, candidate outputs, engine, note). ``stage`` is told what runs
     next, so that a crash can be named. Runs onnxruntime in this process: :func:`verify` calls it in a
@@ -1069,7 +1071,8 @@ def verify(
     for model in (reference, candidate):
         if not isinstance(model, onnx.ModelProto) and not Path(model).is_file():
             raise VerifyError(f"{model}: no such file")
-    ref_model = reference if isinstance(reference, onnx.ModelProto) else onnx.load(str(reference), load_external_data=False)
+    ref_model = (reference if isinstance(reference, onnx.ModelProto)
+                 else onnx.load(str(reference), load_external_data=False))
     if inputs is None:
         feeds = make_inputs(ref_model, input_shapes, input_range, seed, warn=result.warnings.append)
     else:

@@ -12,9 +12,9 @@ made a block at a time), casts them once to the model's dtype and applies the ed
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
 from collections.abc import Collection
-from typing import Protocol, Union
+from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 import onnx
@@ -25,7 +25,7 @@ from ..affine import NotFoldable, RowScaled
 DEFAULT_DOMAINS = ("", "ai.onnx")
 FLOAT_TYPES = ("float16", "bfloat16", "float32", "float64")
 
-Value = Union[np.ndarray, RowScaled]  # a folded value in float64, before the cast to the model's dtype
+Value = np.ndarray | RowScaled  # a folded value in float64, before the cast to the model's dtype
 
 
 class GraphQuery(Protocol):

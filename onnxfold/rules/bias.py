@@ -67,11 +67,14 @@ class BiasAddRule(Rule):
             b = np.zeros(channels) if bias is None else np.asarray(bias, np.float64)
             return m.rewrite(dtype, {m.upstream: Update({2: NewValue(b + shift, "bias", bias_hint(p))})})
         beta = float(attr(p, "beta", 1.0))
-        b = np.zeros(channels) if bias is None else np.broadcast_to(np.asarray(bias, np.float64).reshape(-1), (channels,))
+        b = np.zeros(channels)
+        if bias is not None:
+            b = np.broadcast_to(np.asarray(bias, np.float64).reshape(-1), (channels,))
         new = b * beta + shift
         if bias is not None and bias.ndim == 2:
             new = new.reshape(1, -1)
-        return m.rewrite(dtype, {m.upstream: Update({2: NewValue(new, "bias", bias_hint(p))}, attributes={"beta": 1.0})})
+        update = Update({2: NewValue(new, "bias", bias_hint(p))}, attributes={"beta": 1.0})
+        return m.rewrite(dtype, {m.upstream: update})
 
 
 def _channels(g: GraphQuery, p, bias: np.ndarray | None, operand: np.ndarray, rank: int) -> int:

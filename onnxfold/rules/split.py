@@ -41,8 +41,8 @@ class SplitRule(Rule):
         first = min(branches)
         return Match(
             upstream=pi, downstream=i, affine=branches[first][0],
-            between=[*PRODUCER_BY_OP[p.op_type].inner(g, p), p.output[0], *(g.node(k).output[0] for k in reversed(chain)),
-                     *(split.output[k] for k in branches)],
+            between=[*PRODUCER_BY_OP[p.op_type].inner(g, p), p.output[0],
+                     *(g.node(k).output[0] for k in reversed(chain)), *(split.output[k] for k in branches)],
             kept={p.output[0], *(g.node(k).output[0] for k in chain)},
             remove=[ci for ci, _ in branches.values()],
             outputs={(i, k): g.node(ci).output[0] for k, (ci, _) in branches.items()},
