@@ -93,6 +93,10 @@ def _fold_graph(g: GraphView, rules: RuleSet, report: FoldReport) -> int:
             continue
         removed = g.node(m.affine).op_type
         g.model.apply(g, _edit(rewrite, tensors))
+        changed = set(m.between)
+        for earlier in report.folded:
+            if earlier.graph == g.path and earlier.output in changed:
+                earlier.retouched_by = rule.name
         report.folded.append(Folded(rule.name, g.label(m.upstream), g.label(m.downstream), g.path,
                                     str(np.dtype(rewrite.dtype)), tensors[min(tensors)].name, biggest, m.output,
                                     removed=removed))

@@ -110,6 +110,9 @@ TIMM_ARCHS = [
     ("fastvit_t8", (1, 3, 64, 64)),
     ("densenet121", (1, 3, 64, 64)),
     ("hrnet_w18_small", (1, 3, 64, 64)),
+    # BatchNormalization behind a Concat (MixNet's mixed convolutions) and behind layout ops (LeViT)
+    ("mixnet_s", (1, 3, 64, 64)),
+    ("levit_128s", (1, 3, 224, 224)),
 ]
 
 TORCHVISION_STAND_IN = """'''Stand-in torchvision for importing timm beside a torch that torchvision does not match.
