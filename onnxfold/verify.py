@@ -993,8 +993,8 @@ def _plan_folds(ref_model, reference, candidate, folds, outputs: set[str], resul
         if name in result.unchecked or name in checked:
             continue
         if name and getattr(f, "retouched_by", ""):
-            result.unchecked[name] = (f"its tensor was changed again by a later fold ({f.retouched_by}): checked "
-                                      "at that fold's tensor")
+            result.unchecked[name] = (f"rewritten again by a later fold of its chain ({f.retouched_by}): "
+                                      "checked at that fold's tensor")
             continue
         if name and f.graph == "main" and name in ref_names and name not in cand_names:
             # a later fold of the same chain rewrote it again

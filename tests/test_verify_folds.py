@@ -501,5 +501,5 @@ def test_a_fold_whose_tensor_a_later_fold_changes_again_is_checked_at_the_later_
     assert result, str(result)
     annotate(report.folded, result)
     first = next(f for f in report.folded if f.rule == "mul_matmul")
-    assert first.passed is None and "changed again by a later fold (linear_mul)" in first.note
+    assert first.passed is None and "rewritten again by a later fold of its chain (linear_mul)" in first.note
     assert next(f for f in report.folded if f.rule == "linear_mul").passed
