@@ -3,7 +3,7 @@
 Each test names the way eadbfe9 destroyed a model, mostly with exit 0.
 """
 
-import hashlib
+import functools
 import os
 import subprocess
 import sys
@@ -11,27 +11,11 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
-import pytest
 from onnx import helper, numpy_helper
 
 from builders import conv_bn_model, count
+from checks import cli, digest, session
 from onnxfold import verify
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def cli(*args, umask=None):
-    def pre():
-        if umask is not None:
-            os.umask(umask)
-
-    return subprocess.run([sys.executable, "-m", "onnxfold", *map(str, args)], capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)}, preexec_fn=pre, timeout=120)
-
-
-def digest(path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def snapshot(folder: Path) -> dict:
@@ -59,7 +43,7 @@ def external_model(folder: Path, name="m.onnx", data="m.onnx.data", seed=0) -> P
 
 def loads(path):
     onnx.checker.check_model(str(path))
-    ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    session(path)
 
 
 def test_data_name_equal_to_the_input_file_is_refused(tmp_path):
@@ -156,7 +140,7 @@ def test_new_outputs_get_the_umask_mode(tmp_path):
     for umask, mode in ((0o022, 0o644), (0o077, 0o600)):
         for f in out.iterdir():
             f.unlink()
-        proc = cli(src, out / "o.onnx", umask=umask)
+        proc = cli(src, out / "o.onnx", preexec_fn=functools.partial(os.umask, umask))
         assert proc.returncode == 0, proc.stderr
         assert sorted(f.name for f in out.iterdir()) == ["o.onnx", "o.onnx.data"]
         for f in out.iterdir():

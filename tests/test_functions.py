@@ -7,6 +7,7 @@ then folded in the graph. Equivalence in onnxruntime (optimizations off, float32
 
 import numpy as np
 import onnx
+import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from builders import bn_stats, count
@@ -44,7 +45,8 @@ def function_model(weights_inside: bool, calls: int = 2):
         if not weights_inside:  # each call site binds its own weights
             wi = rng.normal(0, 0.5, (4, 4, 3, 3)).astype(np.float32)
             si = bn_stats(rng, 4)
-            inits += [numpy_helper.from_array(wi, f"w{i}")] + [numpy_helper.from_array(a, f"{n}{i}") for n, a in zip(names, si)]
+            inits += [numpy_helper.from_array(wi, f"w{i}")]
+            inits += [numpy_helper.from_array(a, f"{n}{i}") for n, a in zip(names, si)]
             args += [f"w{i}", *(f"{n}{i}" for n in names)]
         nodes.append(helper.make_node("ConvBnRelu", args, [f"h{i}"], domain=DOMAIN))
         prev = f"h{i}"
@@ -96,7 +98,7 @@ def test_function_without_candidates_is_untouched():
 
 
 def test_graphsurgeon_graph_with_an_inlined_function():
-    import onnx_graphsurgeon as gs
+    gs = pytest.importorskip("onnx_graphsurgeon")
 
     from onnxfold import fold_conv_bn
 

@@ -4,8 +4,6 @@ eadbfe9 with a traceback and exit 1, a hang, or a wrong file written with exit 0
 
 import os
 import resource
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,14 +12,7 @@ import pytest
 from onnx import helper, numpy_helper
 
 from builders import conv_bn_model
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def cli(*args, cwd=None, preexec_fn=None, timeout=60):
-    return subprocess.run([sys.executable, "-m", "onnxfold", *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd, env={**os.environ, "PYTHONPATH": str(ROOT)}, preexec_fn=preexec_fn,
-                          timeout=timeout)
+from checks import cli, session
 
 
 def assert_one_line(proc, code=2, text=""):
@@ -167,9 +158,7 @@ def test_external_tensor_without_length_is_copied_exactly(tmp_path):
         proc = cli(src, out, *flags)
         assert proc.returncode == 0, proc.stderr
         onnx.checker.check_model(str(out))
-        import onnxruntime as ort
-
-        ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+        session(out)
         written = onnx.load(str(out))
         if "--disable" in flags:
             assert np.array_equal(numpy_helper.to_array(init(written, "w")),
@@ -199,9 +188,7 @@ def test_sparse_initializer_with_external_data_keeps_its_data(tmp_path):
     assert proc.returncode == 0, proc.stderr
     written = onnx.load(str(out_dir / "o.onnx"))
     assert np.array_equal(numpy_helper.to_array(written.graph.sparse_initializer[0].values), values)
-    import onnxruntime as ort
-
-    got = ort.InferenceSession(str(out_dir / "o.onnx"), providers=["CPUExecutionProvider"]).run(
+    got = session(out_dir / "o.onnx").run(
         ["sp_sum"], {"x": np.zeros((1, 4, 6, 6), np.float32)})[0]
     assert got == pytest.approx(values.sum())
 

@@ -9,7 +9,8 @@ import sys
 from importlib.metadata import metadata, requires
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from checks import ROOT
+
 README = (ROOT / "README.md").read_text()
 
 
