@@ -54,8 +54,8 @@ def _other_tools(src: str, tmp: str) -> dict:
     except Exception as exc:
         out["ort_error"] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:160]}"
     try:
-        import io
         import contextlib
+        import io
 
         import onnxslim
 
@@ -135,20 +135,21 @@ def measure(root: Path, record: dict, log) -> dict:
                 if bn_names is None or d["consumer"] in bn_names or "BatchNormalization" in d["consumer"]:
                     reasons[d["reason"]] += 1
             row["reasons"] = reasons.most_common()
-        code = ("import json,sys; sys.path.insert(0, %r); import corpus_report as r; "
-                "print(json.dumps(r._other_tools(%r, %r)))" % (str(ROOT / "tools"), str(src), tmp))
+        code = (f"import json,sys; sys.path.insert(0, {str(ROOT / 'tools')!r}); import corpus_report as r; "
+                f"print(json.dumps(r._other_tools({str(src)!r}, {tmp!r})))")
         try:
             q = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=TIMEOUT,
                                env={**os.environ, "PYTHONPATH": str(ROOT)})
             if q.returncode == 0 and q.stdout.strip():
                 row.update(json.loads(q.stdout.strip().splitlines()[-1]))
             else:
-                row["ort_error"] = row["slim_error"] = f"child process exit {q.returncode}: {_crash_line(q.stderr)}"
+                error = f"child process exit {q.returncode}: {_crash_line(q.stderr)}"
+                row["ort_error"] = row["slim_error"] = error
         except subprocess.TimeoutExpired:
             row["ort_error"] = row["slim_error"] = f"timed out after {TIMEOUT}s"
     log(f"{row['file']:60s} exit {row['exit']!s:>3} BN {row['bn_before']:>3} -> "
-        f"{row.get('bn_after', '-')!s:>3} | ort {row.get('ort_bn', 'err')!s:>3} | slim {row.get('slim_bn', 'err')!s:>3} "
-        f"| {row['onnxfold_s']:.1f}s {row.get('message', '')[:80]}")
+        f"{row.get('bn_after', '-')!s:>3} | ort {row.get('ort_bn', 'err')!s:>3} "
+        f"| slim {row.get('slim_bn', 'err')!s:>3} | {row['onnxfold_s']:.1f}s {row.get('message', '')[:80]}")
     return row
 
 

@@ -33,6 +33,8 @@ import onnxruntime as ort
 import torch
 import torch.nn as nn
 
+from torch_blocks import Bottleneck, InvertedResidual
+
 SEED = 20240611          # torch.manual_seed for weights, numpy seed for inputs
 BN_SEED = 1234           # torch.Generator seed for the BatchNorm parameters
 ROOT = Path(__file__).resolve().parent.parent
@@ -99,29 +101,6 @@ class BasicBlock(nn.Module):
         return self.relu(y + idt)
 
 
-class Bottleneck(nn.Module):
-    def __init__(self, cin, mid, cout, stride=1):
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, mid, 1, 1, 0, bias=False)
-        self.bn1 = nn.BatchNorm2d(mid)
-        self.conv2 = nn.Conv2d(mid, mid, 3, stride, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(mid)
-        self.conv3 = nn.Conv2d(mid, cout, 1, 1, 0, bias=False)
-        self.bn3 = nn.BatchNorm2d(cout)
-        self.relu = nn.ReLU(inplace=True)
-        self.downsample = None
-        if stride != 1 or cin != cout:
-            self.downsample = nn.Sequential(
-                nn.Conv2d(cin, cout, 1, stride, 0, bias=False), nn.BatchNorm2d(cout))
-
-    def forward(self, x):
-        idt = x if self.downsample is None else self.downsample(x)
-        y = self.relu(self.bn1(self.conv1(x)))
-        y = self.relu(self.bn2(self.conv2(y)))
-        y = self.bn3(self.conv3(y))
-        return self.relu(y + idt)
-
-
 class SmallResNet(nn.Module):
     """stem conv-bn-relu, BasicBlock, BasicBlock(stride 2, 1x1 downsample),
     Bottleneck(1x1 downsample), global avg pool, linear head."""
@@ -138,25 +117,6 @@ class SmallResNet(nn.Module):
     def forward(self, x):
         x = self.layer3(self.layer2(self.layer1(self.stem(x))))
         return self.fc(torch.flatten(self.pool(x), 1))
-
-
-class InvertedResidual(nn.Module):
-    def __init__(self, cin, cout, stride, expand):
-        super().__init__()
-        hid = cin * expand
-        self.use_res = stride == 1 and cin == cout
-        layers = []
-        if expand != 1:
-            layers += [nn.Conv2d(cin, hid, 1, 1, 0, bias=False),
-                       nn.BatchNorm2d(hid), nn.ReLU6(inplace=True)]
-        layers += [nn.Conv2d(hid, hid, 3, stride, 1, groups=hid, bias=False),
-                   nn.BatchNorm2d(hid), nn.ReLU6(inplace=True),
-                   nn.Conv2d(hid, cout, 1, 1, 0, bias=False),
-                   nn.BatchNorm2d(cout)]
-        self.conv = nn.Sequential(*layers)
-
-    def forward(self, x):
-        return x + self.conv(x) if self.use_res else self.conv(x)
 
 
 class SmallMobileNetV2(nn.Module):
