@@ -163,6 +163,65 @@ def _clean_export(path: Path) -> None:
 # the > 2 GiB model, built directly with onnx.helper (memory-bounded)
 # --------------------------------------------------------------------------
 
+class _ExternalWriter:
+    """Initializers whose bytes go straight to one open data file, one after another."""
+
+    def __init__(self, f, data_name: str):
+        self.f, self.data_name = f, data_name
+        self.offset = 0
+        self.inits: list = []
+
+    def add(self, arr: np.ndarray, tname: str) -> None:
+        from onnx import TensorProto
+
+        arr = np.ascontiguousarray(arr, dtype=np.float32)
+        self.f.write(arr.tobytes())
+        t = TensorProto()
+        t.name = tname
+        t.data_type = TensorProto.FLOAT
+        t.dims.extend(arr.shape)
+        t.data_location = TensorProto.EXTERNAL
+        for k, v in (("location", self.data_name), ("offset", str(self.offset)), ("length", str(arr.nbytes))):
+            e = t.external_data.add()
+            e.key, e.value = k, v
+        self.offset += arr.nbytes
+        self.inits.append(t)
+
+
+def _wide_layer(i: int, h, rng, C: int, std, eps: float, writer: _ExternalWriter):
+    """Layer ``i``'s weights written out; its float64 output by torch (conv, BN, relu) from ``h``."""
+    import torch
+
+    w = (rng.standard_normal((C, C, 3, 3), dtype=np.float32) * np.float32(std))
+    writer.add(w, f"conv{i}.weight")
+    conv = torch.nn.functional.conv2d(h, torch.from_numpy(w.astype(np.float64)), padding=1)
+    del w
+    # BN statistics close to the real ones, then perturbed; random affine
+    cm = conv.mean(dim=(0, 2, 3)).numpy()
+    cv = conv.var(dim=(0, 2, 3)).numpy()
+    mean = (cm + 0.1 * rng.standard_normal(C)).astype(np.float32)
+    var = (cv * rng.uniform(0.6, 1.6, C)).astype(np.float32)
+    gamma = rng.uniform(0.5, 1.5, C).astype(np.float32)
+    beta = (0.2 * rng.standard_normal(C)).astype(np.float32)
+    for suffix, arr in (("gamma", gamma), ("beta", beta), ("mean", mean), ("var", var)):
+        writer.add(arr, f"bn{i}.{suffix}")
+    s = torch.from_numpy(gamma.astype(np.float64) / np.sqrt(var.astype(np.float64) + eps))
+    y = (conv - torch.from_numpy(mean.astype(np.float64)).view(1, -1, 1, 1)) * s.view(1, -1, 1, 1)
+    y = y + torch.from_numpy(beta.astype(np.float64)).view(1, -1, 1, 1)
+    return torch.relu(y)
+
+
+def _wide_nodes(i: int, cur: str, out_name: str, eps: float) -> list:
+    from onnx import helper
+
+    return [helper.make_node("Conv", [cur, f"conv{i}.weight"], [f"c{i}"],
+                             name=f"conv{i}", kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+            helper.make_node("BatchNormalization",
+                             [f"c{i}"] + [f"bn{i}.{s_}" for s_ in ("gamma", "beta", "mean", "var")],
+                             [f"b{i}"], name=f"bn{i}", epsilon=eps),
+            helper.make_node("Relu", [f"b{i}"], [out_name], name=f"relu{i}")]
+
+
 def make_wide_ext(out: Path, quick: bool) -> dict:
     """Stack of Conv(3x3, C->C) + BatchNormalization + Relu, weights as external data.
 
@@ -180,62 +239,24 @@ def make_wide_ext(out: Path, quick: bool) -> dict:
     rng = np.random.default_rng(SEED)
     name = "wide_ext"
     data_name = f"{name}.onnx.data"
-    data_path = out / data_name
     x = rng.standard_normal((1, C, HW, HW), dtype=np.float32)
     h = torch.from_numpy(x.astype(np.float64))
-    inits, nodes = [], []
-    offset = 0
-
-    def ext_tensor(f, arr: np.ndarray, tname: str):
-        nonlocal offset
-        arr = np.ascontiguousarray(arr, dtype=np.float32)
-        f.write(arr.tobytes())
-        t = TensorProto()
-        t.name = tname
-        t.data_type = TensorProto.FLOAT
-        t.dims.extend(arr.shape)
-        t.data_location = TensorProto.EXTERNAL
-        for k, v in (("location", data_name), ("offset", str(offset)), ("length", str(arr.nbytes))):
-            e = t.external_data.add()
-            e.key, e.value = k, v
-        offset += arr.nbytes
-        inits.append(t)
-
+    nodes = []
     cur = "x"
     std = np.sqrt(2.0 / (C * 9))
-    with open(data_path, "wb") as f:
+    eps = 1e-5
+    with open(out / data_name, "wb") as f:
+        writer = _ExternalWriter(f, data_name)
         for i in range(L):
-            w = (rng.standard_normal((C, C, 3, 3), dtype=np.float32) * np.float32(std))
-            ext_tensor(f, w, f"conv{i}.weight")
-            conv = torch.nn.functional.conv2d(h, torch.from_numpy(w.astype(np.float64)), padding=1)
-            del w
-            # BN statistics close to the real ones, then perturbed; random affine
-            cm = conv.mean(dim=(0, 2, 3)).numpy()
-            cv = conv.var(dim=(0, 2, 3)).numpy()
-            mean = (cm + 0.1 * rng.standard_normal(C)).astype(np.float32)
-            var = (cv * rng.uniform(0.6, 1.6, C)).astype(np.float32)
-            gamma = rng.uniform(0.5, 1.5, C).astype(np.float32)
-            beta = (0.2 * rng.standard_normal(C)).astype(np.float32)
-            for suffix, arr in (("gamma", gamma), ("beta", beta), ("mean", mean), ("var", var)):
-                ext_tensor(f, arr, f"bn{i}.{suffix}")
-            eps = 1e-5
-            s = torch.from_numpy(gamma.astype(np.float64) / np.sqrt(var.astype(np.float64) + eps))
-            y = (conv - torch.from_numpy(mean.astype(np.float64)).view(1, -1, 1, 1)) * s.view(1, -1, 1, 1)
-            y = y + torch.from_numpy(beta.astype(np.float64)).view(1, -1, 1, 1)
-            h = torch.relu(y)
-            nodes.append(helper.make_node("Conv", [cur, f"conv{i}.weight"], [f"c{i}"],
-                                          name=f"conv{i}", kernel_shape=[3, 3], pads=[1, 1, 1, 1]))
-            nodes.append(helper.make_node("BatchNormalization",
-                                          [f"c{i}"] + [f"bn{i}.{s_}" for s_ in ("gamma", "beta", "mean", "var")],
-                                          [f"b{i}"], name=f"bn{i}", epsilon=eps))
+            h = _wide_layer(i, h, rng, C, std, eps, writer)
             out_name = "y" if i == L - 1 else f"r{i}"
-            nodes.append(helper.make_node("Relu", [f"b{i}"], [out_name], name=f"relu{i}"))
+            nodes += _wide_nodes(i, cur, out_name, eps)
             cur = out_name
     graph = helper.make_graph(
         nodes, "wide_ext",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, C, HW, HW])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, C, HW, HW])],
-        initializer=inits)
+        initializer=writer.inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)],
                               producer_name="onnxfold-bench")
     model.ir_version = 8
@@ -244,7 +265,7 @@ def make_wide_ext(out: Path, quick: bool) -> dict:
     onnx.checker.check_model(str(out / f"{name}.onnx"))  # by path: data stays on disk
     np.savez(out / f"{name}.ref.npz", x=x, ref=h.numpy())
     return {"bn_modules": L, "input_shape": [1, C, HW, HW], "dtype": "float32",
-            "external_data_bytes": offset}
+            "external_data_bytes": writer.offset}
 
 
 def model_files(out: Path, name: str) -> list[Path]:
