@@ -83,6 +83,8 @@ def _crash_line(stderr: str) -> str:
 
 
 def measure(root: Path, record: dict, log) -> dict:
+    """One model: onnxfold's command line (and, where its verification failed, an independent check),
+    then onnxruntime and onnxslim in a child process."""
     src = root / record["file"]
     row = {"file": record["file"], "kind": record.get("kind"), "source": record.get("source", ""),
            "license": record.get("license", ""), "bn_before": corpus.count_bn(src)}
@@ -90,67 +92,90 @@ def measure(root: Path, record: dict, log) -> dict:
         out, rep = Path(tmp) / "folded.onnx", Path(tmp) / "report.json"
         cmd = [sys.executable, "-m", "onnxfold", str(src), str(out), "--report", str(rep),
                *record.get("cli_args", [])]
-        t = time.perf_counter()
-        try:
-            p = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT,
-                               env={**os.environ, "PYTHONPATH": str(ROOT)})
-            row["exit"], stderr = p.returncode, p.stderr
-        except subprocess.TimeoutExpired:
-            row["exit"], stderr = "timeout", f"timed out after {TIMEOUT}s"
-        row["onnxfold_s"] = time.perf_counter() - t
-        row["crashed"] = "Traceback" in stderr or (isinstance(row["exit"], int) and row["exit"] < 0) \
-            or row["exit"] == "timeout"
-        if row["exit"] != 0:
-            row["message"] = _crash_line(stderr) if row["crashed"] or row["exit"] != 1 else "verification failed"
+        _run_onnxfold(cmd, row)
         report = json.loads(rep.read_text()) if rep.exists() else None
         if row["exit"] == 1 and not row["crashed"]:
-            # verification failed: fold again with --force-write and compare it ourselves, to tell a
-            # wrong fold from a false alarm
-            forced = Path(tmp) / "forced.onnx"
-            subprocess.run(cmd[:4] + [str(forced)] + cmd[5:] + ["--force-write"], capture_output=True,
-                           text=True, timeout=TIMEOUT, env={**os.environ, "PYTHONPATH": str(ROOT)})
-            if forced.exists():
-                feeds = corpus.make_inputs(src, record, seed=7)
-                cmp = corpus.compare_outputs(corpus.run_ort(src, feeds), corpus.run_ort(forced, feeds))
-                worst = max(cmp, key=lambda c: c["max_abs"] / c["atol"] if c["atol"] else float("inf"))
-                row["independent"] = ("matches" if all(c["passed"] for c in cmp) else "DIFFERS") + \
-                    f" (max abs {worst['max_abs']:.1e}, atol {worst['atol']:.1e} on {worst['name']})"
-                row["message"] = ("false alarm: " if all(c["passed"] for c in cmp) else "wrong fold: ") + \
-                    row.get("message", "") + "; independent check " + row["independent"]
+            _check_independently(cmd, src, record, Path(tmp), row)
         if report:
-            row["bn_after"] = report.get("bn_after")
-            row["fold_s"] = sum((report.get("timings") or {}).get(k, 0) for k in ("load_s", "fold_s", "write_s"))
-            v = report.get("verification")
-            row["verified"] = None if v is None else bool(v.get("passed"))
-            row["max_abs"] = None if v is None else v.get("max_abs")
-            row["folds"] = len(report.get("folded", []))
-            bn_names = None
-            if out.exists():
-                import onnx
-
-                g = onnx.load(str(out), load_external_data=False).graph
-                bn_names = {n.name for n in g.node if n.op_type == "BatchNormalization"}
-            reasons = Counter()
-            for d in report.get("left", []) + report.get("declined", []):
-                if bn_names is None or d["consumer"] in bn_names or "BatchNormalization" in d["consumer"]:
-                    reasons[d["reason"]] += 1
-            row["reasons"] = reasons.most_common()
-        code = (f"import json,sys; sys.path.insert(0, {str(ROOT / 'tools')!r}); import corpus_report as r; "
-                f"print(json.dumps(r._other_tools({str(src)!r}, {tmp!r})))")
-        try:
-            q = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=TIMEOUT,
-                               env={**os.environ, "PYTHONPATH": str(ROOT)})
-            if q.returncode == 0 and q.stdout.strip():
-                row.update(json.loads(q.stdout.strip().splitlines()[-1]))
-            else:
-                error = f"child process exit {q.returncode}: {_crash_line(q.stderr)}"
-                row["ort_error"] = row["slim_error"] = error
-        except subprocess.TimeoutExpired:
-            row["ort_error"] = row["slim_error"] = f"timed out after {TIMEOUT}s"
+            row.update(_report_fields(report, out))
+        row.update(_other_tools_in_child(src, tmp))
     log(f"{row['file']:60s} exit {row['exit']!s:>3} BN {row['bn_before']:>3} -> "
         f"{row.get('bn_after', '-')!s:>3} | ort {row.get('ort_bn', 'err')!s:>3} "
         f"| slim {row.get('slim_bn', 'err')!s:>3} | {row['onnxfold_s']:.1f}s {row.get('message', '')[:80]}")
     return row
+
+
+def _run_onnxfold(cmd: list[str], row: dict) -> None:
+    """Its exit code, wall time, whether it crashed (traceback, signal, timeout), and the message."""
+    t = time.perf_counter()
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT,
+                           env={**os.environ, "PYTHONPATH": str(ROOT)})
+        row["exit"], stderr = p.returncode, p.stderr
+    except subprocess.TimeoutExpired:
+        row["exit"], stderr = "timeout", f"timed out after {TIMEOUT}s"
+    row["onnxfold_s"] = time.perf_counter() - t
+    row["crashed"] = "Traceback" in stderr or (isinstance(row["exit"], int) and row["exit"] < 0) \
+        or row["exit"] == "timeout"
+    if row["exit"] != 0:
+        row["message"] = _crash_line(stderr) if row["crashed"] or row["exit"] != 1 else "verification failed"
+
+
+def _check_independently(cmd: list[str], src: Path, record: dict, tmp: Path, row: dict) -> None:
+    """Verification failed: fold again with --force-write and compare it ourselves, to tell a wrong fold
+    from a false alarm."""
+    forced = tmp / "forced.onnx"
+    subprocess.run(cmd[:4] + [str(forced)] + cmd[5:] + ["--force-write"], capture_output=True,
+                   text=True, timeout=TIMEOUT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    if not forced.exists():
+        return
+    feeds = corpus.make_inputs(src, record, seed=7)
+    cmp = corpus.compare_outputs(corpus.run_ort(src, feeds), corpus.run_ort(forced, feeds))
+    worst = max(cmp, key=lambda c: c["max_abs"] / c["atol"] if c["atol"] else float("inf"))
+    row["independent"] = ("matches" if all(c["passed"] for c in cmp) else "DIFFERS") + \
+        f" (max abs {worst['max_abs']:.1e}, atol {worst['atol']:.1e} on {worst['name']})"
+    row["message"] = ("false alarm: " if all(c["passed"] for c in cmp) else "wrong fold: ") + \
+        row.get("message", "") + "; independent check " + row["independent"]
+
+
+def _report_fields(report: dict, out: Path) -> dict:
+    """From onnxfold's report: BatchNormalization left, time, verification, and why each BN left in the
+    output stayed."""
+    v = report.get("verification")
+    fields = {
+        "bn_after": report.get("bn_after"),
+        "fold_s": sum((report.get("timings") or {}).get(k, 0) for k in ("load_s", "fold_s", "write_s")),
+        "verified": None if v is None else bool(v.get("passed")),
+        "max_abs": None if v is None else v.get("max_abs"),
+        "folds": len(report.get("folded", [])),
+    }
+    bn_names = None
+    if out.exists():
+        import onnx
+
+        g = onnx.load(str(out), load_external_data=False).graph
+        bn_names = {n.name for n in g.node if n.op_type == "BatchNormalization"}
+    reasons: Counter = Counter()
+    for d in report.get("left", []) + report.get("declined", []):
+        if bn_names is None or d["consumer"] in bn_names or "BatchNormalization" in d["consumer"]:
+            reasons[d["reason"]] += 1
+    fields["reasons"] = reasons.most_common()
+    return fields
+
+
+def _other_tools_in_child(src: Path, tmp: str) -> dict:
+    """:func:`_other_tools` in a child process, so that a crash of one cannot stop the report."""
+    code = (f"import json,sys; sys.path.insert(0, {str(ROOT / 'tools')!r}); import corpus_report as r; "
+            f"print(json.dumps(r._other_tools({str(src)!r}, {tmp!r})))")
+    try:
+        q = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=TIMEOUT,
+                           env={**os.environ, "PYTHONPATH": str(ROOT)})
+    except subprocess.TimeoutExpired:
+        return {"ort_error": f"timed out after {TIMEOUT}s", "slim_error": f"timed out after {TIMEOUT}s"}
+    if q.returncode == 0 and q.stdout.strip():
+        return json.loads(q.stdout.strip().splitlines()[-1])
+    error = f"child process exit {q.returncode}: {_crash_line(q.stderr)}"
+    return {"ort_error": error, "slim_error": error}
 
 
 def _fmt_err(v) -> str:
