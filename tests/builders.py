@@ -41,6 +41,11 @@ def tensor(name, array):
     return numpy_helper.from_array(np.asarray(array), name)
 
 
+def constant(name, array) -> onnx.NodeProto:
+    """A Constant node whose output ``name`` holds ``array``."""
+    return helper.make_node("Constant", [], [name], value=tensor(name, array))
+
+
 def conv_bn_model(
     *,
     dims: int = 2,

@@ -42,6 +42,16 @@ def cli(*args: object, cwd: str | os.PathLike | None = None, env: dict[str, str]
                           cwd=cwd, env=child_env(**(env or {})), preexec_fn=preexec_fn, timeout=timeout)
 
 
+def assert_user_error(proc: subprocess.CompletedProcess[str], text: str = "", code: int = 2) -> None:
+    """The command line refused as the project promises: exit ``code``, no traceback, exactly one line
+    ``onnxfold: error: ...`` (containing ``text``) and nothing else on stderr (no FAILED line)."""
+    assert proc.returncode == code, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("onnxfold: error:")]
+    assert len(errors) == 1 and text in errors[0], proc.stderr
+    assert proc.stderr.strip().splitlines() == errors, proc.stderr
+
+
 def digest(path: str | os.PathLike) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 

@@ -8,20 +8,12 @@ import onnx
 import pytest
 
 from builders import conv_bn_model, count
-from checks import MODELS, cli, digest
+from checks import MODELS, assert_user_error, cli, digest
 
 
 def _write(path, data):
     path.write_bytes(data)
     return path
-
-
-def assert_clean_error(proc, code, text):
-    assert proc.returncode == code, proc.stderr
-    assert "Traceback" not in proc.stderr
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("onnxfold: error:")]
-    assert len(errors) == 1 and text in errors[0], proc.stderr
-    assert proc.stderr.strip().splitlines() == errors  # one line and nothing else (no FAILED line)
 
 
 def test_folds_a_model_and_prints_the_summary(tmp_path):
@@ -79,22 +71,22 @@ def test_bad_input_is_one_line_exit_2_and_no_output(tmp_path, make, text):
     out = tmp_path / "out" / "o.onnx"
     out.parent.mkdir()
     proc = cli(src, out)
-    assert_clean_error(proc, 2, text)
+    assert_user_error(proc, text)
     assert not list(out.parent.iterdir())
 
 
 def test_unwritable_output_path(tmp_path):
     proc = cli(MODELS / "resnet_block.onnx", tmp_path / "no" / "such" / "dir" / "o.onnx")
-    assert_clean_error(proc, 2, "does not exist")
+    assert_user_error(proc, "does not exist")
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    assert_clean_error(cli(MODELS / "resnet_block.onnx", blocker / "o.onnx"), 2, "does not exist")
+    assert_user_error(cli(MODELS / "resnet_block.onnx", blocker / "o.onnx"), "does not exist")
 
 
 def test_usage_errors(tmp_path):
-    assert_clean_error(cli(), 2, "expected INPUT and OUTPUT")
-    assert_clean_error(cli(MODELS / "resnet_block.onnx", tmp_path / "o.onnx", "--disable", "nope"), 2, "unknown rule")
-    assert_clean_error(cli(MODELS / "resnet_block.onnx", tmp_path / "o.onnx", "--bogus"), 2, "unrecognized")
+    assert_user_error(cli(), "expected INPUT and OUTPUT")
+    assert_user_error(cli(MODELS / "resnet_block.onnx", tmp_path / "o.onnx", "--disable", "nope"), "unknown rule")
+    assert_user_error(cli(MODELS / "resnet_block.onnx", tmp_path / "o.onnx", "--bogus"), "unrecognized")
     assert not (tmp_path / "o.onnx").exists()
 
 

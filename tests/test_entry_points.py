@@ -29,7 +29,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from builders import bn_stats
+from builders import bn_stats, constant
 from checks import assert_close, check_valid, feeds_for, load_path, op_counts, run
 from checks import cli as python_m_onnxfold
 from onnxfold import cli, fold_conv_bn, fold_model
@@ -165,10 +165,6 @@ def bn_conv(size: str, seed: int = 0) -> Case:
     return Case(_model(b, helper.make_tensor_value_info("x", F, [1, cin, k + 2, k + 2]), y), folds=1, bn_after=0)
 
 
-def _const(name, array):
-    return helper.make_node("Constant", [], [name], value=numpy_helper.from_array(np.asarray(array), name))
-
-
 def function_case(kind: str, seed: int = 0) -> Case:
     """A model-local function called twice.
 
@@ -181,12 +177,12 @@ def function_case(kind: str, seed: int = 0) -> Case:
     names = ["g", "bb", "m", "v"]
     body = []
     if kind == "body":
-        body += [_const("w", b.weight((c, c, k, k)))] + [_const(n, a) for n, a in zip(names, bn_stats(b.rng, c))]
+        body += [constant("w", b.weight((c, c, k, k)))] + [constant(n, a) for n, a in zip(names, bn_stats(b.rng, c))]
         fn_inputs = ["x"]
     elif kind == "inlined":
         fn_inputs = ["x", "w", *names]
     else:
-        body += [_const(n, a) for n, a in zip(names, bn_stats(b.rng, c))]
+        body += [constant(n, a) for n, a in zip(names, bn_stats(b.rng, c))]
         fn_inputs = ["x"]
     if kind == "left":
         body += [helper.make_node("BatchNormalization", ["x", *names], ["y"], epsilon=1e-3),

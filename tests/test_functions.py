@@ -10,15 +10,11 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from builders import bn_stats, count
+from builders import bn_stats, constant, count
 from onnxfold import fold_model, verify
 
 F = TensorProto.FLOAT
 DOMAIN = "local"
-
-
-def _const(name, array):
-    return helper.make_node("Constant", [], [name], value=numpy_helper.from_array(array, name))
 
 
 def function_model(weights_inside: bool, calls: int = 2):
@@ -28,7 +24,7 @@ def function_model(weights_inside: bool, calls: int = 2):
     names = ["g", "b", "m", "v"]
     body = []
     if weights_inside:
-        body += [_const("w", w)] + [_const(n, a) for n, a in zip(names, stats)]
+        body += [constant("w", w)] + [constant(n, a) for n, a in zip(names, stats)]
         fn_inputs = ["x"]
     else:
         fn_inputs = ["x", "w", *names]
