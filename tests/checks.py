@@ -1,4 +1,5 @@
-"""Checks shared by the entry-point matrix and the fuzzer: validity, a run in onnxruntime, comparison.
+"""Checks shared by the test files: validity, a session and a run in onnxruntime, comparison, and the
+command line run as a user runs it (``cli``).
 
 The comparison is the project's rule, computed here independently of onnxfold.verify (the code under
 test): every element must satisfy ``|got - ref| <= k * max|ref| + k * |ref|`` with k = 1e-4 for
@@ -10,8 +11,12 @@ bool outputs must be equal.
 
 from __future__ import annotations
 
+import hashlib
 import os
+import subprocess
+import sys
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +24,36 @@ import onnx
 from onnx import helper
 
 K_BY_DTYPE = {np.dtype(np.float32): 1e-4, np.dtype(np.float16): 1e-2, np.dtype(np.float64): 1e-10}
+ROOT = Path(__file__).resolve().parent.parent
+MODELS = ROOT / "models"
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """The environment for a child Python: this checkout's onnxfold first on its path."""
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "PYTHONPATH": path, **extra}
+
+
+def cli(*args: object, cwd: str | os.PathLike | None = None, env: dict[str, str] | None = None,
+        preexec_fn: Callable[[], object] | None = None, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """``python -m onnxfold ARGS`` in a subprocess, as a user runs it; stdout and stderr captured as text.
+    ``env`` adds to the environment; ``timeout`` only stops a hung run (it is no test of speed)."""
+    return subprocess.run([sys.executable, "-m", "onnxfold", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, env=child_env(**(env or {})), preexec_fn=preexec_fn, timeout=timeout)
+
+
+def assert_user_error(proc: subprocess.CompletedProcess[str], text: str = "", code: int = 2) -> None:
+    """The command line refused as the project promises: exit ``code``, no traceback, exactly one line
+    ``onnxfold: error: ...`` (containing ``text``) and nothing else on stderr (no FAILED line)."""
+    assert proc.returncode == code, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("onnxfold: error:")]
+    assert len(errors) == 1 and text in errors[0], proc.stderr
+    assert proc.stderr.strip().splitlines() == errors, proc.stderr
+
+
+def digest(path: str | os.PathLike) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def check_valid(model_or_path) -> None:
@@ -30,6 +65,7 @@ def check_valid(model_or_path) -> None:
 
 
 def session(model_or_path):
+    """An onnxruntime CPU session with graph optimizations off (ORT_DISABLE_ALL) and warnings quiet."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -56,15 +92,18 @@ def assert_close(ref: dict, got: dict, context: str = "", magnitude: dict | None
     assert list(ref) == list(got), f"{context}: outputs {list(got)} != {list(ref)}"
     for name, r in ref.items():
         g = got[name]
-        assert r.dtype == g.dtype and r.shape == g.shape, f"{context}: output {name!r} {g.dtype}{g.shape} != {r.dtype}{r.shape}"
+        assert r.dtype == g.dtype and r.shape == g.shape, \
+            f"{context}: output {name!r} {g.dtype}{g.shape} != {r.dtype}{r.shape}"
         if r.dtype.kind != "f":
             assert np.array_equal(r, g), f"{context}: output {name!r} differs"
             continue
         k = K_BY_DTYPE[r.dtype]
         r64, g64 = r.astype(np.float64), g.astype(np.float64)
         finite = np.isfinite(r64)
-        assert np.array_equal(np.isnan(r64), np.isnan(g64)), f"{context}: output {name!r}: NaN where the original has none"
-        assert np.array_equal(r64[~finite & ~np.isnan(r64)], g64[~finite & ~np.isnan(r64)]), f"{context}: {name!r}: Inf differs"
+        assert np.array_equal(np.isnan(r64), np.isnan(g64)), \
+            f"{context}: output {name!r}: NaN where the original has none"
+        inf = ~finite & ~np.isnan(r64)
+        assert np.array_equal(r64[inf], g64[inf]), f"{context}: {name!r}: Inf differs"
         assert np.isfinite(g64[finite]).all(), f"{context}: output {name!r}: not finite where the original is"
         scale = float(np.abs(r64[finite]).max()) if finite.any() else 0.0
         err = np.abs(g64[finite] - r64[finite])

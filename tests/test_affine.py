@@ -11,22 +11,22 @@ from onnxfold.affine import (
     bn_affine,
     cast_finite,
     fold_bias,
-    scale_conv_transpose_weight,
     scale_columns,
+    scale_conv_transpose_weight,
     scale_conv_weight,
 )
 
 
 def _conv_nd(x, w, groups):
-    """A direct (slow) grouped 'valid' convolution with stride 1, for any dimensionality."""
-    import torch
+    """A direct (slow) grouped 'valid' convolution with stride 1, for any dimensionality (torch's)."""
+    torch = pytest.importorskip("torch")
 
     fn = {3: torch.nn.functional.conv1d, 4: torch.nn.functional.conv2d, 5: torch.nn.functional.conv3d}[x.ndim]
     return fn(torch.from_numpy(x), torch.from_numpy(w), groups=groups).numpy()
 
 
 def _conv_t_nd(x, w, groups):
-    import torch
+    torch = pytest.importorskip("torch")
 
     fn = {3: torch.nn.functional.conv_transpose1d, 4: torch.nn.functional.conv_transpose2d,
           5: torch.nn.functional.conv_transpose3d}[x.ndim]
@@ -84,7 +84,7 @@ def test_scaled_weights_equal_conv_then_affine(dims, groups, cin_per_group, cout
 @pytest.mark.parametrize("bias", [False, True])
 def test_matches_torch_fuse_conv_bn_weights(transpose, bias):
     """An independent oracle: torch.nn.utils.fusion (group = 1, where its transpose path is right)."""
-    import torch
+    torch = pytest.importorskip("torch")
     from torch.nn.utils.fusion import fuse_conv_bn_weights
 
     rng = np.random.default_rng(3)

@@ -8,7 +8,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from builders import bn_stats, conv_bn_model, count
+from builders import bn_stats
 from onnxfold import fold_model, verify
 
 F = TensorProto.FLOAT
@@ -39,7 +39,8 @@ def conv_then(ops, *, transpose=False, groups=1, dims=2, seed=0, out_rank_shape=
     nodes[-1].output[0] = "y"
     x = helper.make_tensor_value_info("x", F, [1, cin] + [6] * dims)
     y = helper.make_tensor_value_info("y", F, [1, cout] + [None] * dims)
-    model = helper.make_model(helper.make_graph(nodes, "g", [x], [y], inits), opset_imports=[helper.make_opsetid("", 17)])
+    model = helper.make_model(helper.make_graph(nodes, "g", [x], [y], inits),
+                              opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     return model
 

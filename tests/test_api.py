@@ -2,7 +2,6 @@
 
 import numpy as np
 import onnx
-import onnx_graphsurgeon as gs
 import pytest
 
 from builders import conv_bn_model, count, run
@@ -39,6 +38,7 @@ def test_fold_model_returns_the_report():
 
 
 def test_graphsurgeon_graph_folds_in_place_and_chains():
+    gs = pytest.importorskip("onnx_graphsurgeon")
     model = conv_bn_model(transpose=True, groups=2)
     graph = gs.import_onnx(model)
     conv = next(n for n in graph.nodes if n.op == "ConvTranspose")
@@ -58,6 +58,7 @@ def test_graphsurgeon_graph_folds_in_place_and_chains():
 def test_graphsurgeon_graph_with_a_subgraph():
     from test_subgraphs import _if_model
 
+    gs = pytest.importorskip("onnx_graphsurgeon")
     model = _if_model()
     graph = gs.import_onnx(model)
     fold_conv_bn(graph)
@@ -72,6 +73,7 @@ def test_graphsurgeon_graph_with_a_subgraph():
 def test_graphsurgeon_report_uses_the_graphs_own_names():
     from onnxfold._graphsurgeon import fold_graph
 
+    gs = pytest.importorskip("onnx_graphsurgeon")
     graph = gs.import_onnx(conv_bn_model())
     _, report = fold_graph(graph)
     assert (report.folded[0].producer, report.folded[0].consumer) == ("conv", "bn")
@@ -83,6 +85,7 @@ def test_wrong_type_is_a_clear_error():
 
 
 def test_graphsurgeon_graph_with_paddle_style_constant_nodes():
+    gs = pytest.importorskip("onnx_graphsurgeon")
     model = conv_bn_model(constants_as_nodes=True)
     graph = gs.import_onnx(model)
     fold_conv_bn(graph)

@@ -32,10 +32,12 @@ def bn_conv_model(*, dims=2, groups=1, bias=True, pads=0, auto_pad=None, strides
     else:
         attrs["pads"] = [pads] * 2 * dims
     nodes = [helper.make_node("Relu", ["x"], ["r"])] if relu_first else []
-    nodes += [helper.make_node("BatchNormalization", ["r" if relu_first else "x", *stats], ["n"], epsilon=1e-3, name="bn"),
+    nodes += [helper.make_node("BatchNormalization", ["r" if relu_first else "x", *stats], ["n"], epsilon=1e-3,
+                               name="bn"),
               helper.make_node("Conv", conv_in, ["y"], name="conv", **attrs)]
-    graph = helper.make_graph(nodes, "bn_conv", [helper.make_tensor_value_info("x", onnx_dtype(dtype), [2, cin] + [8] * dims)],
-                              [helper.make_tensor_value_info("y", onnx_dtype(dtype), [2, cout] + [None] * dims)], inits)
+    x = helper.make_tensor_value_info("x", onnx_dtype(dtype), [2, cin] + [8] * dims)
+    y = helper.make_tensor_value_info("y", onnx_dtype(dtype), [2, cout] + [None] * dims)
+    graph = helper.make_graph(nodes, "bn_conv", [x], [y], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     return model
@@ -66,7 +68,8 @@ def test_bn_before_conv_geometry(kwargs):
     assert verify(model, folded)
 
 
-@pytest.mark.parametrize("kwargs,text", [(dict(pads=1), "pads=[1, 1, 1, 1]"), (dict(auto_pad="SAME_UPPER"), "auto_pad=SAME_UPPER")],
+@pytest.mark.parametrize("kwargs,text", [(dict(pads=1), "pads=[1, 1, 1, 1]"),
+                                         (dict(auto_pad="SAME_UPPER"), "auto_pad=SAME_UPPER")],
                          ids=["pads", "same"])
 def test_bn_before_padded_conv_is_declined(kwargs, text):
     """Zero padding comes after BN: the border would see `shift` where the original saw zeros."""

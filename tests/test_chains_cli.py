@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 from onnx import helper, numpy_helper
 
 from builders import bn_stats, count
+from checks import cli, session
 from onnxfold.io import DataSink
-
-from test_cli import cli
 
 
 def _bn(rng, name, x, y, c):
@@ -83,9 +81,7 @@ FOLDS = {"conv_mul_bn": 2, "conv_bn_add": 2, "convtranspose_add_bn": 2, "conv_bn
 
 
 def _run(path, x):
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    return session(path).run(None, {"x": x})[0]
 
 
 def _external_bytes(model: onnx.ModelProto) -> int:
@@ -131,7 +127,7 @@ def test_chain_folds_in_folder_mode(tmp_path):
         onnx.save(chain_model(kind), src_dir / f"{kind}.onnx")
     proc = cli(src_dir, tmp_path / "out", "-j", "2", "--external-data", "always")
     assert proc.returncode == 0, proc.stderr
-    for kind, folds in FOLDS.items():
+    for kind in FOLDS:
         out = tmp_path / "out" / f"{kind}.onnx"
         onnx.checker.check_model(str(out), full_check=True)
         assert count(onnx.load(out), "BatchNormalization") == 0

@@ -1,42 +1,19 @@
 """The command line as a user runs it: exit codes, one-line errors, atomic output, never touching the input."""
 
-import hashlib
 import json
 import os
 import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import onnx
 import pytest
 
 from builders import conv_bn_model, count
-
-ROOT = Path(__file__).resolve().parent.parent
-MODELS = ROOT / "models"
-
-
-def cli(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "onnxfold", *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd, env={**os.environ, "PYTHONPATH": str(ROOT)})
-
-
-def digest(path):
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+from checks import MODELS, assert_user_error, cli, digest
 
 
 def _write(path, data):
     path.write_bytes(data)
     return path
-
-
-def assert_clean_error(proc, code, text):
-    assert proc.returncode == code, proc.stderr
-    assert "Traceback" not in proc.stderr
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("onnxfold: error:")]
-    assert len(errors) == 1 and text in errors[0], proc.stderr
-    assert proc.stderr.strip().splitlines() == errors  # one line and nothing else (no FAILED line)
 
 
 def test_folds_a_model_and_prints_the_summary(tmp_path):
@@ -94,22 +71,22 @@ def test_bad_input_is_one_line_exit_2_and_no_output(tmp_path, make, text):
     out = tmp_path / "out" / "o.onnx"
     out.parent.mkdir()
     proc = cli(src, out)
-    assert_clean_error(proc, 2, text)
+    assert_user_error(proc, text)
     assert not list(out.parent.iterdir())
 
 
 def test_unwritable_output_path(tmp_path):
     proc = cli(MODELS / "resnet_block.onnx", tmp_path / "no" / "such" / "dir" / "o.onnx")
-    assert_clean_error(proc, 2, "does not exist")
+    assert_user_error(proc, "does not exist")
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    assert_clean_error(cli(MODELS / "resnet_block.onnx", blocker / "o.onnx"), 2, "does not exist")
+    assert_user_error(cli(MODELS / "resnet_block.onnx", blocker / "o.onnx"), "does not exist")
 
 
 def test_usage_errors(tmp_path):
-    assert_clean_error(cli(), 2, "expected INPUT and OUTPUT")
-    assert_clean_error(cli(MODELS / "resnet_block.onnx", tmp_path / "o.onnx", "--disable", "nope"), 2, "unknown rule")
-    assert_clean_error(cli(MODELS / "resnet_block.onnx", tmp_path / "o.onnx", "--bogus"), 2, "unrecognized")
+    assert_user_error(cli(), "expected INPUT and OUTPUT")
+    assert_user_error(cli(MODELS / "resnet_block.onnx", tmp_path / "o.onnx", "--disable", "nope"), "unknown rule")
+    assert_user_error(cli(MODELS / "resnet_block.onnx", tmp_path / "o.onnx", "--bogus"), "unrecognized")
     assert not (tmp_path / "o.onnx").exists()
 
 
@@ -117,7 +94,8 @@ def test_list_rules_and_disable(tmp_path):
     proc = cli("--list-rules")
     listing = proc.stdout.split("\n\n")[0].splitlines()[1:]  # the rule list, up to the first blank line
     names = [line.split()[0] for line in listing]
-    assert proc.returncode == 0 and {"conv_bn", "convtranspose_bn", "gemm_bn", "matmul_bn", "conv_mul", "bn_conv"} <= set(names)
+    expected = {"conv_bn", "convtranspose_bn", "gemm_bn", "matmul_bn", "conv_mul", "bn_conv"}
+    assert proc.returncode == 0 and expected <= set(names)
     assert "training mode" in proc.stdout and "graph output" in proc.stdout
     # every paragraph once (Mul/Add/Sub/Div share one, which was printed four times)
     paragraphs = [line for line in proc.stdout.splitlines() if line.startswith("    ") and len(line) > 40]

@@ -4,12 +4,11 @@ import os
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import onnx
 
 from builders import conv_bn_model
-from test_cli import MODELS, ROOT, cli
+from checks import MODELS, child_env, cli
 
 
 def test_check_says_foldable_and_is_not_a_failure(tmp_path):
@@ -61,7 +60,7 @@ def test_the_last_line_names_the_command_as_run(tmp_path):
     script = shutil.which("onnxfold")
     if script:  # the console script, where the package is installed
         proc = subprocess.run([script, str(MODELS / "resnet_block.onnx"), str(tmp_path / "p.onnx"), "-q"],
-                              capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+                              capture_output=True, text=True, env=child_env())
         assert " | Command: onnxfold " in proc.stderr.strip().splitlines()[-1], proc.stderr
 
 
@@ -108,7 +107,7 @@ def test_a_crashing_model_in_folder_mode(tmp_path):
     boom = conv_bn_model(seed=5)
     boom.graph.name = "boom"
     onnx.save(boom, src / "m2.onnx")
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = child_env()
 
     def run(*args):
         return subprocess.run([sys.executable, "-c", CRASH, str(src), *map(str, args)], capture_output=True,

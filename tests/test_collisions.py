@@ -3,7 +3,7 @@
 Each test names the way eadbfe9 destroyed a model, mostly with exit 0.
 """
 
-import hashlib
+import functools
 import os
 import subprocess
 import sys
@@ -11,38 +11,15 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
-import pytest
 from onnx import helper, numpy_helper
 
 from builders import conv_bn_model, count
+from checks import assert_user_error, cli, digest, session
 from onnxfold import verify
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def cli(*args, umask=None):
-    def pre():
-        if umask is not None:
-            os.umask(umask)
-
-    return subprocess.run([sys.executable, "-m", "onnxfold", *map(str, args)], capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)}, preexec_fn=pre, timeout=120)
-
-
-def digest(path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def snapshot(folder: Path) -> dict:
     return {p.name: digest(p) for p in sorted(folder.iterdir()) if p.is_file()}
-
-
-def refused(proc, text=""):
-    assert proc.returncode == 2, proc.stderr
-    assert "Traceback" not in proc.stderr
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("onnxfold: error:")]
-    assert len(errors) == 1 and text in errors[0], proc.stderr
 
 
 def external_model(folder: Path, name="m.onnx", data="m.onnx.data", seed=0) -> Path:
@@ -59,14 +36,14 @@ def external_model(folder: Path, name="m.onnx", data="m.onnx.data", seed=0) -> P
 
 def loads(path):
     onnx.checker.check_model(str(path))
-    ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    session(path)
 
 
 def test_data_name_equal_to_the_input_file_is_refused(tmp_path):
     """eadbfe9: `--data-name m.onnx` replaced the input with raw weights, exit 0."""
     src = external_model(tmp_path)
     before = snapshot(tmp_path)
-    refused(cli(src, tmp_path / "o.onnx", "--data-name", "m.onnx"), "the input reads that file")
+    assert_user_error(cli(src, tmp_path / "o.onnx", "--data-name", "m.onnx"), "the input reads that file")
     assert snapshot(tmp_path) == before
 
 
@@ -74,10 +51,10 @@ def test_data_name_equal_to_the_input_data_file_is_refused(tmp_path):
     """eadbfe9: `--data-name weights.bin`, the input's own data file: the input broken, exit 0."""
     src = external_model(tmp_path, data="weights.bin")
     before = snapshot(tmp_path)
-    refused(cli(src, tmp_path / "o.onnx", "--data-name", "weights.bin"), "the input reads that file")
-    refused(cli(src, src, "--data-name", "weights.bin"), "the input reads that file")
+    assert_user_error(cli(src, tmp_path / "o.onnx", "--data-name", "weights.bin"), "the input reads that file")
+    assert_user_error(cli(src, src, "--data-name", "weights.bin"), "the input reads that file")
     os.symlink(tmp_path / "weights.bin", tmp_path / "alias.bin")  # real paths, after symlinks
-    refused(cli(src, tmp_path / "o.onnx", "--data-name", "alias.bin"), "the input reads that file")
+    assert_user_error(cli(src, tmp_path / "o.onnx", "--data-name", "alias.bin"), "the input reads that file")
     os.unlink(tmp_path / "alias.bin")
     assert snapshot(tmp_path) == before
 
@@ -86,7 +63,7 @@ def test_data_name_equal_to_the_output_is_refused(tmp_path):
     """eadbfe9: `--data-name o.onnx --no-verify` wrote every output value NaN (or a model pointing to itself)."""
     src = external_model(tmp_path)
     before = snapshot(tmp_path)
-    refused(cli(src, tmp_path / "o.onnx", "--data-name", "o.onnx", "--no-verify"), "output's own file name")
+    assert_user_error(cli(src, tmp_path / "o.onnx", "--data-name", "o.onnx", "--no-verify"), "output's own file name")
     assert snapshot(tmp_path) == before
 
 
@@ -108,8 +85,8 @@ def test_report_naming_a_model_or_data_file_is_refused(tmp_path):
     src = external_model(tmp_path)
     before = snapshot(tmp_path)
     for report in (src, tmp_path / "o.onnx", tmp_path / "m.onnx.data", tmp_path / "o.onnx.data"):
-        refused(cli(src, tmp_path / "o.onnx", "--report", report), "--report")
-    refused(cli(src, src, "--report", src), "--report")
+        assert_user_error(cli(src, tmp_path / "o.onnx", "--report", report), "--report")
+    assert_user_error(cli(src, src, "--report", src), "--report")
     assert snapshot(tmp_path) == before
 
 
@@ -134,7 +111,8 @@ def test_folder_mode_data_name_shared_by_two_models_is_refused(tmp_path):
     src_dir.mkdir()
     onnx.save(conv_bn_model(), src_dir / "a.onnx")
     onnx.save(conv_bn_model(), src_dir / "b.onnx")
-    refused(cli(src_dir, tmp_path / "out", "--external-data", "always", "--data-name", "w.bin"), "same data file")
+    proc = cli(src_dir, tmp_path / "out", "--external-data", "always", "--data-name", "w.bin")
+    assert_user_error(proc, "same data file")
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
 
 
@@ -156,7 +134,7 @@ def test_new_outputs_get_the_umask_mode(tmp_path):
     for umask, mode in ((0o022, 0o644), (0o077, 0o600)):
         for f in out.iterdir():
             f.unlink()
-        proc = cli(src, out / "o.onnx", umask=umask)
+        proc = cli(src, out / "o.onnx", preexec_fn=functools.partial(os.umask, umask))
         assert proc.returncode == 0, proc.stderr
         assert sorted(f.name for f in out.iterdir()) == ["o.onnx", "o.onnx.data"]
         for f in out.iterdir():
@@ -195,7 +173,7 @@ def test_output_path_that_is_a_symlink_to_the_input_data_is_refused(tmp_path):
     src = external_model(tmp_path)
     os.symlink(tmp_path / "m.onnx.data", tmp_path / "o.onnx")
     before = snapshot(tmp_path)
-    refused(cli(src, tmp_path / "o.onnx"), "the input reads that file")
+    assert_user_error(cli(src, tmp_path / "o.onnx"), "the input reads that file")
     assert snapshot(tmp_path) == before
 
 

@@ -16,10 +16,10 @@ import functools
 import ml_dtypes
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from checks import session
 from onnxfold.affine import NotFoldable
 from onnxfold.constexpr import OPS, evaluate
 from onnxfold.constants import CONSTANT_EXPRESSION_OPS
@@ -152,7 +152,8 @@ def cases(op: str, v: int) -> list[Case]:
             add(Case("empty_data", [np.zeros((0, 3), F32), a([0], I64), a([2], I64), a([1], I64)]))
     elif op == "Expand":
         for name, x, shape in [("grow", rng_array((3, 1), F32), [2, 1, 6]), ("scalar", a(2.5), [2, 3]),
-                               ("bidirectional", rng_array((4, 1), I64), [1]), ("ones_in_shape", rng_array((2, 3), BOOL), [1, 1, 3]),
+                               ("bidirectional", rng_array((4, 1), I64), [1]),
+                               ("ones_in_shape", rng_array((2, 3), BOOL), [1, 1, 3]),
                                ("empty", np.zeros((0, 1), F16), [0, 3]), ("to_empty", rng_array((1, 3), F32), [0, 1])]:
             add(Case(name, [x, a(shape, I64)]))
     elif op == "Concat":
@@ -239,11 +240,11 @@ def cases(op: str, v: int) -> list[Case]:
             add(Case("zero", [rng_array((2, 3), F32), a([0, 2], I64)]))
             add(Case("rank3", [rng_array((1, 2, 3), F32), a([3, 1, 2], I64)]))
     elif op == "Range":
-        for name, s, l, d, dt in [("up", 3, 9, 3, I64), ("down", 10, 4, -2, I64), ("empty", 5, 5, 1, I32),
+        for name, start, limit, delta, dt in [("up", 3, 9, 3, I64), ("down", 10, 4, -2, I64), ("empty", 5, 5, 1, I32),
                                   ("none", 5, 1, 1, I64), ("inexact_count", 0, 10, 3, I32), ("f32", 0, 2, 0.5, F32),
                                   ("f64_down", 1.0, -2.0, -0.25, F64), ("f32_exact", -4, 4, 1, F32),
                                   ("int16", 1, 7, 2, np.int16)]:
-            add(Case(name, [a(s, dt), a(l, dt), a(d, dt)]))
+            add(Case(name, [a(start, dt), a(limit, dt), a(delta, dt)]))
     elif op in ("Add", "Sub", "Mul", "Div"):
         fn = {"Add": np.add, "Sub": np.subtract, "Mul": np.multiply, "Div": np.divide}[op]
         if v < 7:  # legacy broadcasting: hand-computed from its documentation
@@ -328,11 +329,7 @@ def _model(op, v, case, out_dtype):
 
 
 def _ort(model):
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    so.log_severity_level = 3
-    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    return sess.run(None, {})[0]
+    return session(model).run(None, {})[0]
 
 
 def _same(got, want):
@@ -562,15 +559,14 @@ def _conv_mul_by_unsqueezed(k, axes, opset, spatial=(6, 5)):
              helper.make_node("Mul", ["c", "s"], ["y"], name="mul")]
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, *spatial])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, cout, *spatial])
-    model = helper.make_model(helper.make_graph(nodes, "g", [x], [y], inits), opset_imports=[helper.make_opsetid("", opset)])
+    model = helper.make_model(helper.make_graph(nodes, "g", [x], [y], inits),
+                              opset_imports=[helper.make_opsetid("", opset)])
     model.ir_version = 7
     return model
 
 
 def _outputs(model, x):
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    return session(model).run(None, {"x": x})[0]
 
 
 def test_unsqueeze_11_unsorted_axes_is_not_taken_for_per_channel():

@@ -11,10 +11,10 @@ Two sets, same checks:
 
 For each model: ``python -m onnxfold IN OUT --report R.json`` in a subprocess with default
 verification (dynamic dimensions left to onnxfold's defaults, as a new user runs it; a record's
-``cli_args`` in the manifest would add options, none needs any today); the exit code is 0; the output passes ``onnx.checker`` (full check); it has no more
-BatchNormalization than the input; and it matches the original in onnxruntime
-(ORT_DISABLE_ALL, CPU) on seeded random inputs within ``corpus.TOL_K[dtype] * max(1, max|ref|)``
-(1e-4 for float32: about 1000 ulp at 1; see tools/corpus.py).
+``cli_args`` in the manifest would add options, none needs any today); the exit code is 0; the output
+passes ``onnx.checker`` (full check); it has no more BatchNormalization than the input; and it matches
+the original in onnxruntime (ORT_DISABLE_ALL, CPU) on seeded random inputs within
+``corpus.TOL_K[dtype] * max(1, max|ref|)`` (1e-4 for float32: about 1000 ulp at 1; see tools/corpus.py).
 """
 
 from __future__ import annotations
@@ -22,14 +22,13 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import onnx
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from checks import ROOT, cli
+
 COMMITTED = ROOT / "tests" / "corpus"
 LIGHT = Path(onnx.__file__).parent / "backend" / "test" / "data" / "light"
 CACHE = Path(os.environ.get("ONNXFOLD_CORPUS") or Path.home() / ".cache" / "onnxfold-corpus").expanduser()
@@ -71,10 +70,7 @@ def fold_and_check(root: Path, record: dict, tmp_path: Path) -> None:
     defects = [defects] if isinstance(defects, tuple) else (defects or [])
     out = tmp_path / "folded.onnx"
     rep = tmp_path / "report.json"
-    proc = subprocess.run(
-        [sys.executable, "-m", "onnxfold", str(src), str(out), "--report", str(rep),
-         *record.get("cli_args", [])],
-        capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    proc = cli(src, out, "--report", rep, *record.get("cli_args", []), timeout=600)
     if defects and proc.returncode != 0:
         hit = [d for d in defects if d[1] in proc.stdout + proc.stderr]
         assert hit, f"exit {proc.returncode}, expected one of {defects}\n{proc.stdout[-1500:]}\n{proc.stderr[-2000:]}"

@@ -5,19 +5,15 @@ and the development machines have). tools/gpu_check.sh runs these on a machine w
 """
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import onnx
 import onnxruntime as ort
 import pytest
 
+import checks
 from builders import count
 
-ROOT = Path(__file__).resolve().parent.parent
-MODELS = sorted((ROOT / "models").glob("*.onnx"))
+MODELS = sorted(checks.MODELS.glob("*.onnx"))
 
 pytestmark = pytest.mark.skipif("CUDAExecutionProvider" not in ort.get_available_providers(),
                                 reason="CUDAExecutionProvider is not available in this onnxruntime build")
@@ -27,9 +23,7 @@ pytestmark = pytest.mark.skipif("CUDAExecutionProvider" not in ort.get_available
 def test_every_model_verifies_on_cuda_from_the_command_line(tmp_path, path):
     out = tmp_path / path.name
     report = tmp_path / "report.json"
-    proc = subprocess.run([sys.executable, "-m", "onnxfold", str(path), str(out), "--providers", "cpu,cuda",
-                           "--report", str(report)], capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))})
+    proc = checks.cli(path, out, "--providers", "cpu,cuda", "--report", report)
     assert proc.returncode == 0, proc.stderr
     data = json.loads(report.read_text())
     onnx.checker.check_model(str(out), full_check=True)
@@ -46,8 +40,6 @@ def test_chain_with_large_weights_verifies_on_cuda(tmp_path):
 
     src = tmp_path / "chain.onnx"
     onnx.save(chain_model("conv_mul_bn_sub", channels=128, kernel=5), src)
-    proc = subprocess.run([sys.executable, "-m", "onnxfold", str(src), str(tmp_path / "o.onnx"), "--providers",
-                           "cuda", "--external-data", "always"], capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))})
+    proc = checks.cli(src, tmp_path / "o.onnx", "--providers", "cuda", "--external-data", "always")
     assert proc.returncode == 0, proc.stderr
     assert "verify on cuda (onnxruntime CUDAExecutionProvider" in proc.stderr

@@ -21,8 +21,6 @@ Issue 9's defects 1 (chained folds through the command line), 6 (graphsurgeon Ma
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,13 +29,13 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from builders import bn_stats
+from builders import bn_stats, constant
 from checks import assert_close, check_valid, feeds_for, load_path, op_counts, run
+from checks import cli as python_m_onnxfold
 from onnxfold import cli, fold_conv_bn, fold_model
 
 F = TensorProto.FLOAT
 OPSET = 17
-ROOT = Path(__file__).resolve().parent.parent
 
 # Weight shapes per size: Conv/ConvTranspose (out, in, k) and Gemm/MatMul (K, N); float32 bytes.
 SIZES = {
@@ -167,10 +165,6 @@ def bn_conv(size: str, seed: int = 0) -> Case:
     return Case(_model(b, helper.make_tensor_value_info("x", F, [1, cin, k + 2, k + 2]), y), folds=1, bn_after=0)
 
 
-def _const(name, array):
-    return helper.make_node("Constant", [], [name], value=numpy_helper.from_array(np.asarray(array), name))
-
-
 def function_case(kind: str, seed: int = 0) -> Case:
     """A model-local function called twice.
 
@@ -183,12 +177,12 @@ def function_case(kind: str, seed: int = 0) -> Case:
     names = ["g", "bb", "m", "v"]
     body = []
     if kind == "body":
-        body += [_const("w", b.weight((c, c, k, k)))] + [_const(n, a) for n, a in zip(names, bn_stats(b.rng, c))]
+        body += [constant("w", b.weight((c, c, k, k)))] + [constant(n, a) for n, a in zip(names, bn_stats(b.rng, c))]
         fn_inputs = ["x"]
     elif kind == "inlined":
         fn_inputs = ["x", "w", *names]
     else:
-        body += [_const(n, a) for n, a in zip(names, bn_stats(b.rng, c))]
+        body += [constant(n, a) for n, a in zip(names, bn_stats(b.rng, c))]
         fn_inputs = ["x"]
     if kind == "left":
         body += [helper.make_node("BatchNormalization", ["x", *names], ["y"], epsilon=1e-3),
@@ -313,12 +307,14 @@ def _expect(case: Case, folded: onnx.ModelProto, folds: int, bn_after: int, whol
         assert dict(after) == case.ops_after
         return
     # Each fold removes its consumer node (a MatMul that absorbs one becomes a Gemm: same count).
-    assert sum(after.values()) == sum(before.values()) - folds, f"{dict(before)} -> {dict(after)}, {folds} folds expected"
+    assert sum(after.values()) == sum(before.values()) - folds, \
+        f"{dict(before)} -> {dict(after)}, {folds} folds expected"
 
 
 def _compare(case: Case, folded_model_or_path, context: str) -> None:
     check_valid(folded_model_or_path)
-    bools = [True, False] if any(v.type.tensor_type.elem_type == TensorProto.BOOL for v in case.model.graph.input) else [None]
+    has_bool = any(v.type.tensor_type.elem_type == TensorProto.BOOL for v in case.model.graph.input)
+    bools = [True, False] if has_bool else [None]
     for value in bools:
         feeds = feeds_for(case.model, seed=1, bool_value=value)
         assert_close(run(case.model, feeds), run(folded_model_or_path, feeds), context)
@@ -347,7 +343,7 @@ def via_graph_proto(case: Case, tmp_path: Path) -> None:
 
 
 def via_graphsurgeon(case: Case, tmp_path: Path) -> None:
-    import onnx_graphsurgeon as gs
+    gs = pytest.importorskip("onnx_graphsurgeon")
 
     graph = gs.import_onnx(case.model)
     assert fold_conv_bn(graph) is graph
@@ -418,9 +414,7 @@ def via_subprocess(case: Case, tmp_path: Path) -> None:
     src = _save_input(case, tmp_path / "in")
     out = tmp_path / "out.onnx"
     report_path = tmp_path / "report.json"
-    env = {**__import__("os").environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, "-m", "onnxfold", str(src), str(out), "--report", str(report_path)],
-                          capture_output=True, text=True, env=env, timeout=120)
+    proc = python_m_onnxfold(src, out, "--report", report_path, timeout=120)
     assert "Traceback" not in proc.stderr, proc.stderr
     report = json.loads(report_path.read_text())
     _check_cli_result(case, proc.returncode, report, out, None, "python -m onnxfold")

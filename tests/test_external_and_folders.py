@@ -2,8 +2,6 @@
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,15 +10,9 @@ import pytest
 from onnx import helper, numpy_helper
 
 from builders import conv_bn_model, count
+from checks import MODELS, cli
 from onnxfold import fold_model, verify
 from onnxfold.io import DataSink, load, write
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def cli(*args):
-    return subprocess.run([sys.executable, "-m", "onnxfold", *map(str, args)], capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)})
 
 
 def external_model(folder: Path, name="m.onnx", channels=32) -> Path:
@@ -153,7 +145,7 @@ def test_folder_mode_all_good_and_check(tmp_path):
 
 def test_json_report_schema(tmp_path):
     report = tmp_path / "r.json"
-    proc = cli(ROOT / "models" / "net3d.onnx", tmp_path / "o.onnx", "--report", report)
+    proc = cli(MODELS / "net3d.onnx", tmp_path / "o.onnx", "--report", report)
     assert proc.returncode == 0, proc.stderr
     data = json.loads(report.read_text())
     assert set(data) >= {"input", "output", "status", "bn_before", "bn_after", "rounds", "folded", "declined",
@@ -166,17 +158,18 @@ def test_json_report_schema(tmp_path):
     assert set(data["timings"]) >= {"load_s", "fold_s", "write_s", "verify_s"}
     v = data["verification"]
     assert v["passed"] and v["providers"][0]["provider"] == "cpu"
-    assert set(v["providers"][0]["outputs"][0]) == {"name", "dtype", "shape", "max_abs", "max_rel", "atol", "rtol", "passed"}
+    assert set(v["providers"][0]["outputs"][0]) == {"name", "dtype", "shape", "max_abs", "max_rel", "atol", "rtol",
+                                                    "passed"}
     assert data["status"] == "written"
 
 
 def test_check_exit_codes(tmp_path):
-    assert cli(ROOT / "models" / "resnet_block.onnx", "--check").returncode == 3
-    assert cli(ROOT / "models" / "resnet_block.onnx", tmp_path / "o.onnx", "-q").returncode == 0
+    assert cli(MODELS / "resnet_block.onnx", "--check").returncode == 3
+    assert cli(MODELS / "resnet_block.onnx", tmp_path / "o.onnx", "-q").returncode == 0
     proc = cli(tmp_path / "o.onnx", "--check")
     assert proc.returncode == 0 and not list(tmp_path.glob("*.tmp*"))
     report = tmp_path / "c.json"
-    assert cli(ROOT / "models" / "net1d.onnx", "--check", "--report", report).returncode == 3
+    assert cli(MODELS / "net1d.onnx", "--check", "--report", report).returncode == 3
     assert json.loads(report.read_text())["status"] == "foldable"
 
 

@@ -7,17 +7,14 @@ then folded in the graph. Equivalence in onnxruntime (optimizations off, float32
 
 import numpy as np
 import onnx
+import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from builders import bn_stats, count
+from builders import bn_stats, constant, count
 from onnxfold import fold_model, verify
 
 F = TensorProto.FLOAT
 DOMAIN = "local"
-
-
-def _const(name, array):
-    return helper.make_node("Constant", [], [name], value=numpy_helper.from_array(array, name))
 
 
 def function_model(weights_inside: bool, calls: int = 2):
@@ -27,7 +24,7 @@ def function_model(weights_inside: bool, calls: int = 2):
     names = ["g", "b", "m", "v"]
     body = []
     if weights_inside:
-        body += [_const("w", w)] + [_const(n, a) for n, a in zip(names, stats)]
+        body += [constant("w", w)] + [constant(n, a) for n, a in zip(names, stats)]
         fn_inputs = ["x"]
     else:
         fn_inputs = ["x", "w", *names]
@@ -44,7 +41,8 @@ def function_model(weights_inside: bool, calls: int = 2):
         if not weights_inside:  # each call site binds its own weights
             wi = rng.normal(0, 0.5, (4, 4, 3, 3)).astype(np.float32)
             si = bn_stats(rng, 4)
-            inits += [numpy_helper.from_array(wi, f"w{i}")] + [numpy_helper.from_array(a, f"{n}{i}") for n, a in zip(names, si)]
+            inits += [numpy_helper.from_array(wi, f"w{i}")]
+            inits += [numpy_helper.from_array(a, f"{n}{i}") for n, a in zip(names, si)]
             args += [f"w{i}", *(f"{n}{i}" for n in names)]
         nodes.append(helper.make_node("ConvBnRelu", args, [f"h{i}"], domain=DOMAIN))
         prev = f"h{i}"
@@ -96,7 +94,7 @@ def test_function_without_candidates_is_untouched():
 
 
 def test_graphsurgeon_graph_with_an_inlined_function():
-    import onnx_graphsurgeon as gs
+    gs = pytest.importorskip("onnx_graphsurgeon")
 
     from onnxfold import fold_conv_bn
 

@@ -4,8 +4,6 @@ eadbfe9 with a traceback and exit 1, a hang, or a wrong file written with exit 0
 
 import os
 import resource
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,23 +12,7 @@ import pytest
 from onnx import helper, numpy_helper
 
 from builders import conv_bn_model
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def cli(*args, cwd=None, preexec_fn=None, timeout=60):
-    return subprocess.run([sys.executable, "-m", "onnxfold", *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd, env={**os.environ, "PYTHONPATH": str(ROOT)}, preexec_fn=preexec_fn,
-                          timeout=timeout)
-
-
-def assert_one_line(proc, code=2, text=""):
-    """Exactly one error line and nothing else, no traceback, the exit code asked."""
-    assert proc.returncode == code, proc.stderr
-    assert "Traceback" not in proc.stderr, proc.stderr
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("onnxfold: error:")]
-    assert len(errors) == 1 and text in errors[0], proc.stderr
-    assert proc.stderr.strip().splitlines() == errors, proc.stderr
+from checks import assert_user_error, cli, session
 
 
 def nothing_at(folder: Path, *keep: str):
@@ -52,10 +34,10 @@ def init(model, name):
 
 def test_random_bytes_and_truncated_protobuf(tmp_path):
     (tmp_path / "r.onnx").write_bytes(np.random.default_rng(0).bytes(4096))
-    assert_one_line(cli(tmp_path / "r.onnx", tmp_path / "o.onnx"), 2, "not a readable ONNX model")
+    assert_user_error(cli(tmp_path / "r.onnx", tmp_path / "o.onnx"), "not a readable ONNX model")
     good = conv_bn_model().SerializeToString()
     (tmp_path / "t.onnx").write_bytes(good[: len(good) // 2])
-    assert_one_line(cli(tmp_path / "t.onnx", tmp_path / "o.onnx"), 2)
+    assert_user_error(cli(tmp_path / "t.onnx", tmp_path / "o.onnx"))
     nothing_at(tmp_path, "r.onnx", "t.onnx")
 
 
@@ -72,7 +54,7 @@ def test_zero_size_weights(tmp_path):
     if proc.returncode == 0:
         onnx.checker.check_model(str(tmp_path / "o.onnx"))
     else:
-        assert_one_line(proc, 2)
+        assert_user_error(proc)
         nothing_at(tmp_path, "z.onnx")
 
 
@@ -81,7 +63,7 @@ def test_raw_data_length_not_matching_dims(tmp_path):
     w = init(m, "w")
     w.raw_data = w.raw_data[:-4]
     src = save(m, tmp_path / "m.onnx")
-    assert_one_line(cli(src, tmp_path / "o.onnx"), 2, "raw_data")
+    assert_user_error(cli(src, tmp_path / "o.onnx"), "raw_data")
     nothing_at(tmp_path, "m.onnx")
 
 
@@ -91,7 +73,7 @@ def test_dims_of_two_to_the_forty(tmp_path):
     del w.dims[:]
     w.dims.extend([1 << 40, 4, 3, 3])
     src = save(m, tmp_path / "m.onnx")
-    assert_one_line(cli(src, tmp_path / "o.onnx"), 2, "2^40")
+    assert_user_error(cli(src, tmp_path / "o.onnx"), "2^40")
     nothing_at(tmp_path, "m.onnx")
 
 
@@ -126,7 +108,7 @@ def external(tmp_path, **fields) -> Path:
 ])
 def test_bad_external_data_fields(tmp_path, fields, text):
     src = external(tmp_path, **fields)
-    assert_one_line(cli(src, tmp_path / "o.onnx"), 2, text)
+    assert_user_error(cli(src, tmp_path / "o.onnx"), text)
     nothing_at(tmp_path, "m.onnx", "w.bin")
 
 
@@ -138,7 +120,7 @@ def test_absolute_location_outside_the_folder_is_refused(tmp_path):
     src = external(model_dir, location=str(outside / "w.bin"))
     (model_dir / "w.bin").rename(outside / "w.bin")
     for flags in ([], ["--external-data", "never"]):
-        assert_one_line(cli(src, model_dir / "o.onnx", *flags), 2, "outside")
+        assert_user_error(cli(src, model_dir / "o.onnx", *flags), "outside")
         nothing_at(model_dir, "m.onnx")
 
 
@@ -167,9 +149,7 @@ def test_external_tensor_without_length_is_copied_exactly(tmp_path):
         proc = cli(src, out, *flags)
         assert proc.returncode == 0, proc.stderr
         onnx.checker.check_model(str(out))
-        import onnxruntime as ort
-
-        ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+        session(out)
         written = onnx.load(str(out))
         if "--disable" in flags:
             assert np.array_equal(numpy_helper.to_array(init(written, "w")),
@@ -199,9 +179,7 @@ def test_sparse_initializer_with_external_data_keeps_its_data(tmp_path):
     assert proc.returncode == 0, proc.stderr
     written = onnx.load(str(out_dir / "o.onnx"))
     assert np.array_equal(numpy_helper.to_array(written.graph.sparse_initializer[0].values), values)
-    import onnxruntime as ort
-
-    got = ort.InferenceSession(str(out_dir / "o.onnx"), providers=["CPUExecutionProvider"]).run(
+    got = session(out_dir / "o.onnx").run(
         ["sp_sum"], {"x": np.zeros((1, 4, 6, 6), np.float32)})[0]
     assert got == pytest.approx(values.sum())
 
@@ -239,7 +217,7 @@ def cyclic(kind: str) -> onnx.ModelProto:
 def test_identity_cycles_are_refused_not_a_hang(tmp_path, kind):
     """eadbfe9 looped forever with growing memory in Scope.upstream / _reads_weights_from_inputs."""
     src = save(cyclic(kind), tmp_path / "m.onnx")
-    assert_one_line(cli(src, tmp_path / "o.onnx", timeout=60), 2, "cycle")
+    assert_user_error(cli(src, tmp_path / "o.onnx", timeout=60), "cycle")
     nothing_at(tmp_path, "m.onnx")
 
 
@@ -284,13 +262,13 @@ def test_file_size_limit_is_one_line_that_mentions_twice_the_size(tmp_path):
     src.write_bytes(m.SerializeToString())
     assert src.stat().st_size > 4096
     proc = cli(src, tmp_path / "o.onnx", "--no-verify", preexec_fn=_limit_file_size)
-    assert_one_line(proc, 2, "twice its size")
+    assert_user_error(proc, "twice its size")
     nothing_at(tmp_path, "m.onnx")
 
 
 def test_out_name_of_250_characters(tmp_path):
     src = save(conv_bn_model(), tmp_path / "m.onnx")
-    assert_one_line(cli(src, tmp_path / ("o" * 245 + ".onnx")), 2, "too long")
+    assert_user_error(cli(src, tmp_path / ("o" * 245 + ".onnx")), "too long")
     nothing_at(tmp_path, "m.onnx")
 
 
@@ -299,13 +277,13 @@ def test_out_dir_below_a_file(tmp_path):
     src_dir.mkdir()
     save(conv_bn_model(), src_dir / "m.onnx")
     (tmp_path / "file").write_text("x")
-    assert_one_line(cli(src_dir, tmp_path / "file" / "out"), 2, "is a file")
+    assert_user_error(cli(src_dir, tmp_path / "file" / "out"), "is a file")
 
 
 def test_data_name_is_an_existing_directory(tmp_path):
     src = save(conv_bn_model(), tmp_path / "m.onnx")
     (tmp_path / "d").mkdir()
-    assert_one_line(cli(src, tmp_path / "o.onnx", "--external-data", "always", "--data-name", "d"), 2, "directory")
+    assert_user_error(cli(src, tmp_path / "o.onnx", "--external-data", "always", "--data-name", "d"), "directory")
     nothing_at(tmp_path, "m.onnx", "d")
 
 
@@ -322,7 +300,7 @@ def test_data_name_is_an_existing_directory(tmp_path):
 ])
 def test_bad_option_values(tmp_path, flags, text):
     src = save(conv_bn_model(), tmp_path / "m.onnx")
-    assert_one_line(cli(src, tmp_path / "o.onnx", *flags), 2, text)
+    assert_user_error(cli(src, tmp_path / "o.onnx", *flags), text)
     nothing_at(tmp_path, "m.onnx")
 
 
@@ -338,9 +316,9 @@ def test_report_path_that_cannot_be_written_fails_before_any_output(tmp_path):
     """eadbfe9 wrote the model, then failed on the report with exit 2 ("no output"): now the report path
     is checked first, and a failure leaves nothing."""
     src = save(conv_bn_model(), tmp_path / "m.onnx")
-    assert_one_line(cli(src, tmp_path / "o.onnx", "--report", tmp_path / "no" / "r.json"), 2, "--report")
+    assert_user_error(cli(src, tmp_path / "o.onnx", "--report", tmp_path / "no" / "r.json"), "--report")
     (tmp_path / "rdir").mkdir()
-    assert_one_line(cli(src, tmp_path / "o.onnx", "--report", tmp_path / "rdir"), 2, "directory")
+    assert_user_error(cli(src, tmp_path / "o.onnx", "--report", tmp_path / "rdir"), "directory")
     nothing_at(tmp_path, "m.onnx", "rdir")
 
 

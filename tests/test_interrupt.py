@@ -10,7 +10,6 @@ eadbfe9 failed these: its commit renamed the data file first, so a kill between 
 IN as the old model beside the new data (onnxruntime cannot load it), and Ctrl-C printed a traceback.
 """
 
-import hashlib
 import os
 import random
 import signal
@@ -21,14 +20,13 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 from onnx import helper, numpy_helper
 
 from builders import bn_stats
+from checks import child_env, digest, session
 from onnxfold import verify
 
-ROOT = Path(__file__).resolve().parent.parent
 LONG = os.environ.get("ONNXFOLD_LONG_TESTS") == "1"
 
 
@@ -56,7 +54,7 @@ def big_model(folder: Path, channels: int, layers: int) -> Path:
 
 
 def hashes(folder: Path) -> dict:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
+    return {p.name: digest(p) for p in sorted(folder.iterdir()) if p.is_file()}
 
 
 def temp_folders(folder: Path) -> list:
@@ -66,14 +64,14 @@ def temp_folders(folder: Path) -> list:
 
 def valid(path: Path) -> bool:
     onnx.checker.check_model(str(path))
-    ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    session(path)
     return True
 
 
 def fold(src, dst, *flags):
     return subprocess.Popen([sys.executable, "-m", "onnxfold", str(src), str(dst), *flags],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+                            env=child_env())
 
 
 def referenced(path: Path) -> set:
@@ -215,7 +213,7 @@ def test_commit_interrupted_between_any_two_steps_leaves_a_whole_model(tmp_path,
         calls = {"n": 0}
         real_replace, real_unlink = os.replace, os.unlink
 
-        def counted(fn):
+        def counted(fn, calls=calls, steps=steps):  # this round's counter and limit
             def wrapper(*a, **k):
                 if calls["n"] == steps:
                     raise Died()
@@ -275,7 +273,7 @@ def test_folder_mode_workers_die_with_their_parent(tmp_path):
         big_model(sub, 256, 10)
     proc = subprocess.Popen([sys.executable, "-m", "onnxfold", str(src_dir), str(tmp_path / "out"), "-j", "2", "-q"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+                            env=child_env())
     children = set()
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and proc.poll() is None:
@@ -316,7 +314,7 @@ def test_sigterm_in_folder_mode_stops_the_workers_and_cleans_up(tmp_path):
     out = tmp_path / "out"
     proc = subprocess.Popen([sys.executable, "-m", "onnxfold", str(src_dir), str(out), "-j", "2", "-q"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+                            env=child_env())
     deadline = time.monotonic() + 60
     while proc.poll() is None and time.monotonic() < deadline:
         if out.exists() and any(p.is_dir() for p in out.rglob(".*")):

@@ -1,16 +1,15 @@
 """Every model in models/ folds as its manifest says, and the result matches the original."""
 
 import json
-from pathlib import Path
 
 import onnx
 import pytest
 
 from builders import count
+from checks import MODELS
 from onnxfold import fold_model, verify
 from onnxfold.io import load
 
-MODELS = Path(__file__).resolve().parent.parent / "models"
 MANIFEST = json.loads((MODELS / "manifest.json").read_text())
 
 

@@ -26,7 +26,8 @@ def transformer_like(layers=4, fold_one=False):
     for i in range(layers):
         inits += [numpy_helper.from_array(rng.normal(0, 0.1, (D, D)).astype(np.float32), f"w{i}"),
                   numpy_helper.from_array(rng.normal(0, 0.1, D).astype(np.float32), f"b{i}")]
-        nodes += [helper.make_node("MatMul", [x, f"w{i}"], [f"m{i}"]), helper.make_node("Add", [f"m{i}", f"b{i}"], [f"a{i}"])]
+        nodes += [helper.make_node("MatMul", [x, f"w{i}"], [f"m{i}"]),
+                  helper.make_node("Add", [f"m{i}", f"b{i}"], [f"a{i}"])]
         x = f"a{i}"
     outputs = [helper.make_tensor_value_info(x, onnx.TensorProto.FLOAT, None)]
     if fold_one:

@@ -90,7 +90,8 @@ def test_ir3_initializers_listed_as_inputs_fold_and_pass_the_checker():
 LIGHT = sorted(glob.glob(os.path.join(os.path.dirname(onnx.__file__), "backend/test/data/light/light_*.onnx")))
 
 
-@pytest.mark.parametrize("path", [p for p in LIGHT if any(k in p for k in ("resnet50", "inception_v2", "shufflenet", "densenet121"))],
+@pytest.mark.parametrize("path", [p for p in LIGHT if any(k in p for k in ("resnet50", "inception_v2", "shufflenet",
+                                                                          "densenet121"))],
                          ids=os.path.basename)
 def test_onnx_light_models_ir3_constantofshape_weights(path):
     """IR 3, every initializer a graph input, weights made by ConstantOfShape."""

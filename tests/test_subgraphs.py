@@ -55,7 +55,8 @@ def test_if_branches_with_outer_scope_weight(cond):
     model = _if_model()
     onnx.checker.check_model(model)
     folded, report = fold_model(model)
-    assert len(report.folded) == 2 and {f.graph for f in report.folded} == {"main/If#0.then_branch", "main/If#0.else_branch"}
+    assert len(report.folded) == 2
+    assert {f.graph for f in report.folded} == {"main/If#0.then_branch", "main/If#0.else_branch"}
     assert count(folded, "BatchNormalization") == 0
     onnx.checker.check_model(folded)
     assert not folded.graph.initializer, "the outer weight had one reader: it goes"

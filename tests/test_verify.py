@@ -3,7 +3,6 @@
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -12,10 +11,10 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from builders import conv_bn_model
+from checks import child_env, cli
 from onnxfold import VerifyError, fold_model, verify
 from onnxfold.verify import compare, make_inputs, parse_shape
 
-ROOT = Path(__file__).resolve().parent.parent
 HAS_CUDA = "CUDAExecutionProvider" in ort.get_available_providers()
 
 
@@ -67,7 +66,7 @@ def test_planted_error_through_the_command_line(tmp_path):
     src = tmp_path / "m.onnx"
     onnx.save(conv_bn_model(epsilon=0.1), src)
     out = tmp_path / "o.onnx"
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = child_env()
     proc = subprocess.run([sys.executable, "-c", PLANT, str(src), str(out)], capture_output=True, text=True, env=env)
     assert proc.returncode == 1, proc.stderr
     assert "verification FAILED" in proc.stderr and "not written" in proc.stderr
@@ -159,9 +158,7 @@ def test_inputs_from_npz_on_the_command_line(tmp_path):
     src = tmp_path / "m.onnx"
     onnx.save(conv_bn_model(batch="N"), src)
     np.savez(tmp_path / "in.npz", x=np.random.default_rng(0).uniform(-3, 3, (5, 4, 6, 6)).astype(np.float32))
-    proc = subprocess.run([sys.executable, "-m", "onnxfold", str(src), str(tmp_path / "o.onnx"),
-                           "--inputs", str(tmp_path / "in.npz")], capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    proc = cli(src, tmp_path / "o.onnx", "--inputs", tmp_path / "in.npz")
     assert proc.returncode == 0, proc.stderr
     assert "y float32[5, 6, 4, 4]" in proc.stderr and "dynamic" not in proc.stderr
 
@@ -174,8 +171,7 @@ def test_missing_cuda_provider_is_an_error_never_a_silent_cpu_run(tmp_path):
         verify(model, folded, providers=("cpu", "cuda"))
     src = tmp_path / "m.onnx"
     onnx.save(model, src)
-    proc = subprocess.run([sys.executable, "-m", "onnxfold", str(src), str(tmp_path / "o.onnx"), "--providers",
-                           "cpu,cuda"], capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    proc = cli(src, tmp_path / "o.onnx", "--providers", "cpu,cuda")
     assert proc.returncode == 2 and "CUDAExecutionProvider is not available" in proc.stderr
     assert not (tmp_path / "o.onnx").exists()
 

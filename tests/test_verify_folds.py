@@ -4,10 +4,8 @@ Every test here fails on eadbfe9."""
 
 import importlib
 import json
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -15,18 +13,11 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from builders import bn_stats, conv_bn_model, tensor
+from checks import MODELS, child_env, cli
 from onnxfold import VerifyError, fold_model, verify
 from onnxfold.verify import annotate, batch_norm, make_inputs
 
 verify_module = importlib.import_module("onnxfold.verify")  # the package's `verify` is the function
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def cli(*args, env=None):
-    return subprocess.run([sys.executable, "-m", "onnxfold", *map(str, args)], capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})})
-
 
 def _set(model, name, array):
     t = next(t for t in model.graph.initializer if t.name == name)
@@ -83,7 +74,8 @@ def test_reference_batchnorm_is_the_spec_in_inference_mode(opset, attrs, outputs
     n = int(np.prod(stat_shape))
     gamma, beta, mean, var = (a.astype(np.float64) for a in bn_stats(rng, n))
     names = ["gamma", "beta", "mean", "var"]
-    inits = [tensor(k, v.reshape(stat_shape[1:]) if not spatial else v) for k, v in zip(names, (gamma, beta, mean, var))]
+    inits = [tensor(k, v.reshape(stat_shape[1:]) if not spatial else v)
+             for k, v in zip(names, (gamma, beta, mean, var))]
     if opset == 15:  # BatchNormalization-15: float32 statistics for float64 data
         inits[2:] = [tensor(k, v.astype(np.float32)) for k, v in zip(names[2:], (mean, var))]
     node = helper.make_node("BatchNormalization", ["x", *names], ["y"] + [""] * (outputs - 1), **attrs)
@@ -193,7 +185,8 @@ def test_crash_of_onnxruntime_on_the_command_line(segv, tmp_path, worker):
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr and not out.exists()
     errors = [line for line in proc.stderr.splitlines() if line.startswith("onnxfold: error:")]
-    assert len(errors) == 1 and "onnxruntime crashed (signal 11, SIGSEGV) running the original model on cpu" in errors[0]
+    assert len(errors) == 1
+    assert "onnxruntime crashed (signal 11, SIGSEGV) running the original model on cpu" in errors[0]
 
 
 def test_crash_of_onnxruntime_in_folder_mode(segv, tmp_path):
@@ -212,9 +205,9 @@ def test_command_line_does_not_import_onnxruntime_in_its_own_process(tmp_path):
     """Verification forks its child only where that is safe: the parent never imported onnxruntime."""
     code = ("import sys; from onnxfold.cli import main; code = main(sys.argv[1:]); "
             "assert 'onnxruntime' not in sys.modules, 'imported'; raise SystemExit(code)")
-    proc = subprocess.run([sys.executable, "-c", code, str(ROOT / "models" / "resnet_block.onnx"),
+    proc = subprocess.run([sys.executable, "-c", code, str(MODELS / "resnet_block.onnx"),
                            str(tmp_path / "o.onnx")], capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+                          env=child_env())
     assert proc.returncode == 0, proc.stderr
     assert "verification passed" in proc.stderr
 
@@ -234,7 +227,8 @@ def _two_scale_model():
              tensor("var", var)]
     nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], name="conv"),
              helper.make_node("BatchNormalization", ["c", "gamma", "beta", "mean", "var"], ["y"], name="bn")]
-    graph = helper.make_graph(nodes, "two_scales", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+    graph = helper.make_graph(nodes, "two_scales",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     model.ir_version = 8
@@ -286,17 +280,15 @@ def test_a_flipped_channel_fails_on_the_command_line_and_the_report_says_where(t
     src = tmp_path / "m.onnx"
     onnx.save(_two_scale_model(), src)
     out, report = tmp_path / "o.onnx", tmp_path / "r.json"
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.run([sys.executable, "-c", FLIP, str(src), str(out), "--report", str(report), "-v"],
-                          capture_output=True, text=True, env=env)
+                          capture_output=True, text=True, env=child_env())
     assert proc.returncode == 1, proc.stderr
     assert "verification FAILED: worst fold tensor 'y'" in proc.stderr and not out.exists()
     data = json.loads(report.read_text())
     (f,) = data["folded"]
     assert f["output"] == "y" and f["passed"] is False and f["max_abs"] > f["atol"]
     assert "fold conv_bn conv + bn [main] -> y: max abs" in proc.stderr and "FAILED" in proc.stderr
-    proc = subprocess.run([sys.executable, "-m", "onnxfold", str(src), str(out), "--report", str(report)],
-                          capture_output=True, text=True, env=env)
+    proc = cli(src, out, "--report", report)
     assert proc.returncode == 0, proc.stderr
     (f,) = json.loads(report.read_text())["folded"]
     assert f["passed"] is True and 0 < f["max_abs"] <= f["atol"] and f["note"] == ""
@@ -323,7 +315,8 @@ def _sigmoid_model(seed=0):
             nodes.append(helper.make_node("Relu", [x], ["l0_relu"]))
             x = "l0_relu"
     nodes.append(helper.make_node("Sigmoid", [x], ["prob"]))
-    graph = helper.make_graph(nodes, "sigmoid_tail", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 16, 16])],
+    graph = helper.make_graph(nodes, "sigmoid_tail",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 16, 16])],
                               [helper.make_tensor_value_info("prob", TensorProto.FLOAT, None)], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     model.ir_version = 8
@@ -395,7 +388,7 @@ def test_folds_in_subgraphs_are_covered_by_the_outputs_and_the_result_says_so():
 def test_folds_are_exposed_in_models_with_external_data(tmp_path):
     """File inputs with external data: the extra outputs are added to the serialized model, and
     onnxruntime reads the weights from the model's own folder."""
-    src = ROOT / "models" / "resnet_block_extdata.onnx"
+    src = MODELS / "resnet_block_extdata.onnx"
     model = onnx.load(str(src))
     folded, report = fold_model(model)
     out = tmp_path / "folded.onnx"
@@ -470,7 +463,7 @@ def test_folds_in_functions_are_covered_by_the_outputs_and_the_result_says_so(we
 @pytest.mark.parametrize("name", ["resnet_block.onnx", "resnet_block_extdata.onnx", "mobilenetv2_fp16.onnx"])
 def test_node_outputs_read_from_the_wire_format_match_the_parsed_model(name):
     """The folded file's tensor names are read without parsing its weights: the same set as onnx.load's."""
-    path = ROOT / "models" / name
+    path = MODELS / name
     model = onnx.load(str(path), load_external_data=False)
     names = verify_module._main_outputs(str(path))
     assert names == verify_module._main_outputs(model) and len(names) == len(model.graph.node) > 5

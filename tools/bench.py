@@ -46,6 +46,7 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
@@ -352,7 +353,7 @@ def machine_info() -> dict:
 # main loop
 # --------------------------------------------------------------------------
 
-def main(argv=None):
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true",
                     help="small models, 1 timed run without warm-up, no 2 GiB model (development)")
@@ -374,111 +375,162 @@ def main(argv=None):
     ap.add_argument("--models-dir", type=Path, default=None)
     ap.add_argument("--docs-dir", type=Path, default=None,
                     help="where benchmarks.md/.png go (default docs/; quick: build/bench/quick/)")
-    a = ap.parse_args(argv)
+    return ap
 
+
+@dataclass
+class Plan:
+    """What one run measures, where, and how often (the command line's defaults filled in)."""
+
+    quick: bool
+    models_dir: Path
+    work: Path  # build/bench/{quick,full}: results.json, the tools' outputs
+    docs_dir: Path
+    warmup: int
+    repeat: int
+    timeout: float
+    models: list[str]
+    tools: list[str]
+    big_mb: float
+    keep_outputs: bool
+
+    @property
+    def results_path(self) -> Path:
+        return self.work / "results.json"
+
+
+def _plan(a: argparse.Namespace) -> Plan:
     quick = a.quick
+    work = BUILD / "bench" / ("quick" if quick else "full")
+    return Plan(
+        quick=quick,
+        models_dir=a.models_dir or (bench_models.DEFAULT_OUT / "quick" if quick else bench_models.DEFAULT_OUT),
+        work=work,
+        docs_dir=a.docs_dir or (work if quick else ROOT / "docs"),
+        warmup=a.warmup if a.warmup is not None else (0 if quick else 1),
+        repeat=a.repeat if a.repeat is not None else (1 if quick else 5),
+        timeout=a.timeout or (120 if quick else 1800),
+        # in --quick the external-data model is a few MB (same code path, not 2 GiB)
+        models=a.models or bench_models.FULL,
+        tools=a.tools or TOOL_ORDER,
+        big_mb=a.big_mb,
+        keep_outputs=a.keep_outputs,
+    )
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def main(argv=None):
+    ap = _parser()
+    a = ap.parse_args(argv)
     global MEM_LIMIT_MIB
     MEM_LIMIT_MIB = a.mem_limit_gib * 1024
-    models_dir = a.models_dir or (bench_models.DEFAULT_OUT / "quick" if quick else bench_models.DEFAULT_OUT)
-    work = BUILD / "bench" / ("quick" if quick else "full")
-    docs_dir = a.docs_dir or (work if quick else ROOT / "docs")
-    results_p = work / "results.json"
-    work.mkdir(parents=True, exist_ok=True)
-    warmup = a.warmup if a.warmup is not None else (0 if quick else 1)
-    repeat = a.repeat if a.repeat is not None else (1 if quick else 5)
-    timeout = a.timeout or (120 if quick else 1800)
-    # in --quick the external-data model is a few MB (same code path, not 2 GiB)
-    models = a.models or bench_models.FULL
-    tools = a.tools or TOOL_ORDER
-    for t in tools:
+    plan = _plan(a)
+    plan.work.mkdir(parents=True, exist_ok=True)
+    for t in plan.tools:
         if t not in TOOLS:
             ap.error(f"unknown tool {t!r}; choose from {TOOL_ORDER}")
-
-    def log(msg):
-        print(msg, flush=True)
 
     if a.report_only:
         import bench_report
 
-        bench_report.render(json.loads(results_p.read_text()), docs_dir)
+        bench_report.render(json.loads(plan.results_path.read_text()), plan.docs_dir)
         return 0
 
-    results = json.loads(results_p.read_text()) if (a.merge and results_p.exists()) else {}
-    results.setdefault("results", {})
-    results.setdefault("models", {})
-    results["machine"] = machine_info()
-    results["quick"] = quick
-    results["settings"] = {"warmup": warmup, "repeat": repeat, "timeout_s": timeout}
-    results["tools"] = {t: TOOLS[t][2] for t in TOOL_ORDER}
-    results.setdefault("runs", []).append(
-        {"started": _dt.datetime.now().isoformat(timespec="seconds"), "models": models, "tools": tools,
-         "git_rev": results["machine"]["git_rev"], "onnxfold_dirty": results["machine"]["onnxfold_dirty"]})
-    run_idx = len(results["runs"]) - 1
+    results, run_idx = _start_results(plan, a.merge)
     t_start = time.perf_counter()
-
-    # 1. models (generated in a child process; the harness never imports torch/onnx)
-    missing = [m for m in models if not all(p.exists() for p in bench_models.model_files(models_dir, m))]
-    if missing:
-        if "wide_ext" in missing and not quick:
-            free = shutil.disk_usage(models_dir.parent if models_dir.parent.exists() else ROOT).free
-            log(f"[bench] generating the > 2 GiB model needs ~2.3 GB of disk; {free / 2**30:.0f} GiB free")
-        cmd = [PY, str(TOOLS_DIR / "bench_models.py"), "--out", str(models_dir), "--only", *missing]
-        if quick:
-            cmd.append("--quick")
-        log(f"[bench] generating models: {' '.join(missing)}")
-        subprocess.run(cmd, check=True, cwd=ROOT)
-    meta = json.loads((models_dir / "models.json").read_text())
-
-    # 2. tools x models
-    out_dir = work / "out"
-    out_dir.mkdir(exist_ok=True)
-    for model in models:
-        src = models_dir / f"{model}.onnx"
-        ext = model == "wide_ext"
-        size = bench_models_size(models_dir, model)
-        big = size > a.big_mb * 1e6
-        results["models"][model] = dict(meta.get(model, {}), onnx_bytes=size, external_data=ext)
-        log(f"[bench] {model}: {size / 1e6:.1f} MB{' (external data)' if ext else ''}")
-        per_model = results["results"].setdefault(model, {})
-        done = {}
-        if big:  # the original once, up front; its output is cached for the per-tool evals
-            cache = work / f"{src.stem}.original_out.npy"
-            if cache.exists():
-                cache.unlink()
-            ev = run_eval(src, models_dir / f"{model}.ref.npz", {}, work, quick, timeout, big)
-            _merge_eval(per_model, results["models"][model], ev, log, model)
-        for tool in tools:
-            dst = out_dir / model / tool / f"{model}.onnx"
-            res = measure_tool(tool, src, dst, ext, warmup, repeat, timeout, log)
-            res["measured"] = _dt.datetime.now().isoformat(timespec="seconds")
-            res["run"] = run_idx  # ratios are taken against the floor of the same run
-            per_model[tool] = res
-            if tool == "floor":
-                results.setdefault("floors", {}).setdefault(model, {})[str(run_idx)] = res
-            if res["ok"]:
-                done[tool] = dst
-                if big:  # evaluate now and delete, to keep disk use bounded
-                    ev = run_eval(src, models_dir / f"{model}.ref.npz", {tool: dst}, work, quick, timeout, big)
-                    _merge_eval(per_model, results["models"][model], ev, log, model)
-                    shutil.rmtree(dst.parent)
-        if not big:
-            ev = run_eval(src, models_dir / f"{model}.ref.npz", done, work, quick, timeout)
-            _merge_eval(per_model, results["models"][model], ev, log, model)
-            if not a.keep_outputs:
-                shutil.rmtree(out_dir / model, ignore_errors=True)
-        else:
-            cache.unlink(missing_ok=True)
-        results_p.write_text(json.dumps(results, indent=1))
+    meta = _ensure_models(plan)  # 1. models (generated in a child process)
+    for model in plan.models:  # 2. tools x models
+        _bench_model(plan, model, results, meta, run_idx)
+        plan.results_path.write_text(json.dumps(results, indent=1))
 
     results["runs"][-1]["seconds"] = round(time.perf_counter() - t_start, 1)
-    results_p.write_text(json.dumps(results, indent=1))
-    log(f"[bench] measured in {results['runs'][-1]['seconds']:.0f} s; results in {results_p}")
+    plan.results_path.write_text(json.dumps(results, indent=1))
+    log(f"[bench] measured in {results['runs'][-1]['seconds']:.0f} s; results in {plan.results_path}")
 
     import bench_report
 
-    md, png = bench_report.render(results, docs_dir)
+    md, png = bench_report.render(results, plan.docs_dir)
     log(f"[bench] wrote {md} and {png}")
     return 0
+
+
+def _start_results(plan: Plan, merge: bool) -> tuple[dict, int]:
+    """The results to fill (the previous ones with ``--merge``), with this run recorded; its index."""
+    results_p = plan.results_path
+    results = json.loads(results_p.read_text()) if (merge and results_p.exists()) else {}
+    results.setdefault("results", {})
+    results.setdefault("models", {})
+    results["machine"] = machine_info()
+    results["quick"] = plan.quick
+    results["settings"] = {"warmup": plan.warmup, "repeat": plan.repeat, "timeout_s": plan.timeout}
+    results["tools"] = {t: TOOLS[t][2] for t in TOOL_ORDER}
+    results.setdefault("runs", []).append(
+        {"started": _dt.datetime.now().isoformat(timespec="seconds"), "models": plan.models, "tools": plan.tools,
+         "git_rev": results["machine"]["git_rev"], "onnxfold_dirty": results["machine"]["onnxfold_dirty"]})
+    return results, len(results["runs"]) - 1
+
+
+def _ensure_models(plan: Plan) -> dict:
+    """Generate the missing models in a child process (the harness never imports torch/onnx); their
+    metadata (models.json)."""
+    models_dir = plan.models_dir
+    missing = [m for m in plan.models if not all(p.exists() for p in bench_models.model_files(models_dir, m))]
+    if missing:
+        if "wide_ext" in missing and not plan.quick:
+            free = shutil.disk_usage(models_dir.parent if models_dir.parent.exists() else ROOT).free
+            log(f"[bench] generating the > 2 GiB model needs ~2.3 GB of disk; {free / 2**30:.0f} GiB free")
+        cmd = [PY, str(TOOLS_DIR / "bench_models.py"), "--out", str(models_dir), "--only", *missing]
+        if plan.quick:
+            cmd.append("--quick")
+        log(f"[bench] generating models: {' '.join(missing)}")
+        subprocess.run(cmd, check=True, cwd=ROOT)
+    return json.loads((models_dir / "models.json").read_text())
+
+
+def _bench_model(plan: Plan, model: str, results: dict, meta: dict, run_idx: int) -> None:
+    """Every tool on one model, each output evaluated. A big model's original is evaluated once up front
+    and each output evaluated and deleted as soon as it is written, to keep disk use bounded."""
+    models_dir, work = plan.models_dir, plan.work
+    out_dir = work / "out"
+    out_dir.mkdir(exist_ok=True)
+    src = models_dir / f"{model}.onnx"
+    ref = models_dir / f"{model}.ref.npz"
+    ext = model == "wide_ext"
+    size = bench_models_size(models_dir, model)
+    big = size > plan.big_mb * 1e6
+    results["models"][model] = dict(meta.get(model, {}), onnx_bytes=size, external_data=ext)
+    log(f"[bench] {model}: {size / 1e6:.1f} MB{' (external data)' if ext else ''}")
+    per_model = results["results"].setdefault(model, {})
+    cache = work / f"{src.stem}.original_out.npy"
+    if big:  # the original once, up front; its output is cached for the per-tool evals
+        cache.unlink(missing_ok=True)
+        ev = run_eval(src, ref, {}, work, plan.quick, plan.timeout, big)
+        _merge_eval(per_model, results["models"][model], ev, log, model)
+    done = {}
+    for tool in plan.tools:
+        dst = out_dir / model / tool / f"{model}.onnx"
+        res = measure_tool(tool, src, dst, ext, plan.warmup, plan.repeat, plan.timeout, log)
+        res["measured"] = _dt.datetime.now().isoformat(timespec="seconds")
+        res["run"] = run_idx  # ratios are taken against the floor of the same run
+        per_model[tool] = res
+        if tool == "floor":
+            results.setdefault("floors", {}).setdefault(model, {})[str(run_idx)] = res
+        if res["ok"]:
+            done[tool] = dst
+            if big:  # evaluate now and delete, to keep disk use bounded
+                ev = run_eval(src, ref, {tool: dst}, work, plan.quick, plan.timeout, big)
+                _merge_eval(per_model, results["models"][model], ev, log, model)
+                shutil.rmtree(dst.parent)
+    if not big:
+        ev = run_eval(src, ref, done, work, plan.quick, plan.timeout)
+        _merge_eval(per_model, results["models"][model], ev, log, model)
+        if not plan.keep_outputs:
+            shutil.rmtree(out_dir / model, ignore_errors=True)
+    else:
+        cache.unlink(missing_ok=True)
 
 
 def bench_models_size(models_dir: Path, model: str) -> int:

@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
 import sys
 import time
 import zlib
@@ -45,186 +44,10 @@ SEED = 20240611
 FULL = ["resnet50", "mobilenetv2", "unet", "mlp", "mobilenetv2_fp16", "wide_ext"]
 
 
-# --------------------------------------------------------------------------
-# torch models (imported lazily so `--help` and the wide_ext model stay light)
-# --------------------------------------------------------------------------
-
-def _torch_models():
-    import torch
-    from torch import nn
-
-    class Bottleneck(nn.Module):
-        expansion = 4
-
-        def __init__(self, cin, width, stride=1, downsample=None):
-            super().__init__()
-            cout = width * self.expansion
-            self.conv1 = nn.Conv2d(cin, width, 1, bias=False)
-            self.bn1 = nn.BatchNorm2d(width)
-            self.conv2 = nn.Conv2d(width, width, 3, stride=stride, padding=1, bias=False)
-            self.bn2 = nn.BatchNorm2d(width)
-            self.conv3 = nn.Conv2d(width, cout, 1, bias=False)
-            self.bn3 = nn.BatchNorm2d(cout)
-            self.relu = nn.ReLU(inplace=False)
-            self.downsample = downsample
-
-        def forward(self, x):
-            idt = x if self.downsample is None else self.downsample(x)
-            y = self.relu(self.bn1(self.conv1(x)))
-            y = self.relu(self.bn2(self.conv2(y)))
-            y = self.bn3(self.conv3(y))
-            return self.relu(y + idt)
-
-    class ResNet50(nn.Module):
-        def __init__(self, base=64, layers=(3, 4, 6, 3), num_classes=1000):
-            super().__init__()
-            self.conv1 = nn.Conv2d(3, base, 7, stride=2, padding=3, bias=False)
-            self.bn1 = nn.BatchNorm2d(base)
-            self.relu = nn.ReLU()
-            self.pool = nn.MaxPool2d(3, stride=2, padding=1)
-            cin = base
-            stages = []
-            for i, n in enumerate(layers):
-                width = base * 2**i
-                stride = 1 if i == 0 else 2
-                blocks = []
-                for j in range(n):
-                    ds = None
-                    if j == 0 and (stride != 1 or cin != width * 4):
-                        ds = nn.Sequential(
-                            nn.Conv2d(cin, width * 4, 1, stride=stride, bias=False),
-                            nn.BatchNorm2d(width * 4),
-                        )
-                    blocks.append(Bottleneck(cin, width, stride if j == 0 else 1, ds))
-                    cin = width * 4
-                stages.append(nn.Sequential(*blocks))
-            self.stages = nn.Sequential(*stages)
-            self.avgpool = nn.AdaptiveAvgPool2d(1)
-            self.fc = nn.Linear(cin, num_classes)
-
-        def forward(self, x):
-            x = self.pool(self.relu(self.bn1(self.conv1(x))))
-            x = self.stages(x)
-            return self.fc(torch.flatten(self.avgpool(x), 1))
-
-    def conv_bn(cin, cout, k, stride=1, groups=1, act=True):
-        layers = [
-            nn.Conv2d(cin, cout, k, stride=stride, padding=k // 2, groups=groups, bias=False),
-            nn.BatchNorm2d(cout),
-        ]
-        if act:
-            layers.append(nn.ReLU6())
-        return nn.Sequential(*layers)
-
-    class InvertedResidual(nn.Module):
-        def __init__(self, cin, cout, stride, t):
-            super().__init__()
-            hid = cin * t
-            layers = []
-            if t != 1:
-                layers.append(conv_bn(cin, hid, 1))
-            layers += [conv_bn(hid, hid, 3, stride, groups=hid), conv_bn(hid, cout, 1, act=False)]
-            self.block = nn.Sequential(*layers)
-            self.res = stride == 1 and cin == cout
-
-        def forward(self, x):
-            y = self.block(x)
-            return x + y if self.res else y
-
-    class MobileNetV2(nn.Module):
-        def __init__(self, width_mult=1.0, num_classes=1000):
-            super().__init__()
-            cfg = [(1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2),
-                   (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1)]
-            c = lambda v: max(8, int(v * width_mult + 4) // 8 * 8)  # noqa: E731
-            cin = c(32)
-            feats = [conv_bn(3, cin, 3, 2)]
-            for t, ch, n, s in cfg:
-                cout = c(ch)
-                for i in range(n):
-                    feats.append(InvertedResidual(cin, cout, s if i == 0 else 1, t))
-                    cin = cout
-            last = c(1280) if width_mult > 1.0 else 1280
-            feats.append(conv_bn(cin, last, 1))
-            self.features = nn.Sequential(*feats)
-            self.pool = nn.AdaptiveAvgPool2d(1)
-            self.classifier = nn.Linear(last, num_classes)
-
-        def forward(self, x):
-            return self.classifier(torch.flatten(self.pool(self.features(x)), 1))
-
-    class UNet(nn.Module):
-        def __init__(self, base=32, depth=4, cin=3, cout=2):
-            super().__init__()
-
-            def dbl(a, b):
-                return nn.Sequential(conv_bn(a, b, 3, act=False), nn.ReLU(),
-                                     conv_bn(b, b, 3, act=False), nn.ReLU())
-
-            self.downs = nn.ModuleList()
-            ch = cin
-            skips = []
-            for i in range(depth):
-                w = base * 2**i
-                self.downs.append(dbl(ch, w))
-                skips.append(w)
-                ch = w
-            self.pool = nn.MaxPool2d(2)
-            self.mid = dbl(ch, ch * 2)
-            ch = ch * 2
-            self.ups = nn.ModuleList()
-            self.up_convs = nn.ModuleList()
-            for w in reversed(skips):
-                # ConvTranspose (with bias) followed by BatchNorm
-                self.ups.append(nn.Sequential(nn.ConvTranspose2d(ch, w, 2, stride=2),
-                                              nn.BatchNorm2d(w), nn.ReLU()))
-                self.up_convs.append(dbl(2 * w, w))
-                ch = w
-            self.head = nn.Conv2d(ch, cout, 1)
-
-        def forward(self, x):
-            skips = []
-            for d in self.downs:
-                x = d(x)
-                skips.append(x)
-                x = self.pool(x)
-            x = self.mid(x)
-            for up, uc, s in zip(self.ups, self.up_convs, reversed(skips)):
-                x = uc(torch.cat([up(x), s], 1))
-            return self.head(x)
-
-    class MatMulLinear(nn.Module):
-        """y = x @ W, exported as a plain MatMul with an initializer."""
-
-        def __init__(self, din, dout):
-            super().__init__()
-            self.weight = nn.Parameter(torch.randn(din, dout) / din**0.5)
-
-        def forward(self, x):
-            return torch.matmul(x, self.weight)
-
-    class MLP(nn.Module):
-        def __init__(self, din=512, width=1024, depth=4, dout=10):
-            super().__init__()
-            layers = []
-            d = din
-            for i in range(depth):
-                # alternate nn.Linear (exported as Gemm) and x @ W (MatMul)
-                lin = nn.Linear(d, width) if i % 2 == 0 else MatMulLinear(d, width)
-                layers += [lin, nn.BatchNorm1d(width), nn.ReLU()]
-                d = width
-            layers.append(nn.Linear(d, dout))
-            self.net = nn.Sequential(*layers)
-
-        def forward(self, x):
-            return self.net(x)
-
-    return ResNet50, MobileNetV2, UNet, MLP
-
-
 def _spec(name: str, quick: bool):
-    """(constructor kwargs, input shape, dtype) of a torch model."""
-    ResNet50, MobileNetV2, UNet, MLP = _torch_models()
+    """(the torch module, input shape, dtype) of a torch model."""
+    from bench_networks import MLP, MobileNetV2, ResNet50, UNet
+
     if name == "resnet50":
         if quick:
             return ResNet50(base=8, layers=(1, 1, 1, 1), num_classes=10), (1, 3, 64, 64), "float32"
@@ -340,6 +163,65 @@ def _clean_export(path: Path) -> None:
 # the > 2 GiB model, built directly with onnx.helper (memory-bounded)
 # --------------------------------------------------------------------------
 
+class _ExternalWriter:
+    """Initializers whose bytes go straight to one open data file, one after another."""
+
+    def __init__(self, f, data_name: str):
+        self.f, self.data_name = f, data_name
+        self.offset = 0
+        self.inits: list = []
+
+    def add(self, arr: np.ndarray, tname: str) -> None:
+        from onnx import TensorProto
+
+        arr = np.ascontiguousarray(arr, dtype=np.float32)
+        self.f.write(arr.tobytes())
+        t = TensorProto()
+        t.name = tname
+        t.data_type = TensorProto.FLOAT
+        t.dims.extend(arr.shape)
+        t.data_location = TensorProto.EXTERNAL
+        for k, v in (("location", self.data_name), ("offset", str(self.offset)), ("length", str(arr.nbytes))):
+            e = t.external_data.add()
+            e.key, e.value = k, v
+        self.offset += arr.nbytes
+        self.inits.append(t)
+
+
+def _wide_layer(i: int, h, rng, C: int, std, eps: float, writer: _ExternalWriter):
+    """Layer ``i``'s weights written out; its float64 output by torch (conv, BN, relu) from ``h``."""
+    import torch
+
+    w = (rng.standard_normal((C, C, 3, 3), dtype=np.float32) * np.float32(std))
+    writer.add(w, f"conv{i}.weight")
+    conv = torch.nn.functional.conv2d(h, torch.from_numpy(w.astype(np.float64)), padding=1)
+    del w
+    # BN statistics close to the real ones, then perturbed; random affine
+    cm = conv.mean(dim=(0, 2, 3)).numpy()
+    cv = conv.var(dim=(0, 2, 3)).numpy()
+    mean = (cm + 0.1 * rng.standard_normal(C)).astype(np.float32)
+    var = (cv * rng.uniform(0.6, 1.6, C)).astype(np.float32)
+    gamma = rng.uniform(0.5, 1.5, C).astype(np.float32)
+    beta = (0.2 * rng.standard_normal(C)).astype(np.float32)
+    for suffix, arr in (("gamma", gamma), ("beta", beta), ("mean", mean), ("var", var)):
+        writer.add(arr, f"bn{i}.{suffix}")
+    s = torch.from_numpy(gamma.astype(np.float64) / np.sqrt(var.astype(np.float64) + eps))
+    y = (conv - torch.from_numpy(mean.astype(np.float64)).view(1, -1, 1, 1)) * s.view(1, -1, 1, 1)
+    y = y + torch.from_numpy(beta.astype(np.float64)).view(1, -1, 1, 1)
+    return torch.relu(y)
+
+
+def _wide_nodes(i: int, cur: str, out_name: str, eps: float) -> list:
+    from onnx import helper
+
+    return [helper.make_node("Conv", [cur, f"conv{i}.weight"], [f"c{i}"],
+                             name=f"conv{i}", kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+            helper.make_node("BatchNormalization",
+                             [f"c{i}"] + [f"bn{i}.{s_}" for s_ in ("gamma", "beta", "mean", "var")],
+                             [f"b{i}"], name=f"bn{i}", epsilon=eps),
+            helper.make_node("Relu", [f"b{i}"], [out_name], name=f"relu{i}")]
+
+
 def make_wide_ext(out: Path, quick: bool) -> dict:
     """Stack of Conv(3x3, C->C) + BatchNormalization + Relu, weights as external data.
 
@@ -357,62 +239,24 @@ def make_wide_ext(out: Path, quick: bool) -> dict:
     rng = np.random.default_rng(SEED)
     name = "wide_ext"
     data_name = f"{name}.onnx.data"
-    data_path = out / data_name
     x = rng.standard_normal((1, C, HW, HW), dtype=np.float32)
     h = torch.from_numpy(x.astype(np.float64))
-    inits, nodes = [], []
-    offset = 0
-
-    def ext_tensor(f, arr: np.ndarray, tname: str):
-        nonlocal offset
-        arr = np.ascontiguousarray(arr, dtype=np.float32)
-        f.write(arr.tobytes())
-        t = TensorProto()
-        t.name = tname
-        t.data_type = TensorProto.FLOAT
-        t.dims.extend(arr.shape)
-        t.data_location = TensorProto.EXTERNAL
-        for k, v in (("location", data_name), ("offset", str(offset)), ("length", str(arr.nbytes))):
-            e = t.external_data.add()
-            e.key, e.value = k, v
-        offset += arr.nbytes
-        inits.append(t)
-
+    nodes = []
     cur = "x"
     std = np.sqrt(2.0 / (C * 9))
-    with open(data_path, "wb") as f:
+    eps = 1e-5
+    with open(out / data_name, "wb") as f:
+        writer = _ExternalWriter(f, data_name)
         for i in range(L):
-            w = (rng.standard_normal((C, C, 3, 3), dtype=np.float32) * np.float32(std))
-            ext_tensor(f, w, f"conv{i}.weight")
-            conv = torch.nn.functional.conv2d(h, torch.from_numpy(w.astype(np.float64)), padding=1)
-            del w
-            # BN statistics close to the real ones, then perturbed; random affine
-            cm = conv.mean(dim=(0, 2, 3)).numpy()
-            cv = conv.var(dim=(0, 2, 3)).numpy()
-            mean = (cm + 0.1 * rng.standard_normal(C)).astype(np.float32)
-            var = (cv * rng.uniform(0.6, 1.6, C)).astype(np.float32)
-            gamma = rng.uniform(0.5, 1.5, C).astype(np.float32)
-            beta = (0.2 * rng.standard_normal(C)).astype(np.float32)
-            for suffix, arr in (("gamma", gamma), ("beta", beta), ("mean", mean), ("var", var)):
-                ext_tensor(f, arr, f"bn{i}.{suffix}")
-            eps = 1e-5
-            s = torch.from_numpy(gamma.astype(np.float64) / np.sqrt(var.astype(np.float64) + eps))
-            y = (conv - torch.from_numpy(mean.astype(np.float64)).view(1, -1, 1, 1)) * s.view(1, -1, 1, 1)
-            y = y + torch.from_numpy(beta.astype(np.float64)).view(1, -1, 1, 1)
-            h = torch.relu(y)
-            nodes.append(helper.make_node("Conv", [cur, f"conv{i}.weight"], [f"c{i}"],
-                                          name=f"conv{i}", kernel_shape=[3, 3], pads=[1, 1, 1, 1]))
-            nodes.append(helper.make_node("BatchNormalization",
-                                          [f"c{i}"] + [f"bn{i}.{s_}" for s_ in ("gamma", "beta", "mean", "var")],
-                                          [f"b{i}"], name=f"bn{i}", epsilon=eps))
+            h = _wide_layer(i, h, rng, C, std, eps, writer)
             out_name = "y" if i == L - 1 else f"r{i}"
-            nodes.append(helper.make_node("Relu", [f"b{i}"], [out_name], name=f"relu{i}"))
+            nodes += _wide_nodes(i, cur, out_name, eps)
             cur = out_name
     graph = helper.make_graph(
         nodes, "wide_ext",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, C, HW, HW])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, C, HW, HW])],
-        initializer=inits)
+        initializer=writer.inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)],
                               producer_name="onnxfold-bench")
     model.ir_version = 8
@@ -421,7 +265,7 @@ def make_wide_ext(out: Path, quick: bool) -> dict:
     onnx.checker.check_model(str(out / f"{name}.onnx"))  # by path: data stays on disk
     np.savez(out / f"{name}.ref.npz", x=x, ref=h.numpy())
     return {"bn_modules": L, "input_shape": [1, C, HW, HW], "dtype": "float32",
-            "external_data_bytes": offset}
+            "external_data_bytes": writer.offset}
 
 
 def model_files(out: Path, name: str) -> list[Path]:

@@ -626,8 +626,8 @@ def randomize_light(src: Path, dst: Path, seed: int) -> int:
     ConstantOfShape (one value repeated), so their outputs are uniform and a comparison of outputs
     proves little. Each ConstantOfShape feeding a Conv/Gemm weight or bias or a BatchNormalization
     statistic becomes an initializer (also listed as a graph input, as IR 3 requires) with random
-    values: weights N(0, 1/fan_in) (keeps the activations O(1) through residual sums), biases N(0, .1), BN scale U(.5, 1.5), bias N(0, .5), mean
-    N(0, .5), var U(.5, 2). Returns the number of tensors replaced."""
+    values: weights N(0, 1/fan_in) (keeps the activations O(1) through residual sums), biases N(0, .1),
+    BN scale U(.5, 1.5), bias N(0, .5), mean N(0, .5), var U(.5, 2). Returns the number of tensors replaced."""
     import numpy as np
     import onnx
     from onnx import helper, numpy_helper
@@ -658,8 +658,9 @@ def randomize_light(src: Path, dst: Path, seed: int) -> int:
         elif op in ("Conv", "Gemm") and i == 2:
             v = rng.normal(0, 0.1, shape)
         elif op == "BatchNormalization" and i in (1, 2, 3, 4):
-            v = {1: lambda: rng.uniform(0.5, 1.5, shape), 2: lambda: rng.normal(0, 0.5, shape),
-                 3: lambda: rng.normal(0, 0.5, shape), 4: lambda: rng.uniform(0.5, 2.0, shape)}[i]()
+            draw, a, b = {1: (rng.uniform, 0.5, 1.5), 2: (rng.normal, 0, 0.5), 3: (rng.normal, 0, 0.5),
+                          4: (rng.uniform, 0.5, 2.0)}[i]
+            v = draw(a, b, shape)
         else:
             keep.append(node)
             continue

@@ -33,6 +33,8 @@ import onnxruntime as ort
 import torch
 import torch.nn as nn
 
+from torch_blocks import Bottleneck, InvertedResidual
+
 SEED = 20240611          # torch.manual_seed for weights, numpy seed for inputs
 BN_SEED = 1234           # torch.Generator seed for the BatchNorm parameters
 ROOT = Path(__file__).resolve().parent.parent
@@ -99,29 +101,6 @@ class BasicBlock(nn.Module):
         return self.relu(y + idt)
 
 
-class Bottleneck(nn.Module):
-    def __init__(self, cin, mid, cout, stride=1):
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, mid, 1, 1, 0, bias=False)
-        self.bn1 = nn.BatchNorm2d(mid)
-        self.conv2 = nn.Conv2d(mid, mid, 3, stride, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(mid)
-        self.conv3 = nn.Conv2d(mid, cout, 1, 1, 0, bias=False)
-        self.bn3 = nn.BatchNorm2d(cout)
-        self.relu = nn.ReLU(inplace=True)
-        self.downsample = None
-        if stride != 1 or cin != cout:
-            self.downsample = nn.Sequential(
-                nn.Conv2d(cin, cout, 1, stride, 0, bias=False), nn.BatchNorm2d(cout))
-
-    def forward(self, x):
-        idt = x if self.downsample is None else self.downsample(x)
-        y = self.relu(self.bn1(self.conv1(x)))
-        y = self.relu(self.bn2(self.conv2(y)))
-        y = self.bn3(self.conv3(y))
-        return self.relu(y + idt)
-
-
 class SmallResNet(nn.Module):
     """stem conv-bn-relu, BasicBlock, BasicBlock(stride 2, 1x1 downsample),
     Bottleneck(1x1 downsample), global avg pool, linear head."""
@@ -138,25 +117,6 @@ class SmallResNet(nn.Module):
     def forward(self, x):
         x = self.layer3(self.layer2(self.layer1(self.stem(x))))
         return self.fc(torch.flatten(self.pool(x), 1))
-
-
-class InvertedResidual(nn.Module):
-    def __init__(self, cin, cout, stride, expand):
-        super().__init__()
-        hid = cin * expand
-        self.use_res = stride == 1 and cin == cout
-        layers = []
-        if expand != 1:
-            layers += [nn.Conv2d(cin, hid, 1, 1, 0, bias=False),
-                       nn.BatchNorm2d(hid), nn.ReLU6(inplace=True)]
-        layers += [nn.Conv2d(hid, hid, 3, stride, 1, groups=hid, bias=False),
-                   nn.BatchNorm2d(hid), nn.ReLU6(inplace=True),
-                   nn.Conv2d(hid, cout, 1, 1, 0, bias=False),
-                   nn.BatchNorm2d(cout)]
-        self.conv = nn.Sequential(*layers)
-
-    def forward(self, x):
-        return x + self.conv(x) if self.use_res else self.conv(x)
 
 
 class SmallMobileNetV2(nn.Module):
@@ -634,6 +594,45 @@ def sha256(p: Path) -> str:
     return hashlib.sha256(p.read_bytes()).hexdigest()
 
 
+def manifest_entry(spec, maker, out: Path, post: list[str], info: dict, err: float) -> dict:
+    """models/manifest.json's record of one model: where it came from, how it was exported and
+    post-processed, what it holds and what folding it should give."""
+    m = onnx.load(str(out / spec["file"]), load_external_data=False)
+    files = [spec["file"]] + ([spec["data_file"]] if spec.get("data_file") else [])
+    return dict(
+        file=spec["file"],
+        data_file=spec.get("data_file"),
+        description=spec["description"],
+        source=f"tools/make_models.py: {maker.__name__}",
+        exporter=dict(call="torch.onnx.export", **_jsonable(dict(
+            input_names=[n for n, _ in spec["inputs"]],
+            output_names=spec["outputs"], **spec["exporter"])),
+            module_mode="eval",
+            module_dtype="float16 (model.half())" if spec.get("dtype") == "float16" else "float32",
+            example_input_shapes=[list(s) for _, s in spec["inputs"]],
+            post_processing=["onnx.load"] + post + (
+                ["onnx.save_model(save_as_external_data=True, all_tensors_to_one_file=True,"
+                 f" location={spec['data_file']!r}, size_threshold=0)"]
+                if spec.get("data_file") else ["onnx.save_model"])),
+        producer=f"{m.producer_name} {m.producer_version}",
+        opset=next(o.version for o in m.opset_import if o.domain in ("", "ai.onnx")),
+        ir_version=m.ir_version,
+        dtype=spec.get("dtype", "float32"),
+        inputs=[dict(name=i.name, dtype=_dtype_name(i), shape=_dims(i)) for i in m.graph.input],
+        outputs=[dict(name=o.name, dtype=_dtype_name(o), shape=_dims(o)) for o in m.graph.output],
+        bn_total=info["bn_total"],
+        conv_bn=info["conv_bn"],
+        gemm_bn=info["gemm_bn"],
+        bn_remaining_after_conv_bn=info["bn_remaining_after_conv_bn"],
+        conv_bn_all_params_initializers=info["conv_bn_all_params_initializers"],
+        num_initializers=len(m.graph.initializer),
+        op_counts=info["op_counts"],
+        bn_details=info["bn_details"],
+        ort_vs_torch_max_rel_err=float(f"{err:.3g}"),
+        sha256={f: sha256(out / f) for f in files},
+    )
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=str(ROOT / "models"))
@@ -654,42 +653,9 @@ def main(argv=None):
                 raise SystemExit(f"{spec['file']}: no BatchNormalization left after export")
             save(model, spec, out)
             err = run_checks(spec, out)
-            m = onnx.load(str(out / spec["file"]), load_external_data=False)
-            files = [spec["file"]] + ([spec["data_file"]] if spec.get("data_file") else [])
-            size = sum((out / f).stat().st_size for f in files)
-            entry = dict(
-                file=spec["file"],
-                data_file=spec.get("data_file"),
-                description=spec["description"],
-                source=f"tools/make_models.py: {maker.__name__}",
-                exporter=dict(call="torch.onnx.export", **_jsonable(dict(
-                    input_names=[n for n, _ in spec["inputs"]],
-                    output_names=spec["outputs"], **spec["exporter"])),
-                    module_mode="eval",
-                    module_dtype="float16 (model.half())" if spec.get("dtype") == "float16" else "float32",
-                    example_input_shapes=[list(s) for _, s in spec["inputs"]],
-                    post_processing=["onnx.load"] + post + (
-                        ["onnx.save_model(save_as_external_data=True, all_tensors_to_one_file=True,"
-                         f" location={spec['data_file']!r}, size_threshold=0)"]
-                        if spec.get("data_file") else ["onnx.save_model"])),
-                producer=f"{m.producer_name} {m.producer_version}",
-                opset=next(o.version for o in m.opset_import if o.domain in ("", "ai.onnx")),
-                ir_version=m.ir_version,
-                dtype=spec.get("dtype", "float32"),
-                inputs=[dict(name=i.name, dtype=_dtype_name(i), shape=_dims(i)) for i in m.graph.input],
-                outputs=[dict(name=o.name, dtype=_dtype_name(o), shape=_dims(o)) for o in m.graph.output],
-                bn_total=info["bn_total"],
-                conv_bn=info["conv_bn"],
-                gemm_bn=info["gemm_bn"],
-                bn_remaining_after_conv_bn=info["bn_remaining_after_conv_bn"],
-                conv_bn_all_params_initializers=info["conv_bn_all_params_initializers"],
-                num_initializers=len(m.graph.initializer),
-                op_counts=info["op_counts"],
-                bn_details=info["bn_details"],
-                ort_vs_torch_max_rel_err=float(f"{err:.3g}"),
-                sha256={f: sha256(out / f) for f in files},
-            )
+            entry = manifest_entry(spec, maker, out, post, info, err)
             manifest.append(entry)
+            size = sum((out / f).stat().st_size for f in entry["sha256"])  # the model and its data file
             rows.append((spec["file"], size, entry["dtype"], entry["opset"],
                          "x".join(str(d) for d in entry["inputs"][0]["shape"]),
                          info["bn_total"], info["conv_bn"], info["gemm_bn"],
@@ -703,7 +669,6 @@ def main(argv=None):
     for r in rows:
         print(fmt.format(*r[:-1], f"{r[-1]:.2e}"))
     print(f"total bytes: {sum(r[1] for r in rows)}  (seed {SEED}, BN seed {BN_SEED})")
-
 
 if __name__ == "__main__":
     sys.exit(main())
