@@ -181,7 +181,8 @@ def table(rows: list[dict]) -> str:
 def write_readme(text: str) -> None:
     readme = ROOT / "README.md"
     start, end = "<!-- pipeline-numbers:start -->", "<!-- pipeline-numbers:end -->"
-    new, n = re.subn(rf"{re.escape(start)}.*?{re.escape(end)}", f"{start}\n{text}\n{end}", readme.read_text(), flags=re.S)
+    pattern = rf"{re.escape(start)}.*?{re.escape(end)}"
+    new, n = re.subn(pattern, f"{start}\n{text}\n{end}", readme.read_text(), flags=re.S)
     if n != 1:
         raise SystemExit("README.md has no pipeline-numbers block")
     readme.write_text(new)

@@ -6,10 +6,10 @@ Tolerance: float64 throughout, relative 1e-10 (the fold reorders a few sums of p
 import numpy as np
 import pytest
 import torch
-from builders import bn_stats
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from builders import bn_stats
 from onnxfold.affine import NotFoldable, bn_affine
 from onnxfold.affine_input import (
     conv_input_affine,
@@ -122,7 +122,8 @@ def test_conv_input_scale_commutes_with_padding(group, c_in, m, padding, bias):
     tb = None if b is None else torch.from_numpy(b)
 
     def conv(xx, ww, bb):
-        return torch.nn.functional.conv2d(torch.from_numpy(xx), torch.from_numpy(ww), bb, padding=padding, groups=group).numpy()
+        out = torch.nn.functional.conv2d(torch.from_numpy(xx), torch.from_numpy(ww), bb, padding=padding, groups=group)
+        return out.numpy()
 
     want = conv(x * scale.reshape(1, -1, 1, 1), w, tb)
     new_w, new_b = conv_input_affine(w, b, scale, np.zeros(c_in), group, padded=padding > 0)

@@ -21,8 +21,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from checks import session
 from onnxfold.affine import NotFoldable
-from onnxfold.constexpr import OPS, evaluate
 from onnxfold.constants import CONSTANT_EXPRESSION_OPS
+from onnxfold.constexpr import OPS, evaluate
 
 F32, F16, F64, I64, I32, I8, U8, BOOL = (np.float32, np.float16, np.float64, np.int64, np.int32, np.int8,
                                            np.uint8, np.bool_)

@@ -25,8 +25,8 @@ from onnx import numpy_helper
 
 import onnxfold
 from builders import conv_bn_model, count
+from checks import cli as run_cli
 from onnxfold import FoldError, InputError, VerifyError, cli, fold_file, verify
-from test_cli import cli as run_cli
 
 ROOT = Path(__file__).resolve().parent.parent
 

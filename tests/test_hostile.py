@@ -345,9 +345,8 @@ def test_an_unexpected_exception_says_bug_and_exits_70(tmp_path, monkeypatch, ca
 def test_a_written_model_that_does_not_load_is_never_exit_0(tmp_path, monkeypatch, capsys):
     """Exit 0 means the written model passes onnx.checker and loads in onnxruntime: a writer that breaks
     the model (simulated here) is caught before the commit, reported as a bug, and nothing is written."""
-    from onnxfold import api
+    from onnxfold import api, io
     from onnxfold import cli as cli_module
-    from onnxfold import io
 
     real_write = io.write
 

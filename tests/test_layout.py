@@ -153,7 +153,8 @@ def test_transpose_moves_the_channel_axis(case, data):
 def test_squeeze_keeps_the_channel_axis(case, data):
     shape, axis, masked = case
     ones = [i for i, d in enumerate(shape) if d == 1]
-    axes = data.draw(st.one_of(st.none(), st.lists(st.sampled_from(ones), unique=True, min_size=1) if ones else st.none()))
+    some = st.lists(st.sampled_from(ones), unique=True, min_size=1) if ones else st.none()
+    axes = data.draw(st.one_of(st.none(), some))
     if axes is not None:
         axes = [a - len(shape) if data.draw(st.booleans()) else a for a in axes]
     masked = [1 if d == 1 else m for d, m in zip(shape, masked)]  # a squeezed axis has a known size
@@ -176,7 +177,8 @@ def test_squeeze_keeps_the_channel_axis(case, data):
 def test_unsqueeze_keeps_the_channel_axis(case, data):
     shape, axis, masked = case
     rank = len(shape) + data.draw(st.integers(1, 3))
-    axes = data.draw(st.lists(st.integers(0, rank - 1), min_size=rank - len(shape), max_size=rank - len(shape), unique=True))
+    new = rank - len(shape)
+    axes = data.draw(st.lists(st.integers(0, rank - 1), min_size=new, max_size=new, unique=True))
     axes = [a - rank if data.draw(st.booleans()) else a for a in axes]
     y = np.expand_dims(_labelled(shape, axis), tuple(axes))
     _check(follow_unsqueeze(masked, axis, axes), y, shape[axis], masked)

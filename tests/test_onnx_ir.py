@@ -11,9 +11,9 @@ from pathlib import Path
 
 import onnx
 import pytest
+
 from builders import conv_bn_model, count
 from checks import assert_close, check_valid, feeds_for, run
-
 from onnxfold import fold_conv_bn, fold_model, rule_names
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -174,7 +174,8 @@ def test_if_branches_fold_in_their_own_subgraphs():
 
     model = _if_model()
     ir_model = ir.from_proto(model)
-    branches = ir_model.graph.node(0).attributes["then_branch"].value, ir_model.graph.node(0).attributes["else_branch"].value
+    attributes = ir_model.graph.node(0).attributes
+    branches = attributes["then_branch"].value, attributes["else_branch"].value
     _, report = fold_model(ir_model)
     assert len(report.folded) == 2
     assert ir_model.graph.node(0).attributes["then_branch"].value is branches[0]

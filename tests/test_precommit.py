@@ -83,7 +83,8 @@ def test_no_files_is_a_usage_error(capsys):
 
 
 @pytest.mark.skipif(not shutil.which("pre-commit") or not os.environ.get("ONNXFOLD_LONG_TESTS"),
-                    reason="needs pre-commit and ONNXFOLD_LONG_TESTS=1 (installs the hook's environment from PyPI, ~1 min)")
+                    reason="needs pre-commit and ONNXFOLD_LONG_TESTS=1 (installs the hook's environment "
+                           "from PyPI, ~1 min)")
 def test_pre_commit_try_repo(models, tmp_path):
     """The hook from this repository (its working tree, staged changes included) refuses a foldable model."""
     foldable, folded, _ = models

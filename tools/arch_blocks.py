@@ -94,7 +94,8 @@ class MixedConv(nn.Module):
         splits = [channels // len(kernels)] * len(kernels)
         splits[0] += channels - sum(splits)
         self.splits = splits
-        self.convs = nn.ModuleList(nn.Conv2d(c, c, k, padding=k // 2, groups=c, bias=False) for c, k in zip(splits, kernels))
+        self.convs = nn.ModuleList(nn.Conv2d(c, c, k, padding=k // 2, groups=c, bias=False)
+                                   for c, k in zip(splits, kernels))
         self.bn = nn.BatchNorm2d(channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -178,7 +179,8 @@ def export(name: str, path: Path, dynamo: bool = False) -> Path:
     x = torch.randn(*shape, generator=torch.Generator().manual_seed(SEED))
     if dynamo:
         with contextlib.redirect_stdout(io.StringIO()):
-            torch.onnx.export(model, (x,), str(path), dynamo=True, optimize=False, external_data=False, opset_version=18)
+            torch.onnx.export(model, (x,), str(path), dynamo=True, optimize=False, external_data=False,
+                              opset_version=18)
     else:
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         torch.onnx.export(model, (x,), str(path), dynamo=False, do_constant_folding=False, opset_version=OPSET,
@@ -210,7 +212,8 @@ def bn_patterns(path: Path) -> list[str]:
     for n in g.node:
         if n.op_type == "Constant":
             value = onnx.helper.get_attribute_value(n.attribute[0])
-            consts[n.output[0]] = onnx.numpy_helper.to_array(value) if isinstance(value, onnx.TensorProto) else np.asarray(value)
+            is_tensor = isinstance(value, onnx.TensorProto)
+            consts[n.output[0]] = onnx.numpy_helper.to_array(value) if is_tensor else np.asarray(value)
     shapes = {}
     for vi in list(g.value_info) + list(g.input) + list(g.output):
         dims = vi.type.tensor_type.shape.dim
@@ -239,7 +242,8 @@ def left_by_tools(path: Path, work: Path) -> dict[str, object]:
 
     res: dict[str, object] = {"exported": count_bn(path)}
     folded = work / f"{path.stem}.onnxfold.onnx"
-    run = subprocess.run([sys.executable, "-m", "onnxfold", str(path), str(folded), "-v"], capture_output=True, text=True, check=False)
+    run = subprocess.run([sys.executable, "-m", "onnxfold", str(path), str(folded), "-v"],
+                         capture_output=True, text=True, check=False)
     res["onnxfold"] = count_bn(folded) if run.returncode == 0 else f"exit {run.returncode}"
     res["onnxfold_log"] = (run.stdout + run.stderr).strip()
     opts = ort.SessionOptions()
@@ -248,7 +252,8 @@ def left_by_tools(path: Path, work: Path) -> dict[str, object]:
     ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     res["onnxruntime"] = count_bn(Path(opts.optimized_model_filepath))
     slim = work / f"{path.stem}.slim.onnx"
-    run = subprocess.run([sys.executable, "-m", "onnxslim", str(path), str(slim)], capture_output=True, text=True, check=False)
+    run = subprocess.run([sys.executable, "-m", "onnxslim", str(path), str(slim)],
+                         capture_output=True, text=True, check=False)
     res["onnxslim"] = count_bn(slim) if run.returncode == 0 else f"exit {run.returncode}"
     return res
 
