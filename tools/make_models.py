@@ -33,6 +33,7 @@ import onnxruntime as ort
 import torch
 import torch.nn as nn
 
+import arch_blocks
 from torch_blocks import Bottleneck, InvertedResidual
 
 SEED = 20240611          # torch.manual_seed for weights, numpy seed for inputs
@@ -391,9 +392,56 @@ def make_resnet_block_extdata():
     return spec
 
 
+def _arch(file: str, cls, shape: tuple[int, ...], description: str, folds: int) -> dict:
+    """A block of a real architecture (tools/arch_blocks.py) whose BatchNormalization is not right
+    after its producer; ``folds``: how many folds take every BatchNormalization out (issue 12's rules)."""
+    return dict(file=file, description=description, model=_build(cls), inputs=[("input", shape)],
+                outputs=["output"], exporter=dict(LEGACY, opset_version=17), expect_folds=folds,
+                expect_bn_after=0)
+
+
+def make_levit_mlp():
+    return _arch("levit_mlp.onnx", arch_blocks.LeViTMLP, (2, 49, 32),
+                 "LeViT's residual MLP: two Linear_BN (Linear without bias on [B, N, C] -> flatten(0, 1) -> "
+                 "BatchNorm1d -> reshape_as, whose Shape reads the MatMul's output), Hardswish between. "
+                 "Folds through the Flatten; the BatchNorm's shift stays as an Add (MatMul has no bias).", 2)
+
+
+def make_mixnet_mixconv():
+    return _arch("mixnet_mixconv.onnx", arch_blocks.MixedConv, (2, 24, 14, 14),
+                 "MixNet's MixedConv2d: channels split, depthwise Convs k=3/5/7, Concat, BatchNorm2d, ReLU "
+                 "(concat_bn).", 1)
+
+
+def make_ocr_squeeze():
+    return _arch("ocr_squeeze.onnx", arch_blocks.OCRSqueeze, (2, 16, 4, 25),
+                 "A CRNN-style recognizer tail: Conv taking the height to 1 -> Squeeze(2) -> BatchNorm1d -> "
+                 "permute (conv_bn through the Squeeze).", 1)
+
+
+def make_seq_transpose():
+    return _arch("seq_transpose.onnx", arch_blocks.SeqTranspose, (2, 10, 24),
+                 "Linear on [B, T, C] (MatMul + Add) -> permute(0, 2, 1) -> BatchNorm1d (linear_bn through "
+                 "the Transpose).", 1)
+
+
+def make_bn_linear_head():
+    return _arch("bn_linear_head.onnx", arch_blocks.BNLinearHead, (2, 48),
+                 "Classifier head: BatchNorm1d -> Linear (bn_gemm: the BatchNorm folds into the Gemm's "
+                 "input features).", 1)
+
+
+def make_split_branches():
+    return _arch("split_branches.onnx", arch_blocks.SplitBranches, (2, 8, 10, 10),
+                 "Conv -> torch.split(y, [8, 16], 1) -> BatchNorm2d on each part -> Concat, Sigmoid on one "
+                 "(split_affine: one fold takes both).", 1)
+
+
 MAKERS = [make_resnet_block, make_mobilenetv2_block, make_unet_small, make_net1d,
           make_net3d, make_mobilenetv2_fp16, make_mlp_bn1d,
-          make_convtranspose_decoder, make_resnet_block_extdata]
+          make_convtranspose_decoder, make_resnet_block_extdata,
+          make_levit_mlp, make_mixnet_mixconv, make_ocr_squeeze, make_seq_transpose, make_bn_linear_head,
+          make_split_branches]
 
 
 # --------------------------------------------------------------------------
@@ -630,6 +678,7 @@ def manifest_entry(spec, maker, out: Path, post: list[str], info: dict, err: flo
         bn_details=info["bn_details"],
         ort_vs_torch_max_rel_err=float(f"{err:.3g}"),
         sha256={f: sha256(out / f) for f in files},
+        **{k: spec[k] for k in ("expect_folds", "expect_bn_after") if k in spec},
     )
 
 
