@@ -107,7 +107,8 @@ def _fold_graph(g: GraphView, rules: RuleSet, report: FoldReport) -> int:
 def _edit(r: Rewrite, tensors: dict[tuple[int, int], onnx.TensorProto]) -> Edit:
     u = r.updates
     return Edit(tensors, r.outputs, r.inputs, r.remove, {n: x.attributes for n, x in u.items() if x.attributes},
-                {n: x.op_type for n, x in u.items() if x.op_type}, {n: x.arity for n, x in u.items() if x.arity})
+                {n: x.op_type for n, x in u.items() if x.op_type}, {n: x.arity for n, x in u.items() if x.arity},
+                {n: x.name for n, x in u.items() if x.name is not None})
 
 
 def _match(g: GraphView, i: int, rules: RuleSet) -> tuple[Rule, Match] | str | None:

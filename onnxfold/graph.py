@@ -64,6 +64,7 @@ class Edit:
     attributes: dict[int, dict[str, object]] = field(default_factory=dict)
     op_types: dict[int, str] = field(default_factory=dict)
     arity: dict[int, int] = field(default_factory=dict)  # keep only this many inputs, drop old attributes
+    names: dict[int, str] = field(default_factory=dict)
 
 
 class GraphView:
@@ -322,6 +323,8 @@ class ModelView:
                 _set_attr(nodes[n], key, value)
         for n, op_type in edit.op_types.items():
             nodes[n].op_type = op_type
+        for n, name in edit.names.items():
+            nodes[n].name = name
 
     def _set_input(self, view: GraphView, n: int, slot: int, name: str) -> None:
         node = view.graph.node[n]

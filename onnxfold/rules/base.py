@@ -82,6 +82,7 @@ class Update:
     attributes: dict[str, object] = field(default_factory=dict)
     op_type: str | None = None  # a producer may become another op (MatMul + bias -> Gemm)
     arity: int | None = None  # keep only this many inputs (and drop every old attribute)
+    name: str | None = None  # a new node name (a node that becomes another op)
 
 
 @dataclass

@@ -100,7 +100,8 @@ class PairRule(Rule):
             raise NotFoldable(f"{p.op_type} output has rank {w.rank}: it has no bias to take the shift")
         # The producer takes the scale; the shift stays behind as an Add in the consumer's place.
         shaped = shift.reshape(-1, *([1] * (rank - axis - 1)))
-        add = Update({1: NewValue(shaped, "shift", c.output[0] + "_shift")}, op_type="Add", arity=2)
+        add = Update({1: NewValue(shaped, "shift", c.output[0] + "_shift")}, op_type="Add", arity=2,
+                     name=f"{c.name}/shift" if c.name else "")
         return Rewrite(w.dtype, {m.upstream: self.producer.fold(p, w, scale, np.zeros_like(shift)),
                                  m.downstream: add})
 
