@@ -125,11 +125,14 @@ def equivalent(model: onnx.ModelProto, folded, context: str = "", seeds=(1, 2)) 
         assert_close(run(model, feeds), run(folded, feeds), context)
 
 
-def folds(model: onnx.ModelProto, rules: list[str], **kwargs) -> tuple[onnx.ModelProto, object]:
-    """Fold; the report's rules are exactly ``rules`` (in order), nothing declined, output equivalent."""
+def folds(model: onnx.ModelProto, rules: list[str], declined: list[str] | None = None,
+          **kwargs) -> tuple[onnx.ModelProto, object]:
+    """Fold; the report's rules are exactly ``rules`` (in order), the declined rules exactly ``declined``
+    (none by default), graph inputs and outputs keep their names, output equivalent, a second fold finds
+    nothing more."""
     folded, report = fold_model(model, **kwargs)
     assert [f.rule for f in report.folded] == rules, report.summary(verbose=True)
-    assert not report.declined, report.summary(verbose=True)
+    assert [d.rule for d in report.declined] == (declined or []), report.summary(verbose=True)
     assert io_names(folded) == io_names(model)
     equivalent(model, folded, report.summary(verbose=True))
     again, second = fold_model(folded, **kwargs)
@@ -160,3 +163,38 @@ def nothing(model: onnx.ModelProto) -> object:
     assert op_types(folded) == op_types(model)
     equivalent(model, folded, "unchanged", seeds=(1,))
     return report
+
+
+def via_entry(model: onnx.ModelProto, entry: str, folds_expected: int, tmp_path) -> None:
+    """Fold through one entry point and check the result: ``graphproto`` (fold_conv_bn on the graph, read
+    at the latest opset), ``graphsurgeon`` (in place), ``cli`` (``python -m onnxfold IN OUT``: exit 0 and
+    a PASSED line). The node count drops by ``folds_expected`` (each fold removes its affine node)."""
+    from onnxfold import fold_conv_bn
+
+    if entry == "graphproto":
+        graph = fold_conv_bn(model.graph)
+        assert isinstance(graph, onnx.GraphProto)
+        folded = onnx.ModelProto()
+        folded.CopyFrom(model)
+        folded.graph.CopyFrom(graph)
+    elif entry == "graphsurgeon":
+        import onnx_graphsurgeon as gs
+
+        graph = gs.import_onnx(model)
+        assert fold_conv_bn(graph) is graph
+        folded = gs.export_onnx(graph.cleanup().toposort())
+    elif entry == "cli":
+        from test_cli import cli
+
+        src, out = tmp_path / "in.onnx", tmp_path / "out.onnx"
+        onnx.save(model, str(src))
+        proc = cli(src, out)
+        assert proc.returncode == 0, proc.stderr
+        assert "Traceback" not in proc.stderr
+        assert proc.stderr.strip().splitlines()[-1].startswith("PASSED | "), proc.stderr
+        folded = onnx.load(str(out))
+    else:
+        raise ValueError(entry)
+    real = [n for n in folded.graph.node if n.op_type != "Constant"]
+    assert len(real) == len([n for n in model.graph.node if n.op_type != "Constant"]) - folds_expected, op_types(folded)
+    equivalent(model, folded, entry)
