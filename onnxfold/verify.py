@@ -1022,6 +1022,8 @@ def _why_not_at_its_tensor(f, name: str, ref_names: set[str]) -> str:
     """Why a fold cannot be compared at the tensor it rewrote ("" when it can)."""
     if not name:
         return "its tensor is not known: covered by the graph outputs alone"
+    if getattr(f, "changed_later", ""):
+        return f"changed again in place by a later fold ({f.changed_later}): covered by the graph outputs alone"
     if f.graph != "main":
         where = "a function" if f.graph.startswith("function") else "a subgraph"
         return f"inside {where} ({f.graph}): covered by the graph outputs alone"

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
-
 from builders import bn_stats
 from checks import assert_close, check_valid, feeds_for, run
+from onnx import TensorProto, helper, numpy_helper
+
 from onnxfold import fold_model
 
 ELEM = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.float16): TensorProto.FLOAT16}
@@ -135,7 +135,7 @@ def folds(model: onnx.ModelProto, rules: list[str], declined: list[str] | None =
     assert [d.rule for d in report.declined] == (declined or []), report.summary(verbose=True)
     assert io_names(folded) == io_names(model)
     equivalent(model, folded, report.summary(verbose=True))
-    again, second = fold_model(folded, **kwargs)
+    _, second = fold_model(folded, **kwargs)
     assert not second.folded, f"folding the folded model folds again: {second.summary(verbose=True)}"
     return folded, report
 

@@ -12,11 +12,11 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper
-
 from checks import assert_close, run
-from onnxfold import fold_model
+from onnx import TensorProto, helper
 from rulekit import G, declines, folds, op_types, via_entry
+
+from onnxfold import fold_model
 
 DTYPES = [np.float32, np.float16]
 # A rank-3 MatMul's Add of the BatchNormalization's shift is itself a MatMul -> Add candidate that
