@@ -425,13 +425,13 @@ def _weight(b: _Builder, array: np.ndarray) -> str:
     return name
 
 
-def _pre(b: _Builder, x: str, shape: list) -> str:
+def _pre_affine(b: _Builder, x: str, shape: list) -> str:
     """An affine before the producer: BatchNormalization (axis 1), or Mul/Add/Sub/Div by a constant along
     axis 1 ([1, C, 1..] or [C, 1..]), a scalar, or along the last axis. Left out where that axis is dynamic."""
     kind, where = b.spec["pre"], b.spec.get("pre_kind", "channel")
     axis = len(shape) - 1 if where == "last" and kind != "bn" else 1
     size = shape[axis]
-    if where != "scalar" and not (isinstance(size, int) and size > 0):
+    if (where != "scalar" or kind == "bn") and not (isinstance(size, int) and size > 0):
         return x
     if kind == "bn":
         return _bn(b, x, size, {"epsilon": 1e-3, "stats_f32": False, "explicit_attrs": False, "src": "init"})
@@ -440,6 +440,12 @@ def _pre(b: _Builder, x: str, shape: list) -> str:
     lo, hi = (0.5, 2.0) if kind in ("Mul", "Div") else (-0.5, 0.5)
     c = b.const(b.values(cshape, lo, hi, signed=kind in ("Mul", "Div")), "init", kind.lower())
     return b.add(kind, [c, x] if kind == "Sub" and b.rng.random() < 0.5 else [x, c])
+
+
+def _pre(b: _Builder, x: str, shape: list) -> str:
+    out = _pre_affine(b, x, shape)
+    b.pre_input = x if out != x else None  # copies of the producer (_concat) may read past the affine
+    return out
 
 
 def _channel_axis(b: _Builder, y: str) -> int:
@@ -461,6 +467,8 @@ def _concat(b: _Builder, y: str) -> str:
         twin.name = b.node_name(twin.op_type)
         if twin.name == "<tensor>":
             twin.name = twin.output[0]
+        if getattr(b, "pre_input", None) and b.rng.random() < 0.7:
+            twin.input[0] = b.pre_input  # so that the affine before the producer keeps one reader
         b.nodes.append(twin)
         outs.append(twin.output[0])
     r = len(b.shape(y))
