@@ -12,7 +12,13 @@ to rebuild it: ``build_model(<the printed spec>)``. A graph is
   [1,N]/[M,N]/[M,1]) or MatMul (2-D or 3-D input, 2-D weight);
 - chain: 1-4 nodes among BatchNormalization (opset 7-23, random epsilon, float32 statistics for a
   float16 BN-15), Mul/Add/Sub/Div by a constant (per channel, scalar, [1], last axis, elementwise;
-  the constant on either side, except ``c / x``), Identity, Relu, Transpose, Flatten, Reshape;
+  the constant on either side, except ``c / x``), Identity, Relu, Transpose, Flatten, Reshape, Squeeze,
+  Unsqueeze (attribute axes before opset 13, an input after);
+- issue 12's patterns: an affine before Conv/Gemm/MatMul (BatchNormalization, or Mul/Add/Sub/Div by a
+  constant along axis 1, the last axis, or a scalar), copies of the producer concatenated along the
+  channels (or another axis; they may read past that affine), a Split of the producer's output in two
+  (along the channels or another axis; sizes as an attribute, an input or num_outputs) with an affine on
+  the second branch, and a producer weight that is a graph input (only bias_add may fold then);
 - every constant (weights, statistics, operands) is an initializer, a Constant node (``value`` or
   ``value_floats``/``value_float``), or a constant expression: Unsqueeze (attribute before opset 13,
   input after; axes shuffled and negative), Reshape, Cast, Identity or Transpose of an initializer;
@@ -596,7 +602,7 @@ def _chain_node(b: _Builder, y: str, item: dict) -> str:
         fixed = isinstance(b.spec["batch"], int) and b.spec["batch"] > 0
         if op == "Squeeze":
             ones = [a for a, dim in enumerate(shape) if dim == 1 and (a > 0 or fixed)]
-            if not ones:
+            if not ones or r < 3:  # rank 2 at least: a rank-1 constant would be sized by the batch
                 return b.add("Identity", [y])
             axes = [int(ones[int(rng.integers(0, len(ones)))])]
         else:
