@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from onnxfold import verify
 from rulekit import G, declines, folds, nothing, op_types, via_entry
+
+from onnxfold import verify
 
 DTYPES = [np.float32, np.float16]
 AFFINES = ["bn", "Mul", "Add", "Sub", "Div"]

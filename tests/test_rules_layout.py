@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
+from builders import bn_stats
 from checks import assert_close, run
 from onnx import TensorProto, helper
 from rulekit import G, declines, folds, op_types, via_entry
@@ -258,3 +259,69 @@ def test_linear_bias_not_over_the_last_axis(bias_shape):
     a = g.node("Add", [g.matmul(x, 4, 6), g.init(g.values(bias_shape), "lb")])
     report = declines(g.model(g.arith("Mul", a, [6])), "not a bias over the last axis")
     assert "linear_mul" in [d.rule for d in report.declined]
+
+
+def _matmul_transpose_bn_nodes(x: str, w: str, stats: list[str], out: str) -> list[onnx.NodeProto]:
+    return [helper.make_node("MatMul", [x, w], [out + "_m"]),
+            helper.make_node("Transpose", [out + "_m"], [out + "_t"], perm=[0, 2, 1]),
+            helper.make_node("BatchNormalization", [out + "_t", *stats], [out], epsilon=1e-3)]
+
+
+def test_matmul_rank3_bn_becomes_add_inside_an_if_body():
+    """The shift's Add is made in the subgraph (its constant an initializer of the body's graph)."""
+    g = G()
+    g.input("x", [2, 5, 4])
+    g.inputs.append(helper.make_tensor_value_info("cond", TensorProto.BOOL, []))
+    w = g.weight((4, 6))
+    stats = [g.init(a, n) for a, n in zip(bn_stats(g.rng, 6), ("g", "b", "m", "v"))]
+    vi = [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 6, 5])]
+    then = helper.make_graph(_matmul_transpose_bn_nodes("x", w, stats, "y"), "then", [], vi)
+    other = helper.make_graph([helper.make_node("Transpose", ["x"], ["e"], perm=[0, 2, 1]),
+                               helper.make_node("Pad", ["e", "pads"], ["y"])], "else", [], vi)
+    g.inits.append(onnx.numpy_helper.from_array(np.array([0, 0, 0, 0, 2, 0], np.int64), "pads"))
+    g.nodes.append(helper.make_node("If", ["cond"], ["out"], then_branch=then, else_branch=other))
+    model = g.model("out")
+    folded, report = fold_model(model)
+    assert [f.rule for f in report.folded] == ["matmul_bn"] and report.folded[0].graph.endswith("then_branch")
+    body = next(a.g for a in folded.graph.node[0].attribute if a.name == "then_branch")
+    assert [n.op_type for n in body.node] == ["MatMul", "Transpose", "Add"]
+    for cond in (True, False):
+        feeds = {"x": np.random.default_rng(1).uniform(-1, 1, (2, 5, 4)).astype(np.float32), "cond": np.array(cond)}
+        assert_close(run(model, feeds), run(folded, feeds), f"cond={cond}")
+
+
+def test_matmul_rank3_bn_in_a_local_function():
+    """Weights passed at the call: the function is inlined and the BN's shift stays as an Add. Weights
+    in the body: its input's rank is unknown there, and the fold declines with that reason."""
+    rng = np.random.default_rng(0)
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("local", 1)]
+    fn = helper.make_function("local", "Blk", ["x", "w", "g", "b", "m", "v"], ["y"],
+                              _matmul_transpose_bn_nodes("x", "w", ["g", "b", "m", "v"], "y"), opsets[:1])
+    g = G()
+    x = g.input("x", [2, 5, 4])
+    args = [x, g.weight((4, 6)), *[g.init(a, n) for a, n in zip(bn_stats(g.rng, 6), "gbmv")]]
+    g.nodes.append(helper.make_node("Blk", args, ["out"], domain="local"))
+    graph = helper.make_graph(g.nodes, "g", g.inputs, [helper.make_tensor_value_info("out", TensorProto.FLOAT, [2, 6, 5])],
+                              g.inits)
+    model = helper.make_model(graph, functions=[fn], opset_imports=opsets)
+    model.ir_version = 8
+    folded, report = fold_model(model)
+    assert [f.rule for f in report.folded] == ["matmul_bn"] and report.inlined == ["local.Blk"]
+    assert [n.op_type for n in folded.graph.node if n.op_type != "Constant"] == ["MatMul", "Transpose", "Add"]
+    equivalent_feeds = {"x": rng.uniform(-1, 1, (2, 5, 4)).astype(np.float32)}
+    assert_close(run(model, equivalent_feeds), run(folded, equivalent_feeds), "inlined")
+
+    consts = [helper.make_node("Constant", [], [n], value=onnx.numpy_helper.from_array(a, n))
+              for n, a in zip(["w", "g", "b", "m", "v"], [rng.normal(0, 0.5, (4, 6)).astype(np.float32),
+                                                          *bn_stats(rng, 6)])]
+    body = helper.make_function("local", "Blk", ["x"], ["y"],
+                                consts + _matmul_transpose_bn_nodes("x", "w", ["g", "b", "m", "v"], "y"), opsets[:1])
+    graph = helper.make_graph([helper.make_node("Blk", ["x"], ["out"], domain="local")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 5, 4])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, [2, 6, 5])])
+    model = helper.make_model(graph, functions=[body], opset_imports=opsets)
+    model.ir_version = 8
+    folded, report = fold_model(model)
+    assert not report.folded
+    assert "rank of MatMul's input is unknown" in report.declined[0].reason, report.summary()
+    assert_close(run(model, equivalent_feeds), run(folded, equivalent_feeds), "function body")
