@@ -27,13 +27,13 @@ class Folded:
     # the op type of the affine node the fold removed (BatchNormalization, Mul ...); for the summary,
     # not part of the JSON report (its schema is the command line's contract)
     removed: str = field(default="", repr=False)
-    # a later fold that changed this fold's tensor again, its content included (a value a fold through
-    # layout ops or a Linear keeps): verification checks the pair at the later fold's tensor
-    retouched_by: str = field(default="", repr=False)
+    # set when a later fold changed ``output`` again in place (the producer's output that layout ops, a
+    # Split or a Concat keep): it no longer holds this fold's result alone. Not part of the JSON either.
+    changed_later: str = field(default="", repr=False)
 
     def to_dict(self) -> dict:
         data = asdict(self)
-        del data["removed"], data["retouched_by"]
+        del data["removed"], data["changed_later"]
         return data
 
     def check_line(self) -> str:

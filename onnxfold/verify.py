@@ -992,10 +992,6 @@ def _plan_folds(ref_model, reference, candidate, folds, outputs: set[str], resul
         name = getattr(f, "output", "")
         if name in result.unchecked or name in checked:
             continue
-        if name and getattr(f, "retouched_by", ""):
-            result.unchecked[name] = (f"rewritten again by a later fold of its chain ({f.retouched_by}): "
-                                      "checked at that fold's tensor")
-            continue
         if name and f.graph == "main" and name in ref_names and name not in cand_names:
             # a later fold of the same chain rewrote it again
             result.unchecked[name] = "rewritten again by a later fold of its chain: checked at that fold's tensor"
@@ -1028,6 +1024,8 @@ def _why_not_at_its_tensor(f, name: str, ref_names: set[str]) -> str:
     """Why a fold cannot be compared at the tensor it rewrote ("" when it can)."""
     if not name:
         return "its tensor is not known: covered by the graph outputs alone"
+    if getattr(f, "changed_later", ""):
+        return f"changed again in place by a later fold ({f.changed_later}): covered by the graph outputs alone"
     if f.graph != "main":
         where = "a function" if f.graph.startswith("function") else "a subgraph"
         return f"inside {where} ({f.graph}): covered by the graph outputs alone"

@@ -114,3 +114,33 @@ def test_mixnet_concat_counts_match_the_bn(exported):
     counts = [shapes[i][1] for i in concat.input]
     assert all(made[i].op_type == "Conv" for i in concat.input)
     assert sum(counts) == len(consts[bn.input[1]]) and len(set(counts)) == 1
+
+
+# What fold_model does with each exported block: the rules of issue 12 fold every BatchNormalization but
+# those after torch.chunk, which torch exports as Slice nodes (no Split: nothing to follow).
+FOLDS = {
+    "bn_linear_head": ["bn_gemm"],
+    "levit_mlp": ["matmul_bn", "matmul_bn"],
+    "mixnet_mixconv": ["concat_bn"],
+    "ocr_squeeze": ["conv_bn"],
+    "seq_transpose": ["linear_bn"],
+    "split_branches": ["split_affine"],
+    "chunk_branches": [],
+}
+
+
+@pytest.mark.parametrize("name", list(arch.BLOCKS))
+def test_fold_each_block(exported, name):
+    """The folded block: the rules expected, BatchNormalization left only where nothing folds, valid, and
+    equal to the export in onnxruntime (ORT_DISABLE_ALL; checks.py bound, k = 1e-4 for float32)."""
+    from checks import assert_close, check_valid, feeds_for, run
+
+    from onnxfold import fold_model
+
+    model = onnx.load(str(exported[name]))
+    folded, report = fold_model(model)
+    assert sorted(f.rule for f in report.folded) == sorted(FOLDS[name]), report.summary()
+    assert report.bn_after == (arch.count_bn(exported[name]) if not FOLDS[name] else 0), report.summary()
+    check_valid(folded)
+    feeds = feeds_for(model, seed=3)
+    assert_close(run(model, feeds), run(folded, feeds), name)

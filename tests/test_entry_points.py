@@ -14,6 +14,10 @@ both sides of each size threshold in onnxfold: DataSink.THRESHOLD = 1024 B (512 
 4 KiB), fold.py CACHE_BYTES = 64 KiB (4 KiB, 80 KiB) and the 1 MiB alignment in DataSink._reserve
 (80 KiB, 2 MiB).
 
+Issue 12's families (a layout op between Conv and BatchNormalization, Concat of Convs, BatchNormalization
+before a Gemm, bias_add into a Conv with a run-time weight) are in the matrix too; the first three also
+at every size.
+
 Issue 9's defects 1 (chained folds through the command line), 6 (graphsurgeon MatMul -> Gemm) and 7
 (a BatchNormalization left in a function, missing from report.left) failed here before their fixes.
 """
@@ -165,6 +169,61 @@ def bn_conv(size: str, seed: int = 0) -> Case:
     return Case(_model(b, helper.make_tensor_value_info("x", F, [1, cin, k + 2, k + 2]), y), folds=1, bn_after=0)
 
 
+def conv_reshape_bn(size: str, seed: int = 0) -> Case:
+    """Conv -> Reshape [1, C, -1] -> BatchNormalization (issue 12: the channel axis through a layout op)."""
+    b = _B(seed)
+    x_info, y, channels, _ = _producer(b, "conv", "x", size)
+    # a Constant node: an initializer would go to external data (cli_external_input), where onnxruntime's
+    # shape inference cannot read a Reshape's shape and refuses the original model
+    b.nodes.append(_const("target", np.array([1, channels, -1], np.int64)))
+    r = b.node("Reshape", [y, "target"])
+    out = _consumer(b, "bn", r, channels, 3)
+    return Case(_model(b, x_info, out, 3), folds=1, bn_after=0)
+
+
+def concat_bn(size: str, seed: int = 0) -> Case:
+    """Two Convs of one input, concatenated along the channels -> BatchNormalization (MixNet)."""
+    b = _B(seed)
+    (cout, cin, k), _ = SIZES[size]
+    outs = [b.node("Conv", ["x", b.init(b.weight((cout, cin, k, k)), "w"),
+                            b.init(b.rng.normal(0, 0.5, cout).astype(np.float32), "bias")],
+                   kernel_shape=[k, k], pads=[1] * 4) for _ in range(2)]
+    out = _consumer(b, "bn", b.node("Concat", outs, axis=1), 2 * cout, 4)
+    return Case(_model(b, helper.make_tensor_value_info("x", F, [1, cin, k + 1, k + 1]), out), folds=1, bn_after=0)
+
+
+def bn_gemm(size: str, seed: int = 0) -> Case:
+    """BatchNorm1d before a Linear head: folds into the Gemm's input features."""
+    b = _B(seed)
+    _, (kk, n) = SIZES[size]
+    h = _consumer(b, "bn", "x", kk, 2)
+    y = b.node("Gemm", [h, b.init(b.weight((n, kk)), "w"), b.init(b.rng.normal(0, 0.5, n).astype(np.float32), "c")],
+               transB=1, alpha=0.75)
+    return Case(_model(b, helper.make_tensor_value_info("x", F, [3, kk]), y, 2), folds=1, bn_after=0)
+
+
+def bias_add(size: str, seed: int = 0) -> Case:
+    """A Conv whose weight is a graph input (computed at run time) -> Add of a per-channel constant."""
+    b = _B(seed)
+    (cout, cin, k), _ = SIZES[size]
+    y = b.node("Conv", ["x", "w"], kernel_shape=[k, k])
+    out = b.node("Add", [y, b.init(b.per_channel(cout, 4), "add")])
+    graph = helper.make_graph(b.nodes, "g", [helper.make_tensor_value_info("x", F, [1, cin, k + 1, k + 1]),
+                                             helper.make_tensor_value_info("w", F, [cout, cin, k, k])],
+                              [_vi(out)], b.inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    model.ir_version = 8
+    onnx.checker.check_model(model, full_check=True)
+    return Case(model, folds=1, bn_after=0)
+
+
+NEW_FAMILIES = {"conv_reshape_bn": conv_reshape_bn, "concat_bn": concat_bn, "bn_gemm": bn_gemm, "bias_add": bias_add}
+
+
+def _const(name, array):
+    return helper.make_node("Constant", [], [name], value=numpy_helper.from_array(np.asarray(array), name))
+
+
 def function_case(kind: str, seed: int = 0) -> Case:
     """A model-local function called twice.
 
@@ -284,6 +343,8 @@ def build(family: str, size: str = "4KiB") -> Case:
         return chain(p, [c], size)
     if family == "bn_conv":
         return bn_conv(size)
+    if family in NEW_FAMILIES:
+        return NEW_FAMILIES[family](size)
     if family.startswith("function_"):
         return function_case(family.removeprefix("function_"))
     if family == "if":
@@ -294,7 +355,7 @@ def build(family: str, size: str = "4KiB") -> Case:
 
 
 FAMILIES = ([f"{p}_{c}" for p in PRODUCERS for c in CONSUMERS] + list(CHAINS)
-            + ["bn_conv", "function_body", "function_inlined", "function_left", "if", "loop"])
+            + ["bn_conv", "function_body", "function_inlined", "function_left", "if", "loop"] + list(NEW_FAMILIES))
 
 
 # -- entry points ----------------------------------------------------------------------------------
@@ -441,7 +502,7 @@ def _param(family: str, entry: str, size: str):
 
 MATRIX = [_param(f, e, "4KiB") for f in FAMILIES for e in ENTRY_POINTS]
 SIZE_FAMILIES = ["conv_bn", "conv_mul_bn", "conv_bn_mul_add", "convtranspose_add_bn", "gemm_bn", "matmul_bn_add",
-                 "bn_conv"]
+                 "bn_conv", "conv_reshape_bn", "concat_bn", "bn_gemm"]
 SIZE_MATRIX = [_param(f, e, s) for s in SIZES if s != "4KiB" for f in SIZE_FAMILIES for e in CLI_PATHS + ["fold_model"]]
 SUBPROCESS = [_param(f, "subprocess", s) for f in ("conv_bn", "conv_mul_bn") for s in ("512B", "2MiB")]
 

@@ -12,7 +12,13 @@ to rebuild it: ``build_model(<the printed spec>)``. A graph is
   [1,N]/[M,N]/[M,1]) or MatMul (2-D or 3-D input, 2-D weight);
 - chain: 1-4 nodes among BatchNormalization (opset 7-23, random epsilon, float32 statistics for a
   float16 BN-15), Mul/Add/Sub/Div by a constant (per channel, scalar, [1], last axis, elementwise;
-  the constant on either side, except ``c / x``), Identity, Relu, Transpose, Flatten, Reshape;
+  the constant on either side, except ``c / x``), Identity, Relu, Transpose, Flatten, Reshape, Squeeze,
+  Unsqueeze (attribute axes before opset 13, an input after);
+- issue 12's patterns: an affine before Conv/Gemm/MatMul (BatchNormalization, or Mul/Add/Sub/Div by a
+  constant along axis 1, the last axis, or a scalar), copies of the producer concatenated along the
+  channels (or another axis; they may read past that affine), a Split of the producer's output in two
+  (along the channels or another axis; sizes as an attribute, an input or num_outputs) with an affine on
+  the second branch, and a producer weight that is a graph input (only bias_add may fold then);
 - every constant (weights, statistics, operands) is an initializer, a Constant node (``value`` or
   ``value_floats``/``value_float``), or a constant expression: Unsqueeze (attribute before opset 13,
   input after; axes shuffled and negative), Reshape, Cast, Identity or Transpose of an initializer;
@@ -141,7 +147,8 @@ def specs(draw, avoid=AVOID, force=None):
     chain = []
     for _ in range(draw(st.integers(1, 4))):
         op = draw(st.sampled_from(["BatchNormalization", "Mul", "Add", "BatchNormalization", "Sub", "Div", "Mul",
-                                   "Add", "Identity", "Relu", "Transpose", "Flatten", "Reshape"]))
+                                   "Add", "Identity", "Relu", "Transpose", "Flatten", "Reshape", "Squeeze",
+                                   "Unsqueeze"]))
         item: dict = {"op": op, "src": draw(st.sampled_from(CONST_SOURCES)), "name": draw(st.integers(0, 10**6))}
         if op == "BatchNormalization":
             item.update(epsilon=draw(st.sampled_from([None, 1e-5, 1e-3, 0.1])),
@@ -154,6 +161,8 @@ def specs(draw, avoid=AVOID, force=None):
             item.update(axis_seed=draw(st.integers(0, 1000)))
         elif op == "Reshape":
             item.update(flatten=draw(st.booleans()))
+        elif op in ("Squeeze", "Unsqueeze"):
+            item.update(axis_seed=draw(st.integers(0, 1000)))
         chain.append(item)
     spec = {
         "seed": draw(st.integers(0, 2**32 - 1)),
@@ -173,6 +182,16 @@ def specs(draw, avoid=AVOID, force=None):
         "share": draw(st.booleans()),  # a second producer reading the same weights, with its own BN
         "fanout": draw(st.sampled_from([None, None, 0, 1, 2])),  # another reader of a chain tensor
         "avoid": sorted(avoid),
+        # issue 12's patterns: an affine before the producer (any producer but ConvTranspose), producers
+        # concatenated, a Split after the producer with an affine on its other branch, a weight that is a
+        # graph input (computed at run time: only bias_add may fold)
+        "pre": draw(st.sampled_from([None, None, "bn", "Mul", "Add", "Sub", "Div"])) if producer != "ConvTranspose" else None,
+        "pre_kind": draw(st.sampled_from(["channel", "channel_short", "scalar", "last"])),
+        "concat": draw(st.sampled_from([0, 0, 0, 1, 2])),
+        "concat_axis": draw(st.sampled_from(["channel", "channel", "channel", "first", "last"])),
+        "split": draw(st.sampled_from([None, None, None, "channel", "channel", "other"])),
+        "split_form": draw(st.sampled_from(["sizes", "equal"])),
+        "runtime_weight": producer != "MatMul" and draw(st.sampled_from([False, False, False, True])),
     }
     spec["force"] = force
     if force == "3":
@@ -338,8 +357,10 @@ def build_model(spec) -> onnx.ModelProto:
         if spec["pre_bn"]:
             h = _bn(b, h, cin, spec["chain"][0] if spec["chain"][0]["op"] == "BatchNormalization" else
                     {"epsilon": 1e-3, "stats_f32": False, "explicit_attrs": False, "src": "init"})
+        elif spec.get("pre"):
+            h = _pre(b, h, [dim0, cin] + [p["spatial"]] * d)
         wshape = (cout, cin // g, *[k] * d) if op == "Conv" else (cin, cout // g, *[k] * d)
-        inputs = [h, b.const(b.weight(wshape), spec["weight_src"], "w")]
+        inputs = [h, _weight(b, b.weight(wshape))]
         if p["bias"]:
             inputs.append(b.const(b.values(cout, 0.0, 0.5), spec["weight_src"], "bias"))
         attrs = dict(group=g, kernel_shape=[k] * d, strides=[p["strides"]] * d, dilations=[p["dilations"]] * d)
@@ -355,7 +376,8 @@ def build_model(spec) -> onnx.ModelProto:
         mdim = m if p["c"] in ("mn", "m1") else dim0  # C of [M, N] or [M, 1] needs M fixed
         b.inputs.append(helper.make_tensor_value_info(x, b.elem, [kk, mdim] if p["trans_a"] else [mdim, kk]))
         w = b.weight((n, kk))
-        inputs = [x, b.const(w if p["trans_b"] else np.ascontiguousarray(w.T), spec["weight_src"], "w")]
+        h = _pre(b, x, [kk, mdim] if p["trans_a"] else [mdim, kk]) if spec.get("pre") else x
+        inputs = [h, _weight(b, w if p["trans_b"] else np.ascontiguousarray(w.T))]
         c_kind = p["c"] if not (p["c"] == "none" and b.opset < 11) else "n"
         c_shape = {"none": None, "scalar": (), "one": (1,), "n": (n,), "1n": (1, n), "mn": (m, n), "m1": (m, 1)}[c_kind]
         if c_shape is not None:
@@ -370,7 +392,8 @@ def build_model(spec) -> onnx.ModelProto:
         m, kk, n = p["m"], p["k"] * p["wide"], p["n"] * p["wide"]
         xshape = [dim0, m, kk] if p["rank"] == 3 else [dim0, kk]
         b.inputs.append(helper.make_tensor_value_info(x, b.elem, xshape))
-        y = b.add("MatMul", [x, b.const(b.weight((kk, n)), spec["weight_src"], "w")])
+        h = _pre(b, x, xshape) if spec.get("pre") else x
+        y = b.add("MatMul", [h, b.const(b.weight((kk, n)), spec["weight_src"], "w")])
     b.tensors.append(y)
     shared = []
     if spec.get("share") and len(b.shape(y)) >= 2:
@@ -381,6 +404,8 @@ def build_model(spec) -> onnx.ModelProto:
         b.nodes.append(twin)
         shared.append(_bn(b, twin.output[0], b.shape(twin.output[0])[1],
                           {"epsilon": 1e-3, "stats_f32": False, "explicit_attrs": False, "src": spec["weight_src"]}))
+    y = _concat(b, y)
+    y, side = _split(b, y)
     for item in spec["chain"]:
         y = _chain_node(b, y, item)
         b.tensors.append(y)
@@ -391,7 +416,7 @@ def build_model(spec) -> onnx.ModelProto:
         t = b.tensors[i % len(b.tensors)]
         if t not in outputs:
             outputs.insert(int(b.rng.integers(0, len(outputs) + 1)), t)
-    outputs += [t for t in shared if t not in outputs]
+    outputs += [t for t in shared + side if t not in outputs]
     if spec.get("fanout") is not None:
         outputs.append(b.add("Relu", [b.tensors[spec["fanout"] % len(b.tensors)]]))
     out_vis = [helper.make_tensor_value_info(t, b.elem, [None] * len(b.shape(t))) for t in outputs]
@@ -408,6 +433,107 @@ def build_model(spec) -> onnx.ModelProto:
     opset_ir = helper.find_min_ir_version_for([helper.make_opsetid("", spec["opset"])])
     model.ir_version = 3 if spec["ir3"] else max(4, opset_ir)
     return model
+
+
+def _weight(b: _Builder, array: np.ndarray) -> str:
+    """The producer's weight: a constant made the spec's way, or a graph input (a run-time weight)."""
+    if not b.spec.get("runtime_weight"):
+        return b.const(array, b.spec["weight_src"], "w")
+    name = b.fresh("w_input")
+    b.inputs.append(helper.make_tensor_value_info(name, b.elem, list(array.shape)))
+    return name
+
+
+def _pre_affine(b: _Builder, x: str, shape: list) -> str:
+    """An affine before the producer: BatchNormalization (axis 1), or Mul/Add/Sub/Div by a constant along
+    axis 1 ([1, C, 1..] or [C, 1..]), a scalar, or along the last axis. Left out where that axis is dynamic."""
+    kind, where = b.spec["pre"], b.spec.get("pre_kind", "channel")
+    axis = len(shape) - 1 if where == "last" and kind != "bn" else 1
+    size = shape[axis]
+    if (where != "scalar" or kind == "bn") and not (isinstance(size, int) and size > 0):
+        return x
+    if kind == "bn":
+        return _bn(b, x, size, {"epsilon": 1e-3, "stats_f32": False, "explicit_attrs": False, "src": "init"})
+    cshape = {"channel": [1, size] + [1] * (len(shape) - 2), "channel_short": [size] + [1] * (len(shape) - 2),
+              "scalar": [], "last": [size]}[where]
+    lo, hi = (0.5, 2.0) if kind in ("Mul", "Div") else (-0.5, 0.5)
+    c = b.const(b.values(cshape, lo, hi, signed=kind in ("Mul", "Div")), "init", kind.lower())
+    return b.add(kind, [c, x] if kind == "Sub" and b.rng.random() < 0.5 else [x, c])
+
+
+def _pre(b: _Builder, x: str, shape: list) -> str:
+    out = _pre_affine(b, x, shape)
+    b.pre_input = x if out != x else None  # copies of the producer (_concat) may read past the affine
+    return out
+
+
+def _channel_axis(b: _Builder, y: str) -> int:
+    return len(b.shape(y)) - 1 if b.spec["producer"]["op"] == "MatMul" else 1
+
+
+def _concat(b: _Builder, y: str) -> str:
+    """The producer and ``spec["concat"]`` copies of it (same input and weights), concatenated along the
+    channel axis (or the first or last axis)."""
+    n = b.spec.get("concat", 0)
+    if not n:
+        return y
+    producer = next(node for node in b.nodes if y in node.output)
+    outs = [y]
+    for _ in range(n):
+        twin = onnx.NodeProto()
+        twin.CopyFrom(producer)
+        twin.output[0] = b.fresh("cat")
+        twin.name = b.node_name(twin.op_type)
+        if twin.name == "<tensor>":
+            twin.name = twin.output[0]
+        if getattr(b, "pre_input", None) and b.rng.random() < 0.7:
+            twin.input[0] = b.pre_input  # so that the affine before the producer keeps one reader
+        b.nodes.append(twin)
+        outs.append(twin.output[0])
+    r = len(b.shape(y))
+    where = b.spec.get("concat_axis", "channel")
+    axis = {"channel": _channel_axis(b, y), "first": 0, "last": r - 1}[where]
+    if axis == 0 and not (isinstance(b.spec["batch"], int) and b.spec["batch"] > 0):
+        axis = _channel_axis(b, y)
+    negative = b.opset >= 11 and b.rng.random() < 0.3  # negative axes from Concat-11 on
+    return b.add("Concat", outs, axis=axis - r if negative else axis)
+
+
+def _split(b: _Builder, y: str) -> tuple[str, list[str]]:
+    """A Split in two along the channel axis (or another), with an affine on the second branch (a graph
+    output); the first branch goes on to the chain. Returns (first branch, [the other's output])."""
+    kind = b.spec.get("split")
+    shape = b.shape(y)
+    r = len(shape)
+    if not kind or r < 2:
+        return y, []
+    axis = _channel_axis(b, y)
+    if kind == "other":
+        others = [a for a in range(1, r) if a != axis and shape[a] >= 2]
+        if not others:
+            return y, []
+        axis = others[int(b.rng.integers(0, len(others)))]
+    size = shape[axis]
+    if size < 2:
+        return y, []
+    equal = b.spec.get("split_form") == "equal" and (size % 2 == 0 or b.opset >= 18)
+    sizes = [-(-size // 2), size - (-(-size // 2))] if equal else [1, size - 1]
+    outs = [b.fresh("split"), b.fresh("split")]
+    if equal and b.opset >= 18:
+        b.add("Split", [y], outs, axis=axis, num_outputs=2)
+    elif equal:
+        b.add("Split", [y], outs, axis=axis)
+    elif b.opset < 13:
+        b.add("Split", [y], outs, axis=axis, split=sizes)
+    else:
+        b.add("Split", [y, b.init(np.array(sizes, np.int64), "sizes")], outs, axis=axis)
+    if axis == 1 and b.rng.random() < 0.5:
+        other = _bn(b, outs[1], sizes[1], {"epsilon": 1e-3, "stats_f32": False, "explicit_attrs": False, "src": "init"})
+    else:
+        cshape = [sizes[1] if a == axis else 1 for a in range(r)]
+        other = b.add("Mul", [outs[1], b.const(b.values(cshape, 0.5, 1.5), "init", "mul")])
+    b.tensors.append(outs[0])
+    return outs[0], [other]
 
 
 def _bn(b: _Builder, x: str, channels: int, item: dict) -> str:
@@ -485,6 +611,21 @@ def _chain_node(b: _Builder, y: str, item: dict) -> str:
         return b.add("Transpose", [y], perm=perm)
     if op == "Flatten":
         return b.add("Flatten", [y], axis=int(rng.integers(1, r)) if r > 1 else 0)
+    if op in ("Squeeze", "Unsqueeze"):
+        # A dynamic batch stays on axis 0 (see Transpose); attribute axes before opset 13, an input after
+        fixed = isinstance(b.spec["batch"], int) and b.spec["batch"] > 0
+        if op == "Squeeze":
+            ones = [a for a, dim in enumerate(shape) if dim == 1 and (a > 0 or fixed)]
+            if not ones or r < 3:  # rank 2 at least: a rank-1 constant would be sized by the batch
+                return b.add("Identity", [y])
+            axes = [int(ones[int(rng.integers(0, len(ones)))])]
+        else:
+            axes = [int(rng.integers(0 if fixed else 1, r + 1))]
+        if rng.random() < 0.3 and b.opset >= 11:
+            axes = [axes[0] - (r if op == "Squeeze" else r + 1)]
+        if b.opset < 13:
+            return b.add(op, [y], axes=axes)
+        return b.add(op, [y, b.init(np.array(axes, np.int64), "axes")])
     # Reshape: to [batch, -1] (a flatten) or to the same shape; 0 keeps the batch dimension as it is.
     target = [0, -1] if item["flatten"] else [0] + list(shape[1:])
     return b.add("Reshape", [y, b.init(np.array(target, np.int64), "shape")])
@@ -612,7 +753,7 @@ def test_generator_covers_what_it_claims():
 
     collect()
     assert {"Conv", "ConvTranspose", "Gemm", "MatMul", "BatchNormalization", "Constant", "Mul", "Add", "Sub", "Div",
-            "Unsqueeze", "Reshape", "Cast", "Transpose", "Identity"} <= seen, seen
+            "Unsqueeze", "Reshape", "Cast", "Transpose", "Identity", "Squeeze", "Concat", "Split"} <= seen, seen
 
 
 def test_the_oracle_catches_a_wrong_fold():

@@ -60,7 +60,7 @@ class BiasAddRule(Rule):
         rank = 2 if p.op_type == "Gemm" else g.rank(p.output[0]) or g.rank(p.input[0])
         if rank is None:
             raise NotFoldable(f"the rank of {p.op_type}'s output is unknown (no shape information)")
-        channels = _channels(g, p, bias, operand, rank)
+        channels = _channels(g, p, bias)
         _, shift = _SHIFTS[c.op_type].affine(g, c, m.data_index, channels, rank, 1)
         dtype = (bias if bias is not None else operand).dtype
         if p.op_type != "Gemm":
@@ -77,17 +77,16 @@ class BiasAddRule(Rule):
         return m.rewrite(dtype, {m.upstream: update})
 
 
-def _channels(g: GraphQuery, p, bias: np.ndarray | None, operand: np.ndarray, rank: int) -> int:
-    """The producer's output channels, from its bias, the constant, or its output's shape."""
+def _channels(g: GraphQuery, p, bias: np.ndarray | None) -> int:
+    """The producer's output channels, from its bias or its output's shape."""
     if p.op_type == "Gemm" and bias is not None and bias.shape not in ((), (1,), (1, 1)):
         if bias.ndim > 2 or (bias.ndim == 2 and bias.shape[0] != 1):
             raise NotFoldable(f"Gemm C has shape {list(bias.shape)}: only a scalar, [N] or [1, N] bias folds")
         return int(bias.shape[-1])
     if p.op_type != "Gemm" and bias is not None:
         return int(bias.shape[0])
-    padded = (1,) * (rank - operand.ndim) + tuple(operand.shape)
-    if len(padded) == rank and padded[1] > 1:
-        return int(padded[1])
+    # Not from the constant: a [1, C, 1, 1] constant also broadcasts a one-channel output to C channels,
+    # which a bias of C values cannot do.
     shape = g.shape(p.output[0])
     if shape is not None and len(shape) > 1 and shape[1]:
         return int(shape[1])

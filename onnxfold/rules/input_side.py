@@ -68,9 +68,27 @@ class InputAffineRule(Rule):
 
     def fold(self, g: GraphQuery, m: Match) -> Rewrite:
         a, node = g.node(m.upstream), g.node(m.downstream)
+        _check_keeps_shape(g, a, m.data_index)
         fold = {"Conv": _into_conv, "Gemm": _into_gemm, "MatMul": _into_matmul}[self.target]
         dtype, update = fold(g, self.consumer, a, m.data_index, node)
         return m.rewrite(dtype, {m.downstream: update})
+
+
+def _check_keeps_shape(g: GraphQuery, a: onnx.NodeProto, d: int) -> None:
+    """The producer will read the affine's input instead of its output: they must have one shape. A
+    constant may broadcast the input to more channels ([N, 1, H, W] * [1, C, 1, 1]) or a higher rank;
+    BatchNormalization never does. NotFoldable unless the shapes are proven equal."""
+    if a.op_type == "BatchNormalization":
+        return
+    const = g.const(a.input[1 - d], f"{a.op_type} operand")
+    if const.size == 1 and const.ndim <= 1:
+        return  # a scalar, or [1]: the producer's input has rank 1 or more anyway
+    shape = g.shape(a.input[d])
+    if shape is None or const.ndim > len(shape) or any(
+            c != 1 and shape[len(shape) - const.ndim + k] != c for k, c in enumerate(const.shape)):
+        what = "of unknown shape" if shape is None else f"of shape {list(shape)}"
+        raise NotFoldable(f"the {a.op_type}'s constant of shape {list(const.shape)} may broadcast its input "
+                          f"({what}) to a larger shape, which the producer would then not see")
 
 
 def _into_conv(g: GraphQuery, consumer: Consumer, a: onnx.NodeProto, d: int, conv: onnx.NodeProto):
