@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-from builders import bn_stats
-from checks import assert_close, check_valid, feeds_for, run
 from onnx import TensorProto, helper, numpy_helper
 
+from builders import bn_stats
+from checks import assert_close, check_valid, feeds_for, run
 from onnxfold import fold_model
 
 ELEM = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.float16): TensorProto.FLOAT16}

@@ -134,7 +134,6 @@ def test_fold_each_block(exported, name):
     """The folded block: the rules expected, BatchNormalization left only where nothing folds, valid, and
     equal to the export in onnxruntime (ORT_DISABLE_ALL; checks.py bound, k = 1e-4 for float32)."""
     from checks import assert_close, check_valid, feeds_for, run
-
     from onnxfold import fold_model
 
     model = onnx.load(str(exported[name]))

@@ -185,7 +185,8 @@ def specs(draw, avoid=AVOID, force=None):
         # issue 12's patterns: an affine before the producer (any producer but ConvTranspose), producers
         # concatenated, a Split after the producer with an affine on its other branch, a weight that is a
         # graph input (computed at run time: only bias_add may fold)
-        "pre": draw(st.sampled_from([None, None, "bn", "Mul", "Add", "Sub", "Div"])) if producer != "ConvTranspose" else None,
+        "pre": (draw(st.sampled_from([None, None, "bn", "Mul", "Add", "Sub", "Div"]))
+                if producer != "ConvTranspose" else None),
         "pre_kind": draw(st.sampled_from(["channel", "channel_short", "scalar", "last"])),
         "concat": draw(st.sampled_from([0, 0, 0, 1, 2])),
         "concat_axis": draw(st.sampled_from(["channel", "channel", "channel", "first", "last"])),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from rulekit import G, declines, folds, nothing, op_types, via_entry
 
 DTYPES = [np.float32, np.float16]

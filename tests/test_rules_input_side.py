@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from rulekit import G, declines, folds, nothing, op_types, via_entry
 
 from onnxfold import verify
+from rulekit import G, declines, folds, nothing, op_types, via_entry
 
 DTYPES = [np.float32, np.float16]
 AFFINES = ["bn", "Mul", "Add", "Sub", "Div"]
@@ -136,7 +136,8 @@ def test_matmul_rank3_with_a_shift():
 def test_bn_before_matmul_rank3_is_on_the_wrong_axis():
     g = G()
     x = g.input("x", [2, 4, 4])
-    declines(g.model(g.matmul(g.bn(x, 4), 4, 5)), "it reduces over axis 2, the BatchNormalization's channels are on axis 1")
+    declines(g.model(g.matmul(g.bn(x, 4), 4, 5)),
+             "it reduces over axis 2, the BatchNormalization's channels are on axis 1")
 
 
 def test_affine_read_twice():

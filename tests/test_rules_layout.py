@@ -12,12 +12,12 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
+from onnx import TensorProto, helper
+
 from builders import bn_stats
 from checks import assert_close, run
-from onnx import TensorProto, helper
-from rulekit import G, declines, folds, op_types, via_entry
-
 from onnxfold import fold_model
+from rulekit import G, declines, folds, op_types, via_entry
 
 DTYPES = [np.float32, np.float16]
 # A rank-3 MatMul's Add of the BatchNormalization's shift is itself a MatMul -> Add candidate that
@@ -301,8 +301,8 @@ def test_matmul_rank3_bn_in_a_local_function():
     x = g.input("x", [2, 5, 4])
     args = [x, g.weight((4, 6)), *[g.init(a, n) for a, n in zip(bn_stats(g.rng, 6), "gbmv")]]
     g.nodes.append(helper.make_node("Blk", args, ["out"], domain="local"))
-    graph = helper.make_graph(g.nodes, "g", g.inputs, [helper.make_tensor_value_info("out", TensorProto.FLOAT, [2, 6, 5])],
-                              g.inits)
+    out = helper.make_tensor_value_info("out", TensorProto.FLOAT, [2, 6, 5])
+    graph = helper.make_graph(g.nodes, "g", g.inputs, [out], g.inits)
     model = helper.make_model(graph, functions=[fn], opset_imports=opsets)
     model.ir_version = 8
     folded, report = fold_model(model)
