@@ -53,7 +53,7 @@ def test_export_runs_like_torch_and_keeps_bn(exported, name):
     make, shape = arch.BLOCKS[name]
     torch.manual_seed(arch.SEED)
     module = make().eval()
-    arch.randomize_bn(module)
+    arch.randomize_bn(module, arch.BN_SEED)
     x = torch.randn(*shape, generator=torch.Generator().manual_seed(7))
     with torch.no_grad():
         want = module(x).numpy()

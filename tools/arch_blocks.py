@@ -37,26 +37,13 @@ import onnx
 import torch
 from torch import nn
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # torch_blocks beside this file, however it is loaded
+from torch_blocks import randomize_bn  # noqa: E402
+
 SEED = 20261126
 BN_SEED = 4321
 OPSET = 17
 PRODUCERS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
-
-
-def randomize_bn(model: nn.Module, seed: int = BN_SEED) -> int:
-    """Random BatchNorm statistics far from the defaults: mean ~ N(0, .5), var ~ U(.5, 2), ..."""
-    g = torch.Generator().manual_seed(seed)
-    n = 0
-    with torch.no_grad():
-        for mod in model.modules():
-            if isinstance(mod, nn.modules.batchnorm._BatchNorm):
-                c = mod.num_features
-                mod.running_mean.copy_(torch.randn(c, generator=g) * 0.5)
-                mod.running_var.copy_(torch.rand(c, generator=g) * 1.5 + 0.5)
-                mod.weight.copy_(torch.rand(c, generator=g) + 0.5)
-                mod.bias.copy_(torch.randn(c, generator=g) * 0.5)
-                n += 1
-    return n
 
 
 # --------------------------------------------------------------------------------------------------
@@ -175,7 +162,7 @@ def export(name: str, path: Path, dynamo: bool = False) -> Path:
     make, shape = BLOCKS[name]
     torch.manual_seed(SEED)
     model = make().eval()
-    assert randomize_bn(model) > 0
+    assert randomize_bn(model, BN_SEED) > 0
     x = torch.randn(*shape, generator=torch.Generator().manual_seed(SEED))
     if dynamo:
         with contextlib.redirect_stdout(io.StringIO()):

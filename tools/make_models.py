@@ -34,7 +34,7 @@ import torch
 import torch.nn as nn
 
 import arch_blocks
-from torch_blocks import Bottleneck, InvertedResidual
+from torch_blocks import Bottleneck, InvertedResidual, randomize_bn
 
 SEED = 20240611          # torch.manual_seed for weights, numpy seed for inputs
 BN_SEED = 1234           # torch.Generator seed for the BatchNorm parameters
@@ -54,26 +54,6 @@ DYNAMO = dict(dynamo=True, optimize=False, external_data=False)
 # --------------------------------------------------------------------------
 # BatchNorm randomisation
 # --------------------------------------------------------------------------
-def randomize_bn(model: nn.Module, seed: int = BN_SEED) -> int:
-    """Give every BN layer random running stats and affine params.
-
-    running_mean ~ N(0, 0.5), running_var ~ U(0.5, 2.0),
-    weight ~ U(0.5, 1.5), bias ~ N(0, 0.5).  Returns the number of BN layers.
-    """
-    g = torch.Generator().manual_seed(seed)
-    n = 0
-    with torch.no_grad():
-        for mod in model.modules():
-            if isinstance(mod, nn.modules.batchnorm._BatchNorm):
-                c = mod.num_features
-                mod.running_mean.copy_(torch.randn(c, generator=g) * 0.5)
-                mod.running_var.copy_(torch.rand(c, generator=g) * 1.5 + 0.5)
-                mod.weight.copy_(torch.rand(c, generator=g) + 0.5)
-                mod.bias.copy_(torch.randn(c, generator=g) * 0.5)
-                n += 1
-    return n
-
-
 # --------------------------------------------------------------------------
 # Architectures
 # --------------------------------------------------------------------------
@@ -268,7 +248,7 @@ class ConvTransposeDecoder(nn.Module):
 def _build(cls, *args, **kw):
     torch.manual_seed(SEED)
     m = cls(*args, **kw)
-    randomize_bn(m)
+    randomize_bn(m, BN_SEED)
     return m.eval()
 
 
