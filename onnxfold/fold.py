@@ -26,7 +26,7 @@ from .rules import Match, Rewrite, Rule, RuleSet
 
 MAX_ROUNDS = 16
 
-__all__ = ["fold_model", "count_ops", "MAX_ROUNDS"]
+__all__ = ["fold_model", "MAX_ROUNDS"]
 
 
 def fold_model(

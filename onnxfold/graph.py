@@ -78,19 +78,15 @@ class GraphView:
         self.removed: set[int] = set()
         self._pending: dict[int, list[onnx.NodeProto]] = {}  # new Constant nodes, by the node they precede
         self._declared: dict[str, onnx.ValueInfoProto] | None = None
-        self.reindex()
-        self.constants = Constants(self)
-
-    def reindex(self) -> None:
-        """Positions of initializers and producers; after :meth:`ModelView.order` and the sweep."""
-        self.init = {t.name: i for i, t in enumerate(self.graph.initializer)}
-        self.inputs = {v.name for v in self.graph.input}
+        # positions of initializers and of each value's producer; apply() keeps them through a round
+        self.init = {t.name: i for i, t in enumerate(graph.initializer)}
+        self.inputs = {v.name for v in graph.input}
         self.producer: dict[str, int] = {}
-        for i, node in enumerate(self.graph.node):
+        for i, node in enumerate(graph.node):
             for out in node.output:
                 if out:
                     self.producer[out] = i
-        self._declared = None
+        self.constants = Constants(self)
 
     # -- structure --------------------------------------------------------------------------------
     def node(self, i: int) -> onnx.NodeProto:
