@@ -29,13 +29,18 @@ from .io import read_tensor
 if TYPE_CHECKING:
     from .graph import GraphView
 
-DEFAULT_DOMAINS = ("", "ai.onnx")
+DEFAULT_DOMAINS = constexpr.DOMAINS  # the ai.onnx domain, by either name
 CONSTANT_EXPRESSION_OPS = frozenset(
     "Identity Cast CastLike Shape Size Slice Expand Concat Reshape Unsqueeze Squeeze Flatten Transpose "
     "Gather Tile Range Add Sub Mul Div Neg Sqrt Reciprocal".split()
 )
 CONSTANT_MAKERS = CONSTANT_EXPRESSION_OPS | {"Constant", "ConstantOfShape"}
 CACHE_BYTES = 1 << 16
+
+
+def is_default(node: onnx.NodeProto) -> bool:
+    """Whether a node is of the default (ai.onnx) domain."""
+    return node.domain in DEFAULT_DOMAINS
 
 
 def a(word: str) -> str:
@@ -81,7 +86,7 @@ class Constants:
         raise NotFoldable(f"{what} '{name}' is not defined in this graph or an enclosing one")
 
     def _made_by(self, node: onnx.NodeProto, name: str, what: str) -> np.ndarray:
-        op = node.op_type if node.domain in DEFAULT_DOMAINS else ""
+        op = node.op_type if is_default(node) else ""
         model = self.view.model
         since = model.since_version(node.op_type)
         if op == "Constant":
@@ -136,7 +141,7 @@ class Constants:
                 return not view.constants.overridable(name)
             if name in view.producer:
                 node = view.graph.node[view.producer[name]]
-                if node.domain not in DEFAULT_DOMAINS or node.op_type not in CONSTANT_MAKERS:
+                if not is_default(node) or node.op_type not in CONSTANT_MAKERS:
                     return False
                 # CastLike: only the dtype of its second input matters
                 inputs = node.input[:1] if node.op_type == "CastLike" else node.input

@@ -26,15 +26,9 @@ import onnx
 from onnx import helper
 
 from . import constexpr
-from .constants import Constants
+from .constants import DEFAULT_DOMAINS, Constants, is_default
 from .io import DataSink
 from .shapes import dims, infer_shapes
-
-DEFAULT_DOMAINS = ("", "ai.onnx")
-
-
-def is_default(node: onnx.NodeProto) -> bool:
-    return node.domain in DEFAULT_DOMAINS
 
 
 def subgraphs(node: onnx.NodeProto) -> Iterator[tuple[str, onnx.GraphProto]]:

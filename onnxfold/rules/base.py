@@ -22,7 +22,6 @@ from onnx import helper
 
 from ..affine import NotFoldable, RowScaled
 
-DEFAULT_DOMAINS = ("", "ai.onnx")
 FLOAT_TYPES = ("float16", "bfloat16", "float32", "float64")
 
 Value = np.ndarray | RowScaled  # a folded value in float64, before the cast to the model's dtype
@@ -139,11 +138,6 @@ class Rule(ABC):
         """The folded values; NotFoldable with a sentence when the fold is not safe."""
 
 
-def a(word: str) -> str:
-    """'a Mul', 'an Add', 'an Identity': the article by the op's first letter (close enough for op names)."""
-    return ("an " if word[:1] in "AEIOU" else "a ") + word
-
-
 def attr(node: onnx.NodeProto, name: str, default=None):
     for at in node.attribute:
         if at.name == name:
@@ -154,7 +148,3 @@ def attr(node: onnx.NodeProto, name: str, default=None):
 def check_float(array: np.ndarray, what: str) -> None:
     if array.dtype.name not in FLOAT_TYPES:
         raise NotFoldable(f"{what} has dtype {array.dtype.name}, not a float type onnxfold folds")
-
-
-def is_default(node: onnx.NodeProto) -> bool:
-    return node.domain in DEFAULT_DOMAINS

@@ -12,7 +12,8 @@ from __future__ import annotations
 import numpy as np
 
 from ..affine import NotFoldable
-from .base import GraphQuery, Match, NewValue, Rewrite, Rule, Update, attr, check_float, is_default
+from ..constants import is_default
+from .base import GraphQuery, Match, NewValue, Rewrite, Rule, Update, attr, check_float
 from .consumers import ArithmeticConsumer
 from .producers import bias_hint
 

@@ -12,8 +12,9 @@ from __future__ import annotations
 import numpy as np
 
 from ..affine import NotFoldable
+from ..constants import a, is_default
 from ..layout import check_channel_axis, split_affine
-from .base import GraphQuery, Match, Rewrite, Rule, a, attr, is_default
+from .base import GraphQuery, Match, Rewrite, Rule, attr
 from .consumers import Consumer
 from .producers import PRODUCER_BY_OP, producer_of
 

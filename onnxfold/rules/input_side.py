@@ -20,7 +20,8 @@ import onnx
 
 from ..affine import NotFoldable
 from ..affine_input import conv_input_affine, gemm_input_affine, matmul_input_affine
-from .base import GraphQuery, Match, NewValue, Rewrite, Rule, Update, attr, is_default
+from ..constants import is_default
+from .base import GraphQuery, Match, NewValue, Rewrite, Rule, Update, attr
 from .consumers import Consumer
 from .producers import bias_hint, conv_constants, matrix_weight
 

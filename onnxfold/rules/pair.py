@@ -15,8 +15,9 @@ import onnx
 from onnx import helper
 
 from ..affine import NotFoldable
+from ..constants import a, is_default
 from ..layout import LAYOUT_OPS, follow_layout
-from .base import GraphQuery, Match, NewValue, Rewrite, Rule, Update, a, is_default
+from .base import GraphQuery, Match, NewValue, Rewrite, Rule, Update
 from .consumers import Consumer
 from .producers import Producer, Weights
 

@@ -15,6 +15,7 @@ import numpy as np
 import onnx
 
 from ..affine import NotFoldable, RowScaled, fold_bias, scale_columns, scale_conv_transpose_weight, scale_conv_weight
+from ..constants import is_default
 from .base import GraphQuery, NewValue, Update, attr, check_float
 
 
@@ -304,5 +305,5 @@ PRODUCER_BY_OP: dict[str, Producer] = {op: p for p in PRODUCERS for op in p.op_t
 
 def producer_of(g: GraphQuery, node: onnx.NodeProto) -> Producer | None:
     """The producer ``node`` is, if any (default domain; by structure)."""
-    p = PRODUCER_BY_OP.get(node.op_type) if node.domain in ("", "ai.onnx") else None
+    p = PRODUCER_BY_OP.get(node.op_type) if is_default(node) else None
     return p if p is not None and p.is_producer(g, node) else None

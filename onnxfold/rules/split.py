@@ -11,8 +11,9 @@ from __future__ import annotations
 import numpy as np
 
 from ..affine import NotFoldable
+from ..constants import is_default
 from ..layout import check_channel_axis, split_slices
-from .base import GraphQuery, Match, Rewrite, Rule, attr, is_default
+from .base import GraphQuery, Match, Rewrite, Rule, attr
 from .consumers import CONSUMERS, Consumer
 from .producers import PRODUCER_BY_OP, producer_of
 
