@@ -16,47 +16,35 @@ The library prints nothing: it logs to the ``"onnxfold"`` logger (:mod:`logging`
 
 from __future__ import annotations
 
-import sys as _sys
-
-__version__ = "0.1.0"
+from . import signals as _signals
+from ._version import __version__
 
 
 def _run_as_main() -> bool:
     """Whether this import is ``python -m onnxfold`` starting (not a library user importing us)."""
-    argv = getattr(_sys, "orig_argv", [])
+    import sys
+
+    argv = getattr(sys, "orig_argv", [])
     for i, a in enumerate(argv[:-1]):
         if a == "-m":
             return argv[i + 1] == "onnxfold"
     return "-monnxfold" in argv
 
 
-def _early_signal(signum, frame):
-    import os
-    import signal
-
-    _sys.stderr.write(f"onnxfold: interrupted by {signal.Signals(signum).name}: nothing written\n")
-    _sys.stderr.flush()
-    os._exit(128 + signum)
-
-
 # `python -m onnxfold`: a Ctrl-C or SIGTERM while onnx and onnxruntime load (about a second) ends the run
 # with one line, not an import traceback; nothing has been opened yet. Library users are not affected.
 if _run_as_main():
-    import signal as _signal
-
-    for _s in (_signal.SIGINT, _signal.SIGTERM):
-        _signal.signal(_s, _early_signal)
+    _signals.install_early()
 
 import logging as _logging  # noqa: E402
 
-from .affine import NotFoldable  # noqa: E402
+from . import _graphsurgeon, _onnx_ir  # noqa: E402  (each imports its optional dependency only when called)
 from .api import FoldResult, fold_file  # noqa: E402
-from .errors import FoldError  # noqa: E402
-from .fold import fold_model as _fold_proto  # noqa: E402
-from .io import InputError  # noqa: E402
+from .driver import fold_model as _fold_proto  # noqa: E402
+from .errors import FoldError, InputError, NotFoldable, VerifyError  # noqa: E402
 from .report import FoldReport  # noqa: E402
 from .rules import rule_names  # noqa: E402
-from .verify import VerifyError, VerifyResult, verify  # noqa: E402
+from .verification import VerifyResult, verify  # noqa: E402
 
 _logging.getLogger("onnxfold").addHandler(_logging.NullHandler())  # a library: the application decides
 
@@ -81,9 +69,7 @@ def _ir_kind(obj) -> str | None:
     """onnx_ir and torch objects, told by their type's module name: neither is imported for others."""
     if not any(c.__module__.split(".")[0] in ("onnx_ir", "torch") for c in type(obj).__mro__):
         return None
-    from ._onnx_ir import kind
-
-    return kind(obj)
+    return _onnx_ir.kind(obj)
 
 
 def fold_model(model, *, disable=(), copy: bool = True, base_dir=None, sink=None):
@@ -91,7 +77,7 @@ def fold_model(model, *, disable=(), copy: bool = True, base_dir=None, sink=None
 
     - ``onnx.ModelProto``: a new folded model; the argument is left untouched unless ``copy=False``.
       ``base_dir`` is the model's folder, for tensors whose external data has not been loaded;
-      ``sink`` (an ``onnxfold.io.DataSink``) receives large folded tensors as they are made.
+      ``sink`` (an ``onnxfold.tensors.DataSink``) receives large folded tensors as they are made.
     - ``onnx_ir.Model``, ``onnx_ir.Graph`` (also as ``onnxscript.ir``) and ``torch.onnx.ONNXProgram``
       (``torch.onnx.export(..., dynamo=True)``): folded in place and returned, the convention of
       onnx_ir's passes and of ``ONNXProgram.optimize()``; ``copy``, ``base_dir`` and ``sink`` do not
@@ -99,9 +85,7 @@ def fold_model(model, *, disable=(), copy: bool = True, base_dir=None, sink=None
       ``save()`` run the folded model. Weights are copied once (see ``onnxfold._onnx_ir``).
     """
     if _ir_kind(model) is not None:
-        from ._onnx_ir import fold
-
-        return fold(model, disable=disable)
+        return _onnx_ir.fold_in_place(model, disable=disable)
     return _fold_proto(model, disable=disable, copy=copy, base_dir=base_dir, sink=sink)
 
 
@@ -127,24 +111,8 @@ def fold_conv_bn(obj, *, disable=()):
         model = helper.make_model(obj, opset_imports=[helper.make_opsetid("", onnx.defs.onnx_opset_version())])
         return fold_model(model, disable=disable, copy=False)[0].graph
     if type(obj).__name__ == "Graph" and type(obj).__module__.startswith("onnx_graphsurgeon"):
-        from ._graphsurgeon import fold_graph
-
-        return fold_graph(obj, disable=disable)[0]
+        return _graphsurgeon.fold_graph(obj, disable=disable)[0]
     if _ir_kind(obj) is not None:
-        from ._onnx_ir import fold
-
-        return fold(obj, disable=disable)[0]
+        return _onnx_ir.fold_in_place(obj, disable=disable)[0]
     raise TypeError("fold_conv_bn takes an onnx.ModelProto, onnx.GraphProto, onnx_graphsurgeon.Graph, onnx_ir.Model, "
                     f"onnx_ir.Graph or torch.onnx.ONNXProgram, not {type(obj).__name__}")
-
-
-def _console() -> None:
-    """``python -m onnxfold`` and the ``onnxfold`` script: the early handlers stay until the command
-    line installs its own (:func:`onnxfold.cli.main`)."""
-    import signal
-
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, _early_signal)
-    from .cli import main
-
-    raise SystemExit(main())

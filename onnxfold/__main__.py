@@ -1,5 +1,5 @@
 """python -m onnxfold IN OUT"""
 
-from . import _console
+from .cli import console
 
-_console()
+console()

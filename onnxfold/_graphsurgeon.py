@@ -12,9 +12,9 @@ from __future__ import annotations
 import onnx
 from onnx import numpy_helper
 
-from .fold import fold_model
-from .io import all_graphs
-from .report import Declined, Folded
+from .adapters import TempNames
+from .driver import fold_model
+from .protobuf import all_graphs
 
 
 def _gs_graphs(graph):
@@ -34,11 +34,9 @@ def fold_graph(graph, *, disable=()):
 
     graphs = list(_gs_graphs(graph))
     nodes = [n for g in graphs for n in g.nodes]
-    originals = {}
-    for i, node in enumerate(nodes):
-        tmp = f"__onnxfold_{i}"
-        originals[tmp] = node.name or f"{node.op}#{i}"
-        node.name = tmp
+    names = TempNames()
+    for node in nodes:
+        node.name = names.assign(node.op, node.name)
     try:
         model = gs.export_onnx(graph, do_type_check=False)
         folded, report = fold_model(model, disable=disable, copy=False)
@@ -46,22 +44,14 @@ def fold_graph(graph, *, disable=()):
             # Functions were inlined or rewritten: there is no node-for-node mapping; take the
             # folded graph whole, in the same Graph object.
             replacement = gs.import_onnx(folded)
-            for node in replacement.nodes:
-                originals.setdefault(node.name, node.name)
             graph.__dict__.update(replacement.__dict__)
             nodes = list(graph.nodes)
         elif report.folded:
             _apply(graphs, folded)
     finally:
         for node in nodes:
-            original = originals.get(node.name, node.name)
-            node.name = "" if original.startswith(f"{node.op}#") else original
-    pairs: list[Folded | Declined] = [*report.folded, *report.declined]
-    for record in pairs:
-        record.producer = originals.get(record.producer, record.producer)
-        record.consumer = originals.get(record.consumer, record.consumer)
-    for left in report.left:
-        left.consumer = originals.get(left.consumer, left.consumer)
+            node.name = names.original(node.name, node.op)
+    names.restore(report)
     return graph, report
 
 

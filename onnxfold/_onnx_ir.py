@@ -37,7 +37,8 @@ from typing import Any
 import onnx
 from onnx import helper
 
-from .fold import fold_model
+from .adapters import TempNames
+from .driver import fold_model
 from .report import FoldReport
 
 _IR_TYPES = ("Model", "Graph")
@@ -55,7 +56,7 @@ def kind(obj: object) -> str | None:
     return None
 
 
-def fold(obj: Any, *, disable=()) -> tuple[Any, FoldReport]:
+def fold_in_place(obj: Any, *, disable=()) -> tuple[Any, FoldReport]:
     """Fold ``obj`` (an onnx_ir Model or Graph, or a torch ONNXProgram) in place; returns it and the report."""
     which = kind(obj)
     if which == "program":
@@ -86,7 +87,7 @@ def fold_ir_model(model: Any, *, disable=()) -> tuple[Any, FoldReport]:
     proto = ir.serde.serialize_model(model)
     mapping = _Mapping.build(model.graph, proto.graph)
     folded, report = fold_model(proto, disable=disable, copy=False, base_dir=_base_dir(model.graph))
-    mapping.restore_names(report)
+    mapping.names.restore(report)
     if not report.folded:
         return model, report
     if report.inlined or any(f.graph.startswith("function ") for f in report.folded):
@@ -105,7 +106,7 @@ def fold_ir_graph(graph: Any, *, disable=()) -> tuple[Any, FoldReport]:
                               opset_imports=[helper.make_opsetid(d, v) for d, v in opsets.items()])
     mapping = _Mapping.build(graph, proto.graph)
     folded, report = fold_model(proto, disable=disable, copy=False, base_dir=_base_dir(graph))
-    mapping.restore_names(report)
+    mapping.names.restore(report)
     if report.folded:
         mapping.apply(folded.graph)
     return graph, report
@@ -147,7 +148,7 @@ class _Mapping:
     def __init__(self) -> None:
         self.graphs: list[tuple[Any, onnx.GraphProto]] = []
         self.nodes: dict[str, Any] = {}  # temporary name -> the caller's node
-        self.names: dict[str, str] = {}  # temporary name -> the name the report shows
+        self.names = TempNames()
         self.signatures: dict[str, tuple] = {}
 
     @classmethod
@@ -162,9 +163,7 @@ class _Mapping:
         if len(nodes) != len(proto.node):
             raise AssertionError("onnx_ir serialized a different number of nodes than the graph holds")
         for node, node_proto in zip(nodes, proto.node):
-            tmp = f"__onnxfold_{len(self.nodes)}"
-            self.names[tmp] = node_proto.name or f"{node_proto.op_type}#{len(self.nodes)}"
-            node_proto.name = tmp
+            tmp = node_proto.name = self.names.assign(node_proto.op_type, node_proto.name)
             self.nodes[tmp] = node
             self.signatures[tmp] = _signature(node_proto)
             for attr in node_proto.attribute:
@@ -173,14 +172,6 @@ class _Mapping:
                     value = node.attributes[attr.name].value
                     for sub, sub_proto in zip(value if isinstance(value, (list, tuple)) else [value], subs):
                         self._pair(sub, sub_proto)
-
-    def restore_names(self, report: FoldReport) -> None:
-        record: Any
-        for record in (*report.folded, *report.declined):
-            record.producer = self.names.get(record.producer, record.producer)
-            record.consumer = self.names.get(record.consumer, record.consumer)
-        for record in report.left:
-            record.consumer = self.names.get(record.consumer, record.consumer)
 
     def apply(self, folded: onnx.GraphProto) -> None:
         """Rewire the caller's graphs to match the folded proto (its subgraphs are the same objects
@@ -209,7 +200,7 @@ class _Mapping:
         old = self.nodes.get(node_proto.name)
         if old is not None and self.signatures[node_proto.name] == _signature(node_proto):
             return old
-        new = _new_node(node_proto, values, self.names.get(node_proto.name, node_proto.name))
+        new = _new_node(node_proto, values, self.names.original(node_proto.name, node_proto.op_type))
         if previous is None and len(graph):
             graph.insert_before(next(iter(graph)), new)
         elif previous is None:

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .errors import NotFoldable
+
 __all__ = [
     "NotFoldable",
     "bn_affine",
@@ -36,8 +38,9 @@ __all__ = [
 ]
 
 
-class NotFoldable(Exception):
-    """A fold that is not safe. The message is the reason, a sentence for the report."""
+# BatchNormalization's default epsilon: the attribute is a float, so the default 1e-5 is the float32
+# nearest 1e-5, as when written
+DEFAULT_EPSILON = float(np.float32(1e-5))
 
 
 def bn_affine(gamma, beta, mean, var, eps: float) -> tuple[np.ndarray, np.ndarray]:

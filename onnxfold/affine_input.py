@@ -32,7 +32,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from onnxfold.affine import NotFoldable, RowScaled, fold_input_affine
+from .affine import RowScaled, fold_input_affine
+from .errors import NotFoldable
 
 __all__ = ["conv_input_affine", "gemm_input_affine", "matmul_input_affine"]
 

@@ -9,8 +9,8 @@
 This is the command line's single-file path (``python -m onnxfold IN OUT``); the command line calls it
 and only adds parsing, printing and exit codes. Its guarantees are the command line's: the input is
 never modified; the output is absent or whole (written and checked by onnx.checker in a temporary
-folder beside it, then committed by renames: :func:`onnxfold.io.commit`); no file written is one the
-input reads (:mod:`onnxfold.paths`); verification runs the models in a child process. What the input
+folder beside it, then committed by renames: :func:`onnxfold.commit.commit`); no file written is one the
+input reads (:mod:`onnxfold.output_plan`); verification runs the models in a child process. What the input
 or the environment causes raises :class:`~onnxfold.errors.FoldError` with the one line the command
 line prints; any other exception is a bug. Progress goes to the ``"onnxfold"`` logger: nothing is printed.
 """
@@ -29,14 +29,18 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from .errors import FoldError, message
-from .fold import fold_model
-from .io import DataSink, InputError, check_output, commit, load, staged, write
-from .paths import OutputPlan, check_report, data_files, plan_output, real
+from .commit import commit, staged, staged_file
+from .driver import fold_model
+from .errors import FoldError, InputError, message
+from .load import load
+from .output_check import check_output
+from .output_plan import OutputPlan, check_report, data_files, plan_output, real
 from .report import FoldReport
 from .rules import select_rules
-from .verify import DEFAULT_RANGE, VerifyResult, annotate, check_providers, load_inputs, model_inputs
-from .verify import verify as compare_models
+from .tensors import DataSink
+from .verification import DEFAULT_RANGE, VerifyResult, annotate, check_providers, load_inputs, model_inputs
+from .verification import verify as compare_models
+from .write import write
 
 log = logging.getLogger("onnxfold")
 
@@ -202,7 +206,7 @@ def fold_path(src: str | os.PathLike, dst: str | os.PathLike | None, options: Fo
               report: str | os.PathLike | None = None, protect: frozenset[Path] = frozenset(),
               shared_folder: bool = False) -> FoldResult:
     """:func:`fold_file` with options already checked (the command line's path, one model of a folder).
-    ``protect`` and ``shared_folder``: see :func:`onnxfold.paths.plan_output`."""
+    ``protect`` and ``shared_folder``: see :func:`onnxfold.output_plan.plan_output`."""
     try:
         job = _prepare(Path(src), None if dst is None else Path(dst), options, report, protect, shared_folder)
         if job.plan is None:
@@ -396,13 +400,10 @@ def stage_json(path: str | os.PathLike | None, data: object) -> Path | None:
     if not path:
         return None
     path = Path(path)
-    tmp = path.with_name(f".{path.name[:64]}.onnxfold-{os.getpid()}.json")
     try:
-        tmp.write_text(json_text(data))
+        return staged_file(path, json_text(data))
     except OSError as e:
-        tmp.unlink(missing_ok=True)
         raise InputError(f"{path}: cannot write the report ({message(e)})") from None
-    return tmp
 
 
 def _jsonable(value: object) -> object:

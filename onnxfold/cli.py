@@ -17,38 +17,24 @@ import shlex
 import signal
 import sys
 import time
+import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import __version__
+from . import signals
+from ._version import __version__
 from .api import FoldOptions, FoldResult, Summary, fold_path, json_text, make_options, write_json
-from .errors import USER_ERRORS, message
-from .io import InputError, OutputBroken
-from .paths import check_report, real
+from .errors import USER_ERRORS, InputError, OutputBroken, message
+from .output_plan import check_report, real
 from .rules import describe_rules, rule_names
-from .verify import parse_shape
+from .signals import Interrupted
+from .verification.inputs import parse_shape
 
+# The exit codes, defined here once (the pre-commit hook and the README use these)
 EXIT_OK, EXIT_VERIFY, EXIT_USAGE, EXIT_CHECK = 0, 1, 2, 3
 EXIT_BUG = 70  # EX_SOFTWARE: an unexpected exception, never 1 (which means "verification failed")
-
-
-class Interrupted(BaseException):
-    """SIGINT or SIGTERM: unwinds like KeyboardInterrupt, so every temporary folder is removed."""
-
-    def __init__(self, signum: int):
-        super().__init__(signum)
-        self.signum = signum
-
-
-_SIGNALLED: list[int] = []
-
-
-def _on_signal(signum: int, frame: object) -> None:
-    _SIGNALLED.append(signum)  # an import (onnxruntime's) may turn the exception into an ImportError
-    for s in (signal.SIGINT, signal.SIGTERM):  # a second signal must not cut the cleanup short
-        signal.signal(s, signal.SIG_IGN)
-    raise Interrupted(signum)
+WORST_FIRST = (EXIT_BUG, EXIT_USAGE, EXIT_VERIFY, EXIT_CHECK)  # a run of many models exits with the worst
 
 
 def _negative(text: str) -> bool:
@@ -251,16 +237,8 @@ def main(argv: list[str] | None = None) -> int:
         _say(f"{state} | Runtime: {time.perf_counter() - start:.2f}s | Command: {command}")
         return code
 
-    handlers = {}
-    _SIGNALLED.clear()
-    try:
-        if _is_main_thread():
-            for signum in (signal.SIGINT, signal.SIGTERM):
-                handlers[signum] = signal.signal(signum, _on_signal)
+    with signals.handled():
         return _main(argv, finish)
-    finally:
-        for signum, handler in handlers.items():
-            signal.signal(signum, handler)
 
 
 def _main(argv: list[str], finish: Callable[[int], int]) -> int:
@@ -277,30 +255,20 @@ def _main(argv: list[str], finish: Callable[[int], int]) -> int:
     except (Interrupted, KeyboardInterrupt) as e:  # KeyboardInterrupt: a SIGINT before our handler
         return finish(_interrupted(getattr(e, "signum", signal.SIGINT)))
     except OutputBroken as e:
-        import traceback
-
         traceback.print_exc()
         _say(f"onnxfold: error: {e}; nothing written: this is a bug in onnxfold, please report it")
         return finish(EXIT_BUG)
     except Exception:
-        if _SIGNALLED:  # the signal's exception, wrapped by the code it interrupted
-            return finish(_interrupted(_SIGNALLED[0]))
-        import traceback
-
+        if signals.SIGNALLED:  # the signal's exception, wrapped by the code it interrupted
+            return finish(_interrupted(signals.SIGNALLED[0]))
         traceback.print_exc()
         _say("onnxfold: this is a bug in onnxfold, please report it (with the traceback above)")
         return finish(EXIT_BUG)
 
 
 def _interrupted(signum: int) -> int:
-    _say(f"onnxfold: interrupted by {signal.Signals(signum).name}: nothing written, temporary files removed")
+    _say(f"onnxfold: interrupted by {signals.name(signum)}: nothing written, temporary files removed")
     return 128 + signum
-
-
-def _is_main_thread() -> bool:
-    import threading
-
-    return threading.current_thread() is threading.main_thread()
 
 
 def _run(options: Options) -> int:
@@ -321,47 +289,6 @@ def _exit_code(result: FoldResult) -> int:
 
 
 # -- folder mode ------------------------------------------------------------------------------------
-
-
-_IN_WORKER = False
-_IN_JOB = False
-
-
-def _on_worker_signal(signum: int, frame: object) -> None:
-    if _IN_JOB:  # unwind the fold, which removes its temp folder; _folder_job then exits
-        _on_signal(signum, frame)
-    os._exit(128 + signum)  # idle, between models: nothing to clean
-
-
-def _worker_init() -> None:
-    """A folder-mode worker: dies with its parent (Linux: the kernel sends SIGTERM when the parent goes;
-    elsewhere a thread watches the parent's pid), and removes its temp folder on SIGTERM/SIGINT."""
-    global _IN_WORKER
-    _IN_WORKER = True
-    signal.signal(signal.SIGTERM, _on_worker_signal)
-    signal.signal(signal.SIGINT, _on_worker_signal)
-    parent = os.getppid()
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        PR_SET_PDEATHSIG = 1
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    except (OSError, AttributeError):
-        pass
-    if os.getppid() != parent:  # the parent went before prctl took effect
-        os._exit(128 + signal.SIGTERM)
-
-    import threading
-
-    def watch() -> None:
-        while True:
-            time.sleep(1.0)
-            if os.getppid() != parent:
-                os.kill(os.getpid(), signal.SIGTERM)
-                return
-
-    threading.Thread(target=watch, daemon=True).start()
 
 
 @dataclass
@@ -386,30 +313,24 @@ class ModelRun:
 def _folder_job(options: Options, src: str, dst: str | None, protect: frozenset[Path] = frozenset(),
                 shared_folder: bool = False) -> ModelRun:
     """One model of a folder, in a worker process: never raises; its messages are kept, not printed."""
-    global _IN_JOB
     lines: list[str] = []
     start = time.perf_counter()
-    _IN_JOB = True
     try:
-        with _messages(lines.append, options):
+        with signals.folder_job(), _messages(lines.append, options):
             result = fold_path(src, dst, options.fold, protect=protect, shared_folder=shared_folder)
         run = ModelRun(src, dst, _exit_code(result), result.to_dict(), lines)
     except USER_ERRORS as e:
         run = ModelRun(src, dst, EXIT_USAGE, {"input": src, "output": dst, "status": f"error: {message(e)}"}, lines)
         lines.append(f"onnxfold: error: {message(e)}")
     except (Interrupted, KeyboardInterrupt) as e:
-        if _IN_WORKER:  # temp folder removed on the way here; a worker does not go on with other models
+        if signals.in_worker():  # temp folder removed on the way here; a worker does not go on with other models
             os._exit(128 + getattr(e, "signum", signal.SIGINT))
         raise
     except Exception as e:  # a bug: keep the traceback in the log, and go on with the other models
-        import traceback
-
         status = f"crashed: {type(e).__name__}: {e}"
         run = ModelRun(src, dst, EXIT_BUG, {"input": src, "output": dst, "status": status}, lines)
         lines.append(traceback.format_exc())
         lines.append("this is a bug in onnxfold, please report it (with the traceback above)")
-    finally:
-        _IN_JOB = False
     run.seconds = time.perf_counter() - start
     return run
 
@@ -438,7 +359,7 @@ def _run_folder(options: Options) -> int:
 
 def _folder_jobs(options: Options, src_dir: Path, dst_dir: Path | None) -> tuple[list[_Job], bool]:
     """Each model below ``src_dir`` with its output path (folders made), and whether the output folder
-    is also an input folder (see :func:`onnxfold.paths.plan_output`)."""
+    is also an input folder (see :func:`onnxfold.output_plan.plan_output`)."""
     if dst_dir is not None:
         for folder in (dst_dir, *dst_dir.parents):
             if folder.exists() and not folder.is_dir():
@@ -495,7 +416,7 @@ def _run_pool(options: Options, jobs: list[_Job], shared: bool, runs: dict[str, 
               done: Callable[[], object]) -> None:
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
-    pool = ProcessPoolExecutor(max_workers=options.jobs, initializer=_worker_init)
+    pool = ProcessPoolExecutor(max_workers=options.jobs, initializer=signals.folder_worker)
     try:
         futures = {pool.submit(_folder_job, options, s, d, p, shared): s for s, d, p in jobs}
         for future in as_completed(futures):
@@ -535,10 +456,7 @@ def _folder_summary(options: Options, src_dir: Path, runs: list[ModelRun]) -> in
     else:
         write_json(options.report, data)
     codes = {r.code for r in runs}
-    for code in (EXIT_BUG, EXIT_USAGE, EXIT_VERIFY, EXIT_CHECK):
-        if code in codes:
-            return code
-    return EXIT_OK
+    return next((code for code in WORST_FIRST if code in codes), EXIT_OK)
 
 
 def _table(root: Path, runs: list[ModelRun]) -> str:
@@ -569,8 +487,7 @@ def _cell(text: str, width: int = 48) -> str:
 
 
 def console() -> None:
-    """The ``onnxfold`` console script (``python -m onnxfold`` also installs its signal handlers before
-    this module's imports: see :func:`onnxfold._console`)."""
-    from . import _console
-
-    _console()
+    """``python -m onnxfold`` and the ``onnxfold`` script (``python -m onnxfold`` installs its early
+    signal handlers before any import: see ``onnxfold/__init__``)."""
+    signals.install_early()  # until main() installs the command line's own
+    raise SystemExit(main())

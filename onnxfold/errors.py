@@ -1,9 +1,11 @@
-"""The one exception type of onnxfold's file-level work, and the one-line message for each user error.
+"""Every exception type of onnxfold, and the one-line message for each user error.
 
 :class:`FoldError` is what a user's input or environment causes: a broken or hostile file, a bad option,
 a path that cannot be written, a disk that is full. Its message is one line, the line the command line
-prints after ``onnxfold: error:`` (exit 2). :class:`onnxfold.InputError` and :class:`onnxfold.VerifyError`
-are kinds of it. Any other exception is a bug in onnxfold.
+prints after ``onnxfold: error:`` (exit 2). :class:`InputError` and :class:`VerifyError` are kinds of it.
+:class:`NotFoldable` is a rule declining a fold (a sentence for the report, never an error of the run);
+:class:`OutputBroken` is the written model failing its check (a bug in onnxfold). Any other exception is
+a bug in onnxfold.
 """
 
 from __future__ import annotations
@@ -13,6 +15,22 @@ import errno
 
 class FoldError(Exception):
     """What the user's input or environment causes; ``str()`` is one line saying what and where."""
+
+
+class InputError(FoldError):
+    """A problem with what the user gave us: one line, no traceback, exit code 2."""
+
+
+class VerifyError(FoldError):
+    """Verification could not run (provider missing, bad inputs, a crash): the message says why."""
+
+
+class NotFoldable(Exception):
+    """A fold that is not safe: the message is the sentence the report gives as the reason."""
+
+
+class OutputBroken(Exception):
+    """The model onnxfold wrote does not load: a bug, never exit 0."""
 
 
 _OS_ERRORS = {
@@ -45,3 +63,9 @@ def message(e: BaseException) -> str:
     if isinstance(e, OSError):
         return os_error(e)
     return str(e)
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message, or its type's name when it has none."""
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__

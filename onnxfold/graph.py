@@ -18,47 +18,18 @@ constant nodes nothing reads any more. Nothing else edits the graph.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Collection, Iterable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Collection, Iterable
 
 import numpy as np
 import onnx
 from onnx import helper
 
-from . import constexpr
-from .constants import DEFAULT_DOMAINS, Constants, is_default
-from .io import DataSink
+from . import const_eval
+from .const_resolve import Constants
+from .edit import Edit
+from .protobuf import DEFAULT_DOMAINS, delete_where, is_default, subgraphs
 from .shapes import dims, infer_shapes
-
-
-def subgraphs(node: onnx.NodeProto) -> Iterator[tuple[str, onnx.GraphProto]]:
-    """A node's graph attributes: (attribute name, or name[i] for a list of graphs; the graph)."""
-    for a in node.attribute:
-        if a.type == onnx.AttributeProto.GRAPH:
-            yield a.name, a.g
-        elif a.type == onnx.AttributeProto.GRAPHS:
-            for i, g in enumerate(a.graphs):
-                yield f"{a.name}[{i}]", g
-
-
-@dataclass
-class Edit:
-    """What a fold changes in one graph, by node position; applied by :meth:`ModelView.apply`.
-
-    ``tensors`` are new constants for node inputs: ``{(node, input slot): tensor}``. ``outputs`` and
-    ``inputs`` rewire: node ``n``'s output (input) slot ``k`` takes the name given. ``remove`` lists
-    the nodes that go. ``attributes``, ``op_types`` and ``arity`` change nodes in place (a node with an
-    arity keeps that many inputs and none of its old attributes: it becomes another op).
-    """
-
-    tensors: dict[tuple[int, int], onnx.TensorProto] = field(default_factory=dict)
-    outputs: dict[tuple[int, int], str] = field(default_factory=dict)
-    inputs: dict[tuple[int, int], str] = field(default_factory=dict)
-    remove: list[int] = field(default_factory=list)
-    attributes: dict[int, dict[str, object]] = field(default_factory=dict)
-    op_types: dict[int, str] = field(default_factory=dict)
-    arity: dict[int, int] = field(default_factory=dict)  # keep only this many inputs, drop old attributes
-    names: dict[int, str] = field(default_factory=dict)
+from .tensors import DataSink
 
 
 class GraphView:
@@ -124,7 +95,7 @@ class GraphView:
     def is_output(self, name: str) -> bool:
         return name in self.model.graph_outputs
 
-    # -- constants and types (delegated; see onnxfold.constants and onnxfold.shapes) --------------
+    # -- constants and types (delegated; see onnxfold.const_resolve and onnxfold.shapes) --------------
     def const(self, name: str, what: str) -> np.ndarray:
         return self.constants.value(name, what)
 
@@ -265,7 +236,7 @@ class ModelView:
 
     def evaluate(self, node: onnx.NodeProto, values: dict[str, np.ndarray]) -> list[np.ndarray]:
         """One node on constant inputs, as the ONNX specification says at the model's opset."""
-        return constexpr.evaluate(node, values, self.since_version(node.op_type))
+        return const_eval.evaluate(node, values, self.since_version(node.op_type))
 
     def inferred_shape(self, name: str) -> tuple[int | None, ...] | None:
         """The shape onnx shape inference gives ``name``; inference runs at most once per fold, and only
@@ -286,16 +257,19 @@ class ModelView:
 
     # -- the one edit primitive -------------------------------------------------------------------
     def apply(self, view: GraphView, edit: Edit) -> None:
-        """Apply a fold's edit to ``view``'s graph and keep every book right."""
+        """Apply a fold's edit to ``view``'s graph and keep every book right. Each new value must have
+        its tensor (the driver makes them: ``NewValue.tensor``)."""
         nodes = view.graph.node
-        for n, arity in edit.arity.items():
-            for name in nodes[n].input[arity:]:
-                self._unread(name)
-            del nodes[n].input[arity:]
-            del nodes[n].attribute[:]
-        for (n, slot), tensor in sorted(edit.tensors.items()):
-            view._add_constant(tensor, before=n)
-            self._set_input(view, n, slot, tensor.name)
+        for n, update in edit.updates.items():
+            if update.arity is not None:  # it becomes another op: keep that many inputs, no old attribute
+                for name in nodes[n].input[update.arity:]:
+                    self._unread(name)
+                del nodes[n].input[update.arity:]
+                del nodes[n].attribute[:]
+        for (n, slot), value in sorted(edit.new_values().items()):
+            assert value.tensor is not None, "the driver makes each new value's tensor before the edit"
+            view._add_constant(value.tensor, before=n)
+            self._set_input(view, n, slot, value.tensor.name)
         for (n, slot), name in edit.inputs.items():
             self._set_input(view, n, slot, name)
         for n in edit.remove:
@@ -308,13 +282,13 @@ class ModelView:
             view.producer.pop(nodes[n].output[slot], None)
             nodes[n].output[slot] = name
             view.producer[name] = n
-        for n, attributes in edit.attributes.items():
-            for key, value in attributes.items():
-                _set_attr(nodes[n], key, value)
-        for n, op_type in edit.op_types.items():
-            nodes[n].op_type = op_type
-        for n, name in edit.names.items():
-            nodes[n].name = name
+        for n, update in edit.updates.items():
+            for key, attribute in update.attributes.items():
+                _set_attr(nodes[n], key, attribute)
+            if update.op_type:
+                nodes[n].op_type = update.op_type
+            if update.name is not None:
+                nodes[n].name = update.name
 
     def _set_input(self, view: GraphView, n: int, slot: int, name: str) -> None:
         node = view.graph.node[n]
@@ -403,11 +377,6 @@ def _set_attr(node: onnx.NodeProto, key: str, value: object) -> None:
             del node.attribute[i]
             break
     node.attribute.append(helper.make_attribute(key, value))
-
-
-def delete_where(repeated, predicate) -> None:
-    for i in reversed([i for i, item in enumerate(repeated) if predicate(item)]):
-        del repeated[i]
 
 
 def count_ops(model: onnx.ModelProto, op_type: str) -> int:

@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from onnxfold.affine import NotFoldable
+from .errors import NotFoldable
 
 __all__ = [
     "LAYOUT_OPS",

@@ -12,11 +12,8 @@ from __future__ import annotations
 
 import sys
 
+from .cli import EXIT_CHECK, EXIT_OK, EXIT_USAGE, WORST_FIRST
 from .cli import main as onnxfold_main
-
-# the command line's documented exit codes (README, "What it prints")
-EXIT_OK, EXIT_VERIFY, EXIT_USAGE, EXIT_CHECK, EXIT_BUG = 0, 1, 2, 3, 70
-_WORST_FIRST = (EXIT_BUG, EXIT_USAGE, EXIT_VERIFY, EXIT_CHECK)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     if failed:
         print(f"onnxfold-check: {len(failed)} of {len(files)} model(s) could not be checked: {', '.join(failed)}",
               file=sys.stderr)
-    return next((c for c in _WORST_FIRST if c in codes.values()), EXIT_OK)
+    return next((c for c in WORST_FIRST if c in codes.values()), EXIT_OK)
 
 
 def console() -> None:

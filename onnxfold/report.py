@@ -8,6 +8,11 @@ from dataclasses import asdict, dataclass, field
 MAX_LISTED = 10
 
 
+def a(word: str) -> str:
+    """'a Mul', 'an Add', 'an Identity': the article by the op's first letter (close enough for op names)."""
+    return ("an " if word[:1] in "AEIOU" else "a ") + word
+
+
 @dataclass
 class Folded:
     rule: str

@@ -5,7 +5,7 @@ from __future__ import annotations
 import onnx
 from onnx import helper
 
-from .io import all_graphs, copy_fields
+from .protobuf import all_graphs, copy_fields
 
 # Initializers that shape inference may need the values of (Reshape's shape, Slice's starts ...).
 _SHAPE_LIKE_BYTES = 1024

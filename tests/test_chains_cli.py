@@ -15,7 +15,7 @@ from onnx import helper, numpy_helper
 
 from builders import bn_stats, count
 from checks import cli, session
-from onnxfold.io import DataSink
+from onnxfold.tensors import DataSink
 
 
 def _bn(rng, name, x, y, c):

@@ -87,7 +87,7 @@ def test_verbose_folder_mode_prints_every_model(tmp_path):
 
 CRASH = """
 import sys
-import onnxfold.fold as fold
+import onnxfold.driver as fold
 real = fold.fold_model
 def crash(model, **kw):
     if "boom" in model.graph.name:  # a planted bug, in one model of the folder

@@ -1,4 +1,4 @@
-"""onnxfold.constexpr: every op of CONSTANT_EXPRESSION_OPS, at every version onnx.defs lists, against
+"""onnxfold.const_eval: every op of CONSTANT_EXPRESSION_OPS, at every version onnx.defs lists, against
 onnxruntime (CPU, optimizations off, a one-node model at that opset, inputs as initializers).
 
 Where onnxruntime has no kernel for an old version (it only guarantees opset >= 7) the case carries
@@ -21,8 +21,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from checks import session
 from onnxfold.affine import NotFoldable
-from onnxfold.constants import CONSTANT_EXPRESSION_OPS
-from onnxfold.constexpr import OPS, evaluate
+from onnxfold.const_eval import OPS, evaluate
+from onnxfold.const_resolve import CONSTANT_EXPRESSION_OPS
 
 F32, F16, F64, I64, I32, I8, U8, BOOL = (np.float32, np.float16, np.float64, np.int64, np.int32, np.int8,
                                            np.uint8, np.bool_)
@@ -475,7 +475,7 @@ CONSTANT_PARAMS = [pytest.param(v, name, attrs, id=f"Constant-{v}-{name}")
 
 @pytest.mark.parametrize("v,name,attrs", CONSTANT_PARAMS)
 def test_constant_matches_onnxruntime(v, name, attrs):
-    from onnxfold.constexpr import constant_value
+    from onnxfold.const_eval import constant_value
 
     node = helper.make_node("Constant", [], ["y"], **attrs)
     got = constant_value(node, v)
@@ -496,7 +496,7 @@ def test_constant_matches_onnxruntime(v, name, attrs):
     ({}, "exactly one"),
 ], ids=["strings", "string_tensor", "sparse", "two", "none"])
 def test_constant_declines(attrs, reason):
-    from onnxfold.constexpr import constant_value
+    from onnxfold.const_eval import constant_value
 
     with pytest.raises(NotFoldable, match=reason):
         constant_value(helper.make_node("Constant", [], ["y"], **attrs), 13)
@@ -504,7 +504,7 @@ def test_constant_declines(attrs, reason):
 
 def test_constant_value_float_before_opset_12_is_declined():
     """value_float came with Constant-12; at opset 11 it is not part of the operator."""
-    from onnxfold.constexpr import constant_value
+    from onnxfold.const_eval import constant_value
 
     with pytest.raises(NotFoldable, match="no attribute 'value_float'"):
         constant_value(helper.make_node("Constant", [], ["y"], value_float=1.0), 11)
@@ -519,7 +519,7 @@ COS_PARAMS = [pytest.param(v, shape, value, id=f"ConstantOfShape-{v}-{shape}-{na
 
 @pytest.mark.parametrize("v,shape,value", COS_PARAMS)
 def test_constant_of_shape_matches_onnxruntime(v, shape, value):
-    from onnxfold.constexpr import constant_of_shape
+    from onnxfold.const_eval import constant_of_shape
 
     attrs = {} if value is None else {"value": numpy_helper.from_array(value, "v")}
     node = helper.make_node("ConstantOfShape", ["s"], ["y"], **attrs)
@@ -536,7 +536,7 @@ def test_constant_of_shape_matches_onnxruntime(v, shape, value):
 ])
 def test_constant_of_shape_declines(shape, attrs, reason):
     """Before, a negative dimension reached np.full and crashed with a ValueError."""
-    from onnxfold.constexpr import constant_of_shape
+    from onnxfold.const_eval import constant_of_shape
 
     with pytest.raises(NotFoldable, match=reason):
         constant_of_shape(helper.make_node("ConstantOfShape", ["s"], ["y"], **attrs), a(shape, I64), 13)

@@ -11,7 +11,7 @@ have exactly the expected number of folds and of BatchNormalization left.
 Families run through every entry point at one weight size (4 KiB: above DataSink.THRESHOLD, below
 CACHE_BYTES); a set of families runs at every size through every command-line path, with weights on
 both sides of each size threshold in onnxfold: DataSink.THRESHOLD = 1024 B (512 B, exactly 1 KiB,
-4 KiB), fold.py CACHE_BYTES = 64 KiB (4 KiB, 80 KiB) and the 1 MiB alignment in DataSink._reserve
+4 KiB), const_resolve.py CACHE_BYTES = 64 KiB (4 KiB, 80 KiB) and the 1 MiB alignment in DataSink._reserve
 (80 KiB, 2 MiB).
 
 Issue 12's families (a layout op between Conv and BatchNormalization, Concat of Convs, BatchNormalization
@@ -515,8 +515,8 @@ def test_entry_point(family, entry, size, tmp_path):
 
 def test_size_table_straddles_each_threshold():
     """The sizes above sit on both sides of every threshold they are meant to (guards against drift)."""
-    from onnxfold.constants import CACHE_BYTES
-    from onnxfold.io import DataSink
+    from onnxfold.const_resolve import CACHE_BYTES
+    from onnxfold.tensors import DataSink
 
     conv_bytes = {s: int(np.prod([c[0], c[1], c[2], c[2]])) * 4 for s, (c, _) in SIZES.items()}
     gemm_bytes = {s: g[0] * g[1] * 4 for s, (_, g) in SIZES.items()}

@@ -12,7 +12,9 @@ from onnx import helper, numpy_helper
 from builders import conv_bn_model, count
 from checks import MODELS, cli
 from onnxfold import fold_model, verify
-from onnxfold.io import DataSink, load, write
+from onnxfold.load import load
+from onnxfold.tensors import DataSink
+from onnxfold.write import write
 
 
 def external_model(folder: Path, name="m.onnx", channels=32) -> Path:

@@ -345,8 +345,9 @@ def test_an_unexpected_exception_says_bug_and_exits_70(tmp_path, monkeypatch, ca
 def test_a_written_model_that_does_not_load_is_never_exit_0(tmp_path, monkeypatch, capsys):
     """Exit 0 means the written model passes onnx.checker and loads in onnxruntime: a writer that breaks
     the model (simulated here) is caught before the commit, reported as a bug, and nothing is written."""
-    from onnxfold import api, io
+    from onnxfold import api
     from onnxfold import cli as cli_module
+    from onnxfold import write as io
 
     real_write = io.write
 
@@ -404,7 +405,8 @@ def test_single_file_output_over_the_limit_falls_back_to_external_data_whole(tmp
     data lost the streamed folded weights (onnxruntime: "Node input 'w_folded' is not ... an
     initializer"). The limit is lowered here so a small model takes that path."""
     from onnxfold import cli as cli_module
-    from onnxfold import io, verify
+    from onnxfold import protobuf as io
+    from onnxfold import verify
 
     src = save(conv_bn_model(cin=16, cout=16), tmp_path / "m.onnx")
     monkeypatch.setattr(io, "PROTOBUF_LIMIT", 3000)
@@ -414,28 +416,65 @@ def test_single_file_output_over_the_limit_falls_back_to_external_data_whole(tmp
     assert verify(src, tmp_path / "o.onnx")
 
 
+# Planted in every new Python process whose path starts with the folder this is written to (the
+# verification worker, started from the test's environment): the worker imports onnxfold afresh, so a
+# monkeypatch of the test's own process cannot reach it. Each load is logged with the pid that made it.
+_PLANT = """
+import os
+from pathlib import Path
+
+import onnxfold.output_check as oc
+
+_real = oc._session
+
+
+def _picky(path):
+    with open(os.environ["PLANT_LOG"], "a") as log:
+        log.write(f"{os.getpid()}\\n")
+    if Path(path) != Path(os.environ["PLANT_SRC"]):
+        raise RuntimeError("planted: onnxruntime refuses this model")
+    _real(path)
+
+
+oc._session = _picky
+"""
+
+
 @pytest.mark.parametrize("worker", ["fork", "spawn"])
-def test_a_written_model_onnxruntime_rejects_is_never_exit_0(tmp_path, monkeypatch, capsys, worker):
-    """With --no-verify, the written model is loaded in onnxruntime before the commit, in a child process
-    (fork) or, where forking is not safe, here: one that onnxruntime rejects (simulated) is a bug, exit 70,
-    nothing written; the input, which it accepts, is checked to tell the two apart."""
+def test_a_written_model_onnxruntime_rejects_is_never_exit_0(tmp_path, tmp_path_factory, monkeypatch, capsys, worker):
+    """With --no-verify, the written model is loaded in onnxruntime before the commit, in a child process:
+    forked, or where forking is not safe (the caller imported onnxruntime), the worker process; never in
+    the caller's own process. One that onnxruntime rejects (simulated) is a bug, exit 70, nothing
+    written; the input, which it accepts, is checked to tell the two apart."""
     import importlib
 
     from onnxfold import cli as cli_module
-    from onnxfold import io
+    from onnxfold import output_check as io
 
-    monkeypatch.setattr(importlib.import_module("onnxfold.verify"), "WORKER", worker)
-    real_session = io._session
+    isolation = importlib.import_module("onnxfold.isolation")
+    monkeypatch.setattr(isolation, "WORKER", worker)
     src = save(conv_bn_model(), tmp_path / "m.onnx")
-
-    def picky(path):
-        if Path(path) != src:
-            raise RuntimeError("planted: onnxruntime refuses this model")
-        real_session(path)
-
-    monkeypatch.setattr(io, "_session", picky)
-    code = cli_module.main([str(src), str(tmp_path / "o.onnx"), "--no-verify"])
+    plant = tmp_path_factory.mktemp("plant")
+    log = plant / "loads.log"
+    monkeypatch.setenv("PLANT_LOG", str(log))
+    monkeypatch.setenv("PLANT_SRC", str(src))
+    if worker == "spawn":  # a fresh worker, with the plant on its path
+        (plant / "sitecustomize.py").write_text(_PLANT)
+        monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(plant), os.environ.get("PYTHONPATH", "")]))
+        isolation._stop_worker()
+    else:  # the forked child is a copy of this process, the patch included
+        real = io._session
+        exec(_PLANT, {})  # replaces io._session: put it back, and patch it the undoable way
+        planted, io._session = io._session, real
+        monkeypatch.setattr(io, "_session", planted)
+    try:
+        code = cli_module.main([str(src), str(tmp_path / "o.onnx"), "--no-verify"])
+    finally:
+        if worker == "spawn":
+            isolation._stop_worker()  # the next test's worker starts without the plant
     err = capsys.readouterr().err
     assert code == 70, err
     assert "onnxruntime rejects the written model, though it accepts the input: planted" in err
     nothing_at(tmp_path, "m.onnx")
+    pids = {int(line) for line in log.read_text().split()}
+    assert len(pids) >= 1 and os.getpid() not in pids  # isolated: never loaded in the caller's process

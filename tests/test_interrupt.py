@@ -191,7 +191,8 @@ def test_killing_an_in_place_fold_leaves_the_old_model_or_the_new_one(tmp_path):
 def test_commit_interrupted_between_any_two_steps_leaves_a_whole_model(tmp_path, monkeypatch):
     """Deterministic: the process dies right after each rename/unlink of the commit in turn (simulated by
     raising from the next one). At every point OUT (= IN) loads: the old model or the new one."""
-    from onnxfold import fold_file, io
+    from onnxfold import commit as io
+    from onnxfold import fold_file
 
     class Died(BaseException):
         pass

@@ -8,7 +8,7 @@ import pytest
 from builders import count
 from checks import MODELS
 from onnxfold import fold_model, verify
-from onnxfold.io import load
+from onnxfold.load import load
 
 MANIFEST = json.loads((MODELS / "manifest.json").read_text())
 

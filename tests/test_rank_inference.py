@@ -10,7 +10,7 @@ import onnx
 import pytest
 from onnx import helper, numpy_helper
 
-import onnxfold.constants
+import onnxfold.const_resolve
 from builders import bn_stats, conv_bn_model
 from onnxfold import fold_model
 
@@ -80,13 +80,13 @@ def test_no_inference_when_no_rule_needs_a_rank(inference_calls):
 def test_weights_are_not_read_for_a_matmul_declined_on_rank(monkeypatch):
     model = transformer_like()
     read = []
-    real = onnxfold.constants.Constants.value
+    real = onnxfold.const_resolve.Constants.value
 
     def spy(self, name, what):
         read.append(name)
         return real(self, name, what)
 
-    monkeypatch.setattr(onnxfold.constants.Constants, "value", spy)
+    monkeypatch.setattr(onnxfold.const_resolve.Constants, "value", spy)
     _, report = fold_model(model)
     assert len(report.declined) == 4 and not report.folded
     assert not [n for n in read if n.startswith("w")]

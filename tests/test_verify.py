@@ -13,7 +13,7 @@ from onnx import TensorProto, helper, numpy_helper
 from builders import conv_bn_model
 from checks import child_env, cli
 from onnxfold import VerifyError, fold_model, verify
-from onnxfold.verify import compare, make_inputs, parse_shape
+from onnxfold.verification import compare, make_inputs, parse_shape
 
 HAS_CUDA = "CUDAExecutionProvider" in ort.get_available_providers()
 

@@ -15,9 +15,10 @@ from onnx import TensorProto, helper, numpy_helper
 from builders import bn_stats, conv_bn_model, tensor
 from checks import MODELS, child_env, cli
 from onnxfold import VerifyError, fold_model, verify
-from onnxfold.verify import annotate, batch_norm, make_inputs
+from onnxfold.verification import annotate, batch_norm, make_inputs
 
-verify_module = importlib.import_module("onnxfold.verify")  # the package's `verify` is the function
+planning = importlib.import_module("onnxfold.verification.planning")
+reference = importlib.import_module("onnxfold.verification.reference")
 
 def _set(model, name, array):
     t = next(t for t in model.graph.initializer if t.name == name)
@@ -82,7 +83,7 @@ def test_reference_batchnorm_is_the_spec_in_inference_mode(opset, attrs, outputs
     graph = helper.make_graph([node], "bn", [helper.make_tensor_value_info("x", TensorProto.DOUBLE, x.shape)],
                               [helper.make_tensor_value_info("y", TensorProto.DOUBLE, None)], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
-    (y,) = ReferenceEvaluator(model, new_ops=verify_module._reference_ops()).run(None, {"x": x})
+    (y,) = ReferenceEvaluator(model, new_ops=reference.reference_ops()).run(None, {"x": x})
     means = mean.astype(np.float32) if opset == 15 else mean
     varis = var.astype(np.float32) if opset == 15 else var
     expected = _np_bn(x, gamma, beta, means, varis, float(np.float32(attrs.get("epsilon", 1e-5))), stat_shape)
@@ -405,7 +406,7 @@ def test_per_fold_exposure_is_skipped_with_a_note_near_the_protobuf_limit(monkey
     model.graph.output[0].name = "z"
     folded, report = fold_model(model)
     assert len(verify(model, folded, folds=report.folded).results[0].folds) == 1
-    monkeypatch.setattr(verify_module, "PROTOBUF_LIMIT", model.ByteSize() + 4)
+    monkeypatch.setattr(planning, "PROTOBUF_LIMIT", model.ByteSize() + 4)
     result = verify(model, folded, folds=report.folded)
     assert result and not result.results[0].folds
     assert any("2 GiB" in n for n in result.notes)
@@ -436,7 +437,7 @@ def test_a_model_onnxruntime_refuses_with_extra_outputs_is_verified_without_them
     model.graph.node.append(helper.make_node("Relu", ["y"], ["z"]))
     model.graph.output[0].name = "z"
     folded, report = fold_model(model)
-    monkeypatch.setitem(verify_module._ELEM_TYPES, "float32", TensorProto.DOUBLE)  # a wrong declared type
+    monkeypatch.setitem(planning.ELEM_TYPES, "float32", TensorProto.DOUBLE)  # a wrong declared type
     result = verify(model, folded, folds=report.folded)
     assert result and not result.results[0].folds
     assert result.results[0].engine.startswith("onnxruntime")
@@ -465,8 +466,8 @@ def test_node_outputs_read_from_the_wire_format_match_the_parsed_model(name):
     """The folded file's tensor names are read without parsing its weights: the same set as onnx.load's."""
     path = MODELS / name
     model = onnx.load(str(path), load_external_data=False)
-    names = verify_module._main_outputs(str(path))
-    assert names == verify_module._main_outputs(model) and len(names) == len(model.graph.node) > 5
+    names = planning.main_outputs(str(path))
+    assert names == planning.main_outputs(model) and len(names) == len(model.graph.node) > 5
 
 
 def test_a_fold_whose_tensor_a_later_fold_changes_again_is_not_compared_there():

@@ -12,10 +12,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from .base import Match, NewValue, Rewrite, Rule, Update
+from ..edit import Edit, NewValue, Update
+from .base import Match, Rule
 from .bias import BiasAddRule
 from .concat import ConcatRule
-from .consumers import CONSUMERS, DEFAULT_EPSILON, Consumer
+from .consumers import CONSUMERS, Consumer
 from .input_side import TARGETS, InputAffineRule
 from .pair import PairRule
 from .producers import PRODUCERS, Producer
@@ -41,8 +42,8 @@ SHARED_DECLINES = (
     "shapes or dtypes that do not match",
 )
 
-__all__ = ["RULES", "RuleSet", "Rule", "Match", "Rewrite", "Update", "NewValue", "Producer", "Consumer",
-           "PRODUCERS", "CONSUMERS", "DEFAULT_EPSILON", "SHARED_DECLINES", "rule_names", "select_rules",
+__all__ = ["RULES", "RuleSet", "Rule", "Match", "Edit", "Update", "NewValue", "Producer", "Consumer",
+           "PRODUCERS", "CONSUMERS", "SHARED_DECLINES", "rule_names", "select_rules",
            "describe_rules"]
 
 

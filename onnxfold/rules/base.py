@@ -1,11 +1,12 @@
 """What a rule is, what it may ask of the graph, and what it gives back.
 
-A rule is anchored at an op type. The driver (:mod:`onnxfold.fold`) offers it each node of that type;
+A rule is anchored at an op type. The driver (:mod:`onnxfold.driver`) offers it each node of that type;
 ``match`` looks at the graph's structure only and returns a :class:`Match` (which nodes fold, which
 values the fold removes, how the graph is rewired) or a sentence saying why there is nothing to fold.
 The driver then checks what every rule shares (the values the fold removes have no other reader and
-are not graph outputs), calls ``fold`` for the new values (float64, or :class:`~onnxfold.affine.RowScaled`
-made a block at a time), casts them once to the model's dtype and applies the edit. ``fold`` raises
+are not graph outputs), calls ``fold`` for the edit (:class:`~onnxfold.edit.Edit`: new values in float64,
+or :class:`~onnxfold.affine.RowScaled` made a block at a time), casts them once to the model's dtype and
+applies the edit. ``fold`` raises
 :class:`~onnxfold.affine.NotFoldable` with a sentence when the fold is not safe.
 """
 
@@ -20,11 +21,10 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from ..affine import NotFoldable, RowScaled
+from ..edit import Edit, Update
+from ..errors import NotFoldable
 
 FLOAT_TYPES = ("float16", "bfloat16", "float32", "float64")
-
-Value = np.ndarray | RowScaled  # a folded value in float64, before the cast to the model's dtype
 
 
 class GraphQuery(Protocol):
@@ -65,26 +65,6 @@ class GraphQuery(Protocol):
 
 
 @dataclass
-class NewValue:
-    """A folded input of a node: its float64 value, what it is (for messages), a hint for its name."""
-
-    value: Value
-    what: str
-    hint: str
-
-
-@dataclass
-class Update:
-    """What a fold changes in one node: new inputs by slot, attributes, maybe its op type."""
-
-    inputs: dict[int, NewValue]
-    attributes: dict[str, object] = field(default_factory=dict)
-    op_type: str | None = None  # a producer may become another op (MatMul + bias -> Gemm)
-    arity: int | None = None  # keep only this many inputs (and drop every old attribute)
-    name: str | None = None  # a new node name (a node that becomes another op)
-
-
-@dataclass
 class Match:
     """A candidate fold, found from the graph's structure alone (node positions in one graph)."""
 
@@ -104,21 +84,9 @@ class Match:
     kept: set[str] = field(default_factory=set)  # values of ``between`` that stay, with new content:
     #                                              Shape and Size nodes may read them as well
 
-    def rewrite(self, dtype: np.dtype, updates: dict[int, Update]) -> Rewrite:
+    def edit(self, dtype: np.dtype, updates: dict[int, Update]) -> Edit:
         """The edit this match plans, with the rule's new values."""
-        return Rewrite(dtype, updates, list(self.remove), dict(self.outputs), dict(self.inputs))
-
-
-@dataclass
-class Rewrite:
-    """A rule's edit: an :class:`Update` per node position (values cast to ``dtype``), the nodes that go,
-    and the outputs and inputs that take new names (usually what the :class:`Match` planned)."""
-
-    dtype: np.dtype
-    updates: dict[int, Update]
-    remove: list[int] = field(default_factory=list)
-    outputs: dict[tuple[int, int], str] = field(default_factory=dict)
-    inputs: dict[tuple[int, int], str] = field(default_factory=dict)
+        return Edit(dtype, updates, list(self.remove), dict(self.outputs), dict(self.inputs))
 
 
 class Rule(ABC):
@@ -134,7 +102,7 @@ class Rule(ABC):
         """The fold anchored at node ``i``, or why there is none ("" when there is nothing to say)."""
 
     @abstractmethod
-    def fold(self, g: GraphQuery, m: Match) -> Rewrite:
+    def fold(self, g: GraphQuery, m: Match) -> Edit:
         """The folded values; NotFoldable with a sentence when the fold is not safe."""
 
 

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..affine import NotFoldable
-from ..constants import is_default
-from .base import GraphQuery, Match, NewValue, Rewrite, Rule, Update, attr, check_float
+from ..edit import Edit, NewValue, Update
+from ..errors import NotFoldable
+from ..protobuf import is_default
+from .base import GraphQuery, Match, Rule, attr, check_float
 from .consumers import ArithmeticConsumer
 from .producers import bias_hint
 
@@ -50,7 +51,7 @@ class BiasAddRule(Rule):
             )
         return ""
 
-    def fold(self, g: GraphQuery, m: Match) -> Rewrite:
+    def fold(self, g: GraphQuery, m: Match) -> Edit:
         p, c = g.node(m.upstream), g.node(m.downstream)
         what = "Gemm C" if p.op_type == "Gemm" else f"{p.op_type} bias"
         bias = g.const(p.input[2], what) if len(p.input) > 2 and p.input[2] else None
@@ -66,7 +67,7 @@ class BiasAddRule(Rule):
         dtype = (bias if bias is not None else operand).dtype
         if p.op_type != "Gemm":
             b = np.zeros(channels) if bias is None else np.asarray(bias, np.float64)
-            return m.rewrite(dtype, {m.upstream: Update({2: NewValue(b + shift, "bias", bias_hint(p))})})
+            return m.edit(dtype, {m.upstream: Update({2: NewValue(b + shift, "bias", bias_hint(p))})})
         beta = float(attr(p, "beta", 1.0))
         b = np.zeros(channels)
         if bias is not None:
@@ -75,7 +76,7 @@ class BiasAddRule(Rule):
         if bias is not None and bias.ndim == 2:
             new = new.reshape(1, -1)
         update = Update({2: NewValue(new, "bias", bias_hint(p))}, attributes={"beta": 1.0})
-        return m.rewrite(dtype, {m.upstream: update})
+        return m.edit(dtype, {m.upstream: update})
 
 
 def _channels(g: GraphQuery, p, bias: np.ndarray | None) -> int:

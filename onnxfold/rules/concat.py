@@ -9,12 +9,12 @@ The Concat stays and writes the affine's output name; the affine goes.
 
 from __future__ import annotations
 
-import numpy as np
-
-from ..affine import NotFoldable
-from ..constants import a, is_default
+from ..edit import Edit
+from ..errors import NotFoldable
 from ..layout import check_channel_axis, split_affine
-from .base import GraphQuery, Match, Rewrite, Rule, attr
+from ..protobuf import is_default
+from ..report import a
+from .base import GraphQuery, Match, Rule, attr
 from .consumers import Consumer
 from .producers import PRODUCER_BY_OP, producer_of
 
@@ -57,7 +57,7 @@ class ConcatRule(Rule):
             )
         return ""
 
-    def fold(self, g: GraphQuery, m: Match) -> Rewrite:
+    def fold(self, g: GraphQuery, m: Match) -> Edit:
         concat, c = g.node(m.upstream), g.node(m.downstream)
         shift_only = self.consumer.shift_only(c, m.data_index)
         parts = [(pi, PRODUCER_BY_OP[g.node(pi).op_type]) for pi in m.upstreams]
@@ -74,8 +74,5 @@ class ConcatRule(Rule):
                                             first.axis)
         updates = {}
         for (pi, producer), w, (s, t) in zip(parts, weights, split_affine(scale, shift, [w.channels for w in weights])):
-            if not w.takes_shift and np.any(t):
-                raise NotFoldable(f"{g.node(pi).op_type} output has rank {w.rank}: it has no bias to take the shift")
-            updates[pi] = producer.fold(g.node(pi), w, s, t)
-            updates.update(producer.inner_updates(w, s))
-        return m.rewrite(first.dtype, updates)
+            updates.update(producer.absorb(pi, g.node(pi), w, s, t))
+        return m.edit(first.dtype, updates)

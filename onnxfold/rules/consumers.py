@@ -11,11 +11,11 @@ from abc import ABC, abstractmethod
 import numpy as np
 import onnx
 
-from ..affine import NotFoldable, bn_affine
+from ..affine import DEFAULT_EPSILON, bn_affine
+from ..errors import NotFoldable
 from .base import GraphQuery, attr, check_float
 
 # BatchNormalization's epsilon attribute is a float32: its default is float32(1e-5), as a written 1e-5 reads back
-DEFAULT_EPSILON = float(np.float32(1e-5))
 
 
 class Consumer(ABC):

@@ -18,10 +18,11 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from ..affine import NotFoldable
 from ..affine_input import conv_input_affine, gemm_input_affine, matmul_input_affine
-from ..constants import is_default
-from .base import GraphQuery, Match, NewValue, Rewrite, Rule, Update, attr
+from ..edit import Edit, NewValue, Update
+from ..errors import NotFoldable
+from ..protobuf import is_default
+from .base import GraphQuery, Match, Rule, attr
 from .consumers import Consumer
 from .producers import bias_hint, conv_constants, matrix_weight
 
@@ -67,12 +68,12 @@ class InputAffineRule(Rule):
                 )
         return ""
 
-    def fold(self, g: GraphQuery, m: Match) -> Rewrite:
+    def fold(self, g: GraphQuery, m: Match) -> Edit:
         a, node = g.node(m.upstream), g.node(m.downstream)
         _check_keeps_shape(g, a, m.data_index)
         fold = {"Conv": _into_conv, "Gemm": _into_gemm, "MatMul": _into_matmul}[self.target]
         dtype, update = fold(g, self.consumer, a, m.data_index, node)
-        return m.rewrite(dtype, {m.downstream: update})
+        return m.edit(dtype, {m.downstream: update})
 
 
 def _check_keeps_shape(g: GraphQuery, a: onnx.NodeProto, d: int) -> None:

@@ -14,10 +14,12 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from ..affine import NotFoldable
-from ..constants import a, is_default
+from ..edit import Edit, NewValue, Update
+from ..errors import NotFoldable
 from ..layout import LAYOUT_OPS, follow_layout
-from .base import GraphQuery, Match, NewValue, Rewrite, Rule, Update
+from ..protobuf import is_default
+from ..report import a
+from .base import GraphQuery, Match, Rule
 from .consumers import Consumer
 from .producers import Producer, Weights
 
@@ -84,7 +86,7 @@ class PairRule(Rule):
     def _is_producer(self, g: GraphQuery, node: onnx.NodeProto) -> bool:
         return is_default(node) and self.producer.is_producer(g, node)
 
-    def fold(self, g: GraphQuery, m: Match) -> Rewrite:
+    def fold(self, g: GraphQuery, m: Match) -> Edit:
         p, c = g.node(m.upstream), g.node(m.downstream)
         w = self.producer.weights(g, p, shift_only=self.consumer.shift_only(c, m.data_index))
         rank, axis = follow_path(g, m.path, p, w)
@@ -94,16 +96,13 @@ class PairRule(Rule):
             raise NotFoldable(f"{p.op_type} output has rank {w.rank}: its channels are on axis {axis}{where}, "
                               f"the {c.op_type}'s on axis {fixed}")
         scale, shift = self.consumer.affine(g, c, m.data_index, w.channels, rank, axis)
-        if w.takes_shift or not np.any(shift):
-            return m.rewrite(w.dtype, {m.upstream: self.producer.fold(p, w, scale, shift),
-                                       **self.producer.inner_updates(w, scale)})
-        if not self.consumer.becomes_add:
-            raise NotFoldable(f"{p.op_type} output has rank {w.rank}: it has no bias to take the shift")
+        if w.takes_shift or not np.any(shift) or not self.consumer.becomes_add:
+            return m.edit(w.dtype, self.producer.absorb(m.upstream, p, w, scale, shift))
         # The producer takes the scale; the shift stays behind as an Add in the consumer's place.
         shaped = shift.reshape(-1, *([1] * (rank - axis - 1)))
         add = Update({1: NewValue(shaped, "shift", c.output[0] + "_shift")}, op_type="Add", arity=2,
                      name=f"{c.name}/shift" if c.name else "")
-        return Rewrite(w.dtype, {m.upstream: self.producer.fold(p, w, scale, np.zeros_like(shift)),
+        return Edit(w.dtype, {**self.producer.absorb(m.upstream, p, w, scale, np.zeros_like(shift)),
                                  m.downstream: add})
 
 

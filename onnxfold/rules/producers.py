@@ -14,9 +14,11 @@ from typing import Generic, TypeVar
 import numpy as np
 import onnx
 
-from ..affine import NotFoldable, RowScaled, fold_bias, scale_columns, scale_conv_transpose_weight, scale_conv_weight
-from ..constants import is_default
-from .base import GraphQuery, NewValue, Update, attr, check_float
+from ..affine import RowScaled, fold_bias, scale_columns, scale_conv_transpose_weight, scale_conv_weight
+from ..edit import NewValue, Update
+from ..errors import NotFoldable
+from ..protobuf import is_default
+from .base import GraphQuery, attr, check_float
 
 
 @dataclass
@@ -61,7 +63,7 @@ class Producer(ABC, Generic[W]):
         ``shift_only``: the affine is a pure shift (an Add), so a producer without a bias declines early."""
 
     @abstractmethod
-    def fold(self, node: onnx.NodeProto, w: W, scale: np.ndarray, shift: np.ndarray) -> Update:
+    def update(self, node: onnx.NodeProto, w: W, scale: np.ndarray, shift: np.ndarray) -> Update:
         """The node's new inputs for ``y * scale + shift`` on its output channels."""
 
     def is_producer(self, g: GraphQuery, node: onnx.NodeProto) -> bool:
@@ -76,6 +78,14 @@ class Producer(ABC, Generic[W]):
     def inner_updates(self, w: W, scale: np.ndarray) -> dict[int, Update]:
         """Updates of the other nodes of a producer of several nodes, by position."""
         return {}
+
+    def absorb(self, at: int, node: onnx.NodeProto, w: W, scale: np.ndarray, shift: np.ndarray) -> dict[int, Update]:
+        """The updates that make the producer at position ``at`` take ``y * scale + shift`` (its own and
+        those of the nodes inside it): the tail every producer-side rule shares. NotFoldable when there
+        is a shift and the producer has no bias to take it."""
+        if not w.takes_shift and np.any(shift):
+            raise NotFoldable(f"{node.op_type} output has rank {w.rank}: it has no bias to take the shift")
+        return {at: self.update(node, w, scale, shift), **self.inner_updates(w, scale)}
 
 
 def conv_constants(g: GraphQuery, node: onnx.NodeProto) -> tuple[np.ndarray, np.ndarray | None]:
@@ -119,7 +129,7 @@ class ConvProducer(Producer[Weights]):
             raise NotFoldable(f"Conv weight has {w.shape[0]} output channels, not divisible by group={group}")
         return Weights(w, b, channels=w.shape[0], rank=w.ndim)
 
-    def fold(self, node, w, scale, shift):
+    def update(self, node, w, scale, shift):
         return Update({1: NewValue(scale_conv_weight(w.weight, scale), "weight", node.input[1]),
                        2: NewValue(fold_bias(w.bias, scale, shift), "bias", bias_hint(node))})
 
@@ -143,7 +153,7 @@ class ConvTransposeProducer(Producer[GroupedWeights]):
             raise NotFoldable(f"ConvTranspose weight has {w.shape[0]} input channels, not divisible by group={group}")
         return GroupedWeights(w, b, channels=w.shape[1] * group, rank=w.ndim, group=group)
 
-    def fold(self, node, w, scale, shift):
+    def update(self, node, w, scale, shift):
         return Update({1: NewValue(scale_conv_transpose_weight(w.weight, scale, w.group), "weight", node.input[1]),
                        2: NewValue(fold_bias(w.bias, scale, shift), "bias", bias_hint(node))})
 
@@ -186,7 +196,7 @@ class GemmProducer(Producer[GemmWeights]):
         return GemmWeights(b, c, channels=n, rank=2, trans_b=trans_b, beta=float(attr(node, "beta", 1.0)),
                            c_shape=None if c is None else tuple(c.shape))
 
-    def fold(self, node, w, scale, shift):
+    def update(self, node, w, scale, shift):
         if w.trans_b:
             b: RowScaled = RowScaled(w.weight, lambda i, j: scale[i:j].reshape(-1, 1))
         else:
@@ -227,7 +237,7 @@ class MatMulProducer(Producer[Weights]):
         w = matrix_weight(g, node, "MatMul weight")
         return Weights(w, None, channels=w.shape[1], rank=rank, axis=rank - 1, takes_shift=rank == 2)
 
-    def fold(self, node, w, scale, shift):
+    def update(self, node, w, scale, shift):
         weight = NewValue(scale_columns(w.weight, scale), "weight", node.input[1])
         if not w.takes_shift:
             return Update({1: weight})
@@ -290,7 +300,7 @@ class LinearProducer(Producer[LinearWeights]):
         return LinearWeights(w, b, channels=n, rank=rank, axis=rank - 1, matmul=mi, weight_name=matmul.input[1],
                              bias_slot=slot, bias_shape=tuple(b.shape))
 
-    def fold(self, node, w, scale, shift):
+    def update(self, node, w, scale, shift):
         bias = (np.asarray(w.bias, np.float64).reshape(-1) * scale + shift).reshape(w.bias_shape)
         return Update({w.bias_slot: NewValue(bias, "bias", node.input[w.bias_slot])})
 

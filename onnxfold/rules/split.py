@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..affine import NotFoldable
-from ..constants import is_default
+from ..edit import Edit
+from ..errors import NotFoldable
 from ..layout import check_channel_axis, split_slices
-from .base import GraphQuery, Match, Rewrite, Rule, attr
+from ..protobuf import is_default
+from .base import GraphQuery, Match, Rule, attr
 from .consumers import CONSUMERS, Consumer
 from .producers import PRODUCER_BY_OP, producer_of
 
@@ -69,7 +70,7 @@ class SplitRule(Rule):
                     break
         return found
 
-    def fold(self, g: GraphQuery, m: Match) -> Rewrite:
+    def fold(self, g: GraphQuery, m: Match) -> Edit:
         p, split = g.node(m.upstream), g.node(m.downstream)
         producer = PRODUCER_BY_OP[p.op_type]
         w = producer.weights(g, p)
@@ -85,9 +86,7 @@ class SplitRule(Rule):
                                   f"{consumer.fixed_axis}")
             lo, hi = slices[k]
             scale[lo:hi], shift[lo:hi] = consumer.affine(g, c, d, hi - lo, w.rank, w.axis)
-        if not w.takes_shift and np.any(shift):
-            raise NotFoldable(f"{p.op_type} output has rank {w.rank}: it has no bias to take the shift")
-        return m.rewrite(w.dtype, {m.upstream: producer.fold(p, w, scale, shift), **producer.inner_updates(w, scale)})
+        return m.edit(w.dtype, producer.absorb(m.upstream, p, w, scale, shift))
 
 
 def _sizes(g: GraphQuery, split) -> np.ndarray | None:

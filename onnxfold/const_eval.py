@@ -33,11 +33,11 @@ import onnx
 from ml_dtypes import bfloat16
 from onnx import TensorProto, helper
 
-from .affine import NotFoldable
+from .errors import NotFoldable
+from .protobuf import DEFAULT_DOMAINS
 
 __all__ = ["evaluate", "cast", "constant_value", "constant_of_shape", "OPS"]
 
-DOMAINS = ("", "ai.onnx")
 MAX_ELEMENTS = 1 << 26  # an expression that makes more than this is not a weight or a statistic
 
 _BF16 = np.dtype(bfloat16)
@@ -509,7 +509,7 @@ def evaluate(node: onnx.NodeProto, values: dict[str, np.ndarray], since_version:
     Anything not evaluated exactly as specified raises :class:`NotFoldable` with a sentence.
     """
     label = f"the constant {node.op_type} node '{node.name}'" if node.name else f"a constant {node.op_type} node"
-    if node.domain not in DOMAINS or node.op_type not in OPS:
+    if node.domain not in DEFAULT_DOMAINS or node.op_type not in OPS:
         raise NotFoldable(f"{label} is not an operator evaluated here")
     try:
         inputs = [np.asarray(values[n]) if n else None for n in node.input]

@@ -5,31 +5,33 @@ A value is constant when it is, in this graph or an enclosing one:
 - an initializer, unless it is also a graph input in IR >= 4 (then it can be fed at run time);
 - made by a Constant node, or by ConstantOfShape of a constant shape;
 - made by an op of :data:`CONSTANT_EXPRESSION_OPS` from constants, evaluated exactly as the ONNX
-  specification says at the model's opset (:mod:`onnxfold.constexpr`; what it cannot evaluate exactly
+  specification says at the model's opset (:mod:`onnxfold.const_eval`; what it cannot evaluate exactly
   is declined with the reason). Exporters compute biases and transposed weights this way: torch's
   dynamo exporter makes a bias-free Conv's zero bias with Shape -> Expand -> CastLike;
 - a tensor an earlier fold of this run wrote, wherever it was written (the output's data file
-  included: :func:`onnxfold.io.read_tensor` asks the sink).
+  included: :func:`onnxfold.tensors.read_tensor` asks the sink).
+
+It asks the graph through :class:`Scope`, a narrow protocol that :class:`onnxfold.graph.GraphView`
+implements; this module does not import the graph view.
 
 Small values (statistics, shapes) are kept once read; weights are read when asked and not held.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Collection
+from typing import Protocol
 
 import numpy as np
 import onnx
 from onnx import helper
 
-from . import constexpr
-from .affine import NotFoldable
-from .io import read_tensor
+from . import const_eval
+from .errors import NotFoldable
+from .protobuf import is_default
+from .report import a
+from .tensors import DataSink, read_tensor
 
-if TYPE_CHECKING:
-    from .graph import GraphView
-
-DEFAULT_DOMAINS = constexpr.DOMAINS  # the ai.onnx domain, by either name
 CONSTANT_EXPRESSION_OPS = frozenset(
     "Identity Cast CastLike Shape Size Slice Expand Concat Reshape Unsqueeze Squeeze Flatten Transpose "
     "Gather Tile Range Add Sub Mul Div Neg Sqrt Reciprocal".split()
@@ -38,20 +40,48 @@ CONSTANT_MAKERS = CONSTANT_EXPRESSION_OPS | {"Constant", "ConstantOfShape"}
 CACHE_BYTES = 1 << 16
 
 
-def is_default(node: onnx.NodeProto) -> bool:
-    """Whether a node is of the default (ai.onnx) domain."""
-    return node.domain in DEFAULT_DOMAINS
+class ModelScope(Protocol):
+    """What constant resolution asks of the model (:class:`onnxfold.graph.ModelView` answers)."""
+
+    @property
+    def base_dir(self) -> object: ...  # where external data files are
+    @property
+    def sink(self) -> DataSink | None: ...
+    @property
+    def ir_version(self) -> int: ...
+    @property
+    def bound_at_call(self) -> Collection[str]: ...  # a function body's inputs, constants when matching
+
+    def since_version(self, op_type: str) -> int: ...
+
+    def evaluate(self, node: onnx.NodeProto, values: dict[str, np.ndarray]) -> list[np.ndarray]: ...
 
 
-def a(word: str) -> str:
-    """'a Mul', 'an Add', 'an Identity': the article by the op's first letter (close enough for op names)."""
-    return ("an " if word[:1] in "AEIOU" else "a ") + word
+class Scope(Protocol):
+    """What constant resolution asks of one graph (:class:`onnxfold.graph.GraphView` answers)."""
+
+    @property
+    def model(self) -> ModelScope: ...
+    @property
+    def parent(self) -> Scope | None: ...  # the enclosing graph
+    @property
+    def constants(self) -> Constants: ...  # the enclosing graph's own cache
+    @property
+    def graph(self) -> onnx.GraphProto: ...
+    @property
+    def init(self) -> dict[str, int]: ...  # initializer positions by name
+    @property
+    def producer(self) -> dict[str, int]: ...  # node positions by the values they make
+    @property
+    def inputs(self) -> Collection[str]: ...
+
+    def elem_type(self, name: str) -> int: ...
 
 
 class Constants:
     """The constants visible in one graph (and, through its parent, in the graphs around it)."""
 
-    def __init__(self, view: GraphView):
+    def __init__(self, view: Scope):
         self.view = view
         self._cache: dict[str, np.ndarray] = {}
 
@@ -61,7 +91,7 @@ class Constants:
 
     def value(self, name: str, what: str) -> np.ndarray:
         """The value of a constant tensor, or NotFoldable saying why it is not one (``what`` names it)."""
-        view: GraphView | None = self.view
+        view: Scope | None = self.view
         while view is not None:
             here = view.constants
             if name in here._cache:
@@ -91,7 +121,7 @@ class Constants:
         since = model.since_version(node.op_type)
         if op == "Constant":
             try:
-                return constexpr.constant_value(node, since, lambda t: read_tensor(t, model.base_dir))
+                return const_eval.constant_value(node, since, lambda t: read_tensor(t, model.base_dir))
             except NotFoldable as e:
                 raise NotFoldable(f"{what} '{name}' is a Constant node that is not folded: {e}") from None
         if op == "ConstantOfShape":
@@ -99,7 +129,7 @@ class Constants:
                 raise NotFoldable(f"{what} '{name}' is made by a ConstantOfShape node without a shape")
             shape = self.value(node.input[0], f"shape of {what}")
             try:
-                return constexpr.constant_of_shape(node, shape, since)
+                return const_eval.constant_of_shape(node, shape, since)
             except NotFoldable as e:
                 raise NotFoldable(f"{what} '{name}' is made by a ConstantOfShape node that is not folded: "
                                   f"{e}") from None
@@ -135,7 +165,7 @@ class Constants:
             return False
         if name in self.view.model.bound_at_call:
             return True
-        view: GraphView | None = self.view
+        view: Scope | None = self.view
         while view is not None:
             if name in view.init:
                 return not view.constants.overridable(name)

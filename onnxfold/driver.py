@@ -18,11 +18,14 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .affine import NotFoldable, RowScaled, iter_cast
-from .graph import Edit, GraphView, ModelView, count_ops, is_default
-from .io import DataSink
+from .affine import RowScaled, iter_cast
+from .edit import Edit
+from .errors import NotFoldable
+from .graph import GraphView, ModelView, count_ops
+from .protobuf import is_default
 from .report import Declined, Folded, FoldReport, Left
-from .rules import Match, Rewrite, Rule, RuleSet
+from .rules import Match, Rule, RuleSet
+from .tensors import DataSink
 
 MAX_ROUNDS = 16
 
@@ -35,7 +38,7 @@ def fold_model(
     """Fold every safe producer -> consumer pair. Returns the folded model and a :class:`FoldReport`.
 
     The argument is left untouched unless ``copy=False``. ``base_dir`` is the model's folder, for
-    tensors whose external data has not been loaded; ``sink`` (an :class:`onnxfold.io.DataSink`)
+    tensors whose external data has not been loaded; ``sink`` (an :class:`onnxfold.tensors.DataSink`)
     receives large folded tensors as they are made, so no more than one weight is in memory at a time.
     """
     if not isinstance(model, onnx.ModelProto):
@@ -86,16 +89,16 @@ def _fold_graph(g: GraphView, rules: RuleSet, report: FoldReport) -> int:
         rule, m = found
         try:
             _check_single_reader(g, m)
-            rewrite = rule.fold(g, m)
-            tensors, biggest = _materialize(g, rewrite)
+            edit = rule.fold(g, m)
+            first, biggest = _materialize(g, edit)
         except NotFoldable as e:
             report.declined.append(Declined(rule.name, g.label(m.upstream), g.label(m.downstream), g.path, str(e)))
             continue
         removed = g.node(m.affine).op_type
-        g.model.apply(g, _edit(rewrite, tensors))
+        g.model.apply(g, edit)
         _mark_changed(report, g, m, rule.name)
         report.folded.append(Folded(rule.name, g.label(m.upstream), g.label(m.downstream), g.path,
-                                    str(np.dtype(rewrite.dtype)), tensors[min(tensors)].name, biggest, m.output,
+                                    str(np.dtype(edit.dtype)), first, biggest, m.output,
                                     removed=removed))
         folded += 1
     return folded
@@ -109,13 +112,6 @@ def _mark_changed(report: FoldReport, g: GraphView, m: Match, rule: str) -> None
     for record in report.folded:
         if record.graph == g.path and record.output in changed and not record.changed_later:
             record.changed_later = rule
-
-
-def _edit(r: Rewrite, tensors: dict[tuple[int, int], onnx.TensorProto]) -> Edit:
-    u = r.updates
-    return Edit(tensors, r.outputs, r.inputs, r.remove, {n: x.attributes for n, x in u.items() if x.attributes},
-                {n: x.op_type for n, x in u.items() if x.op_type}, {n: x.arity for n, x in u.items() if x.arity},
-                {n: x.name for n, x in u.items() if x.name is not None})
 
 
 def _match(g: GraphView, i: int, rules: RuleSet) -> tuple[Rule, Match] | str | None:
@@ -146,24 +142,27 @@ def _check_single_reader(g: GraphView, m: Match) -> None:
             raise NotFoldable(f"{up} output '{name}' has {n} readers, not only the {down}")
 
 
-def _materialize(g: GraphView, rewrite: Rewrite) -> tuple[dict[tuple[int, int], onnx.TensorProto], float]:
-    """Cast each folded value once to the rewrite's dtype (block by block) and make its tensor: large
-    ones are streamed to the output's data file. Returns the tensors by (node, input slot) and the max
+def _materialize(g: GraphView, edit: Edit) -> tuple[str, float]:
+    """Cast each new value once to the edit's dtype (block by block) and make its tensor
+    (``NewValue.tensor``): large ones are streamed to the output's data file. Returns the name and max
     |w'| of the first (the weight). Nothing is left behind when a value does not fit the dtype."""
-    values = {(n, slot): v for n, u in rewrite.updates.items() for slot, v in u.inputs.items()}
+    values = edit.new_values()
     sink = g.streams()
     mark = sink.offset if sink is not None else 0
-    made: dict[tuple[int, int], onnx.TensorProto] = {}
     peaks: dict[tuple[int, int], float] = {}
     try:
         # small values first: a decline there costs nothing
         for key, v in sorted(values.items(), key=lambda kv: _count(kv[1].value)):
-            made[key], peaks[key] = _tensor(g, v.value, rewrite.dtype, v.what, g.model.fresh(v.hint), sink)
+            v.tensor, peaks[key] = _tensor(g, v.value, edit.dtype, v.what, g.model.fresh(v.hint), sink)
     except NotFoldable:
+        for v in values.values():
+            v.tensor = None
         if sink is not None:
             sink.rollback(mark)
         raise
-    return made, peaks[min(made)]
+    first = values[min(values)].tensor
+    assert first is not None
+    return first.name, peaks[min(values)]
 
 
 def _tensor(g: GraphView, value, dtype, what: str, name: str, sink: DataSink | None) -> tuple[onnx.TensorProto, float]:

@@ -1,4 +1,4 @@
-"""Where an output may go: the files an input reads, collisions, fresh data names, stale temp folders.
+"""Where an output may go: the files an input reads, collisions, fresh data names, the report's path.
 
 The rule: no file onnxfold writes may be a file the input reads or another output (real paths, after
 symlinks). A user's own choice that would break that (``--data-name`` naming the input's data file, or
@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-import shutil
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,12 +19,11 @@ from pathlib import Path
 import onnx
 from onnx import external_data_helper
 
-from .io import InputError
+from .commit import umask
+from .errors import InputError
+from .tensors import every_tensor
 
 log = logging.getLogger("onnxfold")
-
-TEMP_MARK = ".onnxfold-"  # temp folders are ``.<name>.onnxfold-<pid>-<random>`` beside the output
-_TEMP = re.compile(r"^\..*\.onnxfold-(\d+)-[A-Za-z0-9_]+$")
 
 
 def real(path) -> Path:
@@ -35,11 +33,9 @@ def real(path) -> Path:
 
 def data_files(model: onnx.ModelProto, model_path) -> set[Path]:
     """Real paths of the external data files ``model`` (at ``model_path``) reads."""
-    from .io import _every_tensor
-
     base = Path(model_path).parent
     out = set()
-    for tensor in _every_tensor(model):
+    for tensor in every_tensor(model):
         if external_data_helper.uses_external_data(tensor):
             for entry in tensor.external_data:
                 if entry.key == "location":
@@ -116,7 +112,7 @@ def plan_output(src: Path, reads: set[Path], dst: Path, data_name: str | None, *
     if dst.exists():
         mode = dst.stat().st_mode & 0o7777  # in place: a private model stays private
     else:
-        mode = 0o666 & ~_umask()
+        mode = 0o666 & ~umask()
     stale = set()
     if not shared_folder and not dst.is_symlink():  # a link is replaced, its target (not ours) stays
         pattern = _family(chosen.name)
@@ -144,17 +140,6 @@ def fresh_name(folder: Path, name: str, busy: set[Path]) -> str:
     raise InputError(f"{folder / name}: no free name for the data file beside it")
 
 
-_UMASK: int | None = None
-
-
-def _umask() -> int:
-    global _UMASK
-    if _UMASK is None:
-        _UMASK = os.umask(0o022)
-        os.umask(_UMASK)
-    return _UMASK
-
-
 def check_report(report, reads_and_writes: set[Path]) -> None:
     """``--report``: not a model or data file, and writable; checked before any work."""
     path = Path(report)
@@ -168,30 +153,3 @@ def check_report(report, reads_and_writes: set[Path]) -> None:
         raise InputError(f"--report {report}: is a directory")
     if not os.access(folder, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
         raise InputError(f"--report {report}: not writable")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
-
-
-def remove_stale_temps(folder: Path) -> None:
-    """Remove temp folders of onnxfold's own pattern whose fold is gone (its process no longer runs).
-
-    A fold killed by SIGKILL cannot clean up; the next run to the same folder does. The folder name holds
-    the pid of the fold that made it, so a running fold's folder is never touched.
-    """
-    try:
-        entries = list(os.scandir(folder))
-    except OSError:
-        return
-    for entry in entries:
-        m = _TEMP.match(entry.name)
-        if m and entry.is_dir(follow_symlinks=False) and int(m.group(1)) != os.getpid() and not _alive(int(m.group(1))):
-            log.debug("removing %s, left by onnxfold process %s, which no longer runs", entry.path, m.group(1))
-            shutil.rmtree(entry.path, ignore_errors=True)

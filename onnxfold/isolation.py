@@ -1,0 +1,251 @@
+"""The one way onnxfold runs something in a child process: verification, the written model's check
+and the provider check all go through :class:`Child`.
+
+onnxruntime segfaults on some valid models; run in a child, that is one line ("onnxruntime crashed
+(signal 11, SIGSEGV) running the original model on cpu") instead of the death of the caller. The
+child is forked when that is safe (Linux, this process has not imported onnxruntime and runs no other
+thread: the command line); otherwise it is a worker process started once (``python -c``, never
+re-running the caller's ``__main__``) and reused. Either way the child dies with its parent and the
+same crash message names what it was doing.
+
+The target is a module-level function ``fn(*args, send)``: ``send(("stage", subject, doing))`` says
+what runs next (so that a crash can be named), any other message goes to ``on_message``, and its
+return value is the call's result. A :class:`~onnxfold.errors.FoldError` it raises is raised again in
+the parent; any other exception comes back as a bug, with its traceback.
+"""
+
+from __future__ import annotations
+
+import atexit
+import importlib
+import os
+import signal
+import subprocess
+import sys
+import threading
+import traceback
+from collections.abc import Callable
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+from . import signals
+from .errors import FoldError
+
+WORKER = os.environ.get("ONNXFOLD_VERIFY_WORKER", "auto")  # "fork", "spawn" or "auto"
+
+_lock = threading.Lock()  # one call at a time through the worker (and through this module)
+_worker: _Worker | None = None  # the worker of this process, started on first use, stopped at exit
+
+
+class ChildFailed(Exception):
+    """The child died (a signal, an exit code) before it answered; ``str`` is the one line saying so."""
+
+
+def can_fork() -> bool:
+    """Whether a child may be forked from this process (else a worker runs it)."""
+    if WORKER != "auto":
+        return WORKER == "fork"
+    return (hasattr(os, "fork") and sys.platform.startswith("linux") and "onnxruntime" not in sys.modules
+            and threading.active_count() == 1)
+
+
+def crash_message(status: int, where: tuple[str, str] | None) -> str:
+    """The one line for a child that died: ``onnxruntime crashed (signal 11, SIGSEGV) loading ...``."""
+    subject, doing = where or ("the child process", "starting")
+    if status < 0:
+        return f"{subject} crashed (signal {-status}, {signals.name(-status)}) {doing}"
+    return f"the {subject} process ended with exit code {status} {doing}"
+
+
+def call(target: Callable, *args, on_message: Callable[[Any], None] | None = None) -> Any:
+    """``target(*args, send)`` in a child; its return value (see the module's docstring)."""
+    child = Child(target, *args, on_message=on_message)
+    try:
+        return child.result()
+    finally:
+        child.close()
+
+
+class Child:
+    """A call of ``target(*args, send)`` running in a child while this process goes on; :meth:`result`
+    waits for it. :meth:`close` ends it if its result was never asked for (the parent was interrupted)."""
+
+    def __init__(self, target: Callable, *args, on_message: Callable[[Any], None] | None = None):
+        self.on_message = on_message
+        self.where: tuple[str, str] | None = None
+        self.pid: int | None = None
+        self.done = False
+        _lock.acquire()
+        self.locked = True
+        try:
+            if can_fork():
+                self._fork(target, args)
+            else:
+                self._spawn(target, args)
+        except BaseException:
+            self.locked = False
+            _lock.release()
+            raise
+
+    def _fork(self, target: Callable, args: tuple) -> None:
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: run, send, and leave without running the parent's exit handlers
+            code = 0
+            try:
+                os.close(r)
+                signals.default_actions()
+                signals.die_with_parent()
+                _run(target, args, Connection(w, readable=False).send)
+            except BaseException:
+                code = 1
+            finally:
+                os._exit(code)
+        os.close(w)
+        self.pid = pid
+        self.conn = Connection(r, writable=False)
+        self.recv = self.conn.recv
+
+    def _spawn(self, target: Callable, args: tuple) -> None:
+        global _worker
+        if _worker is not None and _worker.owner != os.getpid():
+            _worker = None  # inherited through a fork: its pipes belong to the parent's conversation
+        if _worker is None or _worker.proc.poll() is not None:
+            _stop_worker()
+            _worker = _Worker()
+        self.worker = _worker
+        try:
+            _worker.send.send((target.__module__, target.__qualname__, args))
+        except OSError:
+            self._finished(raise_crash=True)
+        self.recv = _worker.recv.recv
+
+    def _status(self) -> int:
+        """Wait for a forked child (or the dead worker) and give its exit status."""
+        if self.pid is not None:
+            pid, self.pid = self.pid, None
+            return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+        return self.worker.proc.wait()
+
+    def _finished(self, raise_crash: bool = False):
+        status = self._status()
+        if self.pid is None and not hasattr(self, "conn"):  # the worker died: the next call starts anew
+            _stop_worker()
+        raise ChildFailed(crash_message(status, self.where))
+
+    def result(self) -> Any:
+        """Wait for the call's return value; raises what the target raised, or :class:`ChildFailed`."""
+        try:
+            while True:
+                try:
+                    msg = self.recv()
+                except (EOFError, OSError):
+                    self._finished()
+                kind = msg[0]
+                if kind == "stage":
+                    self.where = (msg[1], msg[2])
+                elif kind == "return":
+                    self.done = True
+                    return msg[1]
+                elif kind == "raise":
+                    self.done = True
+                    raise msg[1]
+                elif kind == "bug":
+                    self.done = True
+                    raise RuntimeError(f"{msg[1]} failed in its child process (this is a bug):\n{msg[2]}")
+                elif self.on_message is not None:
+                    self.on_message(msg)
+        finally:
+            if self.done and self.pid is not None:
+                self._status()
+
+    def close(self) -> None:
+        """End the child if its answer was not read (interrupted): a forked child is killed, the worker,
+        whose answer the next call would read, is stopped."""
+        try:
+            if not self.done:
+                if self.pid is not None:
+                    try:
+                        os.kill(self.pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+                    self._status()
+                elif hasattr(self, "worker"):
+                    _stop_worker(kill=True)
+            if hasattr(self, "conn"):
+                self.conn.close()
+                del self.conn
+        finally:
+            if self.locked:
+                self.locked = False
+                _lock.release()
+
+
+def _run(target: Callable, args: tuple, send: Callable[[Any], None]) -> None:
+    """The child's side of one call."""
+    try:
+        value = target(*args, send)
+    except FoldError as e:
+        send(("raise", e))
+        return
+    except Exception:  # a bug: its traceback goes back to the parent
+        send(("bug", getattr(target, "__qualname__", "the call"), traceback.format_exc()))
+        return
+    send(("return", value))
+
+
+class _Worker:
+    """A persistent worker process, for processes that cannot fork safely (onnxruntime imported)."""
+
+    def __init__(self):
+        to_child, from_parent = os.pipe()
+        to_parent, from_child = os.pipe()
+        root = str(Path(__file__).resolve().parent.parent)
+        code = (f"import sys; sys.path.insert(0, {root!r}); from onnxfold.isolation import serve; "
+                f"serve({to_child}, {from_child})")
+        self.proc = subprocess.Popen([sys.executable, "-c", code], pass_fds=(to_child, from_child),
+                                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+        os.close(to_child)
+        os.close(from_child)
+        self.send = Connection(from_parent, readable=False)
+        self.recv = Connection(to_parent, writable=False)
+        self.owner = os.getpid()
+
+    def close(self) -> None:
+        self.send.close()
+        self.recv.close()
+        try:
+            self.proc.wait(timeout=5)
+        except Exception:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def serve(read_fd: int, write_fd: int) -> None:
+    """The worker process's loop: a call in, its messages out, until the parent closes the pipe."""
+    signals.ignore_interrupt()
+    signals.die_with_parent()
+    recv = Connection(read_fd, writable=False)
+    send = Connection(write_fd, readable=False)
+    while True:
+        try:
+            module, qualname, args = recv.recv()
+        except (EOFError, OSError):
+            return
+        target: Any = importlib.import_module(module)
+        for part in qualname.split("."):
+            target = getattr(target, part)
+        _run(target, args, send.send)
+
+
+def _stop_worker(kill: bool = False) -> None:
+    global _worker
+    if _worker is not None and _worker.owner == os.getpid():
+        w, _worker = _worker, None
+        if kill and w.proc.poll() is None:
+            w.proc.kill()
+        w.close()
+
+
+atexit.register(_stop_worker)

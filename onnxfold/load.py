@@ -1,0 +1,87 @@
+"""Loading a model for folding: weights stay on disk until read, and a broken or hostile file is one
+line (:class:`~onnxfold.errors.InputError`) here, before any work."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import onnx
+from onnx import external_data_helper
+
+from .errors import InputError, first_line
+from .protobuf import all_graphs
+from .tensors import check_tensor, data_path, every_tensor, external_fields
+
+
+def load(path: str | os.PathLike) -> tuple[onnx.ModelProto, bool]:
+    """Load a model; tensors in external data files stay on disk until read (:func:`read_tensor`).
+
+    Returns (model, whether it has external data). The data files are checked to exist and to be
+    long enough for every tensor, so a broken model fails here, with one line.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: no such file")
+    if path.is_dir():
+        raise InputError(f"{path}: is a directory, not a model file")
+    if path.stat().st_size == 0:
+        raise InputError(f"{path}: empty file, not an ONNX model")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as e:  # protobuf's DecodeError and friends: not a model, or truncated
+        raise InputError(f"{path}: not a readable ONNX model ({first_line(e)})") from None
+    if not model.HasField("graph") or not model.opset_import:
+        raise InputError(f"{path}: not an ONNX model (no graph or no opset_import)")
+    external = False
+    sizes: dict[Path, int] = {}
+    for tensor in every_tensor(model):
+        check_tensor(tensor, path)
+        if not external_data_helper.uses_external_data(tensor):
+            continue
+        external = True
+        location, offset, length = external_fields(tensor, path)
+        data = data_path(path.parent, location)
+        if data not in sizes:
+            if not data.is_file():
+                raise InputError(f"{path}: its external data file {location!r} is missing")
+            sizes[data] = data.stat().st_size
+        if offset + length > sizes[data]:
+            raise InputError(f"{path}: tensor {tensor.name!r} lies past the end of {location!r} (truncated?)")
+    for graph in all_graphs(model.graph):
+        _check_acyclic(graph.node, f"{path}: graph {graph.name!r}")
+    for fn in model.functions:
+        _check_acyclic(fn.node, f"{path}: function {fn.name!r}")
+    return model, external
+
+
+def _check_acyclic(nodes, where: str) -> None:
+    """ONNX graphs are acyclic; a cycle (an Identity feeding itself, two nodes feeding each other)
+    would make every walk up the graph endless, so such a file is refused."""
+    producer = {}
+    for i, node in enumerate(nodes):
+        for o in node.output:
+            if o:
+                producer[o] = i
+    state = [0] * len(nodes)  # 0 unseen, 1 on the current path, 2 done
+    for root in range(len(nodes)):
+        if state[root]:
+            continue
+        stack = [(root, iter(nodes[root].input))]
+        state[root] = 1
+        while stack:
+            i, inputs = stack[-1]
+            for name in inputs:
+                j = producer.get(name)
+                if j is None or state[j] == 2:
+                    continue
+                if state[j] == 1:
+                    raise InputError(f"{where} has a cycle through {nodes[j].op_type} output {name!r}: "
+                                     "not a valid ONNX graph")
+                state[j] = 1
+                stack.append((j, iter(nodes[j].input)))
+                break
+            else:
+                state[i] = 2
+                stack.pop()
+

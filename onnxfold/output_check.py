@@ -1,0 +1,76 @@
+"""The written model's check: exit 0 promises a model that loads.
+
+``onnx.checker`` runs on the written file (from its path, so external data is checked where it lies)
+and, when verification did not already load it, an onnxruntime session is made in a child process
+(:mod:`onnxfold.isolation`: a crash of the runtime cannot take onnxfold down) at the same time. A
+failure is onnxfold's fault, not the user's (:class:`~onnxfold.errors.OutputBroken`), unless the input
+fails the same way: then it is a warning about the input, which onnxfold does not repair.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import onnx
+
+from . import isolation
+from .errors import OutputBroken, first_line
+from .verification import sessions
+
+
+def check_output(path: Path, src: Path, *, session: bool) -> list[str]:
+    """Check the model written at ``path`` (folded from ``src``); returns warnings about the input."""
+    warnings: list[str] = []
+    loading = isolation.Child(_load, str(path), "the written model") if session else None
+    try:
+        checker_error = _error(_checker, path)
+        loading_error = _result(loading) if loading is not None else None
+    finally:
+        if loading is not None:
+            loading.close()
+    _judge("onnx.checker", checker_error, lambda: _error(_checker, src), warnings)
+    _judge("onnxruntime", loading_error, lambda: _result(isolation.Child(_load, str(src), "the input")), warnings)
+    return warnings
+
+
+def _judge(name: str, error: str | None, input_error: Callable[[], str | None], warnings: list[str]) -> None:
+    if error is None:
+        return
+    if input_error() is not None:
+        warnings.append(f"{name} rejects the input too ({error}): written as it was given")
+        return
+    raise OutputBroken(f"{name} rejects the written model, though it accepts the input: {error}")
+
+
+def _checker(path: Path) -> None:
+    onnx.checker.check_model(str(path))
+
+
+def _error(fn: Callable[[Path], None], path: Path) -> str | None:
+    """None, or the first line of what ``fn(path)`` raised."""
+    try:
+        fn(path)
+    except Exception as e:
+        return first_line(e)
+    return None
+
+
+def _result(child: isolation.Child) -> str | None:
+    try:
+        return child.result()
+    except isolation.ChildFailed as e:
+        return str(e)
+    finally:
+        child.close()
+
+
+def _session(path: Path) -> None:
+    """Load the model at ``path`` in onnxruntime, as verification does (CPU, optimizations off)."""
+    sessions.session(str(path), provider="cpu")
+
+
+def _load(path: str, what: str, send) -> str | None:
+    """The child's side: None when onnxruntime loads the model, else the first line of its error."""
+    send(("stage", "onnxruntime", f"loading {what}"))
+    return _error(_session, Path(path))

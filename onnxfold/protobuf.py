@@ -1,0 +1,131 @@
+"""Protobuf helpers every layer shares: the one subgraph walker, the one wire-format codec, field
+copies, the ai.onnx domain check and protobuf's 2 GiB limit.
+
+The wire codec writes and reads just what onnxfold needs of protobuf's encoding: a message is a
+sequence of (field number, wire type) keys, each followed by its value; a length-delimited field
+(wire type 2: a sub-message, bytes, a string) is a varint length and that many bytes, and a repeated
+field may be appended. So a model can be written in pieces (:mod:`onnxfold.write`) and the node
+outputs of a model file read without parsing its weights (:mod:`onnxfold.verification.planning`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import onnx
+
+PROTOBUF_LIMIT = 2**31 - 1  # the largest message protobuf serializes or parses
+DEFAULT_DOMAINS = ("", "ai.onnx")  # the ai.onnx domain, by either name
+
+# Field numbers in onnx.proto
+MODEL_GRAPH = 7
+GRAPH_NODE, GRAPH_INITIALIZER = 1, 5
+NODE_OUTPUT = 2
+TENSOR_RAW_DATA = 9
+
+
+def is_default(node: onnx.NodeProto) -> bool:
+    """Whether a node is of the default (ai.onnx) domain."""
+    return node.domain in DEFAULT_DOMAINS
+
+
+# -- the subgraph walker ----------------------------------------------------------------------------
+
+
+def subgraphs(node: onnx.NodeProto) -> Iterator[tuple[str, onnx.GraphProto]]:
+    """A node's graph attributes: (attribute name, or name[i] for a list of graphs; the graph)."""
+    for a in node.attribute:
+        if a.type == onnx.AttributeProto.GRAPH:
+            yield a.name, a.g
+        elif a.type == onnx.AttributeProto.GRAPHS:
+            for i, g in enumerate(a.graphs):
+                yield f"{a.name}[{i}]", g
+
+
+def all_graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+    """``graph`` and every subgraph below it (If/Loop/Scan bodies, at any depth)."""
+    yield graph
+    for node in graph.node:
+        for _, sub in subgraphs(node):
+            yield from all_graphs(sub)
+
+
+# -- messages ---------------------------------------------------------------------------------------
+
+
+def copy_fields(src, dst, skip=()) -> None:
+    """Copy a protobuf message's fields into ``dst``, except those named in ``skip`` (a shallow
+    way to build a model around a graph of one's own, without copying the weights)."""
+    for field, value in src.ListFields():
+        if field.name in skip:
+            continue
+        if hasattr(value, "extend"):  # a repeated field
+            getattr(dst, field.name).extend(value)
+        elif hasattr(value, "CopyFrom"):  # a message
+            getattr(dst, field.name).CopyFrom(value)
+        else:
+            setattr(dst, field.name, value)
+
+
+def delete_where(repeated, predicate) -> None:
+    """Delete the items of a repeated field for which ``predicate`` holds."""
+    for i in reversed([i for i, item in enumerate(repeated) if predicate(item)]):
+        del repeated[i]
+
+
+# -- the wire codec ---------------------------------------------------------------------------------
+
+
+def varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def key(field: int, wire: int = 2) -> bytes:
+    """The key of a field: its number and wire type (2: length-delimited)."""
+    return varint(field << 3 | wire)
+
+
+def length_delimited(field: int, length: int) -> bytes:
+    """The head of a length-delimited field of ``length`` bytes (its value follows)."""
+    return key(field) + varint(length)
+
+
+def read_varint(buf, i: int) -> tuple[int, int]:
+    """(the varint at ``buf[i]``, the position after it)."""
+    shift = value = 0
+    while True:
+        b = buf[i]
+        value |= (b & 0x7F) << shift
+        i += 1
+        if b < 0x80:
+            return value, i
+        shift += 7
+
+
+def fields(buf, start: int, end: int, wanted: int) -> Iterator[tuple[int, int]]:
+    """(start, end) of each length-delimited field numbered ``wanted`` in ``buf[start:end]``."""
+    i = start
+    while i < end:
+        k, i = read_varint(buf, i)
+        number, wire = k >> 3, k & 7
+        if wire == 0:
+            _, i = read_varint(buf, i)
+        elif wire == 1:
+            i += 8
+        elif wire == 5:
+            i += 4
+        elif wire == 2:
+            n, i = read_varint(buf, i)
+            if number == wanted:
+                yield i, i + n
+            i += n
+        else:  # groups are not used by ONNX
+            raise ValueError(f"unexpected protobuf wire type {wire}")

@@ -1,0 +1,164 @@
+"""Every signal onnxfold handles, in one place.
+
+- The command line turns SIGINT and SIGTERM into :class:`Interrupted`, which unwinds like
+  KeyboardInterrupt, so every temporary folder is removed on the way out (:func:`handled`); before its
+  imports are done, ``python -m onnxfold`` ends at once with one line (:func:`early_exit`).
+- A commit defers them (:func:`deferred`): blocked, not lost, until the renames are done.
+- A child process (verification, the written model's check, a folder-mode worker) dies with its
+  parent (:func:`die_with_parent`) and takes the default action of SIGINT and SIGTERM
+  (:func:`default_actions`); a folder-mode worker unwinds the fold it is in (:func:`folder_worker`).
+
+Only the standard library is imported here: ``onnxfold/__init__`` installs the early handlers before
+onnx and onnxruntime load.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Iterator
+
+HANDLED = (signal.SIGINT, signal.SIGTERM)
+
+
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM: unwinds like KeyboardInterrupt, so every temporary folder is removed."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+# The signals received since handled() began: an import (onnxruntime's) may turn the exception into an
+# ImportError, and the command line still knows it was a signal.
+SIGNALLED: list[int] = []
+
+
+def on_signal(signum: int, frame: object) -> None:
+    SIGNALLED.append(signum)
+    for s in HANDLED:  # a second signal must not cut the cleanup short
+        signal.signal(s, signal.SIG_IGN)
+    raise Interrupted(signum)
+
+
+def name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return "unknown signal"
+
+
+@contextlib.contextmanager
+def handled() -> Iterator[None]:
+    """While the block runs (in the main thread), SIGINT and SIGTERM raise :class:`Interrupted`."""
+    previous = {}
+    SIGNALLED.clear()
+    try:
+        if threading.current_thread() is threading.main_thread():
+            for signum in HANDLED:
+                previous[signum] = signal.signal(signum, on_signal)
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def early_exit(signum: int, frame: object) -> None:
+    """``python -m onnxfold`` while its imports load: one line, and out (nothing has been opened yet)."""
+    sys.stderr.write(f"onnxfold: interrupted by {name(signum)}: nothing written\n")
+    sys.stderr.flush()
+    os._exit(128 + signum)
+
+
+def install_early() -> None:
+    for signum in HANDLED:
+        signal.signal(signum, early_exit)
+
+
+@contextlib.contextmanager
+def deferred() -> Iterator[None]:
+    """SIGINT and SIGTERM wait (blocked, not lost) until the block is done."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, set(HANDLED))
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def default_actions() -> None:
+    """A child process: SIGINT and SIGTERM end it (the parent's handlers and cleanup are not its own)."""
+    for signum in HANDLED:
+        signal.signal(signum, signal.SIG_DFL)
+
+
+def ignore_interrupt() -> None:
+    """A worker process: Ctrl-C is the parent's to handle (it closes the worker's pipe)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def die_with_parent(signum: int = signal.SIGKILL, *, watch: bool = False) -> None:
+    """This process gets ``signum`` when its parent dies (Linux: the kernel sends it; with ``watch``,
+    elsewhere too, from a thread that checks the parent's pid each second)."""
+    parent = os.getppid()
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        PR_SET_PDEATHSIG = 1
+        libc.prctl(PR_SET_PDEATHSIG, int(signum))
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent:  # the parent went before prctl took effect
+        os._exit(128 + int(signum))
+    if not watch:
+        return
+
+    def watcher() -> None:
+        while True:
+            time.sleep(1.0)
+            if os.getppid() != parent:
+                os.kill(os.getpid(), signum)
+                return
+
+    threading.Thread(target=watcher, daemon=True).start()
+
+
+# -- folder-mode workers ------------------------------------------------------------------------------
+
+_IN_WORKER = False
+_IN_JOB = False
+
+
+def _on_worker_signal(signum: int, frame: object) -> None:
+    if _IN_JOB:  # unwind the fold, which removes its temp folder; the job then exits
+        on_signal(signum, frame)
+    os._exit(128 + signum)  # idle, between models: nothing to clean
+
+
+def folder_worker() -> None:
+    """A folder-mode worker process: dies with its parent (SIGTERM, so it cleans up), and removes its
+    temp folder on SIGTERM/SIGINT."""
+    global _IN_WORKER
+    _IN_WORKER = True
+    for signum in HANDLED:
+        signal.signal(signum, _on_worker_signal)
+    die_with_parent(signal.SIGTERM, watch=True)
+
+
+def in_worker() -> bool:
+    return _IN_WORKER
+
+
+@contextlib.contextmanager
+def folder_job() -> Iterator[None]:
+    """One model of a folder-mode worker: a signal now unwinds it (its temp folder is removed)."""
+    global _IN_JOB
+    _IN_JOB = True
+    try:
+        yield
+    finally:
+        _IN_JOB = False

@@ -1,0 +1,161 @@
+"""Prove a fold: run the original and the folded model on the same seeded inputs and compare.
+
+Both models run in onnxruntime with graph optimizations OFF (``ORT_DISABLE_ALL``): with them on,
+onnxruntime fuses Conv+BatchNormalization in the reference itself and a wrong fold can look right.
+Where onnxruntime's CPU provider has no kernel for the model (float64 or bfloat16 Conv), both run in
+``onnx.reference.ReferenceEvaluator`` instead, and the result says so; there BatchNormalization is
+computed by :func:`batch_norm` below, as the spec says (onnx.reference's own normalizes
+with batch statistics at opsets 9-13 and raises at 6-7).
+
+The runtime runs in a child process (:mod:`onnxfold.isolation`), so that a crash of onnxruntime (it
+segfaults on some valid models) is a clear :class:`VerifyError` ("onnxruntime crashed (signal 11,
+SIGSEGV) running the original model on cpu") instead of the death of the caller. It sends back only
+the comparisons, never the outputs.
+
+The package, by job: :mod:`.inputs` (seeded inputs), :mod:`.planning` (which fold tensors to compare),
+:mod:`.job` (the typed job and the child's side), :mod:`.sessions` (onnxruntime), :mod:`.reference`
+(onnx.reference, corrected), :mod:`.tolerances` (the comparison), :mod:`.results`.
+
+Rules (README: "How verification decides"):
+
+- **Graph outputs.** An output passes when every element satisfies
+  ``|candidate - reference| <= atol + rtol * |reference|``, by default ``atol = ATOL[dtype] * scale``
+  with ``scale = max |reference|`` of that output and ``rtol = RTOL[dtype]`` (:data:`TOLERANCES`):
+  a fold rounds each weight once, so its error shows relative to the size of the output, not of each
+  element. NaN or Inf in the candidate where the reference is finite always fails. Integer and
+  bool outputs must be equal.
+- **The floor.** Rounding is relative to the values a computation handles, not to its result: a
+  channel that is small by cancellation, or an output far below the tensors it is computed from, is
+  still computed with sums and functions on their scale. So no tolerance below is smaller than
+  ``FLOOR[dtype] * S``, ``S`` the scale of the tensors it is computed from and
+  ``FLOOR[dtype] = min(ATOL[dtype], 64 * eps[dtype])``: 64 units in the last place (float32: 7.6e-6,
+  float64: 1.4e-14), or ATOL itself in float16 and bfloat16, whose rounding is that coarse.
+  64 ulps is above what rounding gathers through a deep network (PaddleOCR's detector, 61 folds:
+  at most 14 ulps of a fold tensor's scale) and far below a wrong fold.
+- **Each fold, where it happens.** Given the folds (``folds=report.folded``), the tensor each fold
+  in the main graph rewrote (the consumer's output, whose name the fold keeps) is exposed as an extra
+  output of both models and compared *per channel* (axis 1): channel ``c`` passes when
+  ``|candidate - reference| <= atol_c + RTOL[dtype] * |reference|`` with
+  ``atol_c = max(ATOL[dtype] * max |reference[:, c]|, FLOOR[dtype] * max |reference|)``. A channel
+  near 0.02 beside one near 850 is held to its own scale down to the floor (float32: 6.5e-3), so a
+  fold that flips its sign fails. A link of a chain whose tensor a later fold rewrote again is
+  checked at that later tensor. Folds inside subgraphs or functions, and tensors that do not exist
+  in both main graphs (inlined functions), cannot be exposed: the graph outputs alone cover them,
+  and the result says so.
+- **Outputs far below the tensors that feed them.** When every fold was checked at its own tensor
+  and passed, an output's atol is ``max(ATOL[dtype] * its scale, FLOOR[dtype] * S)``, ``S`` the
+  largest scale of the checked fold tensors it depends on. A Sigmoid of logits near -16 is about
+  1e-7, and onnxruntime computes it to about 6e-8 absolute (2^-24: its rounding is on the scale of
+  0.5, not of the result): its own scale says atol 1e-11, rounding on the scale of its logits says
+  about 1e-4. The folds themselves are proven at
+  their tensors, so the output comparison only has to catch what lies outside them. When any fold
+  could not be checked, or one failed, every output keeps its own scale alone.
+- **Nothing compared is no proof.** When every output and every checked fold tensor is empty (a batch
+  fixed at 0), :class:`VerifyError` is raised: there is nothing to call passed or failed.
+
+``atol``/``rtol`` given by the caller replace the defaults for graph outputs; ``tolerances`` by name
+applies to graph outputs and fold tensors alike.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from .. import isolation
+from ..errors import VerifyError
+from ..protobuf import PROTOBUF_LIMIT
+from .inputs import DEFAULT_RANGE, load_inputs, make_inputs, model_inputs, parse_shape
+from .job import VerifyJob, run_job
+from .planning import plan_folds
+from .reference import batch_norm
+from .results import OutputComparison, ProviderResult, VerifyResult, annotate
+from .sessions import PROVIDERS, check_providers
+from .tolerances import TOLERANCES, compare
+
+__all__ = ["verify", "VerifyResult", "VerifyError", "ProviderResult", "OutputComparison", "annotate", "compare",
+           "make_inputs", "model_inputs", "load_inputs", "parse_shape", "check_providers", "batch_norm",
+           "DEFAULT_RANGE", "PROVIDERS", "TOLERANCES"]
+
+
+def verify(
+    reference,
+    candidate,
+    providers=("cpu",),
+    *,
+    inputs: dict[str, np.ndarray] | None = None,
+    input_shapes: dict[str, tuple[int, ...]] | None = None,
+    input_range: tuple[float, float] = DEFAULT_RANGE,
+    seed: int = 0,
+    atol: float | None = None,
+    rtol: float | None = None,
+    tolerances: dict[str, tuple[float | None, float | None]] | None = None,
+    folds=None,
+) -> VerifyResult:
+    """Compare ``candidate`` against ``reference`` on each provider ("cpu", "cuda").
+
+    ``reference`` and ``candidate`` are paths or ``onnx.ModelProto``. ``atol``/``rtol`` override the
+    dtype defaults for every graph output; ``tolerances={"out": (atol, rtol)}`` for one output or fold
+    tensor (None keeps the default). ``folds`` (``report.folded`` of :func:`fold_model`) checks each
+    fold at the tensor it rewrote, per channel (see the module's docstring); :func:`annotate` writes
+    those checks into the report. Raises :class:`VerifyError` when it cannot run (a provider is
+    missing, an input cannot be made, onnxruntime crashes, nothing had an element to compare); the
+    result is falsy when an output or a fold tensor disagrees.
+    """
+    for which, model in (("reference", reference), ("candidate", candidate)):
+        if not isinstance(model, (onnx.ModelProto, str, os.PathLike)):
+            raise TypeError(f"verify: {which} must be an onnx.ModelProto or a path, not {type(model).__name__}")
+    result = VerifyResult()
+    if isinstance(providers, str):
+        providers = [p for p in providers.split(",") if p]
+    for model in (reference, candidate):
+        if not isinstance(model, onnx.ModelProto) and not Path(model).is_file():
+            raise VerifyError(f"{model}: no such file")
+    ref_model = (reference if isinstance(reference, onnx.ModelProto)
+                 else onnx.load(str(reference), load_external_data=False))
+    if inputs is None:
+        feeds = make_inputs(ref_model, input_shapes, input_range, seed, warn=result.warnings.append)
+    else:
+        feeds = dict(inputs)
+        missing = [v.name for v in model_inputs(ref_model) if v.name not in feeds]
+        if missing:
+            raise VerifyError(f"inputs given lack {', '.join(missing)}")
+    outputs = {o.name for o in ref_model.graph.output}
+    checked, expose, feeders, all_checked = plan_folds(ref_model, reference, candidate, folds, outputs, result)
+    job = VerifyJob(reference, candidate, feeds, list(providers), expose, checked, feeders, all_checked, atol, rtol,
+                    dict(tolerances or {}))
+    del ref_model
+    result.results = _run_isolated(job)
+    _something_compared(result, feeds)
+    return result
+
+
+def _run_isolated(job: VerifyJob) -> list[ProviderResult]:
+    """The job in a child process; a crash of onnxruntime there is a :class:`VerifyError`."""
+    if not isolation.can_fork():  # a model crosses the pipe as bytes
+        for model in (job.reference, job.candidate):
+            if isinstance(model, onnx.ModelProto) and model.ByteSize() > PROTOBUF_LIMIT:
+                raise VerifyError("the model is over 2 GiB: save it with external data and verify the file")
+        job = job.as_bytes()
+    try:
+        return isolation.call(run_job, job)
+    except isolation.ChildFailed as e:
+        raise VerifyError(f"{e}: it cannot verify this model on this provider (--no-verify skips verification)") \
+            from None
+
+
+def _something_compared(result: VerifyResult, feeds: dict[str, np.ndarray]) -> None:
+    """Nothing compared is no proof: raise when every output of a provider is empty; a fold tensor that
+    is empty on these inputs is left to the graph outputs (``result.unchecked``)."""
+    for r in result.results:
+        if sum(o.elements for o in (*r.outputs, *r.folds)) == 0:
+            shapes = ", ".join(f"{k} {list(np.shape(v))}" for k, v in feeds.items())
+            raise VerifyError(f"nothing to compare on {r.provider}: every output has 0 elements on these inputs "
+                              f"({shapes}), so nothing is proven; give inputs with elements (--input-shape, "
+                              "--inputs) or skip verification (--no-verify)")
+        for f in r.folds:
+            if f.elements == 0 and f.name not in result.unchecked:
+                result.unchecked[f.name] = "its tensor is empty on these inputs: covered by the graph outputs alone"

@@ -1,0 +1,177 @@
+"""Running the two models in onnxruntime: the providers, one session per model (graph optimizations
+off), the fold tensors as extra outputs, and the fallback to onnx.reference where the CPU provider has
+no kernel. Runs in the verification child (:mod:`onnxfold.isolation`); onnxruntime is imported only
+there, and in the provider check's child."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import onnx
+from onnx import helper
+
+from .. import isolation
+from ..errors import VerifyError, first_line
+from ..protobuf import PROTOBUF_LIMIT
+from .reference import run_reference
+
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+
+
+def check_providers(providers, *, available: bool = True) -> list[str]:
+    """The providers named ("cpu,cuda" or a list), checked before any work: each known and, with
+    ``available``, each one other than the CPU available in this onnxruntime build. onnxruntime is
+    asked in a child process unless it is already imported (verification forks from a parent that
+    has not imported it: :mod:`onnxfold.isolation`)."""
+    if isinstance(providers, str):
+        providers = [p.strip() for p in providers.split(",") if p.strip()]
+    providers = list(providers)
+    if not providers:
+        raise VerifyError("--providers names no provider; choose from " + ", ".join(PROVIDERS))
+    for p in providers:
+        if p not in PROVIDERS:
+            raise VerifyError(f"unknown provider {p!r}; choose from {', '.join(PROVIDERS)}")
+    wanted = [PROVIDERS[p] for p in providers if p != "cpu"]
+    if wanted and available:
+        try:
+            found = available_providers() if "onnxruntime" in sys.modules else isolation.call(_available_in_child)
+        except isolation.ChildFailed as e:
+            raise VerifyError(f"cannot list onnxruntime's providers: {e}") from None
+        for name in wanted:
+            if name not in found:
+                raise VerifyError(f"{name} is not available in this onnxruntime build (available: "
+                                  f"{', '.join(found)})")
+    return providers
+
+
+def available_providers() -> list[str]:
+    try:
+        import onnxruntime
+    except ImportError as e:
+        raise VerifyError(f"cannot import onnxruntime: {first_line(e)}") from None
+    return list(onnxruntime.get_available_providers())
+
+
+def _available_in_child(send) -> list[str]:
+    """The provider check's child (this process has not imported onnxruntime: verification forks)."""
+    send(("stage", "onnxruntime", "listing its providers"))
+    return available_providers()
+
+
+def session(source, data_dir: str | None = None, *, provider: str):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    so.log_severity_level = 3
+    if data_dir is not None:  # a model given as bytes reads its external data from its own folder
+        so.add_session_config_entry("session.model_external_initializers_file_folder_path", data_dir)
+    if provider == "cuda":
+        providers = [("CUDAExecutionProvider", {"use_tf32": "0"}), "CPUExecutionProvider"]
+    else:
+        providers = ["CPUExecutionProvider"]
+    sess = ort.InferenceSession(source, so, providers=providers)
+    active = sess.get_providers()
+    if not active or active[0] != PROVIDERS[provider]:
+        raise VerifyError(f"onnxruntime did not activate {PROVIDERS[provider]} (active: {', '.join(active)})")
+    return sess
+
+
+def extra_outputs(expose) -> bytes:
+    """Graph outputs to append to a serialized model: concatenated protobuf messages merge, and a
+    repeated field appends, so ``model bytes + these bytes`` is the model with the extra outputs."""
+    if not expose:
+        return b""
+    return onnx.ModelProto(graph=onnx.GraphProto(
+        output=[helper.make_tensor_value_info(name, elem, None) for name, elem in expose])).SerializeToString()
+
+
+def ort_source(model, expose=()):
+    """(what onnxruntime loads, the folder of its external data when that is given as bytes)."""
+    extra = extra_outputs(expose)
+    if isinstance(model, (str, os.PathLike)):
+        if not extra:
+            return str(model), None
+        return Path(model).read_bytes() + extra, str(Path(model).resolve().parent)
+    data = model if isinstance(model, bytes) else model.SerializeToString()
+    if len(data) + len(extra) > PROTOBUF_LIMIT:
+        raise VerifyError("the model is over 2 GiB: save it with external data and verify the file")
+    return data + extra, None
+
+
+def _run_session(sess, feeds, which: str) -> dict:
+    try:
+        outs = sess.run(None, feeds)
+    except Exception as e:
+        raise VerifyError(f"onnxruntime cannot run the {which} model on these inputs: {str(e).splitlines()[0]} "
+                          + " ".join(str(e).splitlines()[1:4])) from None
+    return dict(zip([o.name for o in sess.get_outputs()], outs))
+
+
+def _no_kernel(err: Exception) -> bool:
+    text = str(err)
+    return "NOT_IMPLEMENTED" in text or "Could not find an implementation" in text or "Type Error" in text
+
+
+class ExposureRefused(Exception):
+    """onnxruntime loads the model, but not with the fold tensors as extra outputs."""
+
+
+def _check_exposure(model, expose, provider, err) -> None:
+    if not expose:
+        return
+    try:
+        session(*ort_source(model), provider=provider)
+    except Exception:
+        return  # it fails without them too: the caller reports that
+    raise ExposureRefused(str(err).splitlines()[0][:200])
+
+
+def run_pair(reference, candidate, feeds, provider: str, expose=(),
+             stage=lambda text: None) -> tuple[dict, dict, str, str]:
+    """Run both models on one provider, with the tensors ``expose`` ([(name, elem_type)]) as extra
+    outputs. Returns (reference outputs, candidate outputs, engine, note). ``stage`` is told what runs
+    next, so that a crash can be named. Runs onnxruntime in this process: :func:`verify` calls it in a
+    child process."""
+    if provider not in PROVIDERS:
+        raise VerifyError(f"unknown provider {provider!r}; choose from {', '.join(PROVIDERS)}")
+    stage("loading onnxruntime")
+    import onnxruntime as ort
+
+    if PROVIDERS[provider] not in ort.get_available_providers():
+        raise VerifyError(
+            f"{PROVIDERS[provider]} is not available in this onnxruntime build "
+            f"(available: {', '.join(ort.get_available_providers())})"
+        )
+    stage("loading the original model")
+    try:
+        ref_sess = session(*ort_source(reference, expose), provider=provider)
+    except VerifyError:
+        raise
+    except Exception as e:
+        _check_exposure(reference, expose, provider, e)
+        if provider == "cpu" and _no_kernel(e):
+            note = "onnxruntime has no CPU kernel for this model: " + str(e).splitlines()[0][:160]
+            stage("running the original model in onnx.reference")
+            ref = run_reference(reference, feeds, expose)
+            stage("running the folded model in onnx.reference")
+            return ref, run_reference(candidate, feeds, expose), "onnx.reference", note
+        raise VerifyError(f"onnxruntime cannot load the original model: {str(e).splitlines()[0]}") from None
+    stage("loading the folded model")
+    try:
+        cand_sess = session(*ort_source(candidate, expose), provider=provider)
+    except VerifyError:
+        raise
+    except Exception as e:
+        _check_exposure(candidate, expose, provider, e)
+        raise VerifyError(f"onnxruntime cannot load the folded model: {str(e).splitlines()[0]}") from None
+    stage("running the original model")
+    ref = _run_session(ref_sess, feeds, "original")
+    del ref_sess
+    stage("running the folded model")
+    cand = _run_session(cand_sess, feeds, "folded")
+    engine = "onnxruntime " + ",".join(cand_sess.get_providers())
+    return ref, cand, engine, ""
+

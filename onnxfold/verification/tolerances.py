@@ -1,0 +1,97 @@
+"""Verification's tolerances and the comparison of one tensor (the rules: the package's docstring)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .results import OutputComparison
+
+# Default tolerances by output dtype: (atol as a fraction of the output's scale, rtol).
+TOLERANCES = {
+    "float64": (1e-10, 1e-10),
+    "float32": (1e-4, 1e-4),
+    "float16": (1e-2, 1e-2),
+    "bfloat16": (5e-2, 5e-2),
+}
+
+
+# No tolerance goes below FLOOR_ULPS units in the last place of the scale of the tensors it is
+# computed from (nor below ATOL of it, where that is smaller): see the module's docstring.
+FLOOR_ULPS = 64
+
+
+EPS = {"float64": 2.0**-52, "float32": 2.0**-23, "float16": 2.0**-10, "bfloat16": 2.0**-7}
+
+
+def floor(dtype: str) -> float:
+    """FLOOR[dtype]: the smallest atol, as a fraction of the scale of the tensors a value comes from."""
+    return min(TOLERANCES[dtype][0], FLOOR_ULPS * EPS[dtype])
+
+
+def compare(name: str, ref: np.ndarray, cand: np.ndarray, atol=None, rtol=None, *, per_channel: bool = False,
+            atol_floor: float | None = None) -> OutputComparison:
+    """Compare one tensor. Default ``atol = ATOL[dtype] * max |ref|``, at least ``atol_floor``; with
+    ``per_channel`` each channel of axis 1 takes its own scale, down to ``FLOOR[dtype] * max |ref|``,
+    and the result names the channel nearest to (or past) its tolerance."""
+    ref = np.asarray(ref)
+    cand = np.asarray(cand)
+    dtype = ref.dtype.name
+    if ref.shape != cand.shape:
+        return OutputComparison(name, dtype, ref.shape, math.inf, math.inf, 0.0, 0.0, math.inf, False,
+                                f"shape {list(cand.shape)} != {list(ref.shape)}")
+    if dtype not in TOLERANCES:
+        equal = bool(np.array_equal(ref, cand))
+        return OutputComparison(name, dtype, ref.shape, 0.0 if equal else math.inf, 0.0 if equal else math.inf,
+                                0.0, 0.0, 0.0 if equal else math.inf, equal, "" if equal else "values differ")
+    r = ref.astype(np.float64)
+    c = cand.astype(np.float64)
+    finite = np.isfinite(r)
+    d_atol, d_rtol = TOLERANCES[dtype]
+    rtol = d_rtol if rtol is None else float(rtol)
+    # Non-finite values: the candidate must match the reference exactly where it is not finite,
+    # and must be finite where it is.
+    same_nonfinite = (~finite) & ((np.isnan(r) & np.isnan(c)) | (r == c))
+    bad_nonfinite = (finite & ~np.isfinite(c)) | ((~finite) & ~same_nonfinite)
+    err = np.where(finite & np.isfinite(c), np.abs(c - r), 0.0)
+    max_abs = float(err.max()) if err.size else 0.0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rel = np.where(np.abs(r) > 0, err / np.abs(r), np.where(err > 0, np.inf, 0.0))
+    max_rel = float(rel.max()) if rel.size else 0.0
+    need = np.maximum(err - rtol * np.abs(np.where(finite, r, 0.0)), 0.0)
+    channels = per_channel and r.ndim >= 2 and r.shape[1] > 0 and r.size > 0
+    if channels:  # one scale and one needed atol per channel of axis 1
+        axes = tuple(a for a in range(r.ndim) if a != 1)
+        scales = np.max(np.abs(np.where(finite, r, 0.0)), axis=axes)
+        needs = np.max(need, axis=axes)
+    else:
+        scales = np.array([float(np.max(np.abs(r[finite]))) if finite.any() else 0.0])
+        needs = np.array([float(need.max()) if need.size else 0.0])
+    if atol is None:
+        atols = d_atol * np.maximum(scales, np.finfo(np.float64).tiny)
+        if channels:
+            atols = np.maximum(atols, floor(dtype) * scales.max())
+        if atol_floor is not None:
+            atols = np.maximum(atols, atol_floor)
+    else:
+        atols = np.full_like(scales, float(atol))
+    worst = int(np.argmax(needs / atols))
+    note = ""
+    if bad_nonfinite.any():
+        needs = needs.copy()
+        needs[worst] = math.inf
+        note = f"{int(bad_nonfinite.sum())} NaN/Inf where the reference differs"
+    passed = bool(np.all(needs <= atols)) and not bad_nonfinite.any()
+    return OutputComparison(name, dtype, ref.shape, max_abs, max_rel, float(atols[worst]), rtol, float(needs[worst]),
+                            passed, note, worst if channels else None)
+
+
+def scale_of(a) -> float:
+    a = np.asarray(a)
+    if a.dtype.name not in TOLERANCES or not a.size:
+        return 0.0
+    r = np.abs(a.astype(np.float64))
+    r = r[np.isfinite(r)]
+    return float(r.max()) if r.size else 0.0
+

@@ -1,0 +1,128 @@
+"""Writing the folded model to its staging path: one file written in pieces (no second copy of the
+model in memory), or the model and its external data file.
+
+Protobuf serializes a message as its fields, in any order, and repeated fields may be appended
+(:mod:`onnxfold.protobuf`): so a single-file model is the model's other fields, then the graph without
+the streamed initializers, then each streamed initializer appended to the graph, its bytes copied from
+the data file the fold streamed it to.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import onnx
+from onnx import external_data_helper
+
+from . import protobuf
+from .errors import InputError
+from .protobuf import GRAPH_INITIALIZER, MODEL_GRAPH, TENSOR_RAW_DATA, copy_fields, length_delimited
+from .tensors import DataSink, copy_bytes, external_fields, inline_external, inline_sparse
+
+
+def write(model: onnx.ModelProto, staged_path: Path, *, base_dir=None, sink: DataSink | None = None,
+          external: bool | None = None) -> list[Path]:
+    """Write ``model`` (consumed: do not use it afterwards) to its staging path.
+
+    ``external``: True writes external data, False one file, None one file unless it would pass
+    2 GiB. Tensors the fold streamed to ``sink`` are written once more only for a single-file output,
+    read back a tensor at a time; unchanged tensors of the input's data files are copied as bytes.
+    Returns the files written, the model first.
+    """
+    if external is not True:
+        try:
+            return [_write_inline(model, staged_path, base_dir, sink)]
+        except _TooLarge:
+            if external is False:
+                raise InputError("the folded model is over 2 GiB: it needs external data "
+                                 "(--external-data always)") from None
+    if sink is None:
+        sink = DataSink(staged_path.parent / (staged_path.name + ".data"))
+    for tensor in external_data_helper._get_attribute_tensors(model):
+        if external_data_helper.uses_external_data(tensor):  # Constant values stay inline
+            inline_external(tensor, base_dir)
+    inline_sparse(model, base_dir)
+    sink.compact(external_data_helper._get_initializer_tensors(model))
+    for tensor in external_data_helper._get_initializer_tensors(model):
+        sink.take(tensor, base_dir)
+    sink.close()
+    with open(staged_path, "wb") as f:
+        f.write(model.SerializeToString())
+    return [staged_path, sink.path]
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def _write_inline(model: onnx.ModelProto, path: Path, base_dir, sink: DataSink | None) -> Path:
+    """One file, written in pieces in protobuf's wire format.
+
+    Protobuf serializes a message as its fields, in any order, and repeated fields may be appended:
+    so the model is the model's other fields, then the graph (without the streamed initializers),
+    then each streamed initializer appended to the graph, its bytes read back from the data file.
+    No copy of the whole model is made in memory (``onnx.save`` makes one, and sizes it twice).
+    """
+    taken: list[onnx.TensorProto] = []
+    try:
+        return _write_pieces(model, path, base_dir, sink, taken)
+    except _TooLarge:
+        # The streamed initializers were taken out of the graph: put them back (still pointing to the
+        # sink's data file), so the caller can write the model with external data instead.
+        model.graph.initializer.extend(taken)
+        raise
+
+
+def _write_pieces(model, path: Path, base_dir, sink: DataSink | None, taken: list) -> Path:
+    graph = model.graph
+    streamed_names = sink.written if sink is not None else set()
+    streamed = []
+    for i in reversed(range(len(graph.initializer))):
+        t = graph.initializer[i]
+        if t.name in streamed_names and external_data_helper.uses_external_data(t):
+            kept = onnx.TensorProto()
+            kept.CopyFrom(t)
+            taken.append(kept)
+            header = onnx.TensorProto()
+            header.CopyFrom(t)
+            _, offset, length = external_fields(t)
+            streamed.append((header, offset, length))
+            del graph.initializer[i]
+    streamed.reverse()
+    for tensor in external_data_helper._get_all_tensors(model):
+        if external_data_helper.uses_external_data(tensor):  # the input's data: read in, one tensor at a time
+            inline_external(tensor, base_dir)
+    inline_sparse(model, base_dir)
+    pieces = []
+    for header, _, length in streamed:
+        header.ClearField("data_location")
+        del header.external_data[:]
+        head = header.SerializeToString() + length_delimited(TENSOR_RAW_DATA, length)
+        pieces.append((head, length))
+    try:
+        graph_bytes = graph.SerializeToString()
+    except Exception as e:  # protobuf refuses past 2 GiB
+        raise _TooLarge() from e
+    entries = sum(len(length_delimited(GRAPH_INITIALIZER, len(h) + n)) + len(h) + n for h, n in pieces)
+    graph_len = len(graph_bytes) + entries
+    rest = onnx.ModelProto()
+    copy_fields(model, rest, skip=("graph",))
+    head = rest.SerializeToString()
+    if len(head) + graph_len + 16 > protobuf.PROTOBUF_LIMIT:
+        raise _TooLarge()
+    if sink is not None:
+        sink.file.flush()
+    with open(path, "wb") as out:
+        out.write(head)
+        out.write(length_delimited(MODEL_GRAPH, graph_len))
+        out.write(graph_bytes)
+        del graph_bytes
+        if pieces:
+            assert sink is not None  # only streamed tensors make pieces
+            with open(sink.path, "rb") as data:
+                for (h, n), (_, offset, _) in zip(pieces, streamed):
+                    out.write(length_delimited(GRAPH_INITIALIZER, len(h) + n) + h)
+                    data.seek(offset)
+                    copy_bytes(data, out, n)
+    return path
+
