@@ -226,3 +226,29 @@ def test_onnx_ir_and_torch_are_not_imported_for_protos():
     assert imported == "[]"
     assert "onnx_ir.Model" in message and "torch.onnx.ONNXProgram" in message and "not object" in message
 
+
+
+def test_the_fold_is_an_onnx_ir_pass_that_composes_in_a_pass_manager():
+    """onnxfold.ir_pass.FoldBatchNormPass: in place, PassResult.modified, the report kept; beside
+    onnx_ir's own passes in a PassManager; a second run finds nothing and says modified=False."""
+    ir = pytest.importorskip("onnx_ir")
+    from onnxfold.ir_pass import FoldBatchNormPass
+
+    model = conv_bn_model(seed=5)
+    model.graph.node.insert(0, onnx.helper.make_node("Identity", ["x"], ["x_id"]))
+    model.graph.node[1].input[0] = "x_id"
+    ir_model = ir.from_proto(model)
+    fold = FoldBatchNormPass()
+    passes = ir.passes.PassManager([fold, ir.passes.common.IdentityEliminationPass(),
+                                    ir.passes.common.RemoveUnusedNodesPass()])
+    result = passes(ir_model)
+    assert result.model is ir_model and result.modified
+    assert fold.report is not None and len(fold.report.folded) == 1
+    assert _ops(ir_model.graph) == ["Conv"]
+    folded = ir.to_proto(ir_model)
+    check_valid(folded)
+    for seed in range(3):
+        feeds = feeds_for(model, seed)
+        assert_close(run(model, feeds), run(folded, feeds), f"pass manager seed {seed}")
+    again = FoldBatchNormPass()(ir_model)
+    assert again.model is ir_model and not again.modified
