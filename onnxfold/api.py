@@ -22,6 +22,7 @@ import logging
 import math
 import os
 import time
+import traceback
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -200,6 +201,20 @@ def fold_file(src: str | os.PathLike, dst: str | os.PathLike | None, *, verify: 
     if report is not None:  # before any work, like the command line
         check_report(report, {real(src)} | ({real(dst)} if dst is not None else set()))
     return fold_path(src, dst, options, report=report)
+
+
+def fold_task(src: str | os.PathLike, dst: str | os.PathLike | None, **options) -> dict:
+    """:func:`fold_file` as one task of many (a cluster, a job array): never raises, returns the model's
+    ``--report`` JSON as a dict (:meth:`FoldResult.to_dict`), or ``{"input", "output", "status"}`` saying
+    what went wrong: ``"error: <the one line>"`` for the user's file, option or environment, ``"crashed:
+    ..."`` (with ``"traceback"``) for a bug. A module-level function: engines pickle it by name."""
+    try:
+        return fold_file(src, dst, **options).to_dict()
+    except FoldError as e:
+        return {"input": str(src), "output": None if dst is None else str(dst), "status": f"error: {e}"}
+    except Exception as e:  # a bug in onnxfold: reported with the model that caused it
+        return {"input": str(src), "output": None if dst is None else str(dst),
+                "status": f"crashed: {type(e).__name__}: {e}", "traceback": traceback.format_exc()}
 
 
 def fold_path(src: str | os.PathLike, dst: str | os.PathLike | None, options: FoldOptions, *,
