@@ -14,7 +14,7 @@ from onnx import numpy_helper
 
 from .adapters import TempNames
 from .driver import fold_model
-from .protobuf import all_graphs
+from .protobuf import all_graphs, is_graph_attribute
 
 
 def _gs_graphs(graph):
@@ -103,8 +103,7 @@ def _apply(graphs, folded: onnx.ModelProto) -> None:
             node.op = proto.op_type
             node.domain = proto.domain or None
             subgraphs = {k: v for k, v in node.attrs.items() if _is_graph_attr(v)}
-            graph_types = (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
-            plain = [a for a in proto.attribute if a.type not in graph_types]
+            plain = [a for a in proto.attribute if not is_graph_attribute(a)]
             node.attrs.clear()
             node.attrs.update(OnnxImporter.import_attributes(plain, {}, {}, None, None))  # gs's own conversion
             node.attrs.update(subgraphs)

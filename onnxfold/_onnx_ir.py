@@ -39,6 +39,7 @@ from onnx import helper
 
 from .adapters import TempNames
 from .driver import fold_model
+from .protobuf import graph_attributes, is_graph_attribute
 from .report import FoldReport
 
 _IR_TYPES = ("Model", "Graph")
@@ -136,7 +137,7 @@ def _signature(node: onnx.NodeProto) -> tuple:
     """What a fold may change in a node, graph attributes aside (those stay the caller's objects)."""
     digest = hashlib.sha256()
     for a in node.attribute:
-        if a.type not in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS):
+        if not is_graph_attribute(a):
             digest.update(a.SerializeToString(deterministic=True))
     return node.op_type, node.domain, tuple(node.input), tuple(node.output), digest.hexdigest()
 
@@ -166,12 +167,10 @@ class _Mapping:
             tmp = node_proto.name = self.names.assign(node_proto.op_type, node_proto.name)
             self.nodes[tmp] = node
             self.signatures[tmp] = _signature(node_proto)
-            for attr in node_proto.attribute:
-                subs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
-                if attr.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS):
-                    value = node.attributes[attr.name].value
-                    for sub, sub_proto in zip(value if isinstance(value, (list, tuple)) else [value], subs):
-                        self._pair(sub, sub_proto)
+            for attr, subs in graph_attributes(node_proto):
+                value = node.attributes[attr.name].value
+                for sub, sub_proto in zip(value if isinstance(value, (list, tuple)) else [value], subs):
+                    self._pair(sub, sub_proto)
 
     def apply(self, folded: onnx.GraphProto) -> None:
         """Rewire the caller's graphs to match the folded proto (its subgraphs are the same objects

@@ -32,13 +32,29 @@ def is_default(node: onnx.NodeProto) -> bool:
 # -- the subgraph walker ----------------------------------------------------------------------------
 
 
-def subgraphs(node: onnx.NodeProto) -> Iterator[tuple[str, onnx.GraphProto]]:
-    """A node's graph attributes: (attribute name, or name[i] for a list of graphs; the graph)."""
+GRAPH_TYPES = (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+
+
+def is_graph_attribute(a: onnx.AttributeProto) -> bool:
+    return a.type in GRAPH_TYPES
+
+
+def graph_attributes(node: onnx.NodeProto) -> Iterator[tuple[onnx.AttributeProto, list[onnx.GraphProto]]]:
+    """A node's graph-valued attributes, each with its graphs (one for GRAPH, a list for GRAPHS)."""
     for a in node.attribute:
         if a.type == onnx.AttributeProto.GRAPH:
-            yield a.name, a.g
+            yield a, [a.g]
         elif a.type == onnx.AttributeProto.GRAPHS:
-            for i, g in enumerate(a.graphs):
+            yield a, list(a.graphs)
+
+
+def subgraphs(node: onnx.NodeProto) -> Iterator[tuple[str, onnx.GraphProto]]:
+    """A node's graphs: (attribute name, or name[i] for a list of graphs; the graph)."""
+    for a, graphs in graph_attributes(node):
+        if a.type == onnx.AttributeProto.GRAPH:
+            yield a.name, graphs[0]
+        else:
+            for i, g in enumerate(graphs):
                 yield f"{a.name}[{i}]", g
 
 
