@@ -34,7 +34,8 @@ Rules (README: "How verification decides"):
   at most 14 ulps of a fold tensor's scale) and far below a wrong fold.
 - **Each fold, where it happens.** Given the folds (``folds=report.folded``), the tensor each fold
   in the main graph rewrote (the consumer's output, whose name the fold keeps) is exposed as an extra
-  output of both models and compared *per channel* (axis 1): channel ``c`` passes when
+  output of both models and compared *per channel* along the fold's own channel axis (``Folded.axis``:
+  1 for a Conv or Gemm, the last for a MatMul, followed through layout ops): channel ``c`` passes when
   ``|candidate - reference| <= atol_c + RTOL[dtype] * |reference|`` with
   ``atol_c = max(ATOL[dtype] * max |reference[:, c]|, FLOOR[dtype] * max |reference|)``. A channel
   near 0.02 beside one near 850 is held to its own scale down to the floor (float32: 6.5e-3), so a
@@ -125,8 +126,9 @@ def verify(
             raise VerifyError(f"inputs given lack {', '.join(missing)}")
     outputs = {o.name for o in ref_model.graph.output}
     checked, expose, feeders, all_checked = plan_folds(ref_model, reference, candidate, folds, outputs, result)
+    axes = {getattr(f, "output", ""): getattr(f, "axis", None) for f in folds or ()}
     job = VerifyJob(reference, candidate, feeds, list(providers), expose, checked, feeders, all_checked, atol, rtol,
-                    dict(tolerances or {}))
+                    dict(tolerances or {}), {name: axes.get(name) for name in checked})
     del ref_model
     result.results = _run_isolated(job)
     _something_compared(result, feeds)
@@ -148,14 +150,30 @@ def _run_isolated(job: VerifyJob) -> list[ProviderResult]:
 
 
 def _something_compared(result: VerifyResult, feeds: dict[str, np.ndarray]) -> None:
-    """Nothing compared is no proof: raise when every output of a provider is empty; a fold tensor that
-    is empty on these inputs is left to the graph outputs (``result.unchecked``)."""
+    """Nothing compared is no proof: raise when every output of a provider is empty, or when no output
+    or fold tensor had a finite element on both sides (NaN or Inf inputs); a fold tensor that is empty
+    on these inputs is left to the graph outputs (``result.unchecked``)."""
     for r in result.results:
+        shapes = ", ".join(f"{k} {list(np.shape(v))}" for k, v in feeds.items())
         if sum(o.elements for o in (*r.outputs, *r.folds)) == 0:
-            shapes = ", ".join(f"{k} {list(np.shape(v))}" for k, v in feeds.items())
             raise VerifyError(f"nothing to compare on {r.provider}: every output has 0 elements on these inputs "
                               f"({shapes}), so nothing is proven; give inputs with elements (--input-shape, "
                               "--inputs) or skip verification (--no-verify)")
+        if r.passed and sum(o.compared for o in (*r.outputs, *r.folds)) == 0:
+            raise VerifyError(f"nothing to compare on {r.provider}: no finite element in any output on these "
+                              f"inputs ({shapes}; {_nonfinite(feeds)}), so nothing is proven; give finite "
+                              "inputs (--inputs) or skip verification (--no-verify)")
         for f in r.folds:
             if f.elements == 0 and f.name not in result.unchecked:
                 result.unchecked[f.name] = "its tensor is empty on these inputs: covered by the graph outputs alone"
+
+
+def _nonfinite(feeds: dict[str, np.ndarray]) -> str:
+    """How many input elements are NaN or Inf."""
+    bad = total = 0
+    for v in feeds.values():
+        v = np.asarray(v)
+        total += v.size
+        if v.dtype.kind in "fc" or v.dtype.name == "bfloat16":
+            bad += int(np.count_nonzero(~np.isfinite(v.astype(np.float64))))
+    return f"{bad} of {total} input elements NaN or Inf"
