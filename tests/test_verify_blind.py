@@ -3,15 +3,21 @@
 each failed on 0e3a27c."""
 
 import importlib
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from builders import conv_bn_model
-from checks import cli
-from onnxfold import VerifyError, fold_model, verify
+from builders import bn_stats, conv_bn_model
+from checks import child_env, cli
+from onnxfold import InputError, VerifyError, fold_file, fold_model, isolation, verify
+from onnxfold.verification import annotate
 
 planning = importlib.import_module("onnxfold.verification.planning")
 
@@ -120,3 +126,233 @@ def test_a_conv_fold_is_still_compared_per_axis_1():
     _plant(folded, _folded_conv_name(folded), channel=2)
     result = verify(model, folded, folds=report.folded)
     assert not result and result.results[0].folds[0].channel == 2
+
+
+# -- item 10: the child dies with its parent; a time limit -------------------------------------------------
+
+
+def _endless_model():
+    """Conv -> BN (a fold, so verification runs) beside a Loop of 10^15 iterations: onnxruntime runs it
+    as long as it is let (the gate: a verification that never ends by itself)."""
+    model = conv_bn_model()
+    body = helper.make_graph(
+        [helper.make_node("Identity", ["c_in"], ["c_out"]), helper.make_node("Identity", ["s_in"], ["s_out"])],
+        "body", [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+                 helper.make_tensor_value_info("c_in", TensorProto.BOOL, []),
+                 helper.make_tensor_value_info("s_in", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("c_out", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("s_out", TensorProto.FLOAT, [1])])
+    model.graph.initializer.extend([numpy_helper.from_array(np.array(10**15, np.int64), "trip"),
+                                    numpy_helper.from_array(np.ones(1, np.float32), "s0")])
+    model.graph.node.append(helper.make_node("Loop", ["trip", "", "s0"], ["z"], body=body))
+    model.graph.output.append(helper.make_tensor_value_info("z", TensorProto.FLOAT, [1]))
+    return model
+
+
+def _children(pid):
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as fh:
+            return [int(p) for p in fh.read().split()]
+    except FileNotFoundError:
+        return []
+
+
+def _alive(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def _poll(predicate, what, limit=120.0):
+    """Wait for ``predicate`` by polling /proc (the limit only stops a hung test: no speed is asserted)."""
+    deadline = time.monotonic() + limit
+    while not predicate():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.01)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc and PR_SET_PDEATHSIG")
+def test_the_verification_child_dies_with_a_killed_run(tmp_path):
+    """SIGKILL (what subprocess timeouts, CI and the OOM killer send) of a run mid-verification left its
+    onnxruntime child running the Loop on: it must die with the run."""
+    src, out = tmp_path / "m.onnx", tmp_path / "o.onnx"
+    onnx.save(_endless_model(), src)
+    proc = subprocess.Popen([sys.executable, "-m", "onnxfold", str(src), str(out)], env=child_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        _poll(lambda: _children(proc.pid) or proc.poll() is not None, "the verification child never started")
+        assert proc.poll() is None, proc.stderr.read()
+        child = _children(proc.pid)[0]
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        _poll(lambda: not _alive(child), "the verification child outlived its SIGKILLed parent")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        proc.stderr.close()
+    assert not out.exists()
+
+
+def test_a_verification_past_its_time_limit_is_stopped(tmp_path):
+    """A Loop of 10^15 iterations verified forever; now one line, exit 2, naming the model and provider,
+    the child killed."""
+    src, out = tmp_path / "m.onnx", tmp_path / "o.onnx"
+    onnx.save(_endless_model(), src)
+    proc = cli(src, out, "--verify-timeout", "1")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("onnxfold: error:")]
+    assert len(errors) == 1 and f"{src}: verification on cpu took longer than 1 s" in errors[0], proc.stderr
+    assert not out.exists()
+    with pytest.raises(VerifyError, match="verification on cpu took longer than 0.5 s"):
+        fold_file(src, out, verify_timeout=0.5)
+    assert not out.exists()
+    with pytest.raises(InputError, match="--verify-timeout -1"):
+        fold_file(src, out, verify_timeout=-1)
+
+
+def test_a_worker_killed_for_time_is_replaced(monkeypatch):
+    """A worker (this process has imported onnxruntime) past its time is killed; the next call gets a
+    new one and works."""
+    monkeypatch.setattr(isolation, "WORKER", "spawn")
+    model = _endless_model()
+    folded, report = fold_model(model)
+    with pytest.raises(VerifyError, match="took longer than 0.5 s"):
+        verify(model, folded, folds=report.folded, timeout=0.5)
+    assert isolation._worker is None
+    good = conv_bn_model()
+    folded, report = fold_model(good)
+    assert verify(good, folded, folds=report.folded, timeout=600)
+    first = isolation._worker.proc.pid
+    assert verify(good, folded, folds=report.folded)
+    assert isolation._worker.proc.pid == first  # reused while it answers
+
+
+# -- item 6: a fold in an If branch the inputs never take ---------------------------------------------------
+
+
+def _if_model():
+    """cond ? Conv->BN : Conv->BN, each branch with its own weights (tests/test_subgraphs.py's shape)."""
+    rng = np.random.default_rng(0)
+
+    def body(prefix, out):
+        w = numpy_helper.from_array(rng.normal(0, 0.5, (4, 4, 3, 3)).astype(np.float32), f"{prefix}w")
+        stats = [f"{prefix}{n}" for n in ("g", "b", "m", "v")]
+        inits = [w, *(numpy_helper.from_array(a, n) for a, n in zip(bn_stats(rng, 4), stats))]
+        nodes = [helper.make_node("Conv", ["x", w.name], [f"{prefix}c"], pads=[1, 1, 1, 1], name=f"{prefix}conv"),
+                 helper.make_node("BatchNormalization", [f"{prefix}c", *stats], [out], epsilon=1e-3,
+                                  name=f"{prefix}bn")]
+        return helper.make_graph(nodes, prefix, [], [helper.make_tensor_value_info(out, TensorProto.FLOAT,
+                                                                                   [1, 4, 6, 6])], inits)
+
+    graph = helper.make_graph(
+        [helper.make_node("If", ["cond"], ["y"], then_branch=body("then_", "t"), else_branch=body("else_", "e"))],
+        "if_model", [helper.make_tensor_value_info("cond", TensorProto.BOOL, []),
+                     helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 6, 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 6, 6])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def _plant_in_branch(folded, branch):
+    g = next(a.g for a in folded.graph.node[0].attribute if a.name == branch)
+    conv = next(n for n in g.node if n.op_type == "Conv")
+    _plant_graph(g, conv.input[1])
+
+
+def _plant_graph(graph, name):
+    t = next(t for t in graph.initializer if t.name == name)
+    a = numpy_helper.to_array(t).copy()
+    a[1] *= -1
+    t.CopyFrom(numpy_helper.from_array(a, name))
+
+
+@pytest.mark.parametrize("wrong", ["then_branch", "else_branch"])
+def test_a_wrong_fold_in_an_if_branch_the_inputs_never_take_fails(wrong):
+    """The inputs take the other branch: it printed "verification passed" and called the wrong fold
+    "covered by the graph outputs". Now the branch runs on its own (its condition forced) and fails."""
+    model = _if_model()
+    folded, report = fold_model(model)
+    assert {f.graph for f in report.folded} == {"main/If#0.then_branch", "main/If#0.else_branch"}
+    x = np.random.default_rng(1).uniform(-1, 1, (1, 4, 6, 6)).astype(np.float32)
+    taken = np.array(wrong == "else_branch")  # the other branch
+    good = verify(model, folded, folds=report.folded, inputs={"cond": taken, "x": x})
+    assert good, str(good)
+    annotate(report.folded, good)
+    assert all("that branch was run on its own" in f.note for f in report.folded), [f.note for f in report.folded]
+    _plant_in_branch(folded, wrong)
+    result = verify(model, folded, folds=report.folded, inputs={"cond": taken, "x": x})
+    assert not result, str(result)
+    assert "verification passed" not in str(result)
+    bad = [o.name for o in result.results[0].outputs if not o.passed]
+    assert bad == ["y__onnxfold_" + wrong.split("_")[0]]
+
+
+def test_a_fold_in_a_nested_if_branch_is_refused():
+    """An If inside a branch cannot be forced from the main graph: its folds are not verified, and a
+    verification that cannot verify a fold does not pass (VerifyError, exit 2)."""
+    outer = _if_model()
+    inner = _if_model().graph.node[0]
+    inner.name = "inner"
+    then = next(a.g for a in outer.graph.node[0].attribute if a.name == "then_branch")
+    del then.node[:]
+    del then.initializer[:]
+    inner.output[0] = "t"
+    then.node.append(inner)
+    folded, report = fold_model(outer)
+    assert any("/inner." in f.graph for f in report.folded)
+    x = np.random.default_rng(1).uniform(-1, 1, (1, 4, 6, 6)).astype(np.float32)
+    with pytest.raises(VerifyError, match="cannot run on their own"):
+        verify(outer, folded, folds=report.folded, inputs={"cond": np.array(True), "x": x})
+
+
+# -- item 8: errors reachable only outside [-1, 1] ------------------------------------------------------------
+
+
+def test_an_error_only_reachable_above_1_needs_the_real_input_range():
+    """x -> Relu(x - 1) -> Conv -> BN: on the default inputs in [-1, 1] the Conv sees only zeros, so a
+    wrong weight cannot show; the range of the real inputs (images: --input-range 0,255) catches it.
+    Inherent to testing on samples; the README tells users to set the range of their real inputs."""
+    model = conv_bn_model()
+    model.graph.initializer.append(numpy_helper.from_array(np.ones((1,), np.float32), "one"))
+    model.graph.node.insert(0, helper.make_node("Sub", ["x", "one"], ["xm"]))
+    model.graph.node.insert(1, helper.make_node("Relu", ["xm"], ["xr"]))
+    conv = next(n for n in model.graph.node if n.op_type == "Conv")
+    conv.input[0] = "xr"
+    folded, report = fold_model(model)
+    assert verify(model, folded, folds=report.folded, input_range=(0, 255))
+    _plant(folded, _folded_conv_name(folded), channel=3, factor=1.5)
+    assert verify(model, folded, folds=report.folded)  # the default range misses it
+    assert not verify(model, folded, folds=report.folded, input_range=(0, 255))
+
+
+# -- item 11: memory ------------------------------------------------------------------------------------
+
+
+def test_jobs_are_capped_at_the_models_and_the_cpus(tmp_path, monkeypatch):
+    """-j 200 forked 200 workers for 2 models."""
+    import concurrent.futures
+
+    from onnxfold import cli as cli_module
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    assert cli_module.pool_size(200, 2) == 2
+    assert cli_module.pool_size(200, 50) == 8
+    assert cli_module.pool_size(3, 50) == 3
+    seen = []
+
+    class Recording(concurrent.futures.ProcessPoolExecutor):
+        def __init__(self, max_workers=None, **kw):
+            seen.append(max_workers)
+            super().__init__(max_workers=max_workers, **kw)
+
+    monkeypatch.setattr(concurrent.futures, "ProcessPoolExecutor", Recording)
+    src = tmp_path / "in"
+    src.mkdir()
+    for k in range(2):
+        onnx.save(conv_bn_model(seed=k), src / f"m{k}.onnx")
+    assert cli_module.main([str(src), str(tmp_path / "out"), "-j", "200", "--no-verify", "-q"]) == 0
+    assert seen == [2]

@@ -71,13 +71,20 @@ from ..errors import VerifyError
 from ..protobuf import PROTOBUF_LIMIT
 from .inputs import DEFAULT_RANGE, load_inputs, make_inputs, model_inputs, parse_shape
 from .job import VerifyJob, run_job
-from .planning import plan_folds
+from .planning import force_branches, plan_folds
 from .reference import batch_norm
 from .results import OutputComparison, ProviderResult, VerifyResult, annotate
 from .sessions import PROVIDERS, check_providers
 from .tolerances import TOLERANCES, compare
 
-__all__ = ["verify", "VerifyResult", "VerifyError", "ProviderResult", "OutputComparison", "annotate", "compare",
+# How long one verification may take by default (``--verify-timeout``): it runs each model once per
+# provider on one input, which takes seconds to a few minutes even for models of several GiB on a CPU;
+# an hour is far above that, and ends a run stuck in onnxruntime (a Loop of 10^12 iterations) well
+# before a CI job's own limit (GitHub Actions: 6 hours) would kill it without a word.
+DEFAULT_TIMEOUT = 3600.0
+
+__all__ = ["verify", "DEFAULT_TIMEOUT",
+           "VerifyResult", "VerifyError", "ProviderResult", "OutputComparison", "annotate", "compare",
            "make_inputs", "model_inputs", "load_inputs", "parse_shape", "check_providers", "batch_norm",
            "DEFAULT_RANGE", "PROVIDERS", "TOLERANCES"]
 
@@ -95,6 +102,7 @@ def verify(
     rtol: float | None = None,
     tolerances: dict[str, tuple[float | None, float | None]] | None = None,
     folds=None,
+    timeout: float | None = DEFAULT_TIMEOUT,
 ) -> VerifyResult:
     """Compare ``candidate`` against ``reference`` on each provider ("cpu", "cuda").
 
@@ -102,7 +110,9 @@ def verify(
     dtype defaults for every graph output; ``tolerances={"out": (atol, rtol)}`` for one output or fold
     tensor (None keeps the default). ``folds`` (``report.folded`` of :func:`fold_model`) checks each
     fold at the tensor it rewrote, per channel (see the module's docstring); :func:`annotate` writes
-    those checks into the report. Raises :class:`VerifyError` when it cannot run (a provider is
+    those checks into the report. ``timeout``: seconds the whole comparison may take (None: no limit;
+    default :data:`DEFAULT_TIMEOUT`); past it the child is killed and :class:`VerifyError` raised.
+    Raises :class:`VerifyError` when it cannot run (a provider is
     missing, an input cannot be made, onnxruntime crashes, nothing had an element to compare); the
     result is falsy when an output or a fold tensor disagrees.
     """
@@ -126,24 +136,39 @@ def verify(
             raise VerifyError(f"inputs given lack {', '.join(missing)}")
     outputs = {o.name for o in ref_model.graph.output}
     checked, expose, feeders, all_checked = plan_folds(ref_model, reference, candidate, folds, outputs, result)
+    nodes, forced = force_branches(ref_model, candidate, folds, result)
     axes = {getattr(f, "output", ""): getattr(f, "axis", None) for f in folds or ()}
     job = VerifyJob(reference, candidate, feeds, list(providers), expose, checked, feeders, all_checked, atol, rtol,
-                    dict(tolerances or {}), {name: axes.get(name) for name in checked})
+                    dict(tolerances or {}), {name: axes.get(name) for name in checked}, nodes)
     del ref_model
-    result.results = _run_isolated(job)
+    result.results = _run_isolated(job, timeout)
     _something_compared(result, feeds)
+    for r in result.results:
+        missing = sorted(set(forced) - {o.name for o in r.outputs})
+        if missing:
+            raise VerifyError(f"the If branches holding folds could not be run on their own on {r.provider} "
+                              f"({', '.join(missing)} missing): a fold no input exercised is not verified; "
+                              "--no-verify writes the model unverified")
     return result
 
 
-def _run_isolated(job: VerifyJob) -> list[ProviderResult]:
-    """The job in a child process; a crash of onnxruntime there is a :class:`VerifyError`."""
+def _run_isolated(job: VerifyJob, timeout: float | None) -> list[ProviderResult]:
+    """The job in a child process; a crash of onnxruntime there, or a run past ``timeout``, is a
+    :class:`VerifyError`."""
     if not isolation.can_fork():  # a model crosses the pipe as bytes
         for model in (job.reference, job.candidate):
             if isinstance(model, onnx.ModelProto) and model.ByteSize() > PROTOBUF_LIMIT:
                 raise VerifyError("the model is over 2 GiB: save it with external data and verify the file")
         job = job.as_bytes()
     try:
-        return isolation.call(run_job, job)
+        return isolation.call(run_job, job, timeout=timeout)
+    except isolation.ChildTimeout as e:
+        doing = e.where[1] if e.where else "starting"
+        provider = next((p for p in job.providers if doing.endswith(f" on {p}")), ",".join(job.providers))
+        model = job.reference if isinstance(job.reference, (str, os.PathLike)) else "the model"
+        raise VerifyError(f"{model}: verification on {provider} took longer than {e.seconds:g} s "
+                          f"(--verify-timeout), stopped while {doing}; give it more time (--verify-timeout "
+                          "SECONDS, 0: no limit) or skip it (--no-verify)") from None
     except isolation.ChildFailed as e:
         raise VerifyError(f"{e}: it cannot verify this model on this provider (--no-verify skips verification)") \
             from None

@@ -32,6 +32,7 @@ class VerifyJob:
     rtol: float | None = None
     tolerances: dict[str, tuple[float | None, float | None]] = field(default_factory=dict)
     axes: dict[str, int | None] = field(default_factory=dict)  # fold tensor -> its channel axis (None: per tensor)
+    nodes: tuple[bytes, bytes] = (b"", b"")  # appended to each model's graph: If branches forced (planning)
 
     def as_bytes(self) -> VerifyJob:
         """The job with its ModelProto models serialized (a worker process receives them as bytes)."""
@@ -57,8 +58,8 @@ def compare_provider(job: VerifyJob, provider: str, stage) -> ProviderResult:
     expose, fold_tensors, all_checked = job.expose, job.fold_tensors, job.all_checked
     try:
         ref_out, cand_out, engine, note = run_pair(job.reference, job.candidate, job.feeds, provider,
-                                                   expose, stage)
-    except ExposureRefused as e:  # verify as without per-fold checks, and say so
+                                                   expose, stage, job.nodes)
+    except ExposureRefused as e:  # verify as without per-fold checks (nor forced branches), and say so
         ref_out, cand_out, engine, note = run_pair(job.reference, job.candidate, job.feeds, provider,
                                                    (), stage)
         note = "; ".join(x for x in (note, f"the fold tensors could not be added as outputs ({e}): the graph "
