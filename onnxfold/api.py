@@ -39,10 +39,12 @@ from .report import FoldReport
 from .rules import select_rules
 from .tensors import DataSink
 from .verification import (
+    DEFAULT_MEMORY,
     DEFAULT_RANGE,
     DEFAULT_TIMEOUT,
     VerifyResult,
     annotate,
+    check_feeds,
     check_providers,
     load_inputs,
     model_inputs,
@@ -75,6 +77,7 @@ class FoldOptions:
     data_name: str | None = None
     disable: tuple[str, ...] = ()
     verify_timeout: float | None = DEFAULT_TIMEOUT  # seconds verification may take; None: no limit
+    verify_memory: float | None = DEFAULT_MEMORY  # GiB verification may need (estimated); None: no limit
 
 
 def make_options(*, verify: bool = True, providers: str | Sequence[str] = ("cpu",),
@@ -82,7 +85,8 @@ def make_options(*, verify: bool = True, providers: str | Sequence[str] = ("cpu"
                  input_range: tuple[float, float] = DEFAULT_RANGE, seed: int = 0, atol: float | None = None,
                  rtol: float | None = None, force_write: bool = False, external_data: str = "auto",
                  data_name: str | None = None, disable: str | Sequence[str] = (),
-                 verify_timeout: float | None = DEFAULT_TIMEOUT) -> FoldOptions:
+                 verify_timeout: float | None = DEFAULT_TIMEOUT,
+                 verify_memory: float | None = DEFAULT_MEMORY) -> FoldOptions:
     """Check every option before any work; each message names the command-line option it comes from.
     Providers other than the CPU must be available in this onnxruntime only when ``verify``."""
     if data_name is not None and (Path(data_name).name != data_name or data_name in (".", "..")
@@ -96,6 +100,9 @@ def make_options(*, verify: bool = True, providers: str | Sequence[str] = ("cpu"
     if verify_timeout is not None and (isinstance(verify_timeout, bool) or not isinstance(verify_timeout, (int, float))
                                        or not (math.isfinite(verify_timeout) and verify_timeout >= 0)):
         raise InputError(f"--verify-timeout {verify_timeout}: expected a finite number of seconds >= 0 (0: no limit)")
+    if verify_memory is not None and (isinstance(verify_memory, bool) or not isinstance(verify_memory, (int, float))
+                                      or not (math.isfinite(verify_memory) and verify_memory >= 0)):
+        raise InputError(f"--verify-memory {verify_memory}: expected a finite number of GiB >= 0 (0: no limit)")
     lo, hi = (float(x) for x in input_range)
     if not (math.isfinite(lo) and math.isfinite(hi)):
         raise InputError(f"--input-range {lo:g},{hi:g}: LO and HI must be finite numbers")
@@ -114,7 +121,8 @@ def make_options(*, verify: bool = True, providers: str | Sequence[str] = ("cpu"
         inputs=os.fspath(inputs) if isinstance(inputs, os.PathLike) else inputs,
         input_range=(lo, hi), seed=int(seed), atol=atol, rtol=rtol, force_write=force_write,
         external_data=external_data, data_name=data_name, disable=disable,
-        verify_timeout=float(verify_timeout) if verify_timeout else None)
+        verify_timeout=float(verify_timeout) if verify_timeout else None,
+        verify_memory=float(verify_memory) if verify_memory else None)
 
 
 def _shapes(shapes: Mapping[str, Sequence[int]]) -> tuple[tuple[str, tuple[int, ...]], ...]:
@@ -193,7 +201,8 @@ def fold_file(src: str | os.PathLike, dst: str | os.PathLike | None, *, verify: 
               atol: float | None = None, rtol: float | None = None, force_write: bool = False,
               external_data: str = "auto", data_name: str | None = None, disable: str | Sequence[str] = (),
               report: str | os.PathLike | None = None,
-              verify_timeout: float | None = DEFAULT_TIMEOUT) -> FoldResult:
+              verify_timeout: float | None = DEFAULT_TIMEOUT,
+              verify_memory: float | None = DEFAULT_MEMORY) -> FoldResult:
     """Fold the model at ``src`` into ``dst`` (which may be ``src``): load, fold, verify, write atomically.
 
     ``dst=None`` checks only: it folds in memory, writes nothing but the report, and the result's
@@ -205,6 +214,8 @@ def fold_file(src: str | os.PathLike, dst: str | os.PathLike | None, *, verify: 
     2 GiB), "always" or "never"; ``data_name`` names the data file. ``disable``: rules to switch off.
     ``report``: a path to write the JSON report to (committed with the model). ``verify_timeout``:
     seconds verification may take (0 or None: no limit); past it, :class:`~onnxfold.errors.VerifyError`.
+    ``verify_memory``: GiB it may need, estimated before it runs (0 or None: no limit; default: this
+    machine's memory); above it, :class:`~onnxfold.errors.VerifyError`.
 
     Raises :class:`~onnxfold.errors.FoldError` (one line) for a bad file, option or path; the input is
     never modified and ``dst`` holds either its old content or the whole new model.
@@ -212,7 +223,7 @@ def fold_file(src: str | os.PathLike, dst: str | os.PathLike | None, *, verify: 
     options = make_options(verify=verify and dst is not None, providers=providers, input_shapes=input_shapes,
                            inputs=inputs, input_range=input_range, seed=seed, atol=atol, rtol=rtol,
                            force_write=force_write, external_data=external_data, data_name=data_name,
-                           disable=disable, verify_timeout=verify_timeout)
+                           disable=disable, verify_timeout=verify_timeout, verify_memory=verify_memory)
     if report is not None:  # before any work, like the command line
         check_report(report, {real(src)} | ({real(dst)} if dst is not None else set()))
     return fold_path(src, dst, options, report=report)
@@ -250,10 +261,10 @@ class _Job:
 
 def _prepare(src: Path, dst: Path | None, options: FoldOptions, report: str | os.PathLike | None,
              protect: frozenset[Path], shared_folder: bool) -> _Job:
-    feeds = _feeds(options.inputs)
     t = time.perf_counter()
     model, external = load(src)
     timings = {"load_s": time.perf_counter() - t}
+    feeds = _feeds(options.inputs, model if dst is not None and options.verify else None)
     if dst is not None and options.verify:
         _check_inputs(model, options, feeds)
     reads = {real(src)} | data_files(model, src)
@@ -266,11 +277,13 @@ def _prepare(src: Path, dst: Path | None, options: FoldOptions, report: str | os
     return _Job(src, model, external, feeds, plan, report_path, timings)
 
 
-def _feeds(inputs: str | Mapping[str, np.ndarray] | None) -> dict[str, np.ndarray] | None:
+def _feeds(inputs: str | Mapping[str, np.ndarray] | None,
+           model: onnx.ModelProto | None) -> dict[str, np.ndarray] | None:
+    """The inputs given; from an npz only the keys ``model`` needs, checked as they are read."""
     if inputs is None:
         return None
     if isinstance(inputs, str):
-        return load_inputs(inputs)
+        return load_inputs(inputs, model)
     return {name: np.asarray(value) for name, value in inputs.items()}
 
 
@@ -283,9 +296,11 @@ def _check_inputs(model: onnx.ModelProto, options: FoldOptions, feeds: dict[str,
         raise InputError(f"--input-shape names no input of the model: {', '.join(unknown)} "
                          f"(its inputs: {', '.join(names)})")
     missing = [n for n in names if feeds is not None and n not in feeds]
+    given = f"--inputs {options.inputs}" if isinstance(options.inputs, str) else "the inputs given"
     if missing:
-        given = f"--inputs {options.inputs}" if isinstance(options.inputs, str) else "the inputs given"
         raise InputError(f"{given}: lacks the model's input(s) {', '.join(missing)}")
+    if feeds is not None:
+        check_feeds(model, feeds, given)
 
 
 def _check(job: _Job, options: FoldOptions) -> FoldResult:
@@ -360,7 +375,8 @@ def _verify(job: _Job, tmp: Path, options: FoldOptions, report: FoldReport) -> V
     t = time.perf_counter()
     result = compare_models(job.src, tmp, options.providers, inputs=job.feeds, input_shapes=dict(options.input_shapes),
                             input_range=options.input_range, seed=options.seed, atol=options.atol,
-                            rtol=options.rtol, folds=report.folded, timeout=options.verify_timeout)
+                            rtol=options.rtol, folds=report.folded, timeout=options.verify_timeout,
+                            memory=options.verify_memory)
     job.timings["verify_s"] = time.perf_counter() - t
     annotate(report.folded, result)  # each fold's own check, into folded[]
     for w in result.warnings:

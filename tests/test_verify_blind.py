@@ -15,8 +15,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from builders import bn_stats, conv_bn_model
-from checks import child_env, cli
-from onnxfold import InputError, VerifyError, fold_file, fold_model, isolation, verify
+from checks import assert_user_error, child_env, cli
+from onnxfold import FoldError, InputError, VerifyError, fold_file, fold_model, isolation, verify
 from onnxfold.verification import annotate
 
 planning = importlib.import_module("onnxfold.verification.planning")
@@ -356,3 +356,85 @@ def test_jobs_are_capped_at_the_models_and_the_cpus(tmp_path, monkeypatch):
         onnx.save(conv_bn_model(seed=k), src / f"m{k}.onnx")
     assert cli_module.main([str(src), str(tmp_path / "out"), "-j", "200", "--no-verify", "-q"]) == 0
     assert seen == [2]
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="the fault is planted in a forked child")
+def test_out_of_memory_in_the_verification_child_is_one_line_not_a_bug(monkeypatch, tmp_path):
+    """A MemoryError in the verification child was "this is a bug", exit 70: the model or the inputs are
+    too big for this machine, a user's matter (FoldError: one line, exit 2)."""
+    job = importlib.import_module("onnxfold.verification.job")
+
+    def hungry(job_, provider, stage):
+        stage("running the original model")
+        raise MemoryError
+
+    monkeypatch.setattr(isolation, "WORKER", "fork")
+    monkeypatch.setattr(job, "compare_provider", hungry)
+    model = conv_bn_model()
+    folded, report = fold_model(model)
+    with pytest.raises(FoldError, match="^out of memory: onnxruntime ran out of memory running the original model"):
+        verify(model, folded, folds=report.folded)
+    src, out = tmp_path / "m.onnx", tmp_path / "o.onnx"
+    onnx.save(model, src)
+    with pytest.raises(FoldError, match="^out of memory"):
+        fold_file(src, out)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("x,text", [
+    (np.zeros((1, 4, 6, 6), np.float64), "input 'x' is float64 [1, 4, 6, 6], the model declares float32 [1, 4, 6, 6]"),
+    (np.zeros((1, 4, 6), np.float32), "input 'x' is float32 [1, 4, 6], the model declares float32 [1, 4, 6, 6]"),
+    (np.zeros((1, 3, 6, 6), np.float32), "input 'x' is float32 [1, 3, 6, 6]"),
+])
+def test_npz_inputs_are_checked_against_the_model_before_any_work(tmp_path, x, text):
+    """A wrong dtype or shape was found only by onnxruntime after the fold (two lines), though the README
+    says inputs are checked before any work."""
+    src, out, npz = tmp_path / "m.onnx", tmp_path / "o.onnx", tmp_path / "in.npz"
+    onnx.save(conv_bn_model(), src)
+    np.savez(npz, x=x)
+    proc = cli(src, out, "--inputs", npz)
+    assert_user_error(proc, f"--inputs {npz}: {text}")
+    assert not out.exists()
+    with pytest.raises(VerifyError, match="the inputs given: input 'x' is"):
+        fold_file(src, out, inputs={"x": x})
+
+
+def test_npz_reads_only_the_keys_the_model_needs(tmp_path, monkeypatch):
+    """Every key was decompressed (a 1 MB npz with an unused 1 GiB key reached 1.1 GB)."""
+    src, out, npz = tmp_path / "m.onnx", tmp_path / "o.onnx", tmp_path / "in.npz"
+    onnx.save(conv_bn_model(), src)
+    x = np.random.default_rng(0).uniform(-1, 1, (1, 4, 6, 6)).astype(np.float32)
+    np.savez_compressed(npz, x=x, unused=np.zeros((1000, 1000), np.float32))
+    read = []
+    original = np.lib.npyio.NpzFile.__getitem__
+
+    def spy(self, key):
+        read.append(key)
+        return original(self, key)
+
+    monkeypatch.setattr(np.lib.npyio.NpzFile, "__getitem__", spy)
+    assert fold_file(src, out, inputs=npz)
+    assert read == ["x"]
+
+
+def test_a_verification_over_its_memory_budget_is_refused(tmp_path):
+    """--input-shape x:1x4x3000x3000 (144 MB of input) peaked at 5.3 GB, and the size cap let ~8 GiB
+    inputs through. Verification now estimates what it needs (inputs, outputs and fold tensors, times
+    the two models) and refuses above its budget, one line, exit 2, before making the inputs."""
+    from onnxfold.verification import memory
+
+    model = conv_bn_model()
+    specs = {"x": (np.dtype(np.float32), (1, 4, 3000, 3000))}
+    need, how = memory.estimate(model, specs, ["y"])
+    weights = sum(numpy_helper.to_array(t).nbytes for t in model.graph.initializer)
+    assert need == 2 * (4 * 3000 * 3000 * 4 + 6 * 2998 * 2998 * 4 + weights), how
+    src, out = tmp_path / "m.onnx", tmp_path / "o.onnx"
+    onnx.save(model, src)
+    proc = cli(src, out, "--input-shape", "x:1x4x3000x3000", "--verify-memory", "0.5")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("onnxfold: error:")]
+    assert len(errors) == 1 and "verification needs at least 0.7 GiB" in errors[0], proc.stderr
+    assert "above its memory budget of 0.5 GiB" in errors[0] and not out.exists()
+    with pytest.raises(InputError, match="--verify-memory -2"):
+        fold_file(src, out, verify_memory=-2)
+    assert fold_file(src, out, verify_memory=0.5)  # the declared 6x6 input fits

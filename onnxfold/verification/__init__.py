@@ -52,7 +52,13 @@ Rules (README: "How verification decides"):
   their tensors, so the output comparison only has to catch what lies outside them. When any fold
   could not be checked, or one failed, every output keeps its own scale alone.
 - **Nothing compared is no proof.** When every output and every checked fold tensor is empty (a batch
-  fixed at 0), :class:`VerifyError` is raised: there is nothing to call passed or failed.
+  fixed at 0), or none has a finite element on both sides (inputs all NaN or Inf),
+  :class:`VerifyError` is raised: there is nothing to call passed or failed.
+- **A fold no input exercised is not verified.** A fold in a branch of a main-graph If runs through a
+  copy of that If whose condition is forced to that branch (:func:`.planning.force_branches`), its
+  outputs compared like graph outputs; a fold in an If branch that cannot be forced so is refused.
+- **Limits.** ``timeout`` seconds (the child is killed past it) and ``memory`` GiB (an estimate,
+  :mod:`.memory`, checked before anything runs).
 
 ``atol``/``rtol`` given by the caller replace the defaults for graph outputs; ``tolerances`` by name
 applies to graph outputs and fold tensors alike.
@@ -69,8 +75,18 @@ import onnx
 from .. import isolation
 from ..errors import VerifyError
 from ..protobuf import PROTOBUF_LIMIT
-from .inputs import DEFAULT_RANGE, load_inputs, make_inputs, model_inputs, parse_shape
+from .inputs import (
+    DEFAULT_RANGE,
+    check_feeds,
+    input_specs,
+    load_inputs,
+    make_inputs,
+    model_inputs,
+    parse_shape,
+    random_inputs,
+)
 from .job import VerifyJob, run_job
+from .memory import check_budget, default_budget
 from .planning import force_branches, plan_folds
 from .reference import batch_norm
 from .results import OutputComparison, ProviderResult, VerifyResult, annotate
@@ -83,9 +99,12 @@ from .tolerances import TOLERANCES, compare
 # before a CI job's own limit (GitHub Actions: 6 hours) would kill it without a word.
 DEFAULT_TIMEOUT = 3600.0
 
-__all__ = ["verify", "DEFAULT_TIMEOUT",
+# The memory verification may need by default (``--verify-memory``, GiB): this machine's (memory.py).
+DEFAULT_MEMORY = default_budget()
+
+__all__ = ["verify", "DEFAULT_TIMEOUT", "DEFAULT_MEMORY",
            "VerifyResult", "VerifyError", "ProviderResult", "OutputComparison", "annotate", "compare",
-           "make_inputs", "model_inputs", "load_inputs", "parse_shape", "check_providers", "batch_norm",
+           "make_inputs", "model_inputs", "load_inputs", "check_feeds", "parse_shape", "check_providers", "batch_norm",
            "DEFAULT_RANGE", "PROVIDERS", "TOLERANCES"]
 
 
@@ -103,6 +122,7 @@ def verify(
     tolerances: dict[str, tuple[float | None, float | None]] | None = None,
     folds=None,
     timeout: float | None = DEFAULT_TIMEOUT,
+    memory: float | None = DEFAULT_MEMORY,
 ) -> VerifyResult:
     """Compare ``candidate`` against ``reference`` on each provider ("cpu", "cuda").
 
@@ -112,6 +132,8 @@ def verify(
     fold at the tensor it rewrote, per channel (see the module's docstring); :func:`annotate` writes
     those checks into the report. ``timeout``: seconds the whole comparison may take (None: no limit;
     default :data:`DEFAULT_TIMEOUT`); past it the child is killed and :class:`VerifyError` raised.
+    ``memory``: GiB it may need (None or 0: no limit; default this machine's memory): when the
+    estimate (:mod:`.memory`) is above it, :class:`VerifyError` before anything runs.
     Raises :class:`VerifyError` when it cannot run (a provider is
     missing, an input cannot be made, onnxruntime crashes, nothing had an element to compare); the
     result is falsy when an output or a fold tensor disagrees.
@@ -128,14 +150,20 @@ def verify(
     ref_model = (reference if isinstance(reference, onnx.ModelProto)
                  else onnx.load(str(reference), load_external_data=False))
     if inputs is None:
-        feeds = make_inputs(ref_model, input_shapes, input_range, seed, warn=result.warnings.append)
+        specs = input_specs(ref_model, input_shapes, warn=result.warnings.append)
     else:
         feeds = dict(inputs)
         missing = [v.name for v in model_inputs(ref_model) if v.name not in feeds]
         if missing:
             raise VerifyError(f"inputs given lack {', '.join(missing)}")
+        check_feeds(ref_model, feeds, "the inputs given")
+        specs = {k: (np.asarray(v).dtype, np.shape(v)) for k, v in feeds.items()}
     outputs = {o.name for o in ref_model.graph.output}
     checked, expose, feeders, all_checked = plan_folds(ref_model, reference, candidate, folds, outputs, result)
+    check_budget(ref_model, specs, [*outputs, *(name for name, _ in expose)], memory,
+                 str(reference) if isinstance(reference, (str, os.PathLike)) else "the model")
+    if inputs is None:
+        feeds = random_inputs(specs, input_range, seed)
     nodes, forced = force_branches(ref_model, candidate, folds, result)
     axes = {getattr(f, "output", ""): getattr(f, "axis", None) for f in folds or ()}
     job = VerifyJob(reference, candidate, feeds, list(providers), expose, checked, feeders, all_checked, atol, rtol,
