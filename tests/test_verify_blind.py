@@ -438,3 +438,44 @@ def test_a_verification_over_its_memory_budget_is_refused(tmp_path):
     with pytest.raises(InputError, match="--verify-memory -2"):
         fold_file(src, out, verify_memory=-2)
     assert fold_file(src, out, verify_memory=0.5)  # the declared 6x6 input fits
+
+
+def test_a_channel_axis_moved_by_a_transpose_is_followed():
+    """Conv -> Transpose to NHWC -> Mul per channel (on the last axis): the fold's tensor is the Mul's
+    output, its channels on axis 3; a flipped channel at 0.005 beside one at 850 fails there."""
+    rng = np.random.default_rng(3)
+    w = rng.normal(0, 0.5, (6, 4, 3, 3)).astype(np.float32)
+    s = np.array([0.005, 850.0, 1.0, -2.0, 0.3, 7.0], np.float32)
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv"),
+             helper.make_node("Transpose", ["c"], ["t"], perm=[0, 2, 3, 1]),
+             helper.make_node("Mul", ["t", "s"], ["y"], name="mul")]
+    graph = helper.make_graph(nodes, "nhwc", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 6, 6])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(w, "w"), numpy_helper.from_array(s, "s")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    folded, report = fold_model(model)
+    assert len(report.folded) == 1 and report.folded[0].axis == 3
+    assert verify(model, folded, folds=report.folded)
+    _plant(folded, _folded_conv_name(folded), channel=0)
+    result = verify(model, folded, folds=report.folded)
+    assert not result and result.results[0].folds[0].channel == 0
+
+
+def test_a_fold_tensor_with_nothing_finite_is_not_called_verified():
+    """A fold tensor all NaN on both sides (a NaN input masked out before the graph output) compared
+    nothing: its report record says so rather than passed."""
+    model = conv_bn_model()
+    model.graph.input.append(helper.make_tensor_value_info("m", TensorProto.FLOAT, [1]))
+    model.graph.node[0].input[0] = "xm"
+    model.graph.node.insert(0, helper.make_node("Add", ["x", "m"], ["xm"]))  # m = NaN: all NaN
+    model.graph.node.append(helper.make_node("IsNaN", ["y"], ["n"]))
+    model.graph.output.append(helper.make_tensor_value_info("n", TensorProto.BOOL, None))
+    model.graph.output.append(helper.make_tensor_value_info("x2", TensorProto.FLOAT, None))
+    model.graph.node.append(helper.make_node("Identity", ["x"], ["x2"]))
+    model.graph.output.pop(0)  # y itself is not an output: it is exposed
+    folded, report = fold_model(model)
+    x = np.random.default_rng(0).uniform(-1, 1, (1, 4, 6, 6)).astype(np.float32)
+    result = verify(model, folded, folds=report.folded, inputs={"x": x, "m": np.array([np.nan], np.float32)})
+    annotate(report.folded, result)
+    assert report.folded[0].passed is None and "no finite element" in report.folded[0].note

@@ -219,6 +219,9 @@ def _something_compared(result: VerifyResult, feeds: dict[str, np.ndarray]) -> N
         for f in r.folds:
             if f.elements == 0 and f.name not in result.unchecked:
                 result.unchecked[f.name] = "its tensor is empty on these inputs: covered by the graph outputs alone"
+            elif f.compared == 0 and f.name not in result.unchecked:
+                result.unchecked[f.name] = ("its tensor has no finite element on these inputs: covered by the graph "
+                                            "outputs alone")
 
 
 def _nonfinite(feeds: dict[str, np.ndarray]) -> str:

@@ -18,12 +18,25 @@ GIB = 1 << 30
 SMALL = 4096  # initializers up to this many bytes keep their values for shape inference (shapes, axes)
 
 
+CGROUP_LIMITS = ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes")
+
+
 def default_budget() -> float:
-    """The machine's memory, in GiB (``--verify-memory``'s default); 0 (no limit) where it is unknown."""
+    """The machine's memory, or the container's limit (cgroup) where that is lower, in GiB
+    (``--verify-memory``'s default); 0 (no limit) where it is unknown."""
     try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (AttributeError, ValueError, OSError):
         return 0.0
+    for path in CGROUP_LIMITS:
+        try:
+            with open(path) as fh:
+                text = fh.read().strip()
+        except OSError:
+            continue
+        if text.isdigit():
+            total = min(total, int(text))
+    return total / GIB
 
 
 def estimate(model: onnx.ModelProto, specs: dict[str, tuple[np.dtype, tuple[int, ...]]],
