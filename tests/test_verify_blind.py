@@ -157,6 +157,19 @@ def _children(pid):
         return []
 
 
+def _in_onnxruntime(pid):
+    """The children of ``pid`` that have loaded onnxruntime's library."""
+    found = []
+    for child in _children(pid):
+        try:
+            with open(f"/proc/{child}/maps") as fh:
+                if "onnxruntime" in fh.read():
+                    found.append(child)
+        except OSError:
+            pass
+    return found
+
+
 def _alive(pid):
     try:
         with open(f"/proc/{pid}/stat") as fh:
@@ -174,20 +187,24 @@ def _poll(predicate, what, limit=120.0):
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc and PR_SET_PDEATHSIG")
-def test_the_verification_child_dies_with_a_killed_run(tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGTERM])
+def test_the_verification_child_dies_with_a_killed_run(tmp_path, signum):
     """SIGKILL (what subprocess timeouts, CI and the OOM killer send) of a run mid-verification left its
-    onnxruntime child running the Loop on: it must die with the run."""
+    onnxruntime child running the Loop on: it must die with the run. SIGTERM: the run ends (128 + 15)
+    while onnxruntime runs, and its child with it."""
     src, out = tmp_path / "m.onnx", tmp_path / "o.onnx"
     onnx.save(_endless_model(), src)
     proc = subprocess.Popen([sys.executable, "-m", "onnxfold", str(src), str(out)], env=child_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        _poll(lambda: _children(proc.pid) or proc.poll() is not None, "the verification child never started")
+        # the gate: a child of the run that has loaded onnxruntime (it is verifying: the Loop never ends)
+        _poll(lambda: _in_onnxruntime(proc.pid) or proc.poll() is not None, "the verification child never started")
         assert proc.poll() is None, proc.stderr.read()
-        child = _children(proc.pid)[0]
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
-        _poll(lambda: not _alive(child), "the verification child outlived its SIGKILLed parent")
+        child = _in_onnxruntime(proc.pid)[0]
+        os.kill(proc.pid, signum)
+        code = proc.wait(timeout=120)
+        assert code == (-signum if signum == signal.SIGKILL else 128 + signum), proc.stderr.read()
+        _poll(lambda: not _alive(child), f"the verification child outlived its parent ({signum})")
     finally:
         if proc.poll() is None:
             proc.kill()
