@@ -130,7 +130,7 @@ def verify(
     dtype defaults for every graph output; ``tolerances={"out": (atol, rtol)}`` for one output or fold
     tensor (None keeps the default). ``folds`` (``report.folded`` of :func:`fold_model`) checks each
     fold at the tensor it rewrote, per channel (see the module's docstring); :func:`annotate` writes
-    those checks into the report. ``timeout``: seconds the whole comparison may take (None: no limit;
+    those checks into the report. ``timeout``: seconds the whole comparison may take (None or 0: no limit;
     default :data:`DEFAULT_TIMEOUT`); past it the child is killed and :class:`VerifyError` raised.
     ``memory``: GiB it may need (None or 0: no limit; default this machine's memory): when the
     estimate (:mod:`.memory`) is above it, :class:`VerifyError` before anything runs.
@@ -189,7 +189,7 @@ def _run_isolated(job: VerifyJob, timeout: float | None) -> list[ProviderResult]
                 raise VerifyError("the model is over 2 GiB: save it with external data and verify the file")
         job = job.as_bytes()
     try:
-        return isolation.call(run_job, job, timeout=timeout)
+        return isolation.call(run_job, job, timeout=timeout or None)  # 0: no limit, as on the command line
     except isolation.ChildTimeout as e:
         doing = e.where[1] if e.where else "starting"
         provider = next((p for p in job.providers if doing.endswith(f" on {p}")), ",".join(job.providers))

@@ -144,8 +144,8 @@ def force_branches(ref_model, candidate, folds, result: VerifyResult) -> tuple[t
         return (b"", b""), []
     cand_model = candidate if isinstance(candidate, onnx.ModelProto) else onnx.load(str(candidate),
                                                                                      load_external_data=False)
-    ref_ifs = {f"main/{n.name or f'If#{i}'}.{b}": (n, b) for i, n in enumerate(ref_model.graph.node)
-               if n.op_type == "If" and n.domain in ("", "ai.onnx") for b in BRANCHES}
+    ifs = [(f"main/{n.name or f'If#{i}'}.{b}", n, b) for i, n in enumerate(ref_model.graph.node)
+           if n.op_type == "If" and n.domain in ("", "ai.onnx") for b in BRANCHES]
     cand_ifs = {tuple(n.output): n for n in cand_model.graph.node if n.op_type == "If"}
     taken = {o for n in ref_model.graph.node for o in (*n.input, *n.output)} | {
         v.name for v in (*ref_model.graph.input, *ref_model.graph.initializer)}
@@ -153,7 +153,7 @@ def force_branches(ref_model, candidate, folds, result: VerifyResult) -> tuple[t
     appended = (onnx.GraphProto(), onnx.GraphProto())
     cannot = []
     for f in in_branch:
-        ref_if = ref_ifs.get(f.graph)
+        ref_if = _branch_of(f, ifs)
         cand_if = cand_ifs.get(tuple(ref_if[0].output)) if ref_if else None
         if ref_if is None or cand_if is None:
             cannot.append(f.graph)
@@ -173,6 +173,23 @@ def force_branches(ref_model, candidate, folds, result: VerifyResult) -> tuple[t
 
 
 _RE_BRANCH = re.compile(r"\.(then|else)_branch(/|$)")
+
+
+def _branch_of(f, ifs) -> tuple[onnx.NodeProto, str] | None:
+    """The main-graph If and branch that hold fold ``f`` (at the path ``f.graph``, directly): the If its
+    path names whose branch has the fold's consumer; else the one If whose branch has it (a path's
+    ``If#<index>`` counts the nodes of the round it was folded in). None when that is not one If."""
+    def holds(node, branch) -> bool:
+        g = next(a.g for a in node.attribute if a.name == branch)
+        return any((n.name or f"{n.op_type}#{k}") == f.consumer for k, n in enumerate(g.node))
+
+    named = [(n, b) for path, n, b in ifs if path == f.graph and holds(n, b)]
+    if len(named) == 1:
+        return named[0]
+    if "/" in f.graph[len("main/"):].replace(".then_branch", "").replace(".else_branch", "").rstrip("/"):
+        return None  # a nested graph (or a name with "/": refused rather than guessed)
+    holding = [(n, b) for _, n, b in ifs if holds(n, b) and f.graph.endswith("." + b)]
+    return holding[0] if len(holding) == 1 else None
 
 
 def _force(ref_if, cand_if, branch: str, taken: set[str], appended) -> list[str]:
