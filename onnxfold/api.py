@@ -264,7 +264,7 @@ def _prepare(src: Path, dst: Path | None, options: FoldOptions, report: str | os
     t = time.perf_counter()
     model, external = load(src)
     timings = {"load_s": time.perf_counter() - t}
-    feeds = _feeds(options.inputs, model if dst is not None and options.verify else None)
+    feeds = _feeds(options.inputs, model)
     if dst is not None and options.verify:
         _check_inputs(model, options, feeds)
     reads = {real(src)} | data_files(model, src)
