@@ -168,6 +168,9 @@ def force_branches(ref_model, candidate, folds, result: VerifyResult) -> tuple[t
         raise VerifyError(f"{len(cannot)} fold(s) inside If branches that verification cannot run on their own "
                           f"({', '.join(sorted(set(cannot)))}): the inputs may never take them, and a fold no input "
                           "exercised is not verified; --no-verify writes the model unverified")
+    result.notes.append(f"{len(in_branch)} fold(s) inside If branches: each such branch was also run on its own, "
+                        "its If's condition forced, and compared at that If's outputs (<output>__onnxfold_then, "
+                        "__onnxfold_else)")
     ref_nodes, cand_nodes = (onnx.ModelProto(graph=g).SerializeToString() for g in appended)
     return (ref_nodes, cand_nodes), [name for names in forced.values() for name in names]
 
