@@ -46,6 +46,7 @@ from .verification import (
     annotate,
     check_feeds,
     check_providers,
+    check_shapes,
     load_inputs,
     model_inputs,
 )
@@ -301,6 +302,8 @@ def _check_inputs(model: onnx.ModelProto, options: FoldOptions, feeds: dict[str,
         raise InputError(f"{given}: lacks the model's input(s) {', '.join(missing)}")
     if feeds is not None:
         check_feeds(model, feeds, given)
+    else:
+        check_shapes(model, dict(options.input_shapes))
 
 
 def _check(job: _Job, options: FoldOptions) -> FoldResult:

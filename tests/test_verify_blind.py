@@ -441,6 +441,8 @@ def test_a_verification_over_its_memory_budget_is_refused(tmp_path):
     from onnxfold.verification import memory
 
     model = conv_bn_model()
+    for axis, name in ((2, "H"), (3, "W")):
+        model.graph.input[0].type.tensor_type.shape.dim[axis].dim_param = name
     specs = {"x": (np.dtype(np.float32), (1, 4, 3000, 3000))}
     need, how = memory.estimate(model, specs, ["y"])
     weights = sum(numpy_helper.to_array(t).nbytes for t in model.graph.initializer)
@@ -496,3 +498,13 @@ def test_a_fold_tensor_with_nothing_finite_is_not_called_verified():
     result = verify(model, folded, folds=report.folded, inputs={"x": x, "m": np.array([np.nan], np.float32)})
     annotate(report.folded, result)
     assert report.folded[0].passed is None and "no finite element" in report.folded[0].note
+
+
+def test_an_input_shape_that_changes_a_fixed_dimension_is_refused_before_any_work(tmp_path):
+    """--input-shape x:1x4x3000x3000 on an input declared [1, 4, 6, 6] was refused by onnxruntime after
+    the fold; the declared fixed dimensions are checked first (one line, exit 2)."""
+    src, out = tmp_path / "m.onnx", tmp_path / "o.onnx"
+    onnx.save(conv_bn_model(), src)
+    proc = cli(src, out, "--input-shape", "x:1x4x3000x3000")
+    assert_user_error(proc, "--input-shape x:1x4x3000x3000: input 'x' is [1, 4, 3000, 3000], the model declares "
+                            "float32 [1, 4, 6, 6]")

@@ -78,6 +78,7 @@ from ..protobuf import PROTOBUF_LIMIT
 from .inputs import (
     DEFAULT_RANGE,
     check_feeds,
+    check_shapes,
     input_specs,
     load_inputs,
     make_inputs,
@@ -104,7 +105,8 @@ DEFAULT_MEMORY = default_budget()
 
 __all__ = ["verify", "DEFAULT_TIMEOUT", "DEFAULT_MEMORY",
            "VerifyResult", "VerifyError", "ProviderResult", "OutputComparison", "annotate", "compare",
-           "make_inputs", "model_inputs", "load_inputs", "check_feeds", "parse_shape", "check_providers", "batch_norm",
+           "make_inputs", "model_inputs", "load_inputs", "check_feeds", "check_shapes",
+           "parse_shape", "check_providers", "batch_norm",
            "DEFAULT_RANGE", "PROVIDERS", "TOLERANCES"]
 
 

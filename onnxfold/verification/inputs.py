@@ -173,13 +173,20 @@ def check_feed(v: onnx.ValueInfoProto, shape: tuple[int, ...], dtype, given: str
         want = None
     dims = [d.dim_value if d.HasField("dim_value") and d.dim_value >= 0 else (d.dim_param or "?")
             for d in t.shape.dim]
-    wrong_type = want is not None and want.kind in "fiubc" and np.dtype(dtype) != want
+    wrong_type = dtype is not None and want is not None and want.kind in "fiubc" and np.dtype(dtype) != want
     wrong_shape = t.HasField("shape") and (len(dims) != len(shape) or any(
         isinstance(d, int) and d != s for d, s in zip(dims, shape)))
     if wrong_type or wrong_shape:
         declared = f"{want.name if want is not None else 'its type'} {dims}".replace("'", "")
-        raise VerifyError(f"{given}: input '{v.name}' is {np.dtype(dtype).name} {list(shape)}, the model declares "
-                          f"{declared}")
+        what = f"{np.dtype(dtype).name} {list(shape)}" if dtype is not None else str(list(shape))
+        raise VerifyError(f"{given}: input '{v.name}' is {what}, the model declares {declared}")
+
+
+def check_shapes(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> None:
+    """``--input-shape`` against the model's declared inputs: a fixed dimension cannot change."""
+    for v in model_inputs(model):
+        if v.name in shapes:
+            check_feed(v, shapes[v.name], None, f"--input-shape {v.name}:{'x'.join(map(str, shapes[v.name]))}")
 
 
 def check_feeds(model: onnx.ModelProto, feeds: dict[str, np.ndarray], given: str) -> None:
