@@ -39,7 +39,18 @@ from .output_plan import OutputPlan, check_report, data_files, plan_output, real
 from .report import FoldReport
 from .rules import select_rules
 from .tensors import DataSink
-from .verification import DEFAULT_RANGE, VerifyResult, annotate, check_providers, load_inputs, model_inputs
+from .verification import (
+    DEFAULT_MEMORY,
+    DEFAULT_RANGE,
+    DEFAULT_TIMEOUT,
+    VerifyResult,
+    annotate,
+    check_feeds,
+    check_providers,
+    check_shapes,
+    load_inputs,
+    model_inputs,
+)
 from .verification import verify as compare_models
 from .write import write
 
@@ -67,13 +78,17 @@ class FoldOptions:
     external_data: str = "auto"
     data_name: str | None = None
     disable: tuple[str, ...] = ()
+    verify_timeout: float | None = DEFAULT_TIMEOUT  # seconds verification may take; None: no limit
+    verify_memory: float | None = DEFAULT_MEMORY  # GiB verification may need (estimated); None: no limit
 
 
 def make_options(*, verify: bool = True, providers: str | Sequence[str] = ("cpu",),
                  input_shapes: Mapping[str, Sequence[int]] | None = None, inputs: Inputs | None = None,
                  input_range: tuple[float, float] = DEFAULT_RANGE, seed: int = 0, atol: float | None = None,
                  rtol: float | None = None, force_write: bool = False, external_data: str = "auto",
-                 data_name: str | None = None, disable: str | Sequence[str] = ()) -> FoldOptions:
+                 data_name: str | None = None, disable: str | Sequence[str] = (),
+                 verify_timeout: float | None = DEFAULT_TIMEOUT,
+                 verify_memory: float | None = DEFAULT_MEMORY) -> FoldOptions:
     """Check every option before any work; each message names the command-line option it comes from.
     Providers other than the CPU must be available in this onnxruntime only when ``verify``."""
     if data_name is not None and (Path(data_name).name != data_name or data_name in (".", "..")
@@ -84,6 +99,12 @@ def make_options(*, verify: bool = True, providers: str | Sequence[str] = ("cpu"
     for name, value in (("atol", atol), ("rtol", rtol)):
         if value is not None and not (math.isfinite(value) and value >= 0):
             raise InputError(f"--{name} {value}: expected a finite number >= 0")
+    if verify_timeout is not None and (isinstance(verify_timeout, bool) or not isinstance(verify_timeout, (int, float))
+                                       or not (math.isfinite(verify_timeout) and verify_timeout >= 0)):
+        raise InputError(f"--verify-timeout {verify_timeout}: expected a finite number of seconds >= 0 (0: no limit)")
+    if verify_memory is not None and (isinstance(verify_memory, bool) or not isinstance(verify_memory, (int, float))
+                                      or not (math.isfinite(verify_memory) and verify_memory >= 0)):
+        raise InputError(f"--verify-memory {verify_memory}: expected a finite number of GiB >= 0 (0: no limit)")
     lo, hi = (float(x) for x in input_range)
     if not (math.isfinite(lo) and math.isfinite(hi)):
         raise InputError(f"--input-range {lo:g},{hi:g}: LO and HI must be finite numbers")
@@ -101,7 +122,9 @@ def make_options(*, verify: bool = True, providers: str | Sequence[str] = ("cpu"
         input_shapes=_shapes(input_shapes or {}),
         inputs=os.fspath(inputs) if isinstance(inputs, os.PathLike) else inputs,
         input_range=(lo, hi), seed=int(seed), atol=atol, rtol=rtol, force_write=force_write,
-        external_data=external_data, data_name=data_name, disable=disable)
+        external_data=external_data, data_name=data_name, disable=disable,
+        verify_timeout=float(verify_timeout) if verify_timeout else None,
+        verify_memory=float(verify_memory) if verify_memory else None)
 
 
 def _shapes(shapes: Mapping[str, Sequence[int]]) -> tuple[tuple[str, tuple[int, ...]], ...]:
@@ -179,7 +202,9 @@ def fold_file(src: str | os.PathLike, dst: str | os.PathLike | None, *, verify: 
               inputs: Inputs | None = None, input_range: tuple[float, float] = DEFAULT_RANGE, seed: int = 0,
               atol: float | None = None, rtol: float | None = None, force_write: bool = False,
               external_data: str = "auto", data_name: str | None = None, disable: str | Sequence[str] = (),
-              report: str | os.PathLike | None = None) -> FoldResult:
+              report: str | os.PathLike | None = None,
+              verify_timeout: float | None = DEFAULT_TIMEOUT,
+              verify_memory: float | None = DEFAULT_MEMORY) -> FoldResult:
     """Fold the model at ``src`` into ``dst`` (which may be ``src``): load, fold, verify, write atomically.
 
     ``dst=None`` checks only: it folds in memory, writes nothing but the report, and the result's
@@ -189,7 +214,10 @@ def fold_file(src: str | os.PathLike, dst: str | os.PathLike | None, *, verify: 
     replace the default tolerances. A failed verification writes nothing unless ``force_write``; the
     result is falsy either way. ``external_data``: "auto" (when the input had it or the model passes
     2 GiB), "always" or "never"; ``data_name`` names the data file. ``disable``: rules to switch off.
-    ``report``: a path to write the JSON report to (committed with the model).
+    ``report``: a path to write the JSON report to (committed with the model). ``verify_timeout``:
+    seconds verification may take (0 or None: no limit); past it, :class:`~onnxfold.errors.VerifyError`.
+    ``verify_memory``: GiB it may need, estimated before it runs (0 or None: no limit; default: this
+    machine's memory); above it, :class:`~onnxfold.errors.VerifyError`.
 
     Raises :class:`~onnxfold.errors.FoldError` (one line) for a bad file, option or path; the input is
     never modified and ``dst`` holds either its old content or the whole new model.
@@ -197,7 +225,7 @@ def fold_file(src: str | os.PathLike, dst: str | os.PathLike | None, *, verify: 
     options = make_options(verify=verify and dst is not None, providers=providers, input_shapes=input_shapes,
                            inputs=inputs, input_range=input_range, seed=seed, atol=atol, rtol=rtol,
                            force_write=force_write, external_data=external_data, data_name=data_name,
-                           disable=disable)
+                           disable=disable, verify_timeout=verify_timeout, verify_memory=verify_memory)
     if report is not None:  # before any work, like the command line
         check_report(report, {real(src)} | ({real(dst)} if dst is not None else set()))
     return fold_path(src, dst, options, report=report)
@@ -249,10 +277,10 @@ class _Job:
 
 def _prepare(src: Path, dst: Path | None, options: FoldOptions, report: str | os.PathLike | None,
              protect: frozenset[Path], shared_folder: bool) -> _Job:
-    feeds = _feeds(options.inputs)
     t = time.perf_counter()
     model, external = load(src)
     timings = {"load_s": time.perf_counter() - t}
+    feeds = _feeds(options.inputs, model)
     if dst is not None and options.verify:
         _check_inputs(model, options, feeds)
     reads = {real(src)} | data_files(model, src)
@@ -265,11 +293,13 @@ def _prepare(src: Path, dst: Path | None, options: FoldOptions, report: str | os
     return _Job(src, model, external, feeds, plan, report_path, timings)
 
 
-def _feeds(inputs: str | Mapping[str, np.ndarray] | None) -> dict[str, np.ndarray] | None:
+def _feeds(inputs: str | Mapping[str, np.ndarray] | None,
+           model: onnx.ModelProto | None) -> dict[str, np.ndarray] | None:
+    """The inputs given; from an npz only the keys ``model`` needs, checked as they are read."""
     if inputs is None:
         return None
     if isinstance(inputs, str):
-        return load_inputs(inputs)
+        return load_inputs(inputs, model)
     return {name: np.asarray(value) for name, value in inputs.items()}
 
 
@@ -282,9 +312,13 @@ def _check_inputs(model: onnx.ModelProto, options: FoldOptions, feeds: dict[str,
         raise InputError(f"--input-shape names no input of the model: {', '.join(unknown)} "
                          f"(its inputs: {', '.join(names)})")
     missing = [n for n in names if feeds is not None and n not in feeds]
+    given = f"--inputs {options.inputs}" if isinstance(options.inputs, str) else "the inputs given"
     if missing:
-        given = f"--inputs {options.inputs}" if isinstance(options.inputs, str) else "the inputs given"
         raise InputError(f"{given}: lacks the model's input(s) {', '.join(missing)}")
+    if feeds is not None:
+        check_feeds(model, feeds, given)
+    else:
+        check_shapes(model, dict(options.input_shapes))
 
 
 def _check(job: _Job, options: FoldOptions) -> FoldResult:
@@ -359,7 +393,8 @@ def _verify(job: _Job, tmp: Path, options: FoldOptions, report: FoldReport) -> V
     t = time.perf_counter()
     result = compare_models(job.src, tmp, options.providers, inputs=job.feeds, input_shapes=dict(options.input_shapes),
                             input_range=options.input_range, seed=options.seed, atol=options.atol,
-                            rtol=options.rtol, folds=report.folded)
+                            rtol=options.rtol, folds=report.folded, timeout=options.verify_timeout,
+                            memory=options.verify_memory)
     job.timings["verify_s"] = time.perf_counter() - t
     annotate(report.folded, result)  # each fold's own check, into folded[]
     for w in result.warnings:

@@ -29,6 +29,7 @@ from .errors import USER_ERRORS, InputError, OutputBroken, message
 from .output_plan import check_report, real
 from .rules import describe_rules, rule_names
 from .signals import Interrupted
+from .verification import DEFAULT_MEMORY, DEFAULT_TIMEOUT
 from .verification.inputs import parse_shape
 
 # The exit codes, defined here once (the pre-commit hook and the README use these)
@@ -82,6 +83,11 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--seed", type=int, default=0, help="seed of random inputs (default: 0)")
     v.add_argument("--atol", type=float, help="absolute tolerance for every output (default: by dtype and scale)")
     v.add_argument("--rtol", type=float, help="relative tolerance for every output (default: by dtype)")
+    v.add_argument("--verify-timeout", type=float, default=DEFAULT_TIMEOUT, metavar="SECONDS",
+                   help=f"stop verification after this long, exit 2 (default: {DEFAULT_TIMEOUT:g}; 0: no limit)")
+    v.add_argument("--verify-memory", type=float, default=DEFAULT_MEMORY, metavar="GIB",
+                   help="refuse a verification estimated to need more memory, exit 2 (default: this machine's, "
+                        f"{DEFAULT_MEMORY:.1f}; 0: no limit)")
     v.add_argument("--force-write", action="store_true", help="write the output even if verification fails")
     o = p.add_argument_group("output")
     o.add_argument("--external-data", choices=("auto", "always", "never"), default="auto",
@@ -153,7 +159,7 @@ def parse_options(args: argparse.Namespace) -> Options:
         verify=not (args.no_verify or args.check), providers=args.providers, input_shapes=shapes,
         inputs=args.inputs, input_range=_range(args.input_range), seed=args.seed, atol=args.atol, rtol=args.rtol,
         force_write=args.force_write, external_data=args.external_data, data_name=args.data_name,
-        disable=args.disable)
+        disable=args.disable, verify_timeout=args.verify_timeout, verify_memory=args.verify_memory)
     if args.report and args.report != "-":
         check_report(args.report, {real(args.input)} | ({real(args.output)} if args.output else set()))
     return Options(input=args.input, output=None if args.check else args.output, fold=fold, check=args.check,
@@ -412,11 +418,17 @@ def _run_jobs(options: Options, jobs: list[_Job], shared: bool) -> dict[str, Mod
     return runs
 
 
+def pool_size(jobs: int, models: int) -> int:
+    """``-j``, capped at the number of models and of CPUs: a worker more runs nothing, and each holds a
+    model and its verification in memory (``-j 200`` forked 200 workers for 2 models)."""
+    return max(1, min(jobs, models, os.cpu_count() or 1))
+
+
 def _run_pool(options: Options, jobs: list[_Job], shared: bool, runs: dict[str, ModelRun],
               done: Callable[[], object]) -> None:
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
-    pool = ProcessPoolExecutor(max_workers=options.jobs, initializer=signals.folder_worker)
+    pool = ProcessPoolExecutor(max_workers=pool_size(options.jobs, len(jobs)), initializer=signals.folder_worker)
     try:
         futures = {pool.submit(_folder_job, options, s, d, p, shared): s for s, d, p in jobs}
         for future in as_completed(futures):

@@ -99,7 +99,7 @@ def _fold_graph(g: GraphView, rules: RuleSet, report: FoldReport) -> int:
         _mark_changed(report, g, m, rule.name)
         report.folded.append(Folded(rule.name, g.label(m.upstream), g.label(m.downstream), g.path,
                                     str(np.dtype(edit.dtype)), first, biggest, m.output,
-                                    removed=removed))
+                                    removed=removed, axis=edit.axis))
         folded += 1
     return folded
 

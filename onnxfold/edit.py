@@ -53,6 +53,7 @@ class Edit:
     remove: list[int] = field(default_factory=list)
     outputs: dict[tuple[int, int], str] = field(default_factory=dict)
     inputs: dict[tuple[int, int], str] = field(default_factory=dict)
+    axis: int | None = None  # the channel axis in the tensor the fold rewrote (verification compares per it)
 
     def new_values(self) -> dict[tuple[int, int], NewValue]:
         """Every new input value, by (node, input slot)."""

@@ -23,6 +23,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 import traceback
 from collections.abc import Callable
 from multiprocessing.connection import Connection
@@ -42,6 +43,17 @@ class ChildFailed(Exception):
     """The child died (a signal, an exit code) before it answered; ``str`` is the one line saying so."""
 
 
+class ChildTimeout(ChildFailed):
+    """The child did not answer within the time given to :meth:`Child.result`: it was killed (a worker
+    is replaced on the next call). ``where`` is what it said it was doing, ``seconds`` the limit."""
+
+    def __init__(self, seconds: float, where: tuple[str, str] | None):
+        subject, doing = where or ("the child process", "starting")
+        super().__init__(f"{subject} took longer than {seconds:g} s {doing}: stopped")
+        self.seconds = seconds
+        self.where = where
+
+
 def can_fork() -> bool:
     """Whether a child may be forked from this process (else a worker runs it)."""
     if WORKER != "auto":
@@ -58,11 +70,13 @@ def crash_message(status: int, where: tuple[str, str] | None) -> str:
     return f"the {subject} process ended with exit code {status} {doing}"
 
 
-def call(target: Callable, *args, on_message: Callable[[Any], None] | None = None) -> Any:
-    """``target(*args, send)`` in a child; its return value (see the module's docstring)."""
+def call(target: Callable, *args, on_message: Callable[[Any], None] | None = None,
+         timeout: float | None = None) -> Any:
+    """``target(*args, send)`` in a child; its return value (see the module's docstring). ``timeout``:
+    seconds to wait for it (None: no limit); past it the child is killed and :class:`ChildTimeout` raised."""
     child = Child(target, *args, on_message=on_message)
     try:
-        return child.result()
+        return child.result(timeout)
     finally:
         child.close()
 
@@ -106,6 +120,7 @@ class Child:
         self.pid = pid
         self.conn = Connection(r, writable=False)
         self.recv = self.conn.recv
+        self.poll = self.conn.poll
 
     def _spawn(self, target: Callable, args: tuple) -> None:
         global _worker
@@ -120,6 +135,7 @@ class Child:
         except OSError:
             self._finished(raise_crash=True)
         self.recv = _worker.recv.recv
+        self.poll = _worker.recv.poll
 
     def _status(self) -> int:
         """Wait for a forked child (or the dead worker) and give its exit status."""
@@ -134,11 +150,17 @@ class Child:
             _stop_worker()
         raise ChildFailed(crash_message(status, self.where))
 
-    def result(self) -> Any:
-        """Wait for the call's return value; raises what the target raised, or :class:`ChildFailed`."""
+    def result(self, timeout: float | None = None) -> Any:
+        """Wait for the call's return value; raises what the target raised, or :class:`ChildFailed`.
+        ``timeout``: seconds from now (None: no limit); past it the child is killed (a worker too: the
+        next call starts another) and :class:`ChildTimeout` raised."""
+        deadline = None if timeout is None else time.monotonic() + timeout
         try:
             while True:
                 try:
+                    if deadline is not None and not self.poll(max(0.0, deadline - time.monotonic())):
+                        self._kill()
+                        raise ChildTimeout(float(timeout or 0), self.where)
                     msg = self.recv()
                 except (EOFError, OSError):
                     self._finished()
@@ -151,6 +173,10 @@ class Child:
                 elif kind == "raise":
                     self.done = True
                     raise msg[1]
+                elif kind == "oom":
+                    self.done = True
+                    subject, doing = self.where or ("the child process", "running")
+                    raise FoldError(f"out of memory: {subject} ran out of memory {doing}")
                 elif kind == "bug":
                     self.done = True
                     raise RuntimeError(f"{msg[1]} failed in its child process (this is a bug):\n{msg[2]}")
@@ -160,19 +186,24 @@ class Child:
             if self.done and self.pid is not None:
                 self._status()
 
+    def _kill(self) -> None:
+        """Kill the child and reap it: a forked child by its pid; the worker, whose answer the next
+        call would read, is stopped (the next call starts another)."""
+        if self.pid is not None:
+            try:
+                os.kill(self.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self._status()
+        elif hasattr(self, "worker"):
+            _stop_worker(kill=True)
+
     def close(self) -> None:
         """End the child if its answer was not read (interrupted): a forked child is killed, the worker,
         whose answer the next call would read, is stopped."""
         try:
             if not self.done:
-                if self.pid is not None:
-                    try:
-                        os.kill(self.pid, signal.SIGKILL)
-                    except ProcessLookupError:
-                        pass
-                    self._status()
-                elif hasattr(self, "worker"):
-                    _stop_worker(kill=True)
+                self._kill()
             if hasattr(self, "conn"):
                 self.conn.close()
                 del self.conn
@@ -188,6 +219,9 @@ def _run(target: Callable, args: tuple, send: Callable[[Any], None]) -> None:
         value = target(*args, send)
     except FoldError as e:
         send(("raise", e))
+        return
+    except MemoryError:  # the user's model or inputs, not a bug: the parent says "out of memory"
+        send(("oom",))
         return
     except Exception:  # a bug: its traceback goes back to the parent
         send(("bug", getattr(target, "__qualname__", "the call"), traceback.format_exc()))

@@ -35,10 +35,13 @@ class Folded:
     # set when a later fold changed ``output`` again in place (the producer's output that layout ops, a
     # Split or a Concat keep): it no longer holds this fold's result alone. Not part of the JSON either.
     changed_later: str = field(default="", repr=False)
+    # the channel axis in ``output`` (verification compares per channel along it; None: per tensor).
+    # Not part of the JSON either.
+    axis: int | None = field(default=None, repr=False)
 
     def to_dict(self) -> dict:
         data = asdict(self)
-        del data["removed"], data["changed_later"]
+        del data["removed"], data["changed_later"], data["axis"]
         return data
 
     def check_line(self) -> str:

@@ -84,9 +84,10 @@ class Match:
     kept: set[str] = field(default_factory=set)  # values of ``between`` that stay, with new content:
     #                                              Shape and Size nodes may read them as well
 
-    def edit(self, dtype: np.dtype, updates: dict[int, Update]) -> Edit:
-        """The edit this match plans, with the rule's new values."""
-        return Edit(dtype, updates, list(self.remove), dict(self.outputs), dict(self.inputs))
+    def edit(self, dtype: np.dtype, updates: dict[int, Update], axis: int | None = None) -> Edit:
+        """The edit this match plans, with the rule's new values; ``axis``: the channel axis in
+        ``output``, the tensor the fold rewrites."""
+        return Edit(dtype, updates, list(self.remove), dict(self.outputs), dict(self.inputs), axis)
 
 
 class Rule(ABC):

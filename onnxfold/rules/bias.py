@@ -67,7 +67,7 @@ class BiasAddRule(Rule):
         dtype = (bias if bias is not None else operand).dtype
         if p.op_type != "Gemm":
             b = np.zeros(channels) if bias is None else np.asarray(bias, np.float64)
-            return m.edit(dtype, {m.upstream: Update({2: NewValue(b + shift, "bias", bias_hint(p))})})
+            return m.edit(dtype, {m.upstream: Update({2: NewValue(b + shift, "bias", bias_hint(p))})}, 1)
         beta = float(attr(p, "beta", 1.0))
         b = np.zeros(channels)
         if bias is not None:
@@ -76,7 +76,7 @@ class BiasAddRule(Rule):
         if bias is not None and bias.ndim == 2:
             new = new.reshape(1, -1)
         update = Update({2: NewValue(new, "bias", bias_hint(p))}, attributes={"beta": 1.0})
-        return m.edit(dtype, {m.upstream: update})
+        return m.edit(dtype, {m.upstream: update}, 1)
 
 
 def _channels(g: GraphQuery, p, bias: np.ndarray | None) -> int:

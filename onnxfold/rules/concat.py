@@ -75,4 +75,4 @@ class ConcatRule(Rule):
         updates = {}
         for (pi, producer), w, (s, t) in zip(parts, weights, split_affine(scale, shift, [w.channels for w in weights])):
             updates.update(producer.absorb(pi, g.node(pi), w, s, t))
-        return m.edit(first.dtype, updates)
+        return m.edit(first.dtype, updates, first.axis)

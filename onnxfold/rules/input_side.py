@@ -73,7 +73,9 @@ class InputAffineRule(Rule):
         _check_keeps_shape(g, a, m.data_index)
         fold = {"Conv": _into_conv, "Gemm": _into_gemm, "MatMul": _into_matmul}[self.target]
         dtype, update = fold(g, self.consumer, a, m.data_index, node)
-        return m.edit(dtype, {m.downstream: update})
+        rank = g.rank(node.output[0])  # the producer's channels: axis 1 (Conv, Gemm), the last (MatMul)
+        axis = (rank - 1 if rank else None) if self.target == "MatMul" else 1
+        return m.edit(dtype, {m.downstream: update}, axis)
 
 
 def _check_keeps_shape(g: GraphQuery, a: onnx.NodeProto, d: int) -> None:

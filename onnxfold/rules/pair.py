@@ -97,13 +97,13 @@ class PairRule(Rule):
                               f"the {c.op_type}'s on axis {fixed}")
         scale, shift = self.consumer.affine(g, c, m.data_index, w.channels, rank, axis)
         if w.takes_shift or not np.any(shift) or not self.consumer.becomes_add:
-            return m.edit(w.dtype, self.producer.absorb(m.upstream, p, w, scale, shift))
+            return m.edit(w.dtype, self.producer.absorb(m.upstream, p, w, scale, shift), axis)
         # The producer takes the scale; the shift stays behind as an Add in the consumer's place.
         shaped = shift.reshape(-1, *([1] * (rank - axis - 1)))
         add = Update({1: NewValue(shaped, "shift", c.output[0] + "_shift")}, op_type="Add", arity=2,
                      name=f"{c.name}/shift" if c.name else "")
         return Edit(w.dtype, {**self.producer.absorb(m.upstream, p, w, scale, np.zeros_like(shift)),
-                                 m.downstream: add})
+                                 m.downstream: add}, axis=axis)
 
 
 def follow_path(g: GraphQuery, path: list[int], producer: onnx.NodeProto, w: Weights) -> tuple[int, int]:

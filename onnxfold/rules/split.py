@@ -86,7 +86,7 @@ class SplitRule(Rule):
                                   f"{consumer.fixed_axis}")
             lo, hi = slices[k]
             scale[lo:hi], shift[lo:hi] = consumer.affine(g, c, d, hi - lo, w.rank, w.axis)
-        return m.edit(w.dtype, producer.absorb(m.upstream, p, w, scale, shift))
+        return m.edit(w.dtype, producer.absorb(m.upstream, p, w, scale, shift), w.axis)
 
 
 def _sizes(g: GraphQuery, split) -> np.ndarray | None:

@@ -34,7 +34,8 @@ Rules (README: "How verification decides"):
   at most 14 ulps of a fold tensor's scale) and far below a wrong fold.
 - **Each fold, where it happens.** Given the folds (``folds=report.folded``), the tensor each fold
   in the main graph rewrote (the consumer's output, whose name the fold keeps) is exposed as an extra
-  output of both models and compared *per channel* (axis 1): channel ``c`` passes when
+  output of both models and compared *per channel* along the fold's own channel axis (``Folded.axis``:
+  1 for a Conv or Gemm, the last for a MatMul, followed through layout ops): channel ``c`` passes when
   ``|candidate - reference| <= atol_c + RTOL[dtype] * |reference|`` with
   ``atol_c = max(ATOL[dtype] * max |reference[:, c]|, FLOOR[dtype] * max |reference|)``. A channel
   near 0.02 beside one near 850 is held to its own scale down to the floor (float32: 6.5e-3), so a
@@ -51,7 +52,13 @@ Rules (README: "How verification decides"):
   their tensors, so the output comparison only has to catch what lies outside them. When any fold
   could not be checked, or one failed, every output keeps its own scale alone.
 - **Nothing compared is no proof.** When every output and every checked fold tensor is empty (a batch
-  fixed at 0), :class:`VerifyError` is raised: there is nothing to call passed or failed.
+  fixed at 0), or none has a finite element on both sides (inputs all NaN or Inf),
+  :class:`VerifyError` is raised: there is nothing to call passed or failed.
+- **A fold no input exercised is not verified.** A fold in a branch of a main-graph If runs through a
+  copy of that If whose condition is forced to that branch (:func:`.planning.force_branches`), its
+  outputs compared like graph outputs; a fold in an If branch that cannot be forced so is refused.
+- **Limits.** ``timeout`` seconds (the child is killed past it) and ``memory`` GiB (an estimate,
+  :mod:`.memory`, checked before anything runs).
 
 ``atol``/``rtol`` given by the caller replace the defaults for graph outputs; ``tolerances`` by name
 applies to graph outputs and fold tensors alike.
@@ -68,16 +75,38 @@ import onnx
 from .. import isolation
 from ..errors import VerifyError
 from ..protobuf import PROTOBUF_LIMIT
-from .inputs import DEFAULT_RANGE, load_inputs, make_inputs, model_inputs, parse_shape
+from .inputs import (
+    DEFAULT_RANGE,
+    check_feeds,
+    check_shapes,
+    input_specs,
+    load_inputs,
+    make_inputs,
+    model_inputs,
+    parse_shape,
+    random_inputs,
+)
 from .job import VerifyJob, run_job
-from .planning import plan_folds
+from .memory import check_budget, default_budget
+from .planning import force_branches, plan_folds
 from .reference import batch_norm
 from .results import OutputComparison, ProviderResult, VerifyResult, annotate
 from .sessions import PROVIDERS, check_providers
 from .tolerances import TOLERANCES, compare
 
-__all__ = ["verify", "VerifyResult", "VerifyError", "ProviderResult", "OutputComparison", "annotate", "compare",
-           "make_inputs", "model_inputs", "load_inputs", "parse_shape", "check_providers", "batch_norm",
+# How long one verification may take by default (``--verify-timeout``): it runs each model once per
+# provider on one input, which takes seconds to a few minutes even for models of several GiB on a CPU;
+# an hour is far above that, and ends a run stuck in onnxruntime (a Loop of 10^12 iterations) well
+# before a CI job's own limit (GitHub Actions: 6 hours) would kill it without a word.
+DEFAULT_TIMEOUT = 3600.0
+
+# The memory verification may need by default (``--verify-memory``, GiB): this machine's (memory.py).
+DEFAULT_MEMORY = default_budget()
+
+__all__ = ["verify", "DEFAULT_TIMEOUT", "DEFAULT_MEMORY",
+           "VerifyResult", "VerifyError", "ProviderResult", "OutputComparison", "annotate", "compare",
+           "make_inputs", "model_inputs", "load_inputs", "check_feeds", "check_shapes",
+           "parse_shape", "check_providers", "batch_norm",
            "DEFAULT_RANGE", "PROVIDERS", "TOLERANCES"]
 
 
@@ -94,6 +123,8 @@ def verify(
     rtol: float | None = None,
     tolerances: dict[str, tuple[float | None, float | None]] | None = None,
     folds=None,
+    timeout: float | None = DEFAULT_TIMEOUT,
+    memory: float | None = DEFAULT_MEMORY,
 ) -> VerifyResult:
     """Compare ``candidate`` against ``reference`` on each provider ("cpu", "cuda").
 
@@ -101,7 +132,11 @@ def verify(
     dtype defaults for every graph output; ``tolerances={"out": (atol, rtol)}`` for one output or fold
     tensor (None keeps the default). ``folds`` (``report.folded`` of :func:`fold_model`) checks each
     fold at the tensor it rewrote, per channel (see the module's docstring); :func:`annotate` writes
-    those checks into the report. Raises :class:`VerifyError` when it cannot run (a provider is
+    those checks into the report. ``timeout``: seconds the whole comparison may take (None or 0: no limit;
+    default :data:`DEFAULT_TIMEOUT`); past it the child is killed and :class:`VerifyError` raised.
+    ``memory``: GiB it may need (None or 0: no limit; default this machine's memory): when the
+    estimate (:mod:`.memory`) is above it, :class:`VerifyError` before anything runs.
+    Raises :class:`VerifyError` when it cannot run (a provider is
     missing, an input cannot be made, onnxruntime crashes, nothing had an element to compare); the
     result is falsy when an output or a fold tensor disagrees.
     """
@@ -117,45 +152,86 @@ def verify(
     ref_model = (reference if isinstance(reference, onnx.ModelProto)
                  else onnx.load(str(reference), load_external_data=False))
     if inputs is None:
-        feeds = make_inputs(ref_model, input_shapes, input_range, seed, warn=result.warnings.append)
+        specs = input_specs(ref_model, input_shapes, warn=result.warnings.append)
     else:
         feeds = dict(inputs)
         missing = [v.name for v in model_inputs(ref_model) if v.name not in feeds]
         if missing:
             raise VerifyError(f"inputs given lack {', '.join(missing)}")
+        check_feeds(ref_model, feeds, "the inputs given")
+        specs = {k: (np.asarray(v).dtype, np.shape(v)) for k, v in feeds.items()}
     outputs = {o.name for o in ref_model.graph.output}
     checked, expose, feeders, all_checked = plan_folds(ref_model, reference, candidate, folds, outputs, result)
+    check_budget(ref_model, specs, [*outputs, *(name for name, _ in expose)], memory,
+                 str(reference) if isinstance(reference, (str, os.PathLike)) else "the model")
+    if inputs is None:
+        feeds = random_inputs(specs, input_range, seed)
+    nodes, forced = force_branches(ref_model, candidate, folds, result)
+    axes = {getattr(f, "output", ""): getattr(f, "axis", None) for f in folds or ()}
     job = VerifyJob(reference, candidate, feeds, list(providers), expose, checked, feeders, all_checked, atol, rtol,
-                    dict(tolerances or {}))
+                    dict(tolerances or {}), {name: axes.get(name) for name in checked}, nodes)
     del ref_model
-    result.results = _run_isolated(job)
+    result.results = _run_isolated(job, timeout)
     _something_compared(result, feeds)
+    for r in result.results:
+        missing = sorted(set(forced) - {o.name for o in r.outputs})
+        if missing:
+            raise VerifyError(f"the If branches holding folds could not be run on their own on {r.provider} "
+                              f"({', '.join(missing)} missing): a fold no input exercised is not verified; "
+                              "--no-verify writes the model unverified")
     return result
 
 
-def _run_isolated(job: VerifyJob) -> list[ProviderResult]:
-    """The job in a child process; a crash of onnxruntime there is a :class:`VerifyError`."""
+def _run_isolated(job: VerifyJob, timeout: float | None) -> list[ProviderResult]:
+    """The job in a child process; a crash of onnxruntime there, or a run past ``timeout``, is a
+    :class:`VerifyError`."""
     if not isolation.can_fork():  # a model crosses the pipe as bytes
         for model in (job.reference, job.candidate):
             if isinstance(model, onnx.ModelProto) and model.ByteSize() > PROTOBUF_LIMIT:
                 raise VerifyError("the model is over 2 GiB: save it with external data and verify the file")
         job = job.as_bytes()
     try:
-        return isolation.call(run_job, job)
+        return isolation.call(run_job, job, timeout=timeout or None)  # 0: no limit, as on the command line
+    except isolation.ChildTimeout as e:
+        doing = e.where[1] if e.where else "starting"
+        provider = next((p for p in job.providers if doing.endswith(f" on {p}")), ",".join(job.providers))
+        model = job.reference if isinstance(job.reference, (str, os.PathLike)) else "the model"
+        raise VerifyError(f"{model}: verification on {provider} took longer than {e.seconds:g} s "
+                          f"(--verify-timeout), stopped while {doing}; give it more time (--verify-timeout "
+                          "SECONDS, 0: no limit) or skip it (--no-verify)") from None
     except isolation.ChildFailed as e:
         raise VerifyError(f"{e}: it cannot verify this model on this provider (--no-verify skips verification)") \
             from None
 
 
 def _something_compared(result: VerifyResult, feeds: dict[str, np.ndarray]) -> None:
-    """Nothing compared is no proof: raise when every output of a provider is empty; a fold tensor that
-    is empty on these inputs is left to the graph outputs (``result.unchecked``)."""
+    """Nothing compared is no proof: raise when every output of a provider is empty, or when no output
+    or fold tensor had a finite element on both sides (NaN or Inf inputs); a fold tensor that is empty
+    on these inputs is left to the graph outputs (``result.unchecked``)."""
     for r in result.results:
+        shapes = ", ".join(f"{k} {list(np.shape(v))}" for k, v in feeds.items())
         if sum(o.elements for o in (*r.outputs, *r.folds)) == 0:
-            shapes = ", ".join(f"{k} {list(np.shape(v))}" for k, v in feeds.items())
             raise VerifyError(f"nothing to compare on {r.provider}: every output has 0 elements on these inputs "
                               f"({shapes}), so nothing is proven; give inputs with elements (--input-shape, "
                               "--inputs) or skip verification (--no-verify)")
+        if r.passed and sum(o.compared for o in (*r.outputs, *r.folds)) == 0:
+            raise VerifyError(f"nothing to compare on {r.provider}: no finite element in any output on these "
+                              f"inputs ({shapes}; {_nonfinite(feeds)}), so nothing is proven; give finite "
+                              "inputs (--inputs) or skip verification (--no-verify)")
         for f in r.folds:
             if f.elements == 0 and f.name not in result.unchecked:
                 result.unchecked[f.name] = "its tensor is empty on these inputs: covered by the graph outputs alone"
+            elif f.compared == 0 and f.name not in result.unchecked:
+                result.unchecked[f.name] = ("its tensor has no finite element on these inputs: covered by the graph "
+                                            "outputs alone")
+
+
+def _nonfinite(feeds: dict[str, np.ndarray]) -> str:
+    """How many input elements are NaN or Inf."""
+    bad = total = 0
+    for v in feeds.values():
+        v = np.asarray(v)
+        total += v.size
+        if v.dtype.kind in "fc" or v.dtype.name == "bfloat16":
+            bad += int(np.count_nonzero(~np.isfinite(v.astype(np.float64))))
+    return f"{bad} of {total} input elements NaN or Inf"

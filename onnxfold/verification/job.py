@@ -31,6 +31,8 @@ class VerifyJob:
     atol: float | None = None
     rtol: float | None = None
     tolerances: dict[str, tuple[float | None, float | None]] = field(default_factory=dict)
+    axes: dict[str, int | None] = field(default_factory=dict)  # fold tensor -> its channel axis (None: per tensor)
+    nodes: tuple[bytes, bytes] = (b"", b"")  # appended to each model's graph: If branches forced (planning)
 
     def as_bytes(self) -> VerifyJob:
         """The job with its ModelProto models serialized (a worker process receives them as bytes)."""
@@ -56,8 +58,8 @@ def compare_provider(job: VerifyJob, provider: str, stage) -> ProviderResult:
     expose, fold_tensors, all_checked = job.expose, job.fold_tensors, job.all_checked
     try:
         ref_out, cand_out, engine, note = run_pair(job.reference, job.candidate, job.feeds, provider,
-                                                   expose, stage)
-    except ExposureRefused as e:  # verify as without per-fold checks, and say so
+                                                   expose, stage, job.nodes)
+    except ExposureRefused as e:  # verify as without per-fold checks (nor forced branches), and say so
         ref_out, cand_out, engine, note = run_pair(job.reference, job.candidate, job.feeds, provider,
                                                    (), stage)
         note = "; ".join(x for x in (note, f"the fold tensors could not be added as outputs ({e}): the graph "
@@ -74,7 +76,9 @@ def compare_provider(job: VerifyJob, provider: str, stage) -> ProviderResult:
                                           + " model"))
             continue
         f_atol, f_rtol = tolerances.get(name, (None, None))
-        folds.append(compare(name, ref_out[name], cand_out[name], f_atol, f_rtol, per_channel=True))
+        axis = job.axes.get(name)
+        folds.append(compare(name, ref_out[name], cand_out[name], f_atol, f_rtol, per_channel=axis is not None,
+                             axis=1 if axis is None else axis))
     # The floor of an output's atol: the fold tensors feeding it, when every fold was checked and passed.
     floors: dict[str, float] = {}
     if all_checked and folds and all(f.passed for f in folds):

@@ -5,10 +5,13 @@ which fold tensors each graph output depends on (for the floor of its tolerance)
 from __future__ import annotations
 
 import mmap
+import re
 from pathlib import Path
 
 import onnx
+from onnx import helper
 
+from ..errors import VerifyError
 from ..protobuf import GRAPH_NODE, MODEL_GRAPH, NODE_OUTPUT, PROTOBUF_LIMIT, all_graphs, fields, subgraphs
 from .results import VerifyResult
 from .sessions import extra_outputs
@@ -123,3 +126,105 @@ def _why_not_at_its_tensor(f, name: str, ref_names: set[str]) -> str:
 def model_size(model) -> int:
     return model.ByteSize() if isinstance(model, onnx.ModelProto) else Path(model).stat().st_size
 
+
+
+BRANCHES = ("then_branch", "else_branch")
+
+
+def force_branches(ref_model, candidate, folds, result: VerifyResult) -> tuple[tuple[bytes, bytes], list[str]]:
+    """A fold inside an If branch is exercised only when the inputs take that branch. For each branch of
+    an If of the main graph that holds folds, both models get a copy of that If whose condition is a
+    constant choosing the branch, its outputs added as graph outputs (``<output>__onnxfold_then`` ...):
+    the branch runs on the real inputs' values whatever the condition says, and its outputs are compared
+    like graph outputs. Returns (the bytes to append to each model, the forced outputs). A fold in an If
+    branch that cannot be forced so (a nested If, an If not found again) raises :class:`VerifyError`:
+    a fold no input exercised is not verified. Notes each fold in ``result.unchecked``."""
+    in_branch = [f for f in folds or () if _RE_BRANCH.search(f.graph)]
+    if not in_branch:
+        return (b"", b""), []
+    cand_model = candidate if isinstance(candidate, onnx.ModelProto) else onnx.load(str(candidate),
+                                                                                     load_external_data=False)
+    ifs = [(f"main/{n.name or f'If#{i}'}.{b}", n, b) for i, n in enumerate(ref_model.graph.node)
+           if n.op_type == "If" and n.domain in ("", "ai.onnx") for b in BRANCHES]
+    cand_ifs = {tuple(n.output): n for n in cand_model.graph.node if n.op_type == "If"}
+    taken = {o for n in ref_model.graph.node for o in (*n.input, *n.output)} | {
+        v.name for v in (*ref_model.graph.input, *ref_model.graph.initializer)}
+    forced: dict[str, list[str]] = {}
+    appended = (onnx.GraphProto(), onnx.GraphProto())
+    cannot = []
+    for f in in_branch:
+        ref_if = _branch_of(f, ifs)
+        cand_if = cand_ifs.get(tuple(ref_if[0].output)) if ref_if else None
+        if ref_if is None or cand_if is None:
+            cannot.append(f.graph)
+            continue
+        if f.graph not in forced:
+            node, branch = ref_if
+            forced[f.graph] = _force(node, cand_if, branch, taken, appended)
+        result.unchecked[f.output or f"{f.producer} + {f.consumer}"] = (
+            f"inside a subgraph, an If branch ({f.graph}): that branch was run on its own (its If's condition "
+            f"forced) and compared at the If's output(s) {', '.join(forced[f.graph])}")
+    if cannot:
+        raise VerifyError(f"{len(cannot)} fold(s) inside If branches that verification cannot run on their own "
+                          f"({', '.join(sorted(set(cannot)))}): the inputs may never take them, and a fold no input "
+                          "exercised is not verified; --no-verify writes the model unverified")
+    result.notes.append(f"{len(in_branch)} fold(s) inside If branches: each such branch was also run on its own, "
+                        "its If's condition forced, and compared at that If's outputs (<output>__onnxfold_then, "
+                        "__onnxfold_else)")
+    ref_nodes, cand_nodes = (onnx.ModelProto(graph=g).SerializeToString() for g in appended)
+    return (ref_nodes, cand_nodes), [name for names in forced.values() for name in names]
+
+
+_RE_BRANCH = re.compile(r"\.(then|else)_branch(/|$)")
+
+
+def _branch_of(f, ifs) -> tuple[onnx.NodeProto, str] | None:
+    """The main-graph If and branch that hold fold ``f`` (at the path ``f.graph``, directly): the If its
+    path names whose branch has the fold's consumer; else the one If whose branch has it (a path's
+    ``If#<index>`` counts the nodes of the round it was folded in). None when that is not one If."""
+    def holds(node, branch) -> bool:
+        g = next(a.g for a in node.attribute if a.name == branch)
+        return any((n.name or f"{n.op_type}#{k}") == f.consumer for k, n in enumerate(g.node))
+
+    named = [(n, b) for path, n, b in ifs if path == f.graph and holds(n, b)]
+    if len(named) == 1:
+        return named[0]
+    if "/" in f.graph[len("main/"):].replace(".then_branch", "").replace(".else_branch", "").rstrip("/"):
+        return None  # a nested graph (or a name with "/": refused rather than guessed)
+    holding = [(n, b) for _, n, b in ifs if holds(n, b) and f.graph.endswith("." + b)]
+    return holding[0] if len(holding) == 1 else None
+
+
+def _force(ref_if, cand_if, branch: str, taken: set[str], appended) -> list[str]:
+    """Append to each graph of ``appended`` a copy of its model's If with the condition fixed to
+    ``branch``; the copies' outputs (graph outputs) are returned."""
+    suffix = "__onnxfold_" + branch.split("_")[0]
+    cond = _unique(f"{ref_if.output[0]}{suffix}_cond", taken)
+    outs = [_unique(o + suffix, taken) if o else "" for o in ref_if.output]
+    body = next(a.g for a in ref_if.attribute if a.name == branch)
+    for node, graph in zip((ref_if, cand_if), appended):
+        graph.node.append(helper.make_node("Constant", [], [cond], value=helper.make_tensor(
+            cond, onnx.TensorProto.BOOL, [], [branch == "then_branch"])))
+        copy = onnx.NodeProto()
+        copy.CopyFrom(node)
+        copy.name = (node.name or "If") + suffix
+        copy.input[0] = cond
+        del copy.output[:]
+        copy.output.extend(outs)
+        graph.node.append(copy)
+        for name, value in zip(outs, body.output):
+            if name:
+                info = onnx.ValueInfoProto(name=name, type=value.type)
+                if info.type.HasField("tensor_type"):
+                    info.type.tensor_type.ClearField("shape")
+                graph.output.append(info)
+    return [o for o in outs if o]
+
+
+def _unique(name: str, taken: set[str]) -> str:
+    k, candidate = 0, name
+    while candidate in taken:
+        k += 1
+        candidate = f"{name}_{k}"
+    taken.add(candidate)
+    return candidate

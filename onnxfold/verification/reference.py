@@ -84,7 +84,7 @@ def batch_norm(x, scale, bias, mean, var, *, since: int, outputs=(True,), epsilo
     return tuple(result[: max(present) + 1])
 
 
-def run_reference(model, feeds, expose=()):
+def run_reference(model, feeds, expose=(), nodes: bytes = b""):
     from onnx.reference import ReferenceEvaluator
 
     if isinstance(model, (str, os.PathLike)):
@@ -94,6 +94,8 @@ def run_reference(model, feeds, expose=()):
     else:
         m = model  # a forked child's copy: ours to change
     m.graph.output.extend(helper.make_tensor_value_info(name, elem, None) for name, elem in expose)
+    if nodes:
+        m.MergeFromString(nodes)
     try:
         outs = ReferenceEvaluator(m, new_ops=reference_ops()).run(None, feeds)
     except Exception as e:

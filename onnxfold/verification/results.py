@@ -22,6 +22,7 @@ class OutputComparison:
     passed: bool
     note: str = ""
     channel: int | None = None  # per-channel comparisons: the channel nearest to (or past) its tolerance
+    finite: int | None = None  # elements compared with a finite value on both sides (None: every element)
 
     def line(self) -> str:
         state = "ok  " if self.passed else "FAIL"
@@ -37,6 +38,11 @@ class OutputComparison:
     @property
     def elements(self) -> int:
         return int(np.prod(self.shape, dtype=np.int64)) if all(isinstance(d, int) for d in self.shape) else 0
+
+    @property
+    def compared(self) -> int:
+        """Elements that prove something: finite on both sides (every element of an integer tensor)."""
+        return self.elements if self.finite is None else self.finite
 
 
 @dataclass

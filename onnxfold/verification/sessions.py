@@ -88,9 +88,10 @@ def extra_outputs(expose) -> bytes:
         output=[helper.make_tensor_value_info(name, elem, None) for name, elem in expose])).SerializeToString()
 
 
-def ort_source(model, expose=()):
-    """(what onnxruntime loads, the folder of its external data when that is given as bytes)."""
-    extra = extra_outputs(expose)
+def ort_source(model, expose=(), nodes: bytes = b""):
+    """(what onnxruntime loads, the folder of its external data when that is given as bytes).
+    ``nodes``: a serialized ``ModelProto(graph=...)`` to append (the forced If copies of planning)."""
+    extra = extra_outputs(expose) + nodes
     if isinstance(model, (str, os.PathLike)):
         if not extra:
             return str(model), None
@@ -119,8 +120,8 @@ class ExposureRefused(Exception):
     """onnxruntime loads the model, but not with the fold tensors as extra outputs."""
 
 
-def _check_exposure(model, expose, provider, err) -> None:
-    if not expose:
+def _check_exposure(model, expose, provider, err, nodes: bytes = b"") -> None:
+    if not expose and not nodes:
         return
     try:
         session(*ort_source(model), provider=provider)
@@ -130,11 +131,12 @@ def _check_exposure(model, expose, provider, err) -> None:
 
 
 def run_pair(reference, candidate, feeds, provider: str, expose=(),
-             stage=lambda text: None) -> tuple[dict, dict, str, str]:
+             stage=lambda text: None, nodes: tuple[bytes, bytes] = (b"", b"")) -> tuple[dict, dict, str, str]:
     """Run both models on one provider, with the tensors ``expose`` ([(name, elem_type)]) as extra
-    outputs. Returns (reference outputs, candidate outputs, engine, note). ``stage`` is told what runs
-    next, so that a crash can be named. Runs onnxruntime in this process: :func:`verify` calls it in a
-    child process."""
+    outputs and ``nodes`` (reference's, candidate's) appended to their graphs. Returns (reference outputs,
+    candidate outputs, engine, note). ``stage`` is told what runs next, so that a crash can be named. Runs
+    onnxruntime in this process: :func:`verify` calls it in a child process.
+    """
     if provider not in PROVIDERS:
         raise VerifyError(f"unknown provider {provider!r}; choose from {', '.join(PROVIDERS)}")
     stage("loading onnxruntime")
@@ -147,25 +149,25 @@ def run_pair(reference, candidate, feeds, provider: str, expose=(),
         )
     stage("loading the original model")
     try:
-        ref_sess = session(*ort_source(reference, expose), provider=provider)
+        ref_sess = session(*ort_source(reference, expose, nodes[0]), provider=provider)
     except VerifyError:
         raise
     except Exception as e:
-        _check_exposure(reference, expose, provider, e)
+        _check_exposure(reference, expose, provider, e, nodes[0])
         if provider == "cpu" and _no_kernel(e):
             note = "onnxruntime has no CPU kernel for this model: " + str(e).splitlines()[0][:160]
             stage("running the original model in onnx.reference")
-            ref = run_reference(reference, feeds, expose)
+            ref = run_reference(reference, feeds, expose, nodes[0])
             stage("running the folded model in onnx.reference")
-            return ref, run_reference(candidate, feeds, expose), "onnx.reference", note
+            return ref, run_reference(candidate, feeds, expose, nodes[1]), "onnx.reference", note
         raise VerifyError(f"onnxruntime cannot load the original model: {str(e).splitlines()[0]}") from None
     stage("loading the folded model")
     try:
-        cand_sess = session(*ort_source(candidate, expose), provider=provider)
+        cand_sess = session(*ort_source(candidate, expose, nodes[1]), provider=provider)
     except VerifyError:
         raise
     except Exception as e:
-        _check_exposure(candidate, expose, provider, e)
+        _check_exposure(candidate, expose, provider, e, nodes[1])
         raise VerifyError(f"onnxruntime cannot load the folded model: {str(e).splitlines()[0]}") from None
     stage("running the original model")
     ref = _run_session(ref_sess, feeds, "original")

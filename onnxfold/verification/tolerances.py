@@ -31,10 +31,11 @@ def floor(dtype: str) -> float:
 
 
 def compare(name: str, ref: np.ndarray, cand: np.ndarray, atol=None, rtol=None, *, per_channel: bool = False,
-            atol_floor: float | None = None) -> OutputComparison:
+            atol_floor: float | None = None, axis: int = 1) -> OutputComparison:
     """Compare one tensor. Default ``atol = ATOL[dtype] * max |ref|``, at least ``atol_floor``; with
-    ``per_channel`` each channel of axis 1 takes its own scale, down to ``FLOOR[dtype] * max |ref|``,
-    and the result names the channel nearest to (or past) its tolerance."""
+    ``per_channel`` each channel of ``axis`` (the fold's channel axis: 1 for a Conv, the last for a
+    MatMul) takes its own scale, down to ``FLOOR[dtype] * max |ref|``, and the result names the channel
+    nearest to (or past) its tolerance."""
     ref = np.asarray(ref)
     cand = np.asarray(cand)
     dtype = ref.dtype.name
@@ -60,9 +61,10 @@ def compare(name: str, ref: np.ndarray, cand: np.ndarray, atol=None, rtol=None, 
         rel = np.where(np.abs(r) > 0, err / np.abs(r), np.where(err > 0, np.inf, 0.0))
     max_rel = float(rel.max()) if rel.size else 0.0
     need = np.maximum(err - rtol * np.abs(np.where(finite, r, 0.0)), 0.0)
-    channels = per_channel and r.ndim >= 2 and r.shape[1] > 0 and r.size > 0
-    if channels:  # one scale and one needed atol per channel of axis 1
-        axes = tuple(a for a in range(r.ndim) if a != 1)
+    axis = axis % r.ndim if r.ndim else 0
+    channels = per_channel and r.ndim >= 2 and r.shape[axis] > 0 and r.size > 0
+    if channels:  # one scale and one needed atol per channel of the channel axis
+        axes = tuple(a for a in range(r.ndim) if a != axis)
         scales = np.max(np.abs(np.where(finite, r, 0.0)), axis=axes)
         needs = np.max(need, axis=axes)
     else:
@@ -83,8 +85,11 @@ def compare(name: str, ref: np.ndarray, cand: np.ndarray, atol=None, rtol=None, 
         needs[worst] = math.inf
         note = f"{int(bad_nonfinite.sum())} NaN/Inf where the reference differs"
     passed = bool(np.all(needs <= atols)) and not bad_nonfinite.any()
+    compared = int(np.count_nonzero(finite & np.isfinite(c)))
+    if not compared and r.size and not note:
+        note = "no finite element compared: it proves nothing"
     return OutputComparison(name, dtype, ref.shape, max_abs, max_rel, float(atols[worst]), rtol, float(needs[worst]),
-                            passed, note, worst if channels else None)
+                            passed, note, worst if channels else None, compared)
 
 
 def scale_of(a) -> float:

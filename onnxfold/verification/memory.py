@@ -1,0 +1,112 @@
+"""What verification needs in memory, estimated before it runs, and the budget it must fit (README:
+"How verification decides"): the inputs, and the graph outputs and exposed fold tensors of both models
+(their shapes inferred from the inputs' shapes), plus the weights that onnxruntime holds for each model.
+onnxruntime's own intermediate tensors are not counted: the estimate is a floor, enough to refuse a run
+that cannot fit before it is started (a 3000x3000 input, a batch of 10^4) rather than let the kernel's
+OOM killer end it."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import onnx
+
+from ..errors import VerifyError
+
+GIB = 1 << 30
+SMALL = 4096  # initializers up to this many bytes keep their values for shape inference (shapes, axes)
+
+
+CGROUP_LIMITS = ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes")
+
+
+def default_budget() -> float:
+    """The machine's memory, or the container's limit (cgroup) where that is lower, in GiB
+    (``--verify-memory``'s default); 0 (no limit) where it is unknown."""
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return 0.0
+    for path in CGROUP_LIMITS:
+        try:
+            with open(path) as fh:
+                text = fh.read().strip()
+        except OSError:
+            continue
+        if text.isdigit():
+            total = min(total, int(text))
+    return total / GIB
+
+
+def estimate(model: onnx.ModelProto, specs: dict[str, tuple[np.dtype, tuple[int, ...]]],
+             tensors: list[str]) -> tuple[int, str]:
+    """(bytes verification needs at least, how that adds up): twice (the two models) the inputs, the
+    sizes of ``tensors`` (graph outputs and exposed fold tensors) that shape inference can tell, and
+    the weights."""
+    inputs = sum(int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize for dtype, shape in specs.values())
+    weights = sum(_bytes(t) for t in model.graph.initializer)
+    outputs = sum(_inferred(model, specs, tensors).values())
+    total = 2 * (inputs + outputs + weights)
+    return total, (f"2 models x ({inputs / GIB:.2f} GiB of inputs + {outputs / GIB:.2f} GiB of outputs and fold "
+                   f"tensors + {weights / GIB:.2f} GiB of weights)")
+
+
+def check_budget(model, specs, tensors, budget_gib: float | None, name: str) -> None:
+    """Refuse (VerifyError, one line) when the estimate passes ``budget_gib`` (None or 0: no limit)."""
+    if not budget_gib:
+        return
+    need, how = estimate(model, specs, tensors)
+    if need > budget_gib * GIB:
+        raise VerifyError(f"{name}: verification needs at least {need / GIB:.1f} GiB ({how}), above its memory "
+                          f"budget of {budget_gib:g} GiB (--verify-memory GIB, 0: no limit); use smaller inputs "
+                          "(--input-shape) or skip it (--no-verify)")
+
+
+def _bytes(t: onnx.TensorProto) -> int:
+    for entry in t.external_data:
+        if entry.key == "length":
+            return int(entry.value)
+    if t.raw_data:
+        return len(t.raw_data)
+    try:
+        itemsize = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
+    except (KeyError, ValueError, TypeError):
+        itemsize = 4
+    return int(np.prod(t.dims, dtype=np.int64)) * itemsize
+
+
+def _inferred(model: onnx.ModelProto, specs, tensors: list[str]) -> dict[str, int]:
+    """Bytes of each of ``tensors`` whose shape inference from the inputs' shapes tells in full."""
+    graph = onnx.GraphProto(node=model.graph.node, output=model.graph.output)
+    for v in model.graph.input:
+        if v.name in specs:
+            dtype, shape = specs[v.name]
+            graph.input.append(onnx.helper.make_tensor_value_info(
+                v.name, onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype)), list(shape)))
+        else:
+            graph.input.append(v)
+    for t in model.graph.initializer:  # large values go: their shapes are enough
+        if len(t.raw_data) <= SMALL and not t.external_data:
+            graph.initializer.append(t)
+        else:
+            graph.initializer.append(onnx.TensorProto(name=t.name, data_type=t.data_type, dims=t.dims))
+    light = onnx.ModelProto(ir_version=model.ir_version, opset_import=model.opset_import, graph=graph,
+                            functions=model.functions)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(light, data_prop=True).graph
+    except Exception:  # noqa: BLE001 - shape inference refuses some valid models: nothing is known then
+        return {}
+    sizes = {}
+    wanted = set(tensors)
+    for v in (*inferred.output, *inferred.value_info):
+        t = v.type.tensor_type
+        if v.name not in wanted or not v.type.HasField("tensor_type") or not t.HasField("shape"):
+            continue
+        if all(d.HasField("dim_value") for d in t.shape.dim):
+            try:
+                itemsize = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.elem_type)).itemsize
+            except (KeyError, ValueError, TypeError):
+                continue
+            sizes[v.name] = int(np.prod([d.dim_value for d in t.shape.dim], dtype=np.int64)) * itemsize
+    return sizes
