@@ -37,7 +37,7 @@ from .output_check import check_output
 from .output_plan import OutputPlan, check_report, data_files, plan_output, real
 from .report import FoldReport
 from .rules import select_rules
-from .tensors import DataSink
+from .tensors import DataSink, is_utf8
 from .verification import DEFAULT_RANGE, VerifyResult, annotate, check_providers, load_inputs, model_inputs
 from .verification import verify as compare_models
 from .write import write
@@ -78,6 +78,8 @@ def make_options(*, verify: bool = True, providers: str | Sequence[str] = ("cpu"
     if data_name is not None and (Path(data_name).name != data_name or data_name in (".", "..")
                                   or "\0" in data_name):
         raise InputError(f"--data-name {data_name!r}: a file name, without a folder")
+    if data_name is not None and not is_utf8(data_name):
+        raise InputError(f"--data-name {data_name!r}: not valid UTF-8 (the model names its data file, in UTF-8)")
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**32:
         raise InputError(f"--seed {seed}: expected an integer from 0 to 2^32 - 1")
     for name, value in (("atol", atol), ("rtol", rtol)):
@@ -305,7 +307,10 @@ def _fold_verify_commit(job: _Job, tmp: Path, options: FoldOptions) -> FoldResul
         log.warning(w)
     job.timings["check_s"] = time.perf_counter() - t
     _commit(job, files, result)
-    log.info("wrote %s%s", job.plan.dst, f" (+ {files[1].name})" if len(files) > 1 else "")
+    data = f" (+ {files[1].name})" if len(files) > 1 else ""
+    if data and not is_utf8(job.plan.dst.name):
+        data = f" (+ {files[1].name!r}: the model names its data file, so that name is valid UTF-8)"
+    log.info("wrote %s%s", job.plan.dst, data)
     return result
 
 

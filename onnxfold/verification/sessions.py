@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import sys
+from contextlib import ExitStack
 from pathlib import Path
 
 import onnx
@@ -15,6 +16,7 @@ from onnx import helper
 from .. import isolation
 from ..errors import VerifyError, first_line
 from ..protobuf import PROTOBUF_LIMIT
+from ..tensors import is_utf8, utf8_folder
 from .reference import run_reference
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
@@ -66,13 +68,17 @@ def session(source, data_dir: str | None = None, *, provider: str):
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     so.log_severity_level = 3
-    if data_dir is not None:  # a model given as bytes reads its external data from its own folder
-        so.add_session_config_entry("session.model_external_initializers_file_folder_path", data_dir)
+    if isinstance(source, str) and not is_utf8(source):  # onnxruntime takes a path in UTF-8 only
+        source, data_dir = Path(source).read_bytes(), os.path.dirname(os.path.abspath(source))
     if provider == "cuda":
         providers = [("CUDAExecutionProvider", {"use_tf32": "0"}), "CPUExecutionProvider"]
     else:
         providers = ["CPUExecutionProvider"]
-    sess = ort.InferenceSession(source, so, providers=providers)
+    with ExitStack() as stack:
+        if data_dir is not None:  # a model given as bytes reads its external data from its own folder
+            so.add_session_config_entry("session.model_external_initializers_file_folder_path",
+                                        stack.enter_context(utf8_folder(data_dir)))
+        sess = ort.InferenceSession(source, so, providers=providers)
     active = sess.get_providers()
     if not active or active[0] != PROVIDERS[provider]:
         raise VerifyError(f"onnxruntime did not activate {PROVIDERS[provider]} (active: {', '.join(active)})")
