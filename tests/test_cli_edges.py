@@ -101,3 +101,69 @@ def test_data_name_not_utf8_is_refused(odd):
     proc = cli_bytes(MODELS / "resnet_block.onnx", out, "--external-data", "always", "--data-name", b"d\xff")
     assert_user_error(proc, "not valid UTF-8")
     assert sorted(os.listdir(odd)) == [b"probe\xff"]
+
+
+# -- a reader that goes away (`2>&1 | head -1`) --------------------------------------------------------
+def _closed_pipe() -> int:
+    """The write end of a pipe whose reader has gone: every write to it fails (EPIPE)."""
+    r, w = os.pipe()
+    os.close(r)
+    return w
+
+
+def _run_closed(argv: list, *, stdout_closed: bool = False, stderr_closed: bool = True,
+                command: tuple[str, ...] = ("-m", "onnxfold")) -> subprocess.CompletedProcess:
+    w = _closed_pipe()
+    try:
+        return subprocess.run([sys.executable, *command, *map(str, argv)], env=child_env(), timeout=300,
+                              stdout=w if stdout_closed else subprocess.DEVNULL,
+                              stderr=w if stderr_closed else subprocess.DEVNULL)
+    finally:
+        os.close(w)
+
+
+def _folded(path) -> None:
+    model = onnx.load(path)
+    assert count(model, "BatchNormalization") == 0
+    original = onnx.load(MODELS / "resnet_block.onnx")
+    feeds = feeds_for(original)
+    assert_close(run(original, feeds), run(model, feeds))
+
+
+@pytest.mark.parametrize("options", [[], ["-v"], ["--report", "-"], ["--report", "-", "-q"]])
+def test_closed_stderr_and_stdout_change_nothing(tmp_path, options):
+    """Every line the run prints fails (the reader is gone before it starts): the fold completes, the
+    output is written and the exit code is the run's own (this was exit 1, nothing written)."""
+    out = tmp_path / "o.onnx"
+    proc = _run_closed([MODELS / "resnet_block.onnx", out, *options], stdout_closed=True)
+    assert proc.returncode == 0
+    _folded(out)
+    assert sorted(os.listdir(tmp_path)) == ["o.onnx"]
+
+
+def test_a_reader_that_reads_one_line_then_goes(tmp_path):
+    """``python -m onnxfold IN OUT -v 2>&1 | head -1``: the first line read, the pipe closed."""
+    out = tmp_path / "o.onnx"
+    proc = subprocess.Popen([sys.executable, "-m", "onnxfold", MODELS / "resnet_block.onnx", out, "-v"],
+                            env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    assert proc.stdout is not None
+    first = proc.stdout.readline()
+    proc.stdout.close()
+    assert proc.wait(timeout=300) == 0
+    assert first.startswith(b"folded ")
+    _folded(out)
+
+
+def test_closed_stderr_in_folder_mode_and_for_the_other_commands(tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    shutil.copy(MODELS / "resnet_block.onnx", src / "a.onnx")
+    shutil.copy(MODELS / "resnet_block.onnx", src / "b.onnx")
+    proc = _run_closed([src, tmp_path / "out", "-v"], stdout_closed=True)
+    assert proc.returncode == 0
+    _folded(tmp_path / "out" / "a.onnx")
+    _folded(tmp_path / "out" / "b.onnx")
+    assert _run_closed(["--list-rules"], stdout_closed=True).returncode == 0
+    assert _run_closed([src / "a.onnx", "--check"]).returncode == 3
+    hook = ("-c", "from onnxfold.precommit import console; console()")
+    assert _run_closed([src / "a.onnx"], command=hook).returncode == 3
