@@ -209,16 +209,27 @@ def fold_path(src: str | os.PathLike, dst: str | os.PathLike | None, options: Fo
               shared_folder: bool = False) -> FoldResult:
     """:func:`fold_file` with options already checked (the command line's path, one model of a folder).
     ``protect`` and ``shared_folder``: see :func:`onnxfold.output_plan.plan_output`."""
+    began = False  # whether work began (the fold): errors before it are checks, one line alone
     try:
         job = _prepare(Path(src), None if dst is None else Path(dst), options, report, protect, shared_folder)
         if job.plan is None:
+            began = True
             return _check(job, options)
         with staged(job.plan.dst) as tmp:
+            began = True
             return _fold_verify_commit(job, tmp, options)
     except OSError as e:  # the disk, permissions, names: one line
-        raise FoldError(message(e)) from e
+        raise _failed(FoldError(message(e)), began) from e
     except MemoryError:
-        raise FoldError("out of memory") from None
+        raise _failed(FoldError("out of memory"), began) from None
+    except FoldError as e:
+        _failed(e, began)
+        raise
+
+
+def _failed(e: FoldError, began: bool) -> FoldError:
+    e.after_work = e.after_work or began
+    return e
 
 
 @dataclass

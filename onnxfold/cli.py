@@ -25,7 +25,7 @@ from pathlib import Path
 from . import signals
 from ._version import __version__
 from .api import FoldOptions, FoldResult, Summary, fold_path, json_text, make_options, write_json
-from .errors import USER_ERRORS, InputError, OutputBroken, message
+from .errors import USER_ERRORS, InputError, OutputBroken, message, printable
 from .output_plan import check_report, real
 from .rules import describe_rules, rule_names
 from .signals import Interrupted
@@ -213,6 +213,8 @@ class _Messages(logging.Formatter):
         if isinstance(record.msg, Summary):
             return record.msg.text(verbose=self.verbose)
         text = record.getMessage()
+        if isinstance(record.msg, str):  # a sentence: one line, whatever the paths in it hold
+            text = printable(text)
         if record.levelno >= logging.ERROR and isinstance(record.msg, str):
             return "onnxfold: " + text
         if record.levelno == logging.WARNING:
@@ -260,7 +262,7 @@ def _prog() -> str:
 def main(argv: list[str] | None = None) -> int:
     prog = _prog() if argv is None else "onnxfold"
     argv = sys.argv[1:] if argv is None else list(argv)
-    command = prog + " " + shlex.join(argv)
+    command = printable(prog + " " + shlex.join(argv))
     start = time.perf_counter()
 
     def finish(code: int) -> int:
@@ -281,9 +283,9 @@ def _main(argv: list[str], finish: Callable[[int], int]) -> int:
             write(sys.stdout, describe_rules() + "\n")
             return EXIT_OK
         return finish(_run(parse_options(args)))
-    except USER_ERRORS as e:  # a usage or input error: one line, exit 2
+    except USER_ERRORS as e:  # a usage or input error: one line, exit 2 (and the final line once work began)
         _say(f"onnxfold: error: {message(e)}")
-        return EXIT_USAGE
+        return finish(EXIT_USAGE) if getattr(e, "after_work", False) else EXIT_USAGE
     except (Interrupted, KeyboardInterrupt) as e:  # KeyboardInterrupt: a SIGINT before our handler
         return finish(_interrupted(getattr(e, "signum", signal.SIGINT)))
     except OutputBroken as e:

@@ -89,8 +89,11 @@ def _fold_graph(g: GraphView, rules: RuleSet, report: FoldReport) -> int:
         rule, m = found
         try:
             _check_single_reader(g, m)
-            edit = rule.fold(g, m)
-            first, biggest = _materialize(g, edit)
+            # float64 arithmetic may overflow (huge statistics, a Div by 0): each new value is checked
+            # where it is cast (affine.iter_cast), and one that is not finite declines the fold
+            with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+                edit = rule.fold(g, m)
+                first, biggest = _materialize(g, edit)
         except NotFoldable as e:
             report.declined.append(Declined(rule.name, g.label(m.upstream), g.label(m.downstream), g.path, str(e)))
             continue

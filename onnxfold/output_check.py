@@ -32,14 +32,20 @@ def check_output(path: Path, src: Path, *, session: bool) -> list[str]:
         if loading is not None:
             loading.close()
     _judge("onnx.checker", checker_error, lambda: _error(_input_checker, src), warnings)
-    _judge("onnxruntime", loading_error, lambda: _result(isolation.Child(_load, str(src), "the input")), warnings)
+    _judge("onnxruntime", loading_error, lambda: _result(isolation.Child(_load, str(src), "the input")), warnings,
+           valid=sessions.no_kernel)
     return warnings
 
 
-def _judge(name: str, error: str | None, input_error: Callable[[], str | None], warnings: list[str]) -> None:
+def _judge(name: str, error: str | None, input_error: Callable[[], str | None], warnings: list[str],
+           valid: Callable[[str], bool] = lambda error: True) -> None:
+    """``valid``: whether the input's own failure leaves it a valid model (onnxruntime without a kernel
+    for it: a warning); else the input is refused (exit 2)."""
     if error is None:
         return
-    if input_error() is not None:
+    if (found := input_error()) is not None:
+        if not valid(found):
+            raise sessions.invalid("original", found)
         warnings.append(f"{name} rejects the input too ({error}): written as it was given")
         return
     raise OutputBroken(f"{name} rejects the written model, though it accepts the input: {error}")

@@ -3,16 +3,21 @@ model onnxruntime rejects, errors after work began, names that hold a newline, n
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import subprocess
 import sys
 
+import numpy as np
 import onnx
 import pytest
+from onnx import numpy_helper
 
-from builders import count
-from checks import MODELS, assert_close, assert_user_error, child_env, feeds_for, run
+import onnxfold.api
+import onnxfold.cli as cli_module
+from builders import conv_bn_model, count
+from checks import MODELS, assert_close, assert_user_error, child_env, cli, feeds_for, run
 
 
 def cli_bytes(*args: bytes | str | os.PathLike, cwd=None) -> subprocess.CompletedProcess[str]:
@@ -167,3 +172,94 @@ def test_closed_stderr_in_folder_mode_and_for_the_other_commands(tmp_path):
     assert _run_closed([src / "a.onnx", "--check"]).returncode == 3
     hook = ("-c", "from onnxfold.precommit import console; console()")
     assert _run_closed([src / "a.onnx"], command=hook).returncode == 3
+
+
+# -- a model onnxruntime rejects as invalid is not "verified" in onnx.reference ----------------------
+def _invalid_models():
+    mixed = conv_bn_model()  # a float64 weight in a float32 Conv: Conv's T bound to two types
+    w = next(t for t in mixed.graph.initializer if t.name == "w")
+    w.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(w).astype(np.float64), "w"))
+    return {"float64 weight in a float32 Conv": mixed,
+            "bfloat16 Conv before opset 22": conv_bn_model(dtype="bfloat16", opset=17)}
+
+
+@pytest.mark.parametrize("name", list(_invalid_models()))
+@pytest.mark.parametrize("verify", [True, False], ids=["verify", "no-verify"])
+def test_an_invalid_model_is_refused_not_verified_in_onnx_reference(tmp_path, name, verify):
+    """onnxruntime's Type Error was taken for 'no kernel': onnx.reference 'verified' the model, exit 0,
+    and the output did not load in onnxruntime. Exit 0 means it loads: such an input is refused."""
+    src = tmp_path / "m.onnx"
+    onnx.save(_invalid_models()[name], src)
+    proc = cli(src, tmp_path / "o.onnx", *([] if verify else ["--no-verify"]))
+    assert proc.returncode == 2, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("onnxfold: error:")]
+    assert len(errors) == 1 and "the input is not a valid ONNX model (onnxruntime: Type Error" in errors[0]
+    assert "Traceback" not in proc.stderr and "onnx.reference" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("FAILED | Runtime: ")  # work had begun
+    assert sorted(os.listdir(tmp_path)) == ["m.onnx"]
+
+
+@pytest.mark.parametrize("dtype,opset", [("float64", 17), ("bfloat16", 22)])
+def test_a_valid_model_without_a_cpu_kernel_is_still_verified_in_onnx_reference(tmp_path, dtype, opset):
+    """float64 Conv and bfloat16 Conv-22 are valid ONNX (onnx.checker's full check passes) for which the
+    CPU provider has no kernel (NOT_IMPLEMENTED): both run in onnx.reference, as the README says."""
+    model = conv_bn_model(dtype=dtype, opset=opset)
+    onnx.checker.check_model(model, full_check=True)
+    src = tmp_path / "m.onnx"
+    onnx.save(model, src)
+    proc = cli(src, tmp_path / "o.onnx")
+    assert proc.returncode == 0, proc.stderr
+    assert "verify on cpu (onnx.reference)" in proc.stderr and "verification passed" in proc.stderr
+
+
+# -- errors after work began; newlines in paths; numpy's warnings -------------------------------------
+def test_an_error_after_work_began_ends_with_the_failed_line(tmp_path, monkeypatch, capsys):
+    src = tmp_path / "m.onnx"
+    onnx.save(conv_bn_model(), src)
+
+    def full(model, path, **kw):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(onnxfold.api, "write", full)
+    assert cli_module.main([str(src), str(tmp_path / "o.onnx")]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[0].startswith("folded 1 of 1 BatchNormalization")
+    assert lines[-2].startswith("onnxfold: error: ") and "the disk is full" in lines[-2]
+    assert lines[-1].startswith("FAILED | Runtime: ")
+    assert sorted(os.listdir(tmp_path)) == ["m.onnx"]
+    # an error found before any work stays one line alone
+    assert cli_module.main([str(tmp_path / "absent.onnx"), str(tmp_path / "o.onnx")]) == 2
+    alone = capsys.readouterr().err.strip().splitlines()
+    assert alone == [f"onnxfold: error: {tmp_path / 'absent.onnx'}: no such file"]
+
+
+def test_a_newline_in_a_path_stays_on_one_line(tmp_path):
+    folder = tmp_path / "a\nb"
+    folder.mkdir()
+    absent = cli(tmp_path / "no\nsuch.onnx", folder / "o.onnx")
+    assert_user_error(absent, "no\\nsuch.onnx: no such file")
+    nofolder = cli(MODELS / "resnet_block.onnx", tmp_path / "x\ny" / "o.onnx")
+    assert_user_error(nofolder, "x\\ny")
+    done = cli(MODELS / "resnet_block.onnx", folder / "o\nx.onnx", "-q")
+    assert done.returncode == 0, done.stderr
+    last = done.stderr.strip().splitlines()
+    assert len(last) == 1 and last[0].startswith("PASSED | ") and "a\\nb/o\\nx.onnx" in last[0]
+    verbose = cli(MODELS / "resnet_block.onnx", folder / "o\nx.onnx")
+    assert f"wrote {folder}/o\\nx.onnx".replace("\n", "\\n") in verbose.stderr.splitlines()
+    assert (folder / "o\nx.onnx").exists()
+
+
+def test_no_numpy_warning_reaches_stderr(tmp_path):
+    """A fold whose float64 result overflows (declined: 'not finite'), and a float16 comparison whose
+    outputs overflow to inf in both models: handled, never printed as numpy's RuntimeWarning."""
+    big = conv_bn_model(dtype="float16")
+    gamma = next(t for t in big.graph.initializer if t.name == "gamma")
+    gamma.CopyFrom(numpy_helper.from_array(np.full(6, np.inf, np.float16), "gamma"))
+    onnx.save(big, tmp_path / "big.onnx")
+    proc = cli(tmp_path / "big.onnx", tmp_path / "o.onnx")
+    assert proc.returncode == 0, proc.stderr
+    assert "declined" in proc.stderr and "Warning" not in proc.stderr, proc.stderr
+    onnx.save(conv_bn_model(dtype="float16"), tmp_path / "f16.onnx")
+    proc = cli(tmp_path / "f16.onnx", tmp_path / "o16.onnx", "--input-range", "0,65504")
+    assert proc.returncode in (0, 1), proc.stderr
+    assert "Warning" not in proc.stderr, proc.stderr

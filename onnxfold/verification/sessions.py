@@ -116,9 +116,20 @@ def _run_session(sess, feeds, which: str) -> dict:
     return dict(zip([o.name for o in sess.get_outputs()], outs))
 
 
-def _no_kernel(err: Exception) -> bool:
+def no_kernel(err: Exception | str) -> bool:
+    """Whether onnxruntime refused a model for want of a kernel (float64 Conv, bfloat16 Conv-22 on the
+    CPU): a valid model, which onnx.reference runs. A type error (a float64 weight in a float32 Conv, a
+    bfloat16 Conv before opset 22) is not: such a model is invalid (:func:`invalid`)."""
     text = str(err)
-    return "NOT_IMPLEMENTED" in text or "Could not find an implementation" in text or "Type Error" in text
+    return "NOT_IMPLEMENTED" in text or "Could not find an implementation" in text
+
+
+def invalid(which: str, err: Exception | str) -> VerifyError:
+    """The error for a model onnxruntime refuses for another reason than a missing kernel."""
+    text = str(err).splitlines()[0] if str(err) else type(err).__name__
+    if "Type Error" in text and which == "original":
+        return VerifyError("the input is not a valid ONNX model (onnxruntime: " + text[text.index("Type Error"):] + ")")
+    return VerifyError(f"onnxruntime cannot load the {which} model: {text}")
 
 
 class ExposureRefused(Exception):
@@ -158,13 +169,13 @@ def run_pair(reference, candidate, feeds, provider: str, expose=(),
         raise
     except Exception as e:
         _check_exposure(reference, expose, provider, e)
-        if provider == "cpu" and _no_kernel(e):
+        if provider == "cpu" and no_kernel(e):
             note = "onnxruntime has no CPU kernel for this model: " + str(e).splitlines()[0][:160]
             stage("running the original model in onnx.reference")
             ref = run_reference(reference, feeds, expose)
             stage("running the folded model in onnx.reference")
             return ref, run_reference(candidate, feeds, expose), "onnx.reference", note
-        raise VerifyError(f"onnxruntime cannot load the original model: {str(e).splitlines()[0]}") from None
+        raise invalid("original", e) from None
     stage("loading the folded model")
     try:
         cand_sess = session(*ort_source(candidate, expose), provider=provider)
@@ -172,7 +183,7 @@ def run_pair(reference, candidate, feeds, provider: str, expose=(),
         raise
     except Exception as e:
         _check_exposure(candidate, expose, provider, e)
-        raise VerifyError(f"onnxruntime cannot load the folded model: {str(e).splitlines()[0]}") from None
+        raise invalid("folded", e) from None
     stage("running the original model")
     ref = _run_session(ref_sess, feeds, "original")
     del ref_sess
