@@ -101,6 +101,20 @@ def test_input_and_output_in_folders_not_utf8(odd):
     assert not any(name.startswith(b".") for name in os.listdir(folder) + os.listdir(out_folder))
 
 
+def test_onnx_reference_reads_data_in_a_folder_not_utf8(odd, tmp_path):
+    """float64 (no CPU kernel): verification in onnx.reference, which reads external data through onnx's
+    C++ by UTF-8 names only (this was exit 70)."""
+    onnx.save(conv_bn_model(dtype="float64"), tmp_path / "f.onnx", save_as_external_data=True, size_threshold=0,
+              location="f.data")
+    folder = os.path.join(odd, b"f\xf1")
+    os.mkdir(folder)
+    for name in (b"f.onnx", b"f.data"):
+        shutil.copy(os.path.join(os.fsencode(tmp_path), name), os.path.join(folder, name))
+    proc = cli_bytes(os.path.join(folder, b"f.onnx"), os.path.join(folder, b"o.onnx"))
+    assert proc.returncode == 0, proc.stderr
+    assert "verify on cpu (onnx.reference)" in proc.stderr and "verification passed" in proc.stderr
+
+
 def test_data_name_not_utf8_is_refused(odd):
     out = os.path.join(odd, b"o.onnx")
     proc = cli_bytes(MODELS / "resnet_block.onnx", out, "--external-data", "always", "--data-name", b"d\xff")
