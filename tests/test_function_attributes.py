@@ -153,6 +153,23 @@ def test_fold_conv_bn_takes_them():
     _same_outputs(model, folded)
 
 
+def test_graphsurgeon_and_onnx_ir_take_them():
+    gs = pytest.importorskip("onnx_graphsurgeon")
+    model = conv_bn_epsilon(({"eps": 1e-3}, {}))  # the second call takes the function's default
+    graph = gs.import_onnx(model)
+    assert fold_conv_bn(graph) is graph
+    folded = gs.export_onnx(graph.cleanup().toposort())
+    assert count(folded, "BatchNormalization") == 0
+    _same_outputs(model, folded)
+    ir = pytest.importorskip("onnx_ir")
+    model = conv_bn_epsilon()  # both calls bind epsilon (onnx_ir 1.1 drops a function's defaults)
+    ir_model = ir.serde.deserialize_model(model)
+    fold_conv_bn(ir_model)
+    folded = ir.serde.serialize_model(ir_model)
+    assert count(folded, "BatchNormalization") == 0
+    _same_outputs(model, folded)
+
+
 def test_command_line_check_and_hook(tmp_path, capsys):
     src = tmp_path / "m.onnx"
     onnx.save(conv_bn_epsilon(), src)
