@@ -474,9 +474,9 @@ def _folder_summary(options: Options, src_dir: Path, runs: list[ModelRun]) -> in
     for run in runs:
         if run.failed and options.quiet:  # one line a model, whatever it was (a traceback is in the report)
             status = run.data.get("status") or ""
-            _say(f"{run.input}: {status.splitlines()[0] if status else ''}")
+            _say(printable(f"{run.input}: {status.splitlines()[0] if status else ''}"))
         elif (run.failed or options.verbose) and run.lines:
-            _say(f"{run.input}:")
+            _say(printable(f"{run.input}:"))
             _say("\n".join("  " + line for line in "\n".join(run.lines).splitlines()))
     if not options.quiet:
         _say(_table(src_dir, runs))
@@ -500,7 +500,7 @@ def _table(root: Path, runs: list[ModelRun]) -> str:
         data = run.data
         err = (data.get("verification") or {}).get("max_abs")
         lines.append((
-            str(Path(run.input).relative_to(root)),
+            printable(str(Path(run.input).relative_to(root))),
             str(data.get("bn_before", "-")),
             str(data.get("bn_after", "-")),
             str(len(data["folded"])) if "folded" in data else "-",

@@ -261,6 +261,12 @@ def test_a_newline_in_a_path_stays_on_one_line(tmp_path):
     verbose = cli(MODELS / "resnet_block.onnx", folder / "o\nx.onnx")
     assert f"wrote {folder}/o\\nx.onnx".replace("\n", "\\n") in verbose.stderr.splitlines()
     assert (folder / "o\nx.onnx").exists()
+    tree = tmp_path / "tree"
+    (tree / "c\nd").mkdir(parents=True)
+    shutil.copy(MODELS / "resnet_block.onnx", tree / "c\nd" / "m\ny.onnx")
+    folders = cli(tree, tmp_path / "out", "-v")
+    assert folders.returncode == 0, folders.stderr
+    assert "m\ny" not in folders.stderr and "c\\nd/m\\ny.onnx" in folders.stderr, folders.stderr
 
 
 def test_no_numpy_warning_reaches_stderr(tmp_path):
