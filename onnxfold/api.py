@@ -320,7 +320,8 @@ def _fold_verify_commit(job: _Job, tmp: Path, options: FoldOptions) -> FoldResul
     _commit(job, files, result)
     data = f" (+ {files[1].name})" if len(files) > 1 else ""
     if data and not is_utf8(job.plan.dst.name):
-        data = f" (+ {files[1].name!r}: the model names its data file, so that name is valid UTF-8)"
+        data = (f" (+ {files[1].name}: each byte of the name that is not UTF-8 written \\xNN, as the model "
+                "names its data file in UTF-8)")
     log.info("wrote %s%s", job.plan.dst, data)
     return result
 
