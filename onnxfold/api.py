@@ -38,7 +38,7 @@ from .output_check import check_output
 from .output_plan import OutputPlan, check_report, data_files, plan_output, real
 from .report import FoldReport
 from .rules import select_rules
-from .tensors import DataSink
+from .tensors import DataSink, is_utf8
 from .verification import (
     DEFAULT_MEMORY,
     DEFAULT_RANGE,
@@ -94,6 +94,8 @@ def make_options(*, verify: bool = True, providers: str | Sequence[str] = ("cpu"
     if data_name is not None and (Path(data_name).name != data_name or data_name in (".", "..")
                                   or "\0" in data_name):
         raise InputError(f"--data-name {data_name!r}: a file name, without a folder")
+    if data_name is not None and not is_utf8(data_name):
+        raise InputError(f"--data-name {data_name!r}: not valid UTF-8 (the model names its data file, in UTF-8)")
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**32:
         raise InputError(f"--seed {seed}: expected an integer from 0 to 2^32 - 1")
     for name, value in (("atol", atol), ("rtol", rtol)):
@@ -250,16 +252,27 @@ def fold_path(src: str | os.PathLike, dst: str | os.PathLike | None, options: Fo
               shared_folder: bool = False) -> FoldResult:
     """:func:`fold_file` with options already checked (the command line's path, one model of a folder).
     ``protect`` and ``shared_folder``: see :func:`onnxfold.output_plan.plan_output`."""
+    began = False  # whether work began (the fold): errors before it are checks, one line alone
     try:
         job = _prepare(Path(src), None if dst is None else Path(dst), options, report, protect, shared_folder)
         if job.plan is None:
+            began = True
             return _check(job, options)
         with staged(job.plan.dst) as tmp:
+            began = True
             return _fold_verify_commit(job, tmp, options)
     except OSError as e:  # the disk, permissions, names: one line
-        raise FoldError(message(e)) from e
+        raise _failed(FoldError(message(e)), began) from e
     except MemoryError:
-        raise FoldError("out of memory") from None
+        raise _failed(FoldError("out of memory"), began) from None
+    except FoldError as e:
+        _failed(e, began)
+        raise
+
+
+def _failed(e: FoldError, began: bool) -> FoldError:
+    e.after_work = e.after_work or began
+    return e
 
 
 @dataclass
@@ -354,7 +367,11 @@ def _fold_verify_commit(job: _Job, tmp: Path, options: FoldOptions) -> FoldResul
         log.warning(w)
     job.timings["check_s"] = time.perf_counter() - t
     _commit(job, files, result)
-    log.info("wrote %s%s", job.plan.dst, f" (+ {files[1].name})" if len(files) > 1 else "")
+    data = f" (+ {files[1].name})" if len(files) > 1 else ""
+    if data and not is_utf8(job.plan.dst.name):
+        data = (f" (+ {files[1].name}: each byte of the name that is not UTF-8 written \\xNN, as the model "
+                "names its data file in UTF-8)")
+    log.info("wrote %s%s", job.plan.dst, data)
     return result
 
 

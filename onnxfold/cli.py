@@ -25,7 +25,7 @@ from pathlib import Path
 from . import signals
 from ._version import __version__
 from .api import FoldOptions, FoldResult, Summary, fold_path, json_text, make_options, write_json
-from .errors import USER_ERRORS, InputError, OutputBroken, message
+from .errors import USER_ERRORS, InputError, OutputBroken, message, printable
 from .output_plan import check_report, real
 from .rules import describe_rules, rule_names
 from .signals import Interrupted
@@ -170,7 +170,39 @@ def parse_options(args: argparse.Namespace) -> Options:
 
 
 def _say(text: str) -> None:
-    print(text, file=sys.stderr)
+    write(sys.stderr, text + "\n")
+
+
+say = _say  # for onnxfold-check
+
+
+def write(stream, text: str) -> None:
+    """Write to a standard stream. A reader that went away (``2>&1 | head -1``) or a stream that cannot
+    be written changes nothing else: the run goes on, writes its output and exits as it would; what
+    follows for that stream goes to os.devnull (the interpreter's last flush included)."""
+    try:
+        stream.write(text)
+        stream.flush()
+    except (OSError, ValueError):
+        try:
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, stream.fileno())
+            os.close(null)
+        except (OSError, ValueError):
+            pass
+
+
+class _Stderr:
+    """sys.stderr through :func:`write`, for the progress bar."""
+
+    def write(self, text: str) -> None:
+        write(sys.stderr, text)
+
+    def flush(self) -> None:
+        pass
+
+    def isatty(self) -> bool:
+        return sys.stderr.isatty()
 
 
 class _Messages(logging.Formatter):
@@ -187,6 +219,8 @@ class _Messages(logging.Formatter):
         if isinstance(record.msg, Summary):
             return record.msg.text(verbose=self.verbose)
         text = record.getMessage()
+        if isinstance(record.msg, str):  # a sentence: one line, whatever the paths in it hold
+            text = printable(text)
         if record.levelno >= logging.ERROR and isinstance(record.msg, str):
             return "onnxfold: " + text
         if record.levelno == logging.WARNING:
@@ -234,7 +268,7 @@ def _prog() -> str:
 def main(argv: list[str] | None = None) -> int:
     prog = _prog() if argv is None else "onnxfold"
     argv = sys.argv[1:] if argv is None else list(argv)
-    command = prog + " " + shlex.join(argv)
+    command = printable(prog + " " + shlex.join(argv))
     start = time.perf_counter()
 
     def finish(code: int) -> int:
@@ -252,22 +286,22 @@ def _main(argv: list[str], finish: Callable[[int], int]) -> int:
     try:
         args = build_parser().parse_args(_fix_negative_values(argv))
         if args.list_rules:
-            print(describe_rules())
+            write(sys.stdout, describe_rules() + "\n")
             return EXIT_OK
         return finish(_run(parse_options(args)))
-    except USER_ERRORS as e:  # a usage or input error: one line, exit 2
+    except USER_ERRORS as e:  # a usage or input error: one line, exit 2 (and the final line once work began)
         _say(f"onnxfold: error: {message(e)}")
-        return EXIT_USAGE
+        return finish(EXIT_USAGE) if getattr(e, "after_work", False) else EXIT_USAGE
     except (Interrupted, KeyboardInterrupt) as e:  # KeyboardInterrupt: a SIGINT before our handler
         return finish(_interrupted(getattr(e, "signum", signal.SIGINT)))
     except OutputBroken as e:
-        traceback.print_exc()
+        write(sys.stderr, traceback.format_exc())
         _say(f"onnxfold: error: {e}; nothing written: this is a bug in onnxfold, please report it")
         return finish(EXIT_BUG)
     except Exception:
         if signals.SIGNALLED:  # the signal's exception, wrapped by the code it interrupted
             return finish(_interrupted(signals.SIGNALLED[0]))
-        traceback.print_exc()
+        write(sys.stderr, traceback.format_exc())
         _say("onnxfold: this is a bug in onnxfold, please report it (with the traceback above)")
         return finish(EXIT_BUG)
 
@@ -284,7 +318,7 @@ def _run(options: Options) -> int:
     with _messages(_say, options):
         result = fold_path(options.input, options.output, options.fold, report=options.report_file)
     if options.report == "-":
-        sys.stdout.write(json_text(result.to_dict()))
+        write(sys.stdout, json_text(result.to_dict()))
     return _exit_code(result)
 
 
@@ -406,7 +440,7 @@ def _run_jobs(options: Options, jobs: list[_Job], shared: bool) -> dict[str, Mod
     """Each model, in this process or in ``-j`` workers, with a progress bar on stderr."""
     from tqdm import tqdm
 
-    bar = tqdm(total=len(jobs), unit="model", file=sys.stderr, disable=options.quiet or None, desc="folding")
+    bar = tqdm(total=len(jobs), unit="model", file=_Stderr(), disable=options.quiet or None, desc="folding")
     runs: dict[str, ModelRun] = {}
     if options.jobs > 1 and len(jobs) > 1:
         _run_pool(options, jobs, shared, runs, bar.update)
@@ -452,9 +486,9 @@ def _folder_summary(options: Options, src_dir: Path, runs: list[ModelRun]) -> in
     for run in runs:
         if run.failed and options.quiet:  # one line a model, whatever it was (a traceback is in the report)
             status = run.data.get("status") or ""
-            _say(f"{run.input}: {status.splitlines()[0] if status else ''}")
+            _say(printable(f"{run.input}: {status.splitlines()[0] if status else ''}"))
         elif (run.failed or options.verbose) and run.lines:
-            _say(f"{run.input}:")
+            _say(printable(f"{run.input}:"))
             _say("\n".join("  " + line for line in "\n".join(run.lines).splitlines()))
     if not options.quiet:
         _say(_table(src_dir, runs))
@@ -464,7 +498,7 @@ def _folder_summary(options: Options, src_dir: Path, runs: list[ModelRun]) -> in
             "totals": {"models": len(runs), "failed": failed,
                        "folded": sum(len(r.data.get("folded", [])) for r in runs)}}
     if options.report == "-":
-        sys.stdout.write(json_text(data))
+        write(sys.stdout, json_text(data))
     else:
         write_json(options.report, data)
     codes = {r.code for r in runs}
@@ -478,7 +512,7 @@ def _table(root: Path, runs: list[ModelRun]) -> str:
         data = run.data
         err = (data.get("verification") or {}).get("max_abs")
         lines.append((
-            str(Path(run.input).relative_to(root)),
+            printable(str(Path(run.input).relative_to(root))),
             str(data.get("bn_before", "-")),
             str(data.get("bn_after", "-")),
             str(len(data["folded"])) if "folded" in data else "-",

@@ -16,13 +16,13 @@ import time
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import helper, inliner, numpy_helper
 
 from .affine import RowScaled, iter_cast
 from .edit import Edit
 from .errors import NotFoldable
 from .graph import GraphView, ModelView, count_ops
-from .protobuf import is_default
+from .protobuf import all_graphs, is_default, subgraphs
 from .report import Declined, Folded, FoldReport, Left
 from .rules import Match, Rule, RuleSet
 from .tensors import DataSink
@@ -89,8 +89,11 @@ def _fold_graph(g: GraphView, rules: RuleSet, report: FoldReport) -> int:
         rule, m = found
         try:
             _check_single_reader(g, m)
-            edit = rule.fold(g, m)
-            first, biggest = _materialize(g, edit)
+            # float64 arithmetic may overflow (huge statistics, a Div by 0): each new value is checked
+            # where it is cast (affine.iter_cast), and one that is not finite declines the fold
+            with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+                edit = rule.fold(g, m)
+                first, biggest = _materialize(g, edit)
         except NotFoldable as e:
             report.declined.append(Declined(rule.name, g.label(m.upstream), g.label(m.downstream), g.path, str(e)))
             continue
@@ -120,7 +123,10 @@ def _match(g: GraphView, i: int, rules: RuleSet) -> tuple[Rule, Match] | str | N
     why, disabled, report = "", "", False
     for rule in rules.anchored(g.node(i).op_type):
         report = report or rule.report_left
-        m = rule.match(g, i)
+        try:
+            m = rule.match(g, i)
+        except NotFoldable as e:  # the structure depends on what the match cannot know (a call's attribute)
+            m = str(e)
         if isinstance(m, str):
             why = why or m
         elif rules.enabled(rule):
@@ -200,13 +206,22 @@ def _fold_functions(model: onnx.ModelProto, rules: RuleSet, report: FoldReport) 
     the body, and the function stays. A pair whose weights are function inputs is bound at each call
     site: folding it means specializing the body per call, which is what inlining does, so such a
     function is inlined (onnxruntime inlines local functions before running anyway) and its calls
-    fold in the graph like any other nodes. Returns the model and what the bodies declined or left.
+    fold in the graph like any other nodes. So is a function whose body refers to its own attributes
+    (``ref_attr_name``) where a rule matches: each call binds its own values, which the inliner puts
+    in place (with the function's defaults where a call binds none). Returns the model and what the
+    bodies declined or left.
     """
-    to_inline, kept = [], FoldReport()
+    inlined: list[tuple[str, str]] = []
+    # inlining one function may put a reference or a weight input into another's body: look again
+    while to_inline := [(fn.domain, fn.name) for fn in model.functions
+                        if (fn.domain, fn.name) not in inlined and _binds_weights_at_call(fn, model, rules)]:
+        _bind_defaults(model, to_inline)
+        model = inliner.inline_selected_functions(model, to_inline)
+        inlined += to_inline
+    if inlined:
+        report.inlined = [f"{d}.{n}" if d else n for d, n in inlined]
+    kept = FoldReport()
     for fn in model.functions:
-        if _binds_weights_at_call(fn, model, rules):
-            to_inline.append((fn.domain, fn.name))
-            continue
         body = _body(fn, model)
         sub = FoldReport()
         _fold_rounds(ModelView(body, constants_as_nodes=True), rules, sub)
@@ -220,12 +235,22 @@ def _fold_functions(model: onnx.ModelProto, rules: RuleSet, report: FoldReport) 
         if sub.folded:
             del fn.node[:]
             fn.node.extend(body.graph.node)
-    if to_inline:
-        from onnx import inliner
-
-        model = inliner.inline_selected_functions(model, to_inline)
-        report.inlined = [f"{d}.{n}" if d else n for d, n in to_inline]
     return model, kept
+
+
+def _bind_defaults(model: onnx.ModelProto, functions: list[tuple[str, str]]) -> None:
+    """Write each function attribute's default (``attribute_proto``) into every call that does not bind
+    it: onnx.inliner leaves such a reference unbound (the node then takes its op's own default), while
+    onnxruntime and the spec take the function's default."""
+    defaults = {(fn.domain, fn.name): list(fn.attribute_proto) for fn in model.functions
+                if (fn.domain, fn.name) in functions and fn.attribute_proto}
+    if not defaults:
+        return
+    for nodes in [*(g.node for g in all_graphs(model.graph)), *(n for fn in model.functions for n in _graphs_of(fn))]:
+        for node in nodes:
+            for default in defaults.get((node.domain, node.op_type), ()):
+                if all(at.name != default.name for at in node.attribute):
+                    node.attribute.append(default)
 
 
 def _body(fn: onnx.FunctionProto, model: onnx.ModelProto) -> onnx.ModelProto:
@@ -238,13 +263,35 @@ def _body(fn: onnx.FunctionProto, model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def _binds_weights_at_call(fn: onnx.FunctionProto, model: onnx.ModelProto, rules: RuleSet) -> bool:
-    """Whether a rule matches in the body and reads a weight or statistic from a function input (a
-    function input counts as a constant here: a call site may bind one)."""
+    """Whether a fold in the body depends on what a call site binds: a rule matches in the body (any
+    of its graphs) and reads a weight or statistic from a function input (a function input counts as
+    a constant here: a call site may bind one), or the body has an attribute that refers to one of the
+    function's attributes (``ref_attr_name``: BatchNormalization's epsilon, Gemm's transB, a Constant's
+    value ...). The value of such an attribute is known only at each call, and a fold in the body may
+    come to read it in a later round, so any fold there is made in the caller's graph after inlining,
+    where each call's value is in place."""
     inputs = set(fn.input)
-    g = ModelView(_body(fn, model), constants_as_nodes=True, bound_at_call=inputs).graphs[0]
-    for i, node in enumerate(g.graph.node):
-        for rule in rules.anchored(node.op_type) if is_default(node) else ():
-            m = rule.match(g, i)
-            if rules.enabled(rule) and isinstance(m, Match) and m.reads & inputs:
-                return True
+    refers = any(at.ref_attr_name for g in _graphs_of(fn) for node in g for at in node.attribute)
+    for g in ModelView(_body(fn, model), constants_as_nodes=True, bound_at_call=inputs).graphs:
+        for i, node in enumerate(g.graph.node):
+            for rule in rules.anchored(node.op_type) if is_default(node) else ():
+                if not rules.enabled(rule):
+                    continue
+                try:
+                    m = rule.match(g, i)
+                except NotFoldable:  # the match read an attribute bound at the call
+                    if refers:
+                        return True
+                    raise
+                if isinstance(m, Match) and (refers or m.reads & inputs):
+                    return True
     return False
+
+
+def _graphs_of(fn: onnx.FunctionProto):
+    """The node lists of a function's body and of every subgraph in it."""
+    yield fn.node
+    for node in fn.node:
+        for _, sub in subgraphs(node):
+            for graph in all_graphs(sub):
+                yield graph.node

@@ -11,10 +11,15 @@ a bug in onnxfold.
 from __future__ import annotations
 
 import errno
+import re
 
 
 class FoldError(Exception):
     """What the user's input or environment causes; ``str()`` is one line saying what and where."""
+
+    # raised once work began (the fold, a write): the command line ends such a run with its final
+    # ``FAILED |`` line, where an error found before any work is its one line alone
+    after_work = False
 
 
 class InputError(FoldError):
@@ -61,8 +66,21 @@ def message(e: BaseException) -> str:
     if isinstance(e, MemoryError):
         return "out of memory"
     if isinstance(e, OSError):
-        return os_error(e)
-    return str(e)
+        return printable(os_error(e))
+    return printable(str(e))
+
+
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\udc80-\udcff]")
+
+
+def printable(text: str) -> str:
+    """``text`` kept on one line: a control character (a newline in a path) written as repr writes it,
+    a byte of a name that is not UTF-8 (``os.fsdecode``'s surrogate) as ``\\xNN``."""
+    def escape(m: re.Match) -> str:
+        c = m.group()
+        return f"\\x{ord(c) - 0xDC00:02x}" if ord(c) >= 0xDC80 else repr(c)[1:-1]
+
+    return _UNPRINTABLE.sub(escape, text)
 
 
 def first_line(e: BaseException) -> str:

@@ -9,6 +9,7 @@ fails the same way: then it is a warning about the input, which onnxfold does no
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import onnx
 
 from . import isolation
 from .errors import OutputBroken, first_line
+from .tensors import is_utf8, utf8_folder
 from .verification import sessions
 
 
@@ -29,22 +31,49 @@ def check_output(path: Path, src: Path, *, session: bool) -> list[str]:
     finally:
         if loading is not None:
             loading.close()
-    _judge("onnx.checker", checker_error, lambda: _error(_checker, src), warnings)
-    _judge("onnxruntime", loading_error, lambda: _result(isolation.Child(_load, str(src), "the input")), warnings)
+    _judge("onnx.checker", checker_error, lambda: _error(_input_checker, src), warnings)
+    _judge("onnxruntime", loading_error, lambda: _result(isolation.Child(_load, str(src), "the input")), warnings,
+           valid=sessions.no_kernel)
     return warnings
 
 
-def _judge(name: str, error: str | None, input_error: Callable[[], str | None], warnings: list[str]) -> None:
+def _judge(name: str, error: str | None, input_error: Callable[[], str | None], warnings: list[str],
+           valid: Callable[[str], bool] = lambda error: True) -> None:
+    """``valid``: whether the input's own failure leaves it a valid model (onnxruntime without a kernel
+    for it: a warning); else the input is refused (exit 2)."""
     if error is None:
         return
-    if input_error() is not None:
+    if (found := input_error()) is not None:
+        if not valid(found):
+            raise sessions.invalid("original", found)
         warnings.append(f"{name} rejects the input too ({error}): written as it was given")
         return
     raise OutputBroken(f"{name} rejects the written model, though it accepts the input: {error}")
 
 
-def _checker(path: Path) -> None:
-    onnx.checker.check_model(str(path))
+def _checker(path: Path, staged: bool = True) -> None:
+    """onnx.checker on the file, from its path (its external data is checked where it lies). onnx.checker
+    takes a path in UTF-8 only: a folder that is not is reached by its descriptor, a file name that is
+    not by a link with a UTF-8 name beside it, in the staging folder. The input's folder is the user's:
+    an input with such a name is not checked (taken as accepted, so a written model it rejects stays
+    a failure)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    link = None
+    if not is_utf8(path.name):
+        if not staged:
+            return
+        link = os.path.join(folder, ".onnxfold-check.onnx")
+        os.symlink(path.name, link)
+    try:
+        with utf8_folder(folder) as alias:
+            onnx.checker.check_model(os.path.join(alias, os.path.basename(link or path)))
+    finally:
+        if link is not None:
+            os.unlink(link)
+
+
+def _input_checker(path: Path) -> None:
+    _checker(path, staged=False)
 
 
 def _error(fn: Callable[[Path], None], path: Path) -> str | None:

@@ -21,7 +21,7 @@ from onnx import external_data_helper
 
 from .commit import umask
 from .errors import InputError
-from .tensors import every_tensor
+from .tensors import every_tensor, utf8_name
 
 log = logging.getLogger("onnxfold")
 
@@ -102,7 +102,7 @@ def plan_output(src: Path, reads: set[Path], dst: Path, data_name: str | None, *
         if where in protect:
             raise InputError(f"--data-name {data_name!r}: another model in this run reads that file")
     else:
-        chosen = folder / (dst.name + ".data")
+        chosen = folder / (utf8_name(dst.name) + ".data")  # the model names it: valid UTF-8
     if chosen.is_dir():
         raise InputError(f"{chosen}: the data file name is an existing directory")
     name = chosen.name

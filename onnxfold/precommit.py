@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import sys
 
-from .cli import EXIT_CHECK, EXIT_OK, EXIT_USAGE, WORST_FIRST
+from .cli import EXIT_CHECK, EXIT_OK, EXIT_USAGE, WORST_FIRST, say
 from .cli import main as onnxfold_main
 
 
@@ -21,7 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     files = [a for a in argv if a.endswith(".onnx") and not a.startswith("-")]
     options = [a for a in argv if a not in files]
     if not files:
-        print("onnxfold-check: error: expected one or more .onnx files", file=sys.stderr)
+        say("onnxfold-check: error: expected one or more .onnx files")
         return EXIT_USAGE
     codes: dict[str, int] = {}
     for path in files:
@@ -32,11 +32,10 @@ def main(argv: list[str] | None = None) -> int:
     foldable = [p for p, c in codes.items() if c == EXIT_CHECK]
     failed = [p for p, c in codes.items() if c not in (EXIT_OK, EXIT_CHECK)]
     if foldable:
-        print(f"onnxfold-check: {len(foldable)} of {len(files)} model(s) can be folded "
-              f"(python -m onnxfold IN.onnx OUT.onnx): {', '.join(foldable)}", file=sys.stderr)
+        say(f"onnxfold-check: {len(foldable)} of {len(files)} model(s) can be folded "
+            f"(python -m onnxfold IN.onnx OUT.onnx): {', '.join(foldable)}")
     if failed:
-        print(f"onnxfold-check: {len(failed)} of {len(files)} model(s) could not be checked: {', '.join(failed)}",
-              file=sys.stderr)
+        say(f"onnxfold-check: {len(failed)} of {len(files)} model(s) could not be checked: {', '.join(failed)}")
     return next((c for c in WORST_FIRST if c in codes.values()), EXIT_OK)
 
 

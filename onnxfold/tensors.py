@@ -10,6 +10,8 @@ folder, a truncated file) is an :class:`~onnxfold.errors.InputError` with one li
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +22,40 @@ from .errors import InputError
 from .protobuf import all_graphs
 
 MAX_ELEMENTS = 1 << 40  # more than any real model: a larger count is a corrupt or hostile file
+
+
+def is_utf8(text: str) -> bool:
+    """Whether ``text`` encodes as UTF-8 (a name from ``os.fsdecode`` may hold surrogates instead)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def utf8_name(name: str) -> str:
+    """``name`` with each byte that is not UTF-8 written ``\\xNN``: a data file's name is written into
+    the model, where it must be valid UTF-8."""
+    return name if is_utf8(name) else os.fsencode(name).decode("utf-8", "backslashreplace")
+
+
+@contextmanager
+def utf8_folder(folder: str) -> Iterator[str]:
+    """``folder`` by a name in UTF-8, for onnxruntime and onnx.checker, which take no other: the name
+    itself, or (a name with bytes that are not UTF-8) ``/proc/self/fd/N``, N a descriptor of the
+    folder held open for the block. InputError where there is no such way."""
+    if is_utf8(folder):
+        yield folder
+        return
+    fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        alias = f"/proc/self/fd/{fd}"
+        if not os.path.isdir(alias):
+            raise InputError(f"{folder!r}: onnxruntime and onnx.checker take a folder name in UTF-8 only: use a "
+                             "folder whose name is valid UTF-8")
+        yield alias
+    finally:
+        os.close(fd)
 
 
 def every_tensor(model: onnx.ModelProto):

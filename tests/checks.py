@@ -42,14 +42,22 @@ def cli(*args: object, cwd: str | os.PathLike | None = None, env: dict[str, str]
                           cwd=cwd, env=child_env(**(env or {})), preexec_fn=preexec_fn, timeout=timeout)
 
 
-def assert_user_error(proc: subprocess.CompletedProcess[str], text: str = "", code: int = 2) -> None:
+def assert_user_error(proc: subprocess.CompletedProcess[str], text: str = "", code: int = 2, *,
+                      began: bool = False) -> None:
     """The command line refused as the project promises: exit ``code``, no traceback, exactly one line
-    ``onnxfold: error: ...`` (containing ``text``) and nothing else on stderr (no FAILED line)."""
+    ``onnxfold: error: ...`` (containing ``text``) and nothing else on stderr (no FAILED line). With
+    ``began`` (an error found once work began: the fold, a write, verification), the error line is
+    followed by the run's final ``FAILED |`` line, which ends every run that began."""
     assert proc.returncode == code, proc.stderr
     assert "Traceback" not in proc.stderr, proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("onnxfold: error:")]
     assert len(errors) == 1 and text in errors[0], proc.stderr
-    assert proc.stderr.strip().splitlines() == errors, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    if began:
+        assert lines[-1].startswith("FAILED | Runtime: ") and lines[-2] == errors[0], proc.stderr
+        assert not any(line.startswith("FAILED") for line in lines[:-1]), proc.stderr
+    else:
+        assert lines == errors, proc.stderr
 
 
 def digest(path: str | os.PathLike) -> str:

@@ -54,7 +54,7 @@ def test_zero_size_weights(tmp_path):
     if proc.returncode == 0:
         onnx.checker.check_model(str(tmp_path / "o.onnx"))
     else:
-        assert_user_error(proc)
+        assert_user_error(proc, began=True)  # found by verification, after the fold
         nothing_at(tmp_path, "z.onnx")
 
 
@@ -262,7 +262,7 @@ def test_file_size_limit_is_one_line_that_mentions_twice_the_size(tmp_path):
     src.write_bytes(m.SerializeToString())
     assert src.stat().st_size > 4096
     proc = cli(src, tmp_path / "o.onnx", "--no-verify", preexec_fn=_limit_file_size)
-    assert_user_error(proc, "twice its size")
+    assert_user_error(proc, "twice its size", began=True)  # while writing
     nothing_at(tmp_path, "m.onnx")
 
 

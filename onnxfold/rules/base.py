@@ -108,10 +108,19 @@ class Rule(ABC):
 
 
 def attr(node: onnx.NodeProto, name: str, default=None):
+    """A node's attribute, or ``default``; NotFoldable for one that refers to an attribute of the
+    function the node is in (``ref_attr_name``): its value is known only at each call."""
     for at in node.attribute:
         if at.name == name:
-            return helper.get_attribute_value(at)
+            return attribute_value(node, at)
     return default
+
+
+def attribute_value(node: onnx.NodeProto, at: onnx.AttributeProto):
+    if at.ref_attr_name:
+        raise NotFoldable(f"{node.op_type} attribute '{at.name}' refers to the function attribute "
+                          f"'{at.ref_attr_name}', whose value is known only at each call")
+    return helper.get_attribute_value(at)
 
 
 def check_float(array: np.ndarray, what: str) -> None:

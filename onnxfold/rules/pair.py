@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-from onnx import helper
 
 from ..edit import Edit, NewValue, Update
 from ..errors import NotFoldable
 from ..layout import LAYOUT_OPS, follow_layout
 from ..protobuf import is_default
 from ..report import a
-from .base import GraphQuery, Match, Rule
+from .base import GraphQuery, Match, Rule, attribute_value
 from .consumers import Consumer
 from .producers import Producer, Weights
 
@@ -118,7 +117,7 @@ def follow_path(g: GraphQuery, path: list[int], producer: onnx.NodeProto, w: Wei
     axis = w.axis
     for k in reversed(path):
         node = g.node(k)
-        attrs = {at.name: helper.get_attribute_value(at) for at in node.attribute}
+        attrs = {at.name: attribute_value(node, at) for at in node.attribute}
         mapped = follow_layout(node.op_type, shape, axis, attrs, [_maybe_const(g, n) for n in node.input[1:]],
                                g.since_version(node.op_type), channels=w.channels if k == path[-1] else None)
         shape, axis = mapped.shape, mapped.axis

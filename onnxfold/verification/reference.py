@@ -9,10 +9,11 @@ import os
 
 import numpy as np
 import onnx
-from onnx import helper
+from onnx import external_data_helper, helper
 
 from ..affine import DEFAULT_EPSILON
 from ..errors import VerifyError
+from ..tensors import utf8_folder
 
 _BN = None
 
@@ -88,7 +89,9 @@ def run_reference(model, feeds, expose=(), nodes: bytes = b""):
     from onnx.reference import ReferenceEvaluator
 
     if isinstance(model, (str, os.PathLike)):
-        m = onnx.load(str(model))
+        m = onnx.load(str(model), load_external_data=False)
+        with utf8_folder(os.path.dirname(os.path.abspath(model))) as folder:  # onnx reads data by UTF-8 names only
+            external_data_helper.load_external_data_for_model(m, folder)
     elif isinstance(model, bytes):
         m = onnx.load_from_string(model)
     else:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import sys
+from contextlib import ExitStack
 from pathlib import Path
 
 import onnx
@@ -15,6 +16,7 @@ from onnx import helper
 from .. import isolation
 from ..errors import VerifyError, first_line
 from ..protobuf import PROTOBUF_LIMIT
+from ..tensors import is_utf8, utf8_folder
 from .reference import run_reference
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
@@ -66,13 +68,17 @@ def session(source, data_dir: str | None = None, *, provider: str):
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     so.log_severity_level = 3
-    if data_dir is not None:  # a model given as bytes reads its external data from its own folder
-        so.add_session_config_entry("session.model_external_initializers_file_folder_path", data_dir)
+    if isinstance(source, str) and not is_utf8(source):  # onnxruntime takes a path in UTF-8 only
+        source, data_dir = Path(source).read_bytes(), os.path.dirname(os.path.abspath(source))
     if provider == "cuda":
         providers = [("CUDAExecutionProvider", {"use_tf32": "0"}), "CPUExecutionProvider"]
     else:
         providers = ["CPUExecutionProvider"]
-    sess = ort.InferenceSession(source, so, providers=providers)
+    with ExitStack() as stack:
+        if data_dir is not None:  # a model given as bytes reads its external data from its own folder
+            so.add_session_config_entry("session.model_external_initializers_file_folder_path",
+                                        stack.enter_context(utf8_folder(data_dir)))
+        sess = ort.InferenceSession(source, so, providers=providers)
     active = sess.get_providers()
     if not active or active[0] != PROVIDERS[provider]:
         raise VerifyError(f"onnxruntime did not activate {PROVIDERS[provider]} (active: {', '.join(active)})")
@@ -111,9 +117,20 @@ def _run_session(sess, feeds, which: str) -> dict:
     return dict(zip([o.name for o in sess.get_outputs()], outs))
 
 
-def _no_kernel(err: Exception) -> bool:
+def no_kernel(err: Exception | str) -> bool:
+    """Whether onnxruntime refused a model for want of a kernel (float64 Conv, bfloat16 Conv-22 on the
+    CPU): a valid model, which onnx.reference runs. A type error (a float64 weight in a float32 Conv, a
+    bfloat16 Conv before opset 22) is not: such a model is invalid (:func:`invalid`)."""
     text = str(err)
-    return "NOT_IMPLEMENTED" in text or "Could not find an implementation" in text or "Type Error" in text
+    return "NOT_IMPLEMENTED" in text or "Could not find an implementation" in text
+
+
+def invalid(which: str, err: Exception | str) -> VerifyError:
+    """The error for a model onnxruntime refuses for another reason than a missing kernel."""
+    text = str(err).splitlines()[0] if str(err) else type(err).__name__
+    if "Type Error" in text and which == "original":
+        return VerifyError("the input is not a valid ONNX model (onnxruntime: " + text[text.index("Type Error"):] + ")")
+    return VerifyError(f"onnxruntime cannot load the {which} model: {text}")
 
 
 class ExposureRefused(Exception):
@@ -154,13 +171,13 @@ def run_pair(reference, candidate, feeds, provider: str, expose=(),
         raise
     except Exception as e:
         _check_exposure(reference, expose, provider, e, nodes[0])
-        if provider == "cpu" and _no_kernel(e):
+        if provider == "cpu" and no_kernel(e):
             note = "onnxruntime has no CPU kernel for this model: " + str(e).splitlines()[0][:160]
             stage("running the original model in onnx.reference")
             ref = run_reference(reference, feeds, expose, nodes[0])
             stage("running the folded model in onnx.reference")
             return ref, run_reference(candidate, feeds, expose, nodes[1]), "onnx.reference", note
-        raise VerifyError(f"onnxruntime cannot load the original model: {str(e).splitlines()[0]}") from None
+        raise invalid("original", e) from None
     stage("loading the folded model")
     try:
         cand_sess = session(*ort_source(candidate, expose, nodes[1]), provider=provider)
@@ -168,7 +185,7 @@ def run_pair(reference, candidate, feeds, provider: str, expose=(),
         raise
     except Exception as e:
         _check_exposure(candidate, expose, provider, e, nodes[1])
-        raise VerifyError(f"onnxruntime cannot load the folded model: {str(e).splitlines()[0]}") from None
+        raise invalid("folded", e) from None
     stage("running the original model")
     ref = _run_session(ref_sess, feeds, "original")
     del ref_sess

@@ -30,6 +30,7 @@ def floor(dtype: str) -> float:
     return min(TOLERANCES[dtype][0], FLOOR_ULPS * EPS[dtype])
 
 
+@np.errstate(over="ignore", invalid="ignore", divide="ignore")  # inf and NaN are judged below, not warned
 def compare(name: str, ref: np.ndarray, cand: np.ndarray, atol=None, rtol=None, *, per_channel: bool = False,
             atol_floor: float | None = None, axis: int = 1) -> OutputComparison:
     """Compare one tensor. Default ``atol = ATOL[dtype] * max |ref|``, at least ``atol_floor``; with
