@@ -35,10 +35,13 @@ class Folded:
     # set when a later fold changed ``output`` again in place (the producer's output that layout ops, a
     # Split or a Concat keep): it no longer holds this fold's result alone. Not part of the JSON either.
     changed_later: str = field(default="", repr=False)
+    # whether ``output`` was the removed affine's output name, kept by the node that now writes it (not
+    # part of the JSON either): a later sentence about that value says so
+    kept_name: bool = field(default=False, repr=False)
 
     def to_dict(self) -> dict:
         data = asdict(self)
-        del data["removed"], data["changed_later"]
+        del data["removed"], data["changed_later"], data["kept_name"]
         return data
 
     def check_line(self) -> str:
