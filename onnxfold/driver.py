@@ -151,13 +151,13 @@ def _check_single_reader(g: GraphView, m: Match, report: FoldReport) -> None:
 
 def _value(g: GraphView, name: str, report: FoldReport) -> str:
     """A value named for a sentence by the op that makes it now, and, when that node writes it under a
-    name an earlier fold kept (the removed affine's), the fold that did: "Conv output 'bn_out' (the
-    name of the BatchNormalization conv_bn folded into it)"."""
+    name an earlier fold kept (the removed affine's), the fold that did: "Conv output 'bn_out' (its
+    name kept from the BatchNormalization that conv_bn folded)"."""
     at = g.producer.get(name)
     head = f"{g.node(at).op_type} output" if at is not None else "value"
     earlier = next((f for f in reversed(report.folded) if f.graph == g.path and f.output == name and f.kept_name),
                    None)
-    kept = f" (the name of the {earlier.removed} {earlier.rule} folded into it)" if earlier else ""
+    kept = f" (its name kept from the {earlier.removed} that {earlier.rule} folded)" if earlier else ""
     return f"{head} '{name}'{kept}"
 
 

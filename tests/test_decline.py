@@ -197,8 +197,8 @@ def test_reader_sentence_names_the_producer_and_a_kept_name():
     b = g.bn(c, 6)
     _, report = fold_model(g.model([g.arith("Mul", b, [6, 1, 1]), g.node("Relu", [b])]))
     assert [f.rule for f in report.folded] == ["conv_bn"]
-    assert report.declined[0].reason == (f"Conv output '{b}' (the name of the BatchNormalization conv_bn folded "
-                                         "into it) has 2 readers, not only the Mul"), report.declined[0].reason
+    assert report.declined[0].reason == (f"Conv output '{b}' (its name kept from the BatchNormalization that "
+                                         "conv_bn folded) has 2 readers, not only the Mul"), report.declined[0].reason
     g = G()
     x = g.input("x", [1, 4, 5, 5])
     c = g.conv(x, 4, 6)
