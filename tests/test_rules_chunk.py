@@ -179,7 +179,12 @@ def test_torch_chunk(dynamo, tmp_path):
     x = torch.randn(1, 3, 8, 8)
     path = tmp_path / "chunk.onnx"
     if dynamo:
-        torch.onnx.export(net, (x,), dynamo=True, optimize=False, verbose=False).save(str(path))
+        program = torch.onnx.export(net, (x,), dynamo=True, optimize=False, verbose=False)
+        program.save(str(path))
+        expected = net(x).detach().numpy()
+        _, in_place = fold_model(program)  # the ONNXProgram folded in place (onnx_ir), then run by torch
+        assert [f.rule for f in in_place.folded] == ["split_affine"]
+        np.testing.assert_allclose(program(x)[0].numpy(), expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
     else:
         torch.onnx.export(net, (x,), str(path), dynamo=False, do_constant_folding=False)
     model = onnx.load(str(path))

@@ -206,7 +206,12 @@ def test_speechbrain_reflect_conv1d_after_bn(dynamo, tmp_path):
     x = torch.randn(1, 8, 20)
     path = tmp_path / "ecapa.onnx"
     if dynamo:
-        torch.onnx.export(net, (x,), dynamo=True, optimize=False, verbose=False).save(str(path))
+        program = torch.onnx.export(net, (x,), dynamo=True, optimize=False, verbose=False)
+        program.save(str(path))
+        expected = net(x).detach().numpy()
+        _, in_place = fold_model(program)  # the ONNXProgram folded in place (onnx_ir), then run by torch
+        assert [f.rule for f in in_place.folded] == ["bn_pad_conv"]
+        np.testing.assert_allclose(program(x)[0].numpy(), expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
     else:
         torch.onnx.export(net, (x,), str(path), dynamo=False, do_constant_folding=False)
     model = onnx.load(str(path))
@@ -311,3 +316,40 @@ def test_fanout_with_a_reader_in_a_subgraph():
     folded, report = fold_model(model)
     assert not report.folded
     assert "has 4 readers: the 2 the fold covers (Conv)" in report.declined[0].reason, report.summary(verbose=True)
+
+
+@pytest.mark.parametrize("dynamo", [False, True], ids=["legacy", "dynamo"])
+def test_torch_bn_read_by_five_linear_heads(dynamo, tmp_path):
+    """BatchNorm1d on the input, read by 5 Linear heads (a multi-task head): one fold into all five."""
+    torch = pytest.importorskip("torch")
+
+    class Heads(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm = torch.nn.BatchNorm1d(16)
+            self.heads = torch.nn.ModuleList(torch.nn.Linear(16, 3 + k) for k in range(5))
+
+        def forward(self, x):
+            h = self.norm(x)
+            return torch.cat([head(h) for head in self.heads], dim=1)
+
+    torch.manual_seed(0)
+    net = Heads().eval()
+    with torch.no_grad():
+        net.norm.running_mean.uniform_(-1, 1)
+        net.norm.running_var.uniform_(0.5, 2)
+        net.norm.weight.uniform_(0.5, 1.5)
+        net.norm.bias.uniform_(-0.5, 0.5)
+    x = torch.randn(4, 16)
+    path = tmp_path / "heads.onnx"
+    if dynamo:
+        torch.onnx.export(net, (x,), dynamo=True, optimize=False, verbose=False).save(str(path))
+    else:
+        torch.onnx.export(net, (x,), str(path), dynamo=False, do_constant_folding=False)
+    model = onnx.load(str(path))
+    folded, report = fold_model(model)
+    assert [f.rule for f in report.folded] == ["bn_gemm"], report.summary(verbose=True)
+    assert [n.op_type for n in folded.graph.node if n.op_type != "Constant"] == ["Gemm"] * 5 + ["Concat"]
+    assert report.bn_before == 1 and report.bn_after == 0 and not report.declined
+    equivalent(model, folded)
+    assert verify(model, folded, folds=report.folded)
