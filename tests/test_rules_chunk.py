@@ -173,12 +173,37 @@ def _chunk_net():
     return torch, net
 
 
-@pytest.mark.parametrize("dynamo", [False, True], ids=["legacy", "dynamo"])
-def test_torch_chunk(dynamo, tmp_path):
+def test_slice_end_from_the_channel_count_of_a_dynamic_shape():
+    """Gather(Shape(c), 1) is the channel count, known while the batch and height are not (the legacy
+    exporter's chunk with dynamic axes); Gather(Shape(c), 0) is the batch: not a constant, declined."""
+    g = G(opset=17)
+    x = g.input("x", ["N", 3, "H", 5])
+    c = g.conv(x, 3, 6, pads=[1] * 4)
+    channels = g.node("Gather", [g.node("Shape", [c]), g.init(np.int64(-3), "i")], axis=0)
+    half = g.node("Div", [channels, g.init(np.int64(2), "two")])
+    a = g.node("Slice", [c, g.ints([0]), g.node("Unsqueeze", [half, g.ints([0])]), g.ints([1])])
+    b = g.node("Slice", [c, g.ints([3]), g.ints([6]), g.ints([1])])
+    folds(g.model([g.bn(a, 3), g.bn(b, 3)]), ["split_affine"])
+
+    g = G(opset=17)
+    x = g.input("x", ["N", 3, 5, 5])
+    c = g.conv(x, 3, 6, pads=[1] * 4)
+    batch = g.node("Gather", [g.node("Shape", [c]), g.ints([0])], axis=0)
+    a = g.node("Slice", [c, g.ints([0]), batch, g.ints([1])])
+    declines(g.model([g.arith("Mul", a, []), g.node("Slice", [c, g.ints([1]), g.ints([6]), g.ints([1])])]),
+             "is computed by a Gather node, not a constant", "split_affine")
+
+
+@pytest.mark.parametrize("dynamo,dynamic", [(False, False), (False, True), (True, False)],
+                         ids=["legacy", "legacy-dynamic-axes", "dynamo"])
+def test_torch_chunk(dynamo, dynamic, tmp_path):
     torch, net = _chunk_net()
     x = torch.randn(1, 3, 8, 8)
     path = tmp_path / "chunk.onnx"
-    if dynamo:
+    if dynamic:
+        torch.onnx.export(net, (x,), str(path), dynamo=False, do_constant_folding=False, input_names=["x"],
+                          dynamic_axes={"x": {0: "N", 2: "H", 3: "W"}})
+    elif dynamo:
         program = torch.onnx.export(net, (x,), dynamo=True, optimize=False, verbose=False)
         program.save(str(path))
         expected = net(x).detach().numpy()
@@ -189,6 +214,7 @@ def test_torch_chunk(dynamo, tmp_path):
         torch.onnx.export(net, (x,), str(path), dynamo=False, do_constant_folding=False)
     model = onnx.load(str(path))
     assert ("SplitToSequence" if dynamo else "Slice") in op_types(model)
+    assert dynamic == (model.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "N")
     folded, report = fold_model(model)
     assert [f.rule for f in report.folded] == ["split_affine"], report.summary(verbose=True)
     assert report.bn_before == 2 and report.bn_after == 0
