@@ -26,6 +26,14 @@ Conv reads zero-padded input: ``conv(pad(x * s + t))`` is ``conv(pad(x) * s) + (
 contribution)`` only where no padding is read, so a shift folds only into an unpadded Conv
 (:func:`onnxfold.affine.fold_input_affine`). A pure scale commutes with zero padding
 (``pad(x * s) = pad(x) * s`` as ``0 * s = 0``) and folds into any Conv.
+
+A Pad node between the affine and the Conv (:func:`check_pad_commutes`): reflect, edge and wrap
+padding copy values of the same channel, so ``pad(x * s + t) = pad(x) * s + t`` for a per-channel
+affine, whatever the amounts (negative amounts crop, which commutes too), as long as the channel axis
+itself is not padded (output channel c must be input channel c). Constant padding that adds elements
+writes its value v after the affine: ``pad(x * s + t, v) = pad(x, v') * s + t`` needs ``v = v' * s[c] +
+t[c]`` in every channel, which holds for ``v = v' = 0`` and a pure scale, the Conv's own padding case.
+Constant padding that adds nothing (every amount 0 or negative) is a crop and commutes.
 """
 
 from __future__ import annotations
@@ -35,7 +43,11 @@ import numpy as np
 from .affine import RowScaled, fold_input_affine
 from .errors import NotFoldable
 
-__all__ = ["conv_input_affine", "gemm_input_affine", "matmul_input_affine"]
+__all__ = ["conv_input_affine", "gemm_input_affine", "matmul_input_affine", "pad_amounts", "check_pad_commutes",
+           "PAD_MODES"]
+
+# Pad's modes by the version that introduced them ('wrap' came with Pad-19)
+PAD_MODES = {"constant": 1, "reflect": 1, "edge": 1, "wrap": 19}
 
 
 def _features(scale, shift) -> tuple[np.ndarray, np.ndarray]:
@@ -110,3 +122,45 @@ def conv_input_affine(
     if padded and np.any(t):
         raise NotFoldable("the Conv pads its input with zeros, and a shift does not commute with padding")
     return fold_input_affine(w, bias, s, t, group)
+
+
+def pad_amounts(pads, axes=None, rank: int | None = None) -> list[int]:
+    """Pad's amounts over every axis of its input, [x1_begin, ..., x1_end, ...] (2 * rank values), from
+    its ``pads`` over ``axes`` (None: every axis, and ``pads`` has 2 * rank values; negative axes count
+    from the back of a rank-``rank`` input)."""
+    p = [int(v) for v in np.asarray(pads).reshape(-1)]
+    if axes is None:
+        if len(p) % 2 or len(p) < 4:
+            raise NotFoldable(f"the Pad has {len(p)} pad amounts, not two for each axis of an input with channels")
+        return p
+    if rank is None:
+        raise NotFoldable("the rank of the Pad's input is unknown, so its axes cannot be placed")
+    ax = [int(v) for v in np.asarray(axes).reshape(-1)]
+    if len(p) != 2 * len(ax) or any(not -rank <= a < rank for a in ax):
+        raise NotFoldable(f"Pad's axes {ax} and pads {p} do not fit an input of rank {rank}")
+    ax = [a % rank for a in ax]
+    if len(set(ax)) != len(ax):
+        raise NotFoldable(f"Pad's axes {ax} repeat an axis (the specification leaves that undefined)")
+    full = [0] * (2 * rank)
+    for k, a in enumerate(ax):
+        full[a], full[a + rank] = p[k], p[k + len(ax)]
+    return full
+
+
+def check_pad_commutes(mode: str, amounts: list[int], value: float, shift, channel_axis: int = 1) -> None:
+    """NotFoldable unless ``pad(x * s + t) == pad(x) * s + t`` for every per-channel affine with this
+    ``shift`` (``amounts`` over every axis, as :func:`pad_amounts` gives them; ``shift`` None: not known
+    yet, everything else is checked)."""
+    rank = len(amounts) // 2
+    lo, hi = amounts[channel_axis], amounts[channel_axis + rank]
+    if lo or hi:
+        raise NotFoldable(f"the Pad changes the channel axis {channel_axis} (by {lo} and {hi}): its output "
+                          "channels are not its input channels one to one")
+    if mode in ("reflect", "edge", "wrap") or not any(v > 0 for v in amounts):
+        return  # copies of the same channel, or a crop
+    if value != 0:
+        raise NotFoldable(f"the Pad fills with the constant {value:g} after the affine, which no per-channel "
+                          "value before it gives in every channel")
+    if shift is not None and np.any(np.asarray(shift) != 0):
+        raise NotFoldable("the Pad pads with zeros after the affine, so its shift would reach the border "
+                          "where the original reads zeros (only a pure scale folds through constant padding)")

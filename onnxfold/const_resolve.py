@@ -8,6 +8,8 @@ A value is constant when it is, in this graph or an enclosing one:
   specification says at the model's opset (:mod:`onnxfold.const_eval`; what it cannot evaluate exactly
   is declined with the reason). Exporters compute biases and transposed weights this way: torch's
   dynamo exporter makes a bias-free Conv's zero bias with Shape -> Expand -> CastLike;
+- Shape or Size of a run-time tensor whose every dimension is known before run time, and Gather of
+  such a Shape where the dimensions it picks are known (the others may be dynamic);
 - a tensor an earlier fold of this run wrote, wherever it was written (the output's data file
   included: :func:`onnxfold.tensors.read_tensor` asks the sink).
 
@@ -77,6 +79,8 @@ class Scope(Protocol):
 
     def elem_type(self, name: str) -> int: ...
 
+    def shape(self, name: str) -> tuple[int | None, ...] | None: ...
+
 
 class Constants:
     """The constants visible in one graph (and, through its parent, in the graphs around it)."""
@@ -133,6 +137,14 @@ class Constants:
             except NotFoldable as e:
                 raise NotFoldable(f"{what} '{name}' is made by a ConstantOfShape node that is not folded: "
                                   f"{e}") from None
+        if op == "Gather" and len(node.input) == 2 and node.input[1]:
+            dims = self._gather_of_shape(node, what)
+            if dims is not None:
+                return dims
+        if op in ("Shape", "Size") and node.input and node.input[0]:
+            static = self._static_shape(node.input[0])
+            if static is not None:  # only the shape is read: no value needed, none made
+                return model.evaluate(node, {node.input[0]: np.broadcast_to(np.zeros((), np.uint8), static)})[0]
         if op == "CastLike" and len(node.input) == 2 and self.view.elem_type(node.input[1]):
             return self._cast_like(node, name, what)
         if op in CONSTANT_EXPRESSION_OPS and node.input:
@@ -146,6 +158,45 @@ class Constants:
             else:
                 return model.evaluate(node, values)[list(node.output).index(name)]
         raise NotFoldable(f"{what} '{name}' is computed by {a(node.op_type)} node, not a constant")
+
+    def _static_shape(self, name: str) -> tuple[int, ...] | None:
+        """A run-time tensor's shape when every dimension is known before run time (declared or inferred):
+        Shape and Size of it are constants (the legacy exporter computes torch.chunk's Slice ends from
+        Shape of the tensor it cuts). None for a constant (it is evaluated) or a dimension not known."""
+        if self.constant_like(name):
+            return None
+        shape = self.view.shape(name)
+        dims = [d for d in shape or () if isinstance(d, int) and d >= 0]
+        return None if shape is None or len(dims) != len(shape) else tuple(dims)
+
+    def _gather_of_shape(self, node: onnx.NodeProto, what: str) -> np.ndarray | None:
+        """Gather(Shape(x), indices) where the dimensions it picks are known before run time, others
+        maybe not (the legacy exporter's torch.chunk of a tensor with a dynamic batch reads its channel
+        count this way); None when that is not what the node is."""
+        at = self.view.producer.get(node.input[0])
+        shape_node = self.view.graph.node[at] if at is not None else None
+        if (shape_node is None or shape_node.op_type != "Shape" or not is_default(shape_node)
+                or not shape_node.input or any(a.name == "axis" and a.i != 0 for a in node.attribute)
+                or self.constant_like(shape_node.input[0])):
+            return None
+        shape = self.view.shape(shape_node.input[0])
+        if shape is None:
+            return None
+        # which dimensions Shape returns (its start and end, Shape-15), evaluated as the spec says on a
+        # probe whose dimension k has size k + 1: entry j of the result is position (value - 1)
+        probe = np.broadcast_to(np.zeros((), np.uint8), [k + 1 for k in range(len(shape))])
+        positions = [int(v) - 1 for v in self.view.model.evaluate(shape_node, {shape_node.input[0]: probe})[0]]
+        try:
+            indices = self.value(node.input[1], f"indices of the Gather making {what}")
+        except NotFoldable:
+            return None
+        flat = [int(v) for v in np.asarray(indices).reshape(-1)]
+        if any(not -len(positions) <= v < len(positions) for v in flat):
+            return None
+        picked = [shape[positions[v]] for v in flat]
+        if any(not isinstance(d, int) or d < 0 for d in picked):
+            return None
+        return np.asarray(picked, np.int64).reshape(np.shape(indices))
 
     def _cast_like(self, node: onnx.NodeProto, name: str, what: str) -> np.ndarray:
         # Only the dtype of the second input matters: it need not be a constant.

@@ -88,7 +88,7 @@ def _fold_graph(g: GraphView, rules: RuleSet, report: FoldReport) -> int:
             continue
         rule, m = found
         try:
-            _check_single_reader(g, m)
+            _check_single_reader(g, m, report)
             # float64 arithmetic may overflow (huge statistics, a Div by 0): each new value is checked
             # where it is cast (affine.iter_cast), and one that is not finite declines the fold
             with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
@@ -98,11 +98,12 @@ def _fold_graph(g: GraphView, rules: RuleSet, report: FoldReport) -> int:
             report.declined.append(Declined(rule.name, g.label(m.upstream), g.label(m.downstream), g.path, str(e)))
             continue
         removed = g.node(m.affine).op_type
+        kept_name = m.output in g.node(m.affine).output
         g.model.apply(g, edit)
         _mark_changed(report, g, m, rule.name)
         report.folded.append(Folded(rule.name, g.label(m.upstream), g.label(m.downstream), g.path,
                                     str(np.dtype(edit.dtype)), first, biggest, m.output,
-                                    removed=removed, axis=edit.axis))
+                                    removed=removed, axis=edit.axis, kept_name=kept_name))
         folded += 1
     return folded
 
@@ -136,16 +137,34 @@ def _match(g: GraphView, i: int, rules: RuleSet) -> tuple[Rule, Match] | str | N
     return (disabled or why) if report else None
 
 
-def _check_single_reader(g: GraphView, m: Match) -> None:
+def _check_single_reader(g: GraphView, m: Match, report: FoldReport) -> None:
     """The check every rule shares: what the fold changes or removes is read by nothing else (a value
-    that stays may also be read by Shape and Size nodes: its shape does not change)."""
-    up, down = g.node(m.upstream).op_type, g.node(m.downstream).op_type
+    that stays may also be read by Shape and Size nodes: its shape does not change). A value the match
+    lets several nodes read (``Match.readers``: fan-out, chunks) is read by those nodes alone."""
+    down = g.node(m.downstream).op_type
     for name in m.between:
         if g.is_output(name):
-            raise NotFoldable(f"{up} output '{name}' is a graph output")
+            raise NotFoldable(f"{_value(g, name, report)} is a graph output")
         n = g.readers(name) - (g.shape_readers(name) if name in m.kept else 0)
-        if n != 1:
-            raise NotFoldable(f"{up} output '{name}' has {n} readers, not only the {down}")
+        covered = m.readers.get(name)
+        if covered is None and n != 1:
+            raise NotFoldable(f"{_value(g, name, report)} has {n} readers, not only the {down}")
+        if covered is not None and n != sum(list(g.node(k).input).count(name) for k in covered):
+            ops = ", ".join(dict.fromkeys(g.node(k).op_type for k in covered))
+            raise NotFoldable(f"{_value(g, name, report)} has {n} readers: the {len(covered)} the fold covers "
+                              f"({ops}) and others")
+
+
+def _value(g: GraphView, name: str, report: FoldReport) -> str:
+    """A value named for a sentence by the op that makes it now, and, when that node writes it under a
+    name an earlier fold kept (the removed affine's), the fold that did: "Conv output 'bn_out' (its
+    name kept from the BatchNormalization that conv_bn folded)"."""
+    at = g.producer.get(name)
+    head = f"{g.node(at).op_type} output" if at is not None else "value"
+    earlier = next((f for f in reversed(report.folded) if f.graph == g.path and f.output == name and f.kept_name),
+                   None)
+    kept = f" (its name kept from the {earlier.removed} that {earlier.rule} folded)" if earlier else ""
+    return f"{head} '{name}'{kept}"
 
 
 def _materialize(g: GraphView, edit: Edit) -> tuple[str, float]:

@@ -48,6 +48,8 @@ __all__ = [
     "follow_transpose",
     "follow_unsqueeze",
     "normalize_axis",
+    "sequence_slices",
+    "slice_range",
     "split_affine",
     "split_slices",
 ]
@@ -353,5 +355,54 @@ def split_slices(
         if outputs < 1 or channels % outputs:
             raise NotFoldable(f"Split cannot cut {channels} channels equally into {outputs} outputs")
         sizes = [channels // outputs] * outputs
+    edges = np.cumsum([0, *sizes])
+    return [(int(a), int(b)) for a, b in itertools.pairwise(edges)]
+
+
+def slice_range(channels: int, rank: int, channel_axis: int, starts: Ints, ends: Ints, axes: Ints | None = None,
+                steps: Ints | None = None) -> tuple[int, int]:
+    """The [start, stop) channels a Slice keeps of ``channels`` along ``channel_axis``, as the spec says
+    (axes default to 0, 1, ...; negative axes, starts and ends count from the back; starts and ends are
+    clamped to [0, channels] for a positive step). The whole range when the Slice does not cut the
+    channel axis; NotFoldable when it steps along it by anything but 1 or repeats an axis."""
+    st, en = [int(v) for v in np.asarray(starts).reshape(-1)], [int(v) for v in np.asarray(ends).reshape(-1)]
+    ax = list(range(len(st))) if axes is None else [int(v) for v in np.asarray(axes).reshape(-1)]
+    sp = [1] * len(st) if steps is None else [int(v) for v in np.asarray(steps).reshape(-1)]
+    if not len(st) == len(en) == len(ax) == len(sp):
+        raise NotFoldable(f"the Slice has {len(st)} starts, {len(en)} ends, {len(ax)} axes and {len(sp)} steps")
+    ax = [normalize_axis(a, rank, "Slice axis") for a in ax]
+    if len(set(ax)) != len(ax):
+        raise NotFoldable(f"the Slice's axes {ax} repeat an axis (the specification leaves that undefined)")
+    channel_axis = normalize_axis(channel_axis, rank, "channel axis")
+    if channel_axis not in ax:
+        return 0, channels
+    k = ax.index(channel_axis)
+    if sp[k] != 1:
+        raise NotFoldable(f"the Slice steps by {sp[k]} along the channel axis {channel_axis}, not 1")
+
+    def clamp(v: int) -> int:
+        return min(max(v + channels if v < 0 else v, 0), channels)
+
+    lo, hi = clamp(st[k]), clamp(en[k])
+    return lo, max(lo, hi)
+
+
+def sequence_slices(channels: int, split: Ints | None, keepdims: int = 1) -> list[tuple[int, int]]:
+    """The [start, stop) channels of each tensor SplitToSequence makes, as the spec says: ``split`` a
+    scalar (chunks of that size, the last one alone maybe smaller), a 1-D tensor (the sizes, summing to
+    ``channels``), or absent (chunks of 1, which lose the axis when keepdims=0: declined)."""
+    if split is None:
+        if not keepdims:
+            raise NotFoldable("SplitToSequence without split and with keepdims=0 drops the channel axis")
+        return [(c, c + 1) for c in range(channels)]
+    arr = np.asarray(split)
+    if arr.ndim == 0:
+        size = int(arr)
+        if size <= 0:
+            raise NotFoldable(f"SplitToSequence's split {size} is not positive")
+        return [(lo, min(lo + size, channels)) for lo in range(0, channels, size)]
+    sizes = [int(v) for v in arr.reshape(-1)]
+    if arr.ndim != 1 or any(v < 0 for v in sizes) or sum(sizes) != channels:
+        raise NotFoldable(f"SplitToSequence's split {sizes} does not cut {channels} channels")
     edges = np.cumsum([0, *sizes])
     return [(int(a), int(b)) for a, b in itertools.pairwise(edges)]

@@ -38,10 +38,13 @@ class Folded:
     # the channel axis in ``output`` (verification compares per channel along it; None: per tensor).
     # Not part of the JSON either.
     axis: int | None = field(default=None, repr=False)
+    # whether ``output`` was the removed affine's output name, kept by the node that now writes it (not
+    # part of the JSON either): a later sentence about that value says so
+    kept_name: bool = field(default=False, repr=False)
 
     def to_dict(self) -> dict:
         data = asdict(self)
-        del data["removed"], data["changed_later"], data["axis"]
+        del data["removed"], data["changed_later"], data["axis"], data["kept_name"]
         return data
 
     def check_line(self) -> str:

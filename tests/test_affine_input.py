@@ -11,9 +11,11 @@ from hypothesis import strategies as st
 from builders import bn_stats
 from onnxfold.affine import NotFoldable, bn_affine
 from onnxfold.affine_input import (
+    check_pad_commutes,
     conv_input_affine,
     gemm_input_affine,
     matmul_input_affine,
+    pad_amounts,
 )
 
 RTOL, ATOL = 1e-10, 1e-10
@@ -136,3 +138,46 @@ def test_conv_input_scale_commutes_with_padding(group, c_in, m, padding, bias):
         want = conv(x * scale.reshape(1, -1, 1, 1) + shift.reshape(1, -1, 1, 1), w, tb)
         new_w, new_b = conv_input_affine(w, b, scale, shift, group, padded=False)
         np.testing.assert_allclose(conv(x, np.asarray(new_w), torch.from_numpy(new_b)), want, rtol=RTOL, atol=ATOL)
+
+
+# -- issue 19: an affine through a Pad ---------------------------------------------------------------
+
+
+def _np_pad(x, amounts, mode, value=0.0):
+    """ONNX Pad by numpy (positive amounts; ONNX wrap is numpy's wrap)."""
+    r = x.ndim
+    width = [(amounts[i], amounts[i + r]) for i in range(r)]
+    return np.pad(x, width, mode=mode, constant_values=value) if mode == "constant" else np.pad(x, width, mode=mode)
+
+
+@pytest.mark.parametrize("mode", ["reflect", "edge", "wrap", "constant"])
+@pytest.mark.parametrize("seed", range(5))
+def test_pad_commutes_where_check_pad_commutes_says(mode, seed):
+    """The claim in affine_input's docstring, on random data: where check_pad_commutes passes,
+    pad(x * s + t) == pad(x) * s + t; where it declines, the two differ."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(2, 3, 4, 5))
+    s, t = rng.uniform(0.5, 2, 3), rng.normal(size=3) * (seed % 2)  # odd seeds: a shift
+    amounts = [int(rng.integers(0, 2)) if i not in (1, 5) else 0 for i in range(8)]
+    amounts[2] = 1  # something is padded
+    s4, t4 = s.reshape(1, 3, 1, 1), t.reshape(1, 3, 1, 1)
+    left = _np_pad(x * s4 + t4, amounts, mode)
+    right = _np_pad(x, amounts, mode) * s4 + t4
+    try:
+        check_pad_commutes(mode, amounts, 0.0, t)
+    except NotFoldable:
+        assert mode == "constant" and np.any(t) and not np.allclose(left, right)
+    else:
+        np.testing.assert_allclose(left, right, rtol=1e-12, atol=1e-12)
+
+
+def test_pad_checks():
+    assert pad_amounts([1, 2], [-1], 3) == [0, 0, 1, 0, 0, 2]
+    assert pad_amounts([0, 0, 1, 0, 0, 2]) == [0, 0, 1, 0, 0, 2]
+    with pytest.raises(NotFoldable, match="repeat an axis"):
+        pad_amounts([1, 1, 1, 1], [2, -1], 3)
+    with pytest.raises(NotFoldable, match="changes the channel axis 1"):
+        check_pad_commutes("reflect", [0, 1, 0, 0, 0, 0], 0.0, None)
+    with pytest.raises(NotFoldable, match="fills with the constant 2"):
+        check_pad_commutes("constant", [0, 0, 1, 0, 0, 0], 2.0, None)
+    check_pad_commutes("constant", [0, 0, -1, 0, 0, 0], 2.0, np.ones(3))  # a crop fills nothing

@@ -116,8 +116,8 @@ def test_mixnet_concat_counts_match_the_bn(exported):
     assert sum(counts) == len(consts[bn.input[1]]) and len(set(counts)) == 1
 
 
-# What fold_model does with each exported block: the rules of issue 12 fold every BatchNormalization but
-# those after torch.chunk, which torch exports as Slice nodes (no Split: nothing to follow).
+# What fold_model does with each exported block: the rules of issue 12 fold every BatchNormalization;
+# torch.chunk, which the legacy exporter writes as Slice nodes, is followed by split_affine since issue 19.
 FOLDS = {
     "bn_linear_head": ["bn_gemm"],
     "levit_mlp": ["matmul_bn", "matmul_bn"],
@@ -125,7 +125,7 @@ FOLDS = {
     "ocr_squeeze": ["conv_bn"],
     "seq_transpose": ["linear_bn"],
     "split_branches": ["split_affine"],
-    "chunk_branches": [],
+    "chunk_branches": ["split_affine"],
 }
 
 

@@ -7,6 +7,7 @@ from onnx import helper, numpy_helper
 
 from builders import conv_bn_model, count
 from onnxfold import fold_model
+from rulekit import G
 
 
 def declined(model, match):
@@ -185,3 +186,21 @@ def test_an_operand_computed_from_the_graph_input_is_no_candidate():
 
     folded, report = fold_model(_conv_mul_by(from_input))
     assert not report.folded and not report.declined
+
+
+def test_reader_sentence_names_the_producer_and_a_kept_name():
+    """Conv -> BN (folded: the Conv now writes the BN's output name) -> Mul, the value also read by a Relu:
+    the sentence says the Conv makes it and where its name comes from, not "BN output" or a bare Conv."""
+    g = G()
+    x = g.input("x", [1, 4, 5, 5])
+    c = g.conv(x, 4, 6)
+    b = g.bn(c, 6)
+    _, report = fold_model(g.model([g.arith("Mul", b, [6, 1, 1]), g.node("Relu", [b])]))
+    assert [f.rule for f in report.folded] == ["conv_bn"]
+    assert report.declined[0].reason == (f"Conv output '{b}' (its name kept from the BatchNormalization that "
+                                         "conv_bn folded) has 2 readers, not only the Mul"), report.declined[0].reason
+    g = G()
+    x = g.input("x", [1, 4, 5, 5])
+    c = g.conv(x, 4, 6)
+    _, report = fold_model(g.model([g.bn(c, 6), g.node("Relu", [c])]))
+    assert report.declined[0].reason == f"Conv output '{c}' has 2 readers, not only the BatchNormalization"

@@ -14,6 +14,10 @@ to rebuild it: ``build_model(<the printed spec>)``. A graph is
   float16 BN-15), Mul/Add/Sub/Div by a constant (per channel, scalar, [1], last axis, elementwise;
   the constant on either side, except ``c / x``), Identity, Relu, Transpose, Flatten, Reshape, Squeeze,
   Unsqueeze (attribute axes before opset 13, an input after);
+- issue 19's: a Pad (reflect, edge, wrap, constant, or zero amounts) between that affine and a Conv,
+  the Split's cut as two Slices (the legacy exporter's torch.chunk) or SplitToSequence -> SequenceAt
+  (the dynamo exporter's), a Concat of a Concat, and the affine before the producer read by its twin
+  (``share``: fan-out);
 - issue 12's patterns: an affine before Conv/Gemm/MatMul (BatchNormalization, or Mul/Add/Sub/Div by a
   constant along axis 1, the last axis, or a scalar), copies of the producer concatenated along the
   channels (or another axis; they may read past that affine), a Split of the producer's output in two
@@ -191,8 +195,11 @@ def specs(draw, avoid=AVOID, force=None):
         "concat": draw(st.sampled_from([0, 0, 0, 1, 2])),
         "concat_axis": draw(st.sampled_from(["channel", "channel", "channel", "first", "last"])),
         "split": draw(st.sampled_from([None, None, None, "channel", "channel", "other"])),
-        "split_form": draw(st.sampled_from(["sizes", "equal"])),
+        "split_form": draw(st.sampled_from(["sizes", "equal", "slice", "sequence"])),
         "runtime_weight": producer != "MatMul" and draw(st.sampled_from([False, False, False, True])),
+        # issue 19: a Pad between the affine before a Conv and the Conv (its mode, or none), a nested Concat
+        "pre_pad": draw(st.sampled_from([None, None, "reflect", "edge", "wrap", "constant", "zero"])),
+        "concat_nested": draw(st.booleans()),
     }
     spec["force"] = force
     if force == "3":
@@ -465,7 +472,22 @@ def _pre_affine(b: _Builder, x: str, shape: list) -> str:
 def _pre(b: _Builder, x: str, shape: list) -> str:
     out = _pre_affine(b, x, shape)
     b.pre_input = x if out != x else None  # copies of the producer (_concat) may read past the affine
-    return out
+    mode = b.spec.get("pre_pad")
+    if out == x or not mode or b.spec["producer"]["op"] != "Conv" or len(shape) < 3:
+        return out
+    # issue 19: affine -> Pad -> Conv. Reflect needs amounts below the size: 0 or 1 on spatial sizes >= 3.
+    r = len(shape)
+    amounts = [0, 0] + [int(v) for v in b.rng.integers(0, 2, r - 2)]
+    amounts += [0, 0] + [int(v) for v in b.rng.integers(0, 2, r - 2)]
+    if mode == "zero":
+        amounts = [0] * (2 * r)
+    if mode == "wrap" and b.opset < 19:
+        mode = "reflect"
+    mode = "constant" if mode == "zero" else mode
+    b.pre_input = None  # the Conv's copies read the Pad's output (its size differs from x's)
+    if b.opset < 11:
+        return b.add("Pad", [out], mode=mode, pads=amounts)
+    return b.add("Pad", [out, b.init(np.array(amounts, np.int64), "pads")], mode=mode)
 
 
 def _channel_axis(b: _Builder, y: str) -> int:
@@ -497,6 +519,8 @@ def _concat(b: _Builder, y: str) -> str:
     if axis == 0 and not (isinstance(b.spec["batch"], int) and b.spec["batch"] > 0):
         axis = _channel_axis(b, y)
     negative = b.opset >= 11 and b.rng.random() < 0.3  # negative axes from Concat-11 on
+    if b.spec.get("concat_nested"):  # issue 19: Concat(Concat(first ones), last), flattened by the rule
+        outs = [b.add("Concat", outs[:-1], axis=axis), outs[-1]]
     return b.add("Concat", outs, axis=axis - r if negative else axis)
 
 
@@ -517,10 +541,26 @@ def _split(b: _Builder, y: str) -> tuple[str, list[str]]:
     size = shape[axis]
     if size < 2:
         return y, []
-    equal = b.spec.get("split_form") == "equal" and (size % 2 == 0 or b.opset >= 18)
+    form = b.spec.get("split_form")
+    equal = form == "equal" and (size % 2 == 0 or b.opset >= 18)
     sizes = [-(-size // 2), size - (-(-size // 2))] if equal else [1, size - 1]
     outs = [b.fresh("split"), b.fresh("split")]
-    if equal and b.opset >= 18:
+    if form == "slice":  # issue 19: torch.chunk in the legacy exporter (an end past the size, clamped)
+        ends = [1, 2**62]
+        for k, (lo, hi) in enumerate(((0, ends[0]), (1, ends[1]))):
+            b.fresh("slice")  # node names follow the count: two Slices, two names
+            if b.opset < 10:
+                b.add("Slice", [y], [outs[k]], starts=[lo], ends=[hi], axes=[axis])
+            else:
+                b.add("Slice", [y, *(b.init(np.array([v], np.int64), "sl") for v in (lo, hi, axis))], [outs[k]])
+    elif form == "sequence" and b.opset >= 11 and size % 2 == 0:  # issue 19: torch.chunk in the dynamo exporter
+        # (a scalar split into equal halves: shape inference knows the parts' shape only then)
+        sizes = [size // 2, size // 2]
+        seq = b.add("SplitToSequence", [y, b.init(np.array(size // 2, np.int64), "chunk")], axis=axis)
+        for k in (0, 1):
+            b.add("SequenceAt", [seq, b.init(np.array(k - 2 * int(b.rng.integers(0, 2)), np.int64), "pos")],
+                  [outs[k]])
+    elif equal and b.opset >= 18:
         b.add("Split", [y], outs, axis=axis, num_outputs=2)
     elif equal:
         b.add("Split", [y], outs, axis=axis)
@@ -754,7 +794,8 @@ def test_generator_covers_what_it_claims():
 
     collect()
     assert {"Conv", "ConvTranspose", "Gemm", "MatMul", "BatchNormalization", "Constant", "Mul", "Add", "Sub", "Div",
-            "Unsqueeze", "Reshape", "Cast", "Transpose", "Identity", "Squeeze", "Concat", "Split"} <= seen, seen
+            "Unsqueeze", "Reshape", "Cast", "Transpose", "Identity", "Squeeze", "Concat", "Split", "Pad", "Slice",
+            "SplitToSequence", "SequenceAt"} <= seen, seen
 
 
 def test_the_oracle_catches_a_wrong_fold():

@@ -22,6 +22,8 @@ from onnxfold.layout import (
     follow_squeeze,
     follow_transpose,
     follow_unsqueeze,
+    sequence_slices,
+    slice_range,
     split_affine,
     split_slices,
 )
@@ -410,3 +412,34 @@ def test_follow_layout_takes_the_channel_count_from_the_producer():
         follow_layout("Flatten", (None, None, None), 2, attrs)
     with pytest.raises(NotFoldable, match="has size 16, the producer makes 32 channels"):
         follow_layout("Flatten", (None, None, 16), 2, attrs, channels=32)
+
+
+# -- issue 19: the channels a Slice keeps, the chunks SplitToSequence makes -------------------------
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_slice_range_against_numpy(seed):
+    """slice_range gives the channels numpy's basic slicing keeps (ONNX Slice with step 1 is numpy's)."""
+    rng = np.random.default_rng(seed)
+    c = int(rng.integers(1, 9))
+    start, end = (int(v) for v in rng.integers(-12, 12, 2))
+    if seed % 4 == 0:
+        end = 2**62
+    kept = np.arange(c)[start:end]
+    lo, hi = slice_range(c, 4, 1, [start], [end], [1 - 4 * (seed % 2)])  # axis 1, or -3
+    assert list(range(lo, hi)) == kept.tolist()
+    assert slice_range(c, 4, 1, [0], [2], [2]) == (0, c)  # another axis: every channel
+
+
+def test_slice_range_declines_and_sequence_slices():
+    with pytest.raises(NotFoldable, match="steps by 2"):
+        slice_range(6, 4, 1, [0], [6], [1], [2])
+    with pytest.raises(NotFoldable, match="repeat an axis"):
+        slice_range(6, 4, 1, [0, 0], [6, 6], [1, -3])
+    assert sequence_slices(7, np.int64(3)) == [(0, 3), (3, 6), (6, 7)]
+    assert sequence_slices(7, np.array([2, 5])) == [(0, 2), (2, 7)]
+    assert sequence_slices(2, None) == [(0, 1), (1, 2)]
+    with pytest.raises(NotFoldable, match="keepdims=0"):
+        sequence_slices(2, None, keepdims=0)
+    with pytest.raises(NotFoldable, match="does not cut"):
+        sequence_slices(7, np.array([2, 4]))

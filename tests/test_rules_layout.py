@@ -168,10 +168,18 @@ def test_reshape_merging_the_channel_axis():
 
 
 def test_reshape_shape_not_constant():
+    # a dynamic batch: Shape of a tensor whose every dimension is known is a constant (const_resolve)
     g = G()
-    c = _conv(g, [1, 4, 5, 5])
+    c = _conv(g, ["N", 4, 5, 5])
     r = g.node("Reshape", [c, g.node("Shape", [c])])
     declines(g.model(g.bn(r, 6)), "Reshape's shape is not a constant", "conv_bn")
+
+
+def test_reshape_by_shape_of_a_static_tensor():
+    """Shape of a tensor whose dimensions are all known is a constant: the Reshape is followed."""
+    g = G()
+    c = _conv(g, [1, 4, 5, 5])
+    folds(g.model(g.bn(g.node("Reshape", [c, g.node("Shape", [c])]), 6)), ["conv_bn"])
 
 
 def test_transpose_moves_the_channels_elsewhere():

@@ -17,7 +17,7 @@ from .base import Match, Rule
 from .bias import BiasAddRule
 from .concat import ConcatRule
 from .consumers import CONSUMERS, Consumer
-from .input_side import TARGETS, InputAffineRule
+from .input_side import TARGETS, InputAffineRule, PadInputRule
 from .pair import PairRule
 from .producers import PRODUCERS, Producer
 from .split import SplitRule
@@ -31,6 +31,7 @@ RULES: tuple[Rule, ...] = (
     *(PairRule(p, c) for p in PRODUCERS for c in CONSUMERS),
     SplitRule(),
     *(InputAffineRule(c, t) for c in CONSUMERS for t in TARGETS),
+    *(PadInputRule(c) for c in CONSUMERS),
 )
 
 # Reasons every rule shares; checked once, in the driver.

@@ -83,6 +83,11 @@ class Match:
     upstreams: list[int] = field(default_factory=list)  # every producer, when several fold at once (Concat)
     kept: set[str] = field(default_factory=set)  # values of ``between`` that stay, with new content:
     #                                              Shape and Size nodes may read them as well
+    # Values of ``between`` that the match lets several nodes read, each with every reader it covers by
+    # position (an affine read by several producers, all rewritten; a producer output read by the Slice
+    # nodes of a chunk): the driver checks that nothing else reads them. Every other value of ``between``
+    # has exactly one reader, the next node of the match.
+    readers: dict[str, list[int]] = field(default_factory=dict)
 
     def edit(self, dtype: np.dtype, updates: dict[int, Update], axis: int | None = None) -> Edit:
         """The edit this match plans, with the rule's new values; ``axis``: the channel axis in
