@@ -15,6 +15,7 @@ from collections.abc import Iterable
 from ..edit import Edit, NewValue, Update
 from .base import Match, Rule
 from .bias import BiasAddRule
+from .branches import BranchSumRule
 from .concat import ConcatRule
 from .consumers import CONSUMERS, Consumer
 from .input_side import TARGETS, InputAffineRule
@@ -31,6 +32,7 @@ RULES: tuple[Rule, ...] = (
     *(PairRule(p, c) for p in PRODUCERS for c in CONSUMERS),
     SplitRule(),
     *(InputAffineRule(c, t) for c in CONSUMERS for t in TARGETS),
+    BranchSumRule(),
 )
 
 # Reasons every rule shares; checked once, in the driver.

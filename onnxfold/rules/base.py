@@ -83,6 +83,7 @@ class Match:
     upstreams: list[int] = field(default_factory=list)  # every producer, when several fold at once (Concat)
     kept: set[str] = field(default_factory=set)  # values of ``between`` that stay, with new content:
     #                                              Shape and Size nodes may read them as well
+    branches: list[list[int]] = field(default_factory=list)  # a sum's branches: each one's nodes, from X on
 
     def edit(self, dtype: np.dtype, updates: dict[int, Update]) -> Edit:
         """The edit this match plans, with the rule's new values."""
