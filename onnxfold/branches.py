@@ -157,16 +157,16 @@ def merge(kernels: list[Kernel]) -> Kernel:
     groups = {k.group for k in kernels if not k.per_channel}
     if len(groups) > 1:
         raise NotFoldable(f"the Conv branches have different group counts ({' and '.join(map(str, sorted(groups)))})")
+    dense = [k for k in kernels if not k.per_channel]
+    group = dense[0].group if dense else kernels[0].channels
+    m = kernels[0].channels if not dense else dense[0].channels
+    if dense and any(k.per_channel for k in kernels) and dense[0].weight.shape[1] * group != m:
+        raise NotFoldable(f"an identity, affine or pool branch needs as many output channels as input "
+                          f"channels: the Conv reads {dense[0].weight.shape[1] * group} and makes {m}")
     channels = {k.channels for k in kernels}
     if len(channels) != 1:
         listed = " and ".join(map(str, sorted(channels)))
         raise NotFoldable(f"the branches make different numbers of channels ({listed})")
-    dense = [k for k in kernels if not k.per_channel]
-    group = dense[0].group if dense else kernels[0].channels
-    m = kernels[0].channels
-    if dense and any(k.per_channel for k in kernels) and dense[0].weight.shape[1] * group != m:
-        raise NotFoldable(f"an identity, affine or pool branch needs as many output channels as input "
-                          f"channels: the Conv reads {dense[0].weight.shape[1] * group} and makes {m}")
     dilation = next(iter(dilations)) if dilations else (1,) * next(iter(dims))
     size, begins, ends, offsets = _align(kernels, dilation)
     per = dense[0].weight.shape[1] if dense else 1

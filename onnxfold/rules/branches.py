@@ -135,9 +135,8 @@ def _stage_input(g: GraphQuery, node: onnx.NodeProto) -> str | None:
     """The tensor a stage reads (its data input), or None when the node is no stage."""
     if not is_default(node):
         return None
-    if node.op_type == "Conv":
-        return node.input[0] if len(node.input) > 1 and g.constant_like(node.input[1]) and all(
-            g.constant_like(n) for n in node.input[2:] if n) else None
+    if node.op_type == "Conv":  # a weight that is not a constant is declined in fold, with its name
+        return node.input[0] if len(node.input) > 1 and node.input[0] else None
     if node.op_type == "AveragePool":
         return node.input[0]
     found = _affine_of(g, node)
