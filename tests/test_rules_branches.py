@@ -14,7 +14,7 @@ from onnx import numpy_helper
 from checks import check_valid
 from onnxfold import fold_model
 from onnxfold.branches import Kernel, identity, merge, regroup
-from rulekit import G, declines, equivalent, folds, nothing, op_types
+from rulekit import G, declines, equivalent, folds, nothing, op_types, via_entry
 
 P1 = [1, 1, 1, 1]
 
@@ -304,3 +304,13 @@ def test_torch_blocks_reach_the_deploy_conv_count(name, shape, blocks):
     assert report.bn_after == 0, report.summary(verbose=True)
     assert _convs(folded) == blocks
     assert [f.rule for f in report.folded].count("branch_sum") == blocks
+
+
+@pytest.mark.parametrize("entry", ["graphproto", "graphsurgeon", "cli"])
+def test_entry_points(entry, tmp_path):
+    if entry == "graphsurgeon":
+        pytest.importorskip("onnx_graphsurgeon")
+    g = G(seed=40)
+    x = g.input("x", [1, 4, 6, 6])
+    model = g.model(g.node("Relu", [_repvgg(g, x, 4)]))  # 8 nodes -> Conv, Relu
+    via_entry(model, entry, 6, tmp_path)
