@@ -7,7 +7,8 @@ the output size, or pads one off; the block's group, strides and dilations, some
 not; a BatchNormalization after it or not; rarely auto_pad or a weight that is a graph input), the
 identity X, BatchNormalization(X), Mul+Add of X by per-channel constants, an AveragePool (1-3,
 centred or no pads, count_include_pad 0 or 1, maybe after a 1x1 Conv, maybe with a BatchNormalization
-after it), and 1x1 -> k x k Convs (the 1x1 with or without bias, the k x k padded or not). Rarely a
+after it), and 1x1 -> k x k Convs (the 1x1 with or without bias, the k x k padded or not), summed by
+Adds, a Sum, or Adds and Subs either way round. Rarely a
 branch output is also a graph output. A spec whose model is not valid ONNX (branches of shapes that
 do not add) is rejected. Each valid model goes through fold_model (and, in some examples, the command
 line) and the checks of test_fuzz.py's oracle: valid, same inputs and outputs, outputs equal in
@@ -66,7 +67,7 @@ def branch_specs(draw):
         "dilation": draw(st.sampled_from([1, 1, 1, 2])),
         "main_k": draw(st.sampled_from([1, 3, 3, 5])),
         "branches": draw(st.lists(branch(c, stride, identity_ok), min_size=1, max_size=4)),
-        "sum": draw(st.sampled_from(["adds", "adds", "sum"])),
+        "sum": draw(st.sampled_from(["adds", "adds", "sum", "subs"])),
         "dtype": draw(st.sampled_from(["float32", "float32", "float32", "float16"])),
         "entry": draw(st.sampled_from(["api"] * 5 + ["cli"])),
         "seed": draw(st.integers(0, 2**16)),
@@ -182,8 +183,9 @@ def build_branch_model(spec) -> onnx.ModelProto:
         total = b.node("Sum", outs)
     else:
         total = outs[0]
-        for o in outs[1:]:
-            total = b.node("Add", [total, o])
+        for o in outs[1:]:  # "subs": each an Add or a Sub, either way round
+            op = "Sub" if spec["sum"] == "subs" and b.rng.random() < 0.5 else "Add"
+            total = b.node(op, [o, total] if b.rng.random() < 0.5 else [total, o])
     b.outputs.append(b.node("Relu", [total]))
     vis = [helper.make_tensor_value_info(o, b.elem, None) for o in dict.fromkeys(b.outputs)]
     graph = helper.make_graph(b.nodes, "branches", b.inputs, vis, b.inits)

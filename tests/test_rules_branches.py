@@ -314,3 +314,15 @@ def test_entry_points(entry, tmp_path):
     x = g.input("x", [1, 4, 6, 6])
     model = g.model(g.node("Relu", [_repvgg(g, x, 4)]))  # 8 nodes -> Conv, Relu
     via_entry(model, entry, 6, tmp_path)
+
+
+def test_sub_of_branches_fastvit_repmixer():
+    """FastViT's RepMixer: x + layer_scale * (mixer(x) - norm(x)), the mixer a depthwise Conv + BN and
+    the norm BN(x): the Sub merges, the layer scale folds, the residual merges: one Conv."""
+    g = G(seed=41)
+    x = g.input("x", [1, 4, 6, 6])
+    mixer = g.bn(g.conv(x, 4, 4, 3, group=4, bias=False, pads=P1), 4)
+    diff = g.node("Sub", [mixer, g.bn(x, 4)])
+    model = g.model(g.node("Add", [x, g.arith("Mul", diff, [4, 1, 1])]))
+    folded, report = folds(model, ["conv_bn", "branch_sum", "conv_mul", "branch_sum"])
+    assert op_types(folded) == ["Conv"]

@@ -84,6 +84,7 @@ class Match:
     kept: set[str] = field(default_factory=set)  # values of ``between`` that stay, with new content:
     #                                              Shape and Size nodes may read them as well
     branches: list[list[int]] = field(default_factory=list)  # a sum's branches: each one's nodes, from X on
+    signs: list[int] = field(default_factory=list)  # each branch's sign in the sum (-1: subtracted)
 
     def edit(self, dtype: np.dtype, updates: dict[int, Update]) -> Edit:
         """The edit this match plans, with the rule's new values."""

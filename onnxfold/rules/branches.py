@@ -1,13 +1,14 @@
 """Parallel branches that read one tensor and are summed: one Conv (RepVGG, MobileOne, ACNet, DBB).
 
-Matched at an Add or Sum (a chain of them is one sum: the outermost takes it) whose operands are each a
-branch of one tensor X: a chain of stages from X, each a Conv with constant weights, an AveragePool, or
-a per-channel affine (BatchNormalization, or Mul/Add/Sub/Div by a constant); X itself is a branch (the
-identity). At least one branch starts with a Conv reading X: that Conv stays, takes the merged weight
-and bias (:mod:`onnxfold.branches` has the algebra) and writes the sum's output name; every other node
-of the branches, and the Add/Sum nodes, go. By the time the sum is matched, the BatchNormalization after
-each branch's Conv has usually been folded into it by conv_bn; what remains (the identity branch's
-BatchNormalization) is a stage here.
+Matched at an Add, Sum or Sub (a chain of them is one sum: the outermost takes it; a Sub's second
+operand counts negated) whose operands are each a branch of one tensor X: a chain of stages from X,
+each a Conv with constant weights, an AveragePool, or a per-channel affine (BatchNormalization, or
+Mul/Add/Sub/Div by a constant); X itself is a branch (the identity). At least one branch starts with
+a Conv reading X: that Conv stays, takes the merged weight and bias (:mod:`onnxfold.branches` has the
+algebra) and writes the sum's output name; every other node of the branches, and the Add/Sum/Sub
+nodes, go. By the time the sum is matched, the BatchNormalization after each branch's Conv has
+usually been folded into it by conv_bn; what remains (the identity branch's BatchNormalization) is a
+stage here.
 """
 
 from __future__ import annotations
@@ -23,13 +24,14 @@ from .base import GraphQuery, Match, Rule, attr, check_float
 from .consumers import CONSUMERS, Consumer
 from .producers import bias_hint
 
-SUMS = ("Add", "Sum")
+SUMS = ("Add", "Sum", "Sub")
 STAGES = ("Conv", "AveragePool")
 MAX_DEPTH = 4  # stages per branch
 
 
 class BranchSumRule(Rule):
-    """Add/Sum (or a chain of Adds) of branches that all read one tensor X, at least one a Conv: one Conv.
+    """Add/Sum/Sub (or a chain of them; a Sub subtracts its second operand) of branches that all read
+    one tensor X, at least one a Conv: one Conv.
 
     A branch is X itself, or a chain from X of Conv (constant weight), AveragePool and per-channel
     affine stages. Each branch is a kernel (identity: W[m, m mod C/g] = 1; an affine scales its rows
@@ -43,7 +45,7 @@ class BranchSumRule(Rule):
 
     name = "branch_sum"
     anchors = SUMS
-    description = "Add/Sum of Conv branches of one input (+ identity, affine, AveragePool branches) -> one Conv"
+    description = "Add/Sum/Sub of Conv branches of one input (+ identity, affine, AveragePool branches) -> one Conv"
 
     def match(self, g: GraphQuery, i: int) -> Match | str:
         if not _is_sum(g, i):
@@ -58,7 +60,8 @@ class BranchSumRule(Rule):
         return found if isinstance(found, Match) else self._plan(g, i, flatten=False)
 
     def _plan(self, g: GraphQuery, i: int, flatten: bool) -> Match | str:
-        operands, sums = _operands(g, i, flatten)
+        signed, sums = _operands(g, i, flatten)
+        operands = [name for name, _ in signed]
         if len(operands) < 2 or any(g.constant_like(o) for o in operands):
             return ""
         chains = [_chains(g, o) for o in operands]
@@ -76,13 +79,15 @@ class BranchSumRule(Rule):
         return Match(upstream=survivor, downstream=i, affine=i, between=between,
                      remove=[n for n in nodes if n != survivor] + sums + [i],
                      outputs={(survivor, 0): g.node(i).output[0]}, output=g.node(i).output[0],
-                     reads=reads, branches=branches)
+                     reads=reads, branches=branches, signs=[sign for _, sign in signed])
 
     def fold(self, g: GraphQuery, m: Match) -> Edit:
         conv = g.node(m.upstream)
         first = _conv_kernel(g, conv, None)
         dims, channels = len(first.spatial), _in_channels(first)  # the Conv that stays reads X
-        merged = merge([_branch(g, nodes, channels, dims) for nodes in m.branches])
+        kernels = [_branch(g, nodes, channels, dims) for nodes in m.branches]
+        merged = merge([k if sign > 0 else then_affine(k, -np.ones(k.channels), np.zeros(k.channels))
+                        for k, sign in zip(kernels, m.signs)])
         attributes = {"kernel_shape": list(merged.spatial), "pads": [*merged.begins, *merged.ends],
                       "strides": list(merged.strides), "dilations": list(merged.dilations), "group": merged.group}
         update = Update({1: NewValue(merged.weight, "weight", conv.input[1]),
@@ -94,7 +99,7 @@ def _is_sum(g: GraphQuery, i: int) -> bool:
     node = g.node(i)
     if not is_default(node) or node.op_type not in SUMS or not node.output or not node.output[0]:
         return False
-    return len(node.input) == 2 if node.op_type == "Add" else len(node.input) >= 2
+    return len(node.input) >= 2 if node.op_type == "Sum" else len(node.input) == 2
 
 
 def _sum_reader(g: GraphQuery, name: str) -> int | None:
@@ -105,18 +110,21 @@ def _sum_reader(g: GraphQuery, name: str) -> int | None:
     return None
 
 
-def _operands(g: GraphQuery, i: int, flatten: bool) -> tuple[list[str], list[int]]:
-    """The leaves of the sum at ``i`` (through inner Add/Sum nodes read only by it, when ``flatten``)
-    and those inner nodes."""
-    leaves, inner = [], []
-    for name in g.node(i).input:
+def _operands(g: GraphQuery, i: int, flatten: bool, sign: int = 1) -> tuple[list[tuple[str, int]], list[int]]:
+    """The leaves of the sum at ``i`` with their signs (a Sub's second operand is subtracted), through
+    inner Add/Sum/Sub nodes read only by it when ``flatten``, and those inner nodes."""
+    leaves: list[tuple[str, int]] = []
+    inner: list[int] = []
+    node = g.node(i)
+    for slot, name in enumerate(node.input):
+        s = -sign if node.op_type == "Sub" and slot == 1 else sign
         j = g.upstream(name, ())[0]
         if flatten and j is not None and _is_sum(g, j) and _sum_reader(g, name) == i:
-            sub, deeper = _operands(g, j, True)
+            sub, deeper = _operands(g, j, True, s)
             leaves += sub
             inner += [*deeper, j]
         else:
-            leaves.append(name)
+            leaves.append((name, s))
     return leaves, inner
 
 
