@@ -41,6 +41,10 @@ class GraphQuery(Protocol):
         """The positions of the nodes of this graph that read ``name``."""
         ...
 
+    def readers(self, name: str) -> int:
+        """How many times ``name`` is read, in any graph of the model, or as a graph output."""
+        ...
+
     def origin(self, name: str) -> str:
         """Why a value has no producer node in this graph: a sentence fragment for the report."""
         ...

@@ -103,7 +103,9 @@ def _is_sum(g: GraphQuery, i: int) -> bool:
 
 
 def _sum_reader(g: GraphQuery, name: str) -> int | None:
-    """The Add/Sum that is the only reader of ``name``, if any."""
+    """The Add/Sum/Sub that is the only reader of ``name``, if any."""
+    if g.readers(name) != 1:  # the count first: finding the reader walks the graph
+        return None
     readers = g.readers_of(name)
     if len(readers) == 1 and _is_sum(g, readers[0]) and not any(g.constant_like(n) for n in g.node(readers[0]).input):
         return readers[0]
@@ -119,7 +121,7 @@ def _operands(g: GraphQuery, i: int, flatten: bool, sign: int = 1) -> tuple[list
     for slot, name in enumerate(node.input):
         s = -sign if node.op_type == "Sub" and slot == 1 else sign
         j = g.upstream(name, ())[0]
-        if flatten and j is not None and _is_sum(g, j) and _sum_reader(g, name) == i:
+        if flatten and j is not None and _is_sum(g, j) and g.readers(name) == 1:  # read by this node alone
             sub, deeper = _operands(g, j, True, s)
             leaves += sub
             inner += [*deeper, j]
