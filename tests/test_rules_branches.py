@@ -326,3 +326,12 @@ def test_sub_of_branches_fastvit_repmixer():
     model = g.model(g.node("Add", [x, g.arith("Mul", diff, [4, 1, 1])]))
     folded, report = folds(model, ["conv_bn", "branch_sum", "conv_mul", "branch_sum"])
     assert op_types(folded) == ["Conv"]
+
+
+def test_an_affine_add_is_a_stage_not_a_sum():
+    """(conv3(x) + conv1(x)) + (x + c): the x + c is an affine branch of x; all three merge at once."""
+    g = G(seed=42)
+    x = g.input("x", [1, 4, 6, 6])
+    inner = _sum(g, g.conv(x, 4, 4, 3, pads=P1), g.conv(x, 4, 4, 1))
+    folded, _ = folds(g.model(g.node("Add", [inner, g.arith("Add", x, [1, 4, 1, 1])])), ["branch_sum"])
+    assert op_types(folded) == ["Conv"]

@@ -25,7 +25,6 @@ from .consumers import CONSUMERS, Consumer
 from .producers import bias_hint
 
 SUMS = ("Add", "Sum", "Sub")
-STAGES = ("Conv", "AveragePool")
 MAX_DEPTH = 4  # stages per branch
 
 
@@ -121,7 +120,9 @@ def _operands(g: GraphQuery, i: int, flatten: bool, sign: int = 1) -> tuple[list
     for slot, name in enumerate(node.input):
         s = -sign if node.op_type == "Sub" and slot == 1 else sign
         j = g.upstream(name, ())[0]
-        if flatten and j is not None and _is_sum(g, j) and g.readers(name) == 1:  # read by this node alone
+        # an inner sum read by this node alone (x + c is an affine stage, not a sum of branches)
+        if flatten and j is not None and _is_sum(g, j) and g.readers(name) == 1 and not any(
+                g.constant_like(n) for n in g.node(j).input):
             sub, deeper = _operands(g, j, True, s)
             leaves += sub
             inner += [*deeper, j]
