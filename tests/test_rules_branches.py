@@ -335,3 +335,24 @@ def test_an_affine_add_is_a_stage_not_a_sum():
     inner = _sum(g, g.conv(x, 4, 4, 3, pads=P1), g.conv(x, 4, 4, 1))
     folded, _ = folds(g.model(g.node("Add", [inner, g.arith("Add", x, [1, 4, 1, 1])])), ["branch_sum"])
     assert op_types(folded) == ["Conv"]
+
+
+def test_declines_branches_of_different_channel_counts():
+    g = G(seed=43)
+    x = g.input("x", [1, 4, 6, 6])  # a one-channel Conv broadcast against a four-channel one
+    _declines(g.model(_sum(g, g.conv(x, 4, 4, 3, pads=P1), g.conv(x, 4, 1, 1))), "different numbers of channels")
+
+
+def test_declines_a_1x1_kxk_of_different_groups():
+    g = G(seed=44)
+    x = g.input("x", [1, 4, 6, 6])
+    seq = g.conv(g.conv(x, 4, 4, 1, bias=False, group=2), 4, 4, 3, pads=P1)
+    _declines(g.model(_sum(g, g.conv(x, 4, 4, 3, pads=P1), seq)), "after a 1x1 stage of group 2")
+
+
+def test_declines_a_dilated_pool():
+    g = G(seed=45, opset=19)
+    x = g.input("x", [1, 4, 8, 8])
+    pool = g.node("AveragePool", [x], kernel_shape=[3, 3], pads=[2, 2, 2, 2], dilations=[2, 2], count_include_pad=1)
+    _declines(g.model(_sum(g, g.conv(x, 4, 4, 3, pads=[2, 2, 2, 2], dilations=[2, 2]), pool)),
+              "AveragePool has dilations")
