@@ -90,8 +90,9 @@ def test_dynamo_export_with_optimize_false_keeps_batchnorm_and_the_program_folds
 
     assert result is program and program.model.graph is graph and graph.inputs[0] is first_input
     assert "BatchNormalization" not in _ops(graph)
-    assert (report.bn_before, report.bn_after, len(report.folded)) == (4, 0, 4)
-    assert {f.rule for f in report.folded} == {"conv_bn", "bn_conv", "gemm_bn"}
+    # the residual relu(b2(c2(y)) + y) is a Conv and the identity of its input: one Conv (branch_sum)
+    assert (report.bn_before, report.bn_after, len(report.folded)) == (4, 0, 5)
+    assert {f.rule for f in report.folded} == {"conv_bn", "bn_conv", "gemm_bn", "branch_sum"}
     assert {f.consumer for f in report.folded} <= names  # the report names the exporter's nodes
     assert graph.initializers["head.weight"] is head  # untouched weights stay the caller's objects
     assert head.const_value is head_tensor
@@ -126,7 +127,8 @@ def test_what_onnxscripts_optimizer_leaves_is_folded():
     kept = {name: v.const_value for name, v in program.model.graph.initializers.items() if name in tensors}
     assert kept and all(t is tensors[name] for name, t in kept.items())  # not copied: still torch's tensors
     assert "TorchTensor" in {type(t).__name__ for t in kept.values()}
-    assert [f.rule for f in report.folded] == ["bn_conv"] and report.bn_after == 0
+    # the residual y + Conv(y) merges into the Conv (branch_sum, issue 19)
+    assert [f.rule for f in report.folded] == ["branch_sum", "bn_conv"] and report.bn_after == 0
     feeds = {original.graph.input[0].name: x.numpy()}
     assert_close(run(original, feeds), run(program.model_proto, feeds), "optimize=True")
 

@@ -15,6 +15,7 @@ from collections.abc import Iterable
 from ..edit import Edit, NewValue, Update
 from .base import Match, Rule
 from .bias import BiasAddRule
+from .branches import BranchSumRule
 from .concat import ConcatRule
 from .consumers import CONSUMERS, Consumer
 from .input_side import TARGETS, InputAffineRule, PadInputRule
@@ -32,6 +33,7 @@ RULES: tuple[Rule, ...] = (
     SplitRule(),
     *(InputAffineRule(c, t) for c in CONSUMERS for t in TARGETS),
     *(PadInputRule(c) for c in CONSUMERS),
+    BranchSumRule(),
 )
 
 # Reasons every rule shares; checked once, in the driver.

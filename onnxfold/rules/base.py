@@ -41,6 +41,10 @@ class GraphQuery(Protocol):
         """The positions of the nodes of this graph that read ``name``."""
         ...
 
+    def readers(self, name: str) -> int:
+        """How many times ``name`` is read, in any graph of the model, or as a graph output."""
+        ...
+
     def origin(self, name: str) -> str:
         """Why a value has no producer node in this graph: a sentence fragment for the report."""
         ...
@@ -88,6 +92,8 @@ class Match:
     # nodes of a chunk): the driver checks that nothing else reads them. Every other value of ``between``
     # has exactly one reader, the next node of the match.
     readers: dict[str, list[int]] = field(default_factory=dict)
+    branches: list[list[int]] = field(default_factory=list)  # a sum's branches: each one's nodes, from X on
+    signs: list[int] = field(default_factory=list)  # each branch's sign in the sum (-1: subtracted)
 
     def edit(self, dtype: np.dtype, updates: dict[int, Update], axis: int | None = None) -> Edit:
         """The edit this match plans, with the rule's new values; ``axis``: the channel axis in
