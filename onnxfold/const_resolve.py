@@ -147,7 +147,8 @@ class Constants:
                 return model.evaluate(node, {node.input[0]: np.broadcast_to(np.zeros((), np.uint8), static)})[0]
         if op == "CastLike" and len(node.input) == 2 and self.view.elem_type(node.input[1]):
             return self._cast_like(node, name, what)
-        if op in CONSTANT_EXPRESSION_OPS and node.input:
+        if op in CONSTANT_EXPRESSION_OPS and node.input and all(
+                self._made_of_constants(i, shapes=True) for i in node.input if i):  # else no walk down it
             values = {}
             for inp in node.input:
                 if inp:
@@ -208,26 +209,57 @@ class Constants:
             raise NotFoldable(f"{what} '{name}' is cast to data type {target}, which is not evaluated") from None
         return self.view.model.evaluate(node, {node.input[0]: value, node.input[1]: like})[0]
 
-    def constant_like(self, name: str, _seen: frozenset = frozenset()) -> bool:
+    def constant_like(self, name: str) -> bool:
         """Whether ``name`` is made from constants alone (an initializer, a Constant node, or an
         expression over them), whether or not onnxfold can evaluate it: the graph's structure only.
         A candidate whose constant cannot be evaluated is then declined with the reason, not skipped."""
-        if name in _seen:  # a cycle (an invalid graph)
-            return False
+        return self._made_of_constants(name, shapes=False)
+
+    def _made_of_constants(self, name: str, *, shapes: bool) -> bool:
+        """:meth:`constant_like`; with ``shapes``, Shape and Size of anything count as constants too (what
+        :meth:`value` may still evaluate, when the shape is known). A walk with its own stack, each name
+        once: a residual chain hundreds of Adds deep is no recursion."""
+        known: dict[str, bool] = {}
+        waiting: dict[str, list[str]] = {}  # a name whose inputs are being decided -> those inputs
+        stack: list[tuple[str, bool]] = [(name, False)]
+        while stack:
+            current, inputs_decided = stack.pop()
+            if inputs_decided:
+                known[current] = all(known.get(i, False) for i in waiting.pop(current))
+                continue
+            if current in known:
+                continue
+            if current in waiting:  # met again on its own path: a cycle (an invalid graph)
+                known[current] = False
+                continue
+            verdict, inputs = self._leaf(current, shapes)
+            if verdict is not None:
+                known[current] = verdict
+                continue
+            waiting[current] = inputs
+            stack.append((current, True))
+            stack.extend((i, False) for i in inputs if i not in known)
+        return known[name]
+
+    def _leaf(self, name: str, shapes: bool) -> tuple[bool | None, list[str]]:
+        """(True or False when ``name`` is decided by itself, else None; the inputs it depends on)."""
         if name in self.view.model.bound_at_call:
-            return True
+            return True, []
         view: Scope | None = self.view
         while view is not None:
             if name in view.init:
-                return not view.constants.overridable(name)
+                return not view.constants.overridable(name), []
             if name in view.producer:
                 node = view.graph.node[view.producer[name]]
                 if not is_default(node) or node.op_type not in CONSTANT_MAKERS:
-                    return False
+                    return False, []
+                if shapes and node.op_type in ("Shape", "Size"):
+                    return True, []
                 # CastLike: only the dtype of its second input matters
                 inputs = node.input[:1] if node.op_type == "CastLike" else node.input
-                return all(view.constants.constant_like(i, _seen | {name}) for i in inputs if i)
+                names = [i for i in inputs if i]
+                return (True, []) if not names else (None, names)
             if name in view.inputs:
-                return False
+                return False, []
             view = view.parent
-        return False
+        return False, []

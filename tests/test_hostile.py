@@ -478,3 +478,27 @@ def test_a_written_model_onnxruntime_rejects_is_never_exit_0(tmp_path, tmp_path_
     nothing_at(tmp_path, "m.onnx")
     pids = {int(line) for line in log.read_text().split()}
     assert len(pids) >= 1 and os.getpid() not in pids  # isolated: never loaded in the caller's process
+
+
+def test_a_residual_chain_hundreds_of_adds_deep_is_no_recursion_error():
+    """A Conv's output added to the end of a chain of 600 residual Adds (x + Relu(x), as deep ResNets and
+    transformers make): asking whether that operand is a constant walked the chain by recursion, and
+    Python's recursion limit crashed the fold (RecursionError, exit 70). Now nothing folds there, and
+    the model is left as it was."""
+    from onnxfold import fold_model
+
+    depth = 600
+    nodes = [helper.make_node("Relu", ["x"], ["r0"])]
+    for k in range(depth):
+        nodes.append(helper.make_node("Relu", [f"r{k}"], [f"q{k}"]))
+        nodes.append(helper.make_node("Add", [f"r{k}", f"q{k}"], [f"r{k + 1}"]))
+    nodes.append(helper.make_node("Conv", ["x", "w"], ["c"]))
+    nodes.append(helper.make_node("Add", ["c", f"r{depth}"], ["y"]))
+    graph = helper.make_graph(
+        nodes, "deep", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 3, 4, 4])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(np.random.default_rng(0).normal(size=(3, 3, 1, 1)).astype(np.float32), "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    folded, report = fold_model(model)
+    assert not report.folded
+    assert [n.op_type for n in folded.graph.node] == [n.op_type for n in model.graph.node]
