@@ -29,12 +29,12 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from .commit import commit, staged, staged_file
+from .commit import commit, discard, output_lock, place, staged, staged_file
 from .driver import fold_model
 from .errors import FoldError, InputError, message
 from .load import load
 from .output_check import check_output
-from .output_plan import OutputPlan, check_report, data_files, plan_output, real
+from .output_plan import OutputPlan, check_report, check_target, data_files, plan_output, real
 from .report import FoldReport
 from .rules import select_rules
 from .tensors import DataSink
@@ -208,11 +208,16 @@ def fold_path(src: str | os.PathLike, dst: str | os.PathLike | None, options: Fo
     """:func:`fold_file` with options already checked (the command line's path, one model of a folder).
     ``protect`` and ``shared_folder``: see :func:`onnxfold.output_plan.plan_output`."""
     try:
-        job = _prepare(Path(src), None if dst is None else Path(dst), options, report, protect, shared_folder)
-        if job.plan is None:
-            return _check(job, options)
-        with staged(job.plan.dst) as tmp:
-            return _fold_verify_commit(job, tmp, options)
+        if dst is None:
+            return _check(_prepare(Path(src), None, options, report, protect, shared_folder), options)
+        check_target(dst)  # before the lock file is made beside it
+        # Runs writing the same OUT take turns, from planning to the old data's removal (in place: from
+        # loading the input, which the run before may have just replaced)
+        with output_lock(dst):
+            job = _prepare(Path(src), Path(dst), options, report, protect, shared_folder)
+            assert job.plan is not None
+            with staged(job.plan.dst) as tmp:
+                return _fold_verify_commit(job, tmp, options)
     except OSError as e:  # the disk, permissions, names: one line
         raise FoldError(message(e)) from e
     except MemoryError:
@@ -362,13 +367,13 @@ def _commit(job: _Job, files: list[Path], result: FoldResult) -> None:
     assert job.plan is not None
     staged_report = stage_json(job.report_path, result.to_dict())
     try:
-        commit(files, job.plan.dst, mode=job.plan.mode, stale=job.plan.stale)
+        commit(files, job.plan.dst, mode=job.plan.mode, stale=job.plan.stale_now)
     except BaseException:
         if staged_report:
-            staged_report.unlink(missing_ok=True)
+            discard(staged_report)
         raise
     if staged_report:
-        os.replace(staged_report, job.report_path)  # type: ignore[arg-type]
+        place(staged_report, job.report_path)  # type: ignore[arg-type]
     dst = job.plan.dst
     result.written = [dst, *(dst.parent / f.name for f in files[1:])]
     if job.report_path is not None:
@@ -392,7 +397,7 @@ def json_text(data: object) -> str:
 def write_json(path: str | os.PathLike | None, data: object) -> None:
     staged_report = stage_json(path, data)
     if staged_report:
-        os.replace(staged_report, path)  # type: ignore[arg-type]
+        place(staged_report, path)  # type: ignore[arg-type]
 
 
 def stage_json(path: str | os.PathLike | None, data: object) -> Path | None:

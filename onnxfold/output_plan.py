@@ -5,6 +5,10 @@ symlinks). A user's own choice that would break that (``--data-name`` naming the
 the output's own name; ``--report`` naming a model or data file) is refused before any work. The default
 data name never is: when ``OUT.data`` is a file the input or the model now at ``OUT`` still reads, the
 new data goes under a fresh name (``OUT.1.data``), so the commit can swap the model in one rename.
+``OUT`` and the report are a new path or a regular file (or a link to one): never a device, a FIFO or a
+socket (:func:`check_target`). Which old data files the commit removes is decided after the model's
+rename, under the output's lock (:meth:`OutputPlan.stale_now`): none that the model now at ``OUT``, the
+input or another model beside them reads.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import stat
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,16 +60,80 @@ def files_of(path) -> set[Path]:
     return {real(path)} | data_files(model, path)
 
 
+_KINDS = ((stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"), (stat.S_ISFIFO, "a FIFO"),
+          (stat.S_ISSOCK, "a socket"))
+
+
+def check_target(path, what: str = "") -> None:
+    """``path`` may be written by a rename: it is absent or a regular file (or a link to one). A device,
+    a FIFO, a socket (``/dev/null``, ``/dev/stdout``) would be replaced by a file: refused, one line."""
+    try:
+        mode = os.stat(path).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return  # absent (or a dangling link, which the rename replaces)
+    except OSError:
+        return  # the checks that follow say what is wrong with it
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):  # a directory: the checks that follow say so
+        return
+    kind = next((text for test, text in _KINDS if test(mode)), "not a regular file")
+    link = f"a link to {kind} ({real(path)})" if os.path.islink(path) else kind
+    hint = " (--report - writes it to standard output)" if what == "--report" else ""
+    raise InputError(f"{what + ' ' if what else ''}{path}: is {link}; onnxfold writes only a new path or a regular "
+                     f"file{hint}")
+
+
+def read_by_others(folder: Path, exclude: AbstractSet[Path]) -> dict[Path, Path]:
+    """The data files that the models (``*.onnx``) in ``folder`` other than ``exclude`` read: each with the
+    first model that reads it."""
+    out: dict[Path, Path] = {}
+    try:
+        entries = sorted(os.scandir(folder), key=lambda e: e.name)
+    except OSError:
+        return out
+    for entry in entries:
+        if not entry.name.endswith(".onnx") or not entry.is_file() or real(entry.path) in exclude:
+            continue
+        for f in files_of(entry.path) - {real(entry.path)}:
+            out.setdefault(f, Path(entry.path))
+    return out
+
+
 @dataclass
 class OutputPlan:
     """Where one model's output goes. ``data_name`` is the data file's name beside ``OUT`` (used when the
     output has external data); ``mode`` the permission bits of every file written; ``stale`` the old data
-    files of the model now at ``OUT`` that the commit removes once the new model is in place."""
+    files of the model now at ``OUT`` that the commit may remove once the new model is in place
+    (:meth:`stale_now` decides); ``family`` the default data names (``OUT.data``, ``OUT.<n>.data``),
+    which are removed too once no model reads them; ``keep`` what must survive (the input's files, the
+    other models of a folder run)."""
 
     dst: Path
     data_name: str
     mode: int
     stale: set[Path] = field(default_factory=set)
+    family: re.Pattern | None = None
+    keep: frozenset[Path] = frozenset()
+
+    def stale_now(self) -> set[Path]:
+        """The old data files to remove now, with the new model at ``OUT`` (called under the output's
+        lock, after the rename): the planned ones and unused ``OUT.<n>.data``, less every file that the
+        model now at ``OUT``, the input, or another model beside ``OUT`` reads (that one is kept, and a
+        warning says so)."""
+        folder = real(self.dst.parent if str(self.dst.parent) else ".")
+        candidates = set(self.stale)
+        if self.family is not None:
+            try:
+                candidates |= {real(e.path) for e in os.scandir(folder)
+                               if self.family.match(e.name) and e.is_file(follow_symlinks=False)}
+            except OSError:
+                pass
+        candidates -= files_of(self.dst) | self.keep
+        if not candidates:
+            return set()
+        others = read_by_others(folder, {real(self.dst)})
+        for f in sorted(candidates & others.keys()):
+            log.warning("kept %s: %s reads it too", f.name, others[f])
+        return candidates - others.keys()
 
 
 def plan_output(src: Path, reads: set[Path], dst: Path, data_name: str | None, *,
@@ -76,6 +145,7 @@ def plan_output(src: Path, reads: set[Path], dst: Path, data_name: str | None, *
     existing file there may belong to another model: it is never overwritten nor removed.
     """
     folder = dst.parent if str(dst.parent) else Path(".")
+    check_target(dst)
     if folder.exists() and not folder.is_dir():
         raise InputError(f"{dst}: the folder {folder} does not exist (that path is a file)")
     if dst.is_dir():
@@ -105,8 +175,11 @@ def plan_output(src: Path, reads: set[Path], dst: Path, data_name: str | None, *
         chosen = folder / (dst.name + ".data")
     if chosen.is_dir():
         raise InputError(f"{chosen}: the data file name is an existing directory")
+    special = chosen.exists() and not chosen.is_file()  # a device, a FIFO, a socket: never replaced
+    if special and data_name:
+        check_target(chosen, "--data-name")
     name = chosen.name
-    if real(chosen) in busy or (shared_folder and chosen.exists()):
+    if real(chosen) in busy or special or (shared_folder and chosen.exists()):
         name = fresh_name(folder, chosen.name, busy)
         log.debug("data file %s: %s is in use", folder / name, chosen.name)
     if dst.exists():
@@ -114,12 +187,15 @@ def plan_output(src: Path, reads: set[Path], dst: Path, data_name: str | None, *
     else:
         mode = 0o666 & ~umask()
     stale = set()
+    family = None
+    keep = frozenset((reads if real(src) != out else set()) | set(protect))
     if not shared_folder and not dst.is_symlink():  # a link is replaced, its target (not ours) stays
         pattern = _family(chosen.name)
-        keep = reads if real(src) != out else set()
-        stale = {p for p in old - {out} - keep - set(protect) if pattern.match(p.name) and p.parent == real(folder)}
+        stale = {p for p in old - {out} - keep if pattern.match(p.name) and p.parent == real(folder)}
         stale.discard(real(folder / name))
-    return OutputPlan(dst, name, mode, stale)
+        if not data_name:
+            family = pattern
+    return OutputPlan(dst, name, mode, stale, family, keep)
 
 
 def _family(name: str) -> re.Pattern:
@@ -143,6 +219,7 @@ def fresh_name(folder: Path, name: str, busy: set[Path]) -> str:
 def check_report(report, reads_and_writes: set[Path]) -> None:
     """``--report``: not a model or data file, and writable; checked before any work."""
     path = Path(report)
+    check_target(path, "--report")
     where = real(path)
     if where in reads_and_writes:
         raise InputError(f"--report {report}: that file is an input or output of this run; choose another name")
