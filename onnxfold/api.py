@@ -365,15 +365,16 @@ def _verify(job: _Job, tmp: Path, options: FoldOptions, report: FoldReport) -> V
 def _commit(job: _Job, files: list[Path], result: FoldResult) -> None:
     """The report (staged first: one that cannot be written leaves no output either), then the model."""
     assert job.plan is not None
-    staged_report = stage_json(job.report_path, result.to_dict())
+    staged_report = None
     try:
+        staged_report = stage_json(job.report_path, result.to_dict())
         commit(files, job.plan.dst, mode=job.plan.mode, stale=job.plan.stale_now)
+        if staged_report:
+            place(staged_report, job.report_path)  # type: ignore[arg-type]
     except BaseException:
         if staged_report:
-            discard(staged_report)
+            discard(staged_report)  # (gone already once placed)
         raise
-    if staged_report:
-        place(staged_report, job.report_path)  # type: ignore[arg-type]
     dst = job.plan.dst
     result.written = [dst, *(dst.parent / f.name for f in files[1:])]
     if job.report_path is not None:
@@ -395,9 +396,15 @@ def json_text(data: object) -> str:
 
 
 def write_json(path: str | os.PathLike | None, data: object) -> None:
-    staged_report = stage_json(path, data)
-    if staged_report:
-        place(staged_report, path)  # type: ignore[arg-type]
+    staged_report = None
+    try:
+        staged_report = stage_json(path, data)
+        if staged_report:
+            place(staged_report, path)  # type: ignore[arg-type]
+    except BaseException:
+        if staged_report:
+            discard(staged_report)  # (gone already once placed)
+        raise
 
 
 def stage_json(path: str | os.PathLike | None, data: object) -> Path | None:

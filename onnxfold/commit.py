@@ -68,33 +68,45 @@ def output_lock(path: str | os.PathLike) -> Iterator[None]:
         yield  # nothing can be written there: the run fails before it writes (see staged)
         return
     lock = _lock_path(path)
-    fd = None
-    while fd is None:
-        with signals.deferred():  # the descriptor is ours before a signal can unwind
-            fd = os.open(lock, os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666 & ~umask())
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                log.info("waiting for another onnxfold run writing %s", path)
-                fcntl.flock(fd, fcntl.LOCK_EX)
-            try:
-                same = os.stat(lock, follow_symlinks=False).st_ino == os.fstat(fd).st_ino
-            except FileNotFoundError:
-                same = False
-        except BaseException:
-            os.close(fd)
-            raise
-        if not same:  # its holder removed it as we waited: take the lock file that is there now
-            os.close(fd)
-            fd = None
+    fd: int | None = None
+    held = False
     try:
+        while not held:
+            with signals.deferred():  # the descriptor is known here before a signal can unwind
+                fd = os.open(lock, os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666 & ~umask())
+            held = _take(fd, lock, wait=path)
+            if not held:  # its holder removed it as we waited: take the lock file that is there now
+                os.close(fd)
+                fd = None
         yield
     finally:
-        with signals.deferred():
-            with contextlib.suppress(OSError):
-                os.unlink(lock)
-            os.close(fd)
+        always(lambda: _drop(fd, lock, held))
+
+
+def _take(fd: int, lock: Path, *, wait: Path | None) -> bool:
+    """The lock of ``fd`` (``lock`` opened), waiting for it unless ``wait`` is None; True when it is taken
+    and ``lock`` is still that file."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        if wait is None:
+            return False
+        log.info("waiting for another onnxfold run writing %s", wait)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        return os.stat(lock, follow_symlinks=False).st_ino == os.fstat(fd).st_ino
+    except FileNotFoundError:
+        return False
+
+
+def _drop(fd: int | None, lock: Path, held: bool) -> None:
+    """Remove the lock file (only while holding its lock: a waiter then tries again) and close it."""
+    if fd is None:
+        return
+    with contextlib.suppress(OSError):
+        if held or _take(fd, lock, wait=None):  # interrupted before the lock was taken: take it if free
+            os.unlink(lock)
+    os.close(fd)
 
 
 def _hold(fd: int, path: Path) -> bool:
@@ -140,23 +152,35 @@ def staged(path: str | os.PathLike):
         _remove(tmp, fd)
 
 
-def _remove(tmp: Path | None, fd: int | None) -> None:
-    """Remove a temporary folder and drop its lock, also when a signal's exception comes first (one that
-    was pending runs its handler as the signals are blocked)."""
+def always(step: Callable[[], None]) -> None:
+    """Run a cleanup ``step`` once, with signals deferred; also when a signal's exception comes first (a
+    signal that was pending runs its handler as they are blocked: see :func:`onnxfold.signals.deferred`):
+    then the step runs all the same (the handler ignores further signals) and the exception goes on."""
+    done: list[bool] = []
+
+    def once() -> None:
+        if not done:
+            done.append(True)
+            step()
+
     try:
         with signals.deferred():
-            _remove_now(tmp, fd)
+            once()
     except BaseException:
-        _remove_now(tmp, fd)  # the handler ran and ignores further signals: finish the cleanup
+        once()
         raise
 
 
-def _remove_now(tmp: Path | None, fd: int | None) -> None:
-    if tmp is not None:
-        shutil.rmtree(tmp, ignore_errors=True)
-    if fd is not None:
-        with contextlib.suppress(OSError):
-            os.close(fd)
+def _remove(tmp: Path | None, fd: int | None) -> None:
+    """Remove a temporary folder and drop its lock."""
+    def step() -> None:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    always(step)
 
 
 _UMASK: int | None = None
@@ -178,36 +202,42 @@ def staged_file(path: str | os.PathLike, text: str) -> Path:
     """``text`` written to a temporary file beside ``path``, locked (see :func:`remove_stale_temps`)
     until :func:`place` renames it into place or :func:`discard` removes it."""
     path = Path(path)
-    with signals.deferred():
-        fd, name = tempfile.mkstemp(prefix=_temp_prefix(path), dir=_folder(path))
-        tmp = Path(name)
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        _HELD[tmp] = fd
+    tmp = None
     try:
+        with signals.deferred():
+            fd, name = tempfile.mkstemp(prefix=_temp_prefix(path), dir=_folder(path))
+            tmp = Path(name)
+            _HELD[tmp] = fd
+            fcntl.flock(fd, fcntl.LOCK_EX)
         os.fchmod(fd, 0o666 & ~umask())  # as open() would make it, not mkstemp's 0600
         with open(os.dup(fd), "w") as f:
             f.write(text)
     except BaseException:
-        discard(tmp)
+        if tmp is not None:
+            discard(tmp)
         raise
     return tmp
 
 
 def place(tmp: Path, path: str | os.PathLike) -> None:
     """A staged file renamed to ``path``, and its lock dropped."""
-    with signals.deferred():
+    def step() -> None:
         try:
             os.replace(tmp, path)
         finally:
             _release(tmp)
 
+    always(step)
+
 
 def discard(tmp: Path) -> None:
-    with signals.deferred():
+    def step() -> None:
         try:
             tmp.unlink(missing_ok=True)
         finally:
             _release(tmp)
+
+    always(step)
 
 
 def _release(tmp: Path) -> None:
