@@ -14,6 +14,7 @@ input or another model beside them reads.
 from __future__ import annotations
 
 import logging
+import mmap
 import os
 import re
 import stat
@@ -82,20 +83,34 @@ def check_target(path, what: str = "") -> None:
                      f"file{hint}")
 
 
-def read_by_others(folder: Path, exclude: AbstractSet[Path]) -> dict[Path, Path]:
-    """The data files that the models (``*.onnx``) in ``folder`` other than ``exclude`` read: each with the
-    first model that reads it."""
+def read_by_others(folder: Path, exclude: AbstractSet[Path], files: AbstractSet[Path]) -> dict[Path, Path]:
+    """Which of ``files`` the models (``*.onnx``) in ``folder`` other than ``exclude`` read: each with the
+    first model that reads it. A model whose bytes do not name one of them is not parsed."""
     out: dict[Path, Path] = {}
+    names = [os.fsencode(f.name) for f in files]
     try:
         entries = sorted(os.scandir(folder), key=lambda e: e.name)
     except OSError:
         return out
     for entry in entries:
-        if not entry.name.endswith(".onnx") or not entry.is_file() or real(entry.path) in exclude:
+        if not entry.name.endswith(".onnx") or not entry.is_file() or real(entry.path) in exclude \
+                or not _mentions(entry.path, names):
             continue
-        for f in files_of(entry.path) - {real(entry.path)}:
+        for f in (files_of(entry.path) - {real(entry.path)}) & files:
             out.setdefault(f, Path(entry.path))
     return out
+
+
+def _mentions(path: str, names: list[bytes]) -> bool:
+    """Whether the file's bytes contain one of ``names`` (a data file's location is stored as it is)."""
+    try:
+        with open(path, "rb") as f:
+            if os.fstat(f.fileno()).st_size == 0:
+                return False
+            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+                return any(m.find(n) != -1 for n in names)
+    except (OSError, ValueError):
+        return True  # cannot tell: parse it
 
 
 @dataclass
@@ -127,10 +142,12 @@ class OutputPlan:
                                if self.family.match(e.name) and e.is_file(follow_symlinks=False)}
             except OSError:
                 pass
-        candidates -= files_of(self.dst) | self.keep
+        candidates -= self.keep
+        if candidates:  # what the model now at OUT reads, read again under the lock
+            candidates -= files_of(self.dst)
         if not candidates:
             return set()
-        others = read_by_others(folder, {real(self.dst)})
+        others = read_by_others(folder, {real(self.dst)}, candidates)
         for f in sorted(candidates & others.keys()):
             log.warning("kept %s: %s reads it too", f.name, others[f])
         return candidates - others.keys()

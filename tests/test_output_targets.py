@@ -87,12 +87,15 @@ def test_out_naming_a_fifo_a_link_to_one_or_a_device_is_refused_before_any_work(
     assert snapshot(src_dir) == before_src
 
 
-def test_dev_stdout_as_out_or_report_is_refused(tmp_path):
-    """/dev/stdout (a link to this run's pipe) is named, never written: it is refused."""
+def test_a_link_like_dev_stdout_as_out_or_report_is_refused(tmp_path):
+    """A link to /proc/self/fd/1 (what /dev/stdout is: here the run's pipe) is refused. The test makes its
+    own link: the real /dev/stdout is never named, so that an onnxfold that writes it cannot replace it."""
     src = external_model(tmp_path)
+    stdout = tmp_path / "stdout"
+    stdout.symlink_to("/proc/self/fd/1")
     before = snapshot(tmp_path)
-    assert_user_error(cli(src, "/dev/stdout"), "/dev/stdout")
-    assert_user_error(cli(src, tmp_path / "o.onnx", "--report", "/dev/stdout"), "--report - writes it to standard")
+    assert_user_error(cli(src, stdout), "is a link to a FIFO")
+    assert_user_error(cli(src, tmp_path / "o.onnx", "--report", stdout), "--report - writes it to standard")
     assert snapshot(tmp_path) == before
 
 
