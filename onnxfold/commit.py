@@ -100,13 +100,23 @@ def _take(fd: int, lock: Path, *, wait: Path | None) -> bool:
 
 
 def _drop(fd: int | None, lock: Path, held: bool) -> None:
-    """Remove the lock file (only while holding its lock: a waiter then tries again) and close it."""
+    """Remove the lock file (only while holding its lock, and only the file locked: a waiter then tries
+    again) and close it."""
     if fd is None:
         return
     with contextlib.suppress(OSError):
-        if held or _take(fd, lock, wait=None):  # interrupted before the lock was taken: take it if free
+        if not held:  # interrupted before the lock was taken: take it if it is free
+            held = _take(fd, lock, wait=None)
+        elif os.stat(lock, follow_symlinks=False).st_ino != os.fstat(fd).st_ino:
+            held = False
+        if held:
             os.unlink(lock)
     os.close(fd)
+
+
+def own_name(name: str) -> bool:
+    """A name onnxfold gives its lock files and temporaries: never an output's."""
+    return name.startswith(".") and (name.endswith(LOCK_SUFFIX) or bool(_TEMP.match(name)))
 
 
 def _hold(fd: int, path: Path) -> bool:

@@ -25,7 +25,7 @@ from pathlib import Path
 import onnx
 from onnx import external_data_helper
 
-from .commit import umask
+from .commit import own_name, umask
 from .errors import InputError
 from .tensors import every_tensor
 
@@ -163,6 +163,9 @@ def plan_output(src: Path, reads: set[Path], dst: Path, data_name: str | None, *
     """
     folder = dst.parent if str(dst.parent) else Path(".")
     check_target(dst)
+    if own_name(dst.name) or (data_name and own_name(data_name)):
+        raise InputError(f"{dst}: names like {dst.name if own_name(dst.name) else data_name!r} are onnxfold's own "
+                         "lock and temporary files: choose another name")
     if folder.exists() and not folder.is_dir():
         raise InputError(f"{dst}: the folder {folder} does not exist (that path is a file)")
     if dst.is_dir():
@@ -237,6 +240,8 @@ def check_report(report, reads_and_writes: set[Path]) -> None:
     """``--report``: not a model or data file, and writable; checked before any work."""
     path = Path(report)
     check_target(path, "--report")
+    if own_name(path.name):
+        raise InputError(f"--report {report}: names like that are onnxfold's own lock and temporary files")
     where = real(path)
     if where in reads_and_writes:
         raise InputError(f"--report {report}: that file is an input or output of this run; choose another name")

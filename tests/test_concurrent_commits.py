@@ -279,3 +279,18 @@ def test_a_run_holds_the_lock_of_its_temporary_folder(tmp_path, monkeypatch):
     monkeypatch.setattr(api, "check_output", check_output)
     fold_file(src, tmp_path / "o.onnx", verify=False)
     assert seen and seen[0].startswith(".o.onnx.onnxfold-")
+
+
+def test_an_output_named_like_a_lock_file_or_temporary_is_refused(tmp_path):
+    """A lock file is removed by its holder: an output under such a name would be removed with it."""
+    from onnxfold import InputError
+
+    src = external_model(tmp_path, "m.onnx", 1)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    for kw in ({"dst": tmp_path / ".o.onnx.onnxfold-lock"}, {"dst": tmp_path / ".o.onnx.onnxfold-123-abc"},
+               {"dst": tmp_path / "o.onnx", "data_name": ".o.onnx.onnxfold-lock"},
+               {"dst": tmp_path / "o.onnx", "report": tmp_path / ".r.json.onnxfold-lock"}):
+        dst = kw.pop("dst")
+        with pytest.raises(InputError, match="onnxfold's own"):
+            fold_file(src, dst, verify=False, **kw)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
