@@ -151,7 +151,11 @@ def staged(path: str | os.PathLike):
         while tmp is None:
             with signals.deferred():  # a signal waits until the folder is made, locked and known here
                 made = Path(tempfile.mkdtemp(prefix=_temp_prefix(path), dir=parent))
-                fd = os.open(made, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+                try:
+                    fd = os.open(made, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+                except OSError:  # too many open files, say: the folder goes, the error is the run's
+                    shutil.rmtree(made, ignore_errors=True)
+                    raise
                 if _hold(fd, made):
                     tmp = made
                 else:
