@@ -225,3 +225,28 @@ def test_a_folder_that_cannot_be_synced_is_not_an_error(tmp_path, monkeypatch):
     assert calls and result
     monkeypatch.undo()
     loads(tmp_path / "o.onnx")
+
+
+def test_a_folder_sync_failing_after_the_model_rename_keeps_the_old_data(tmp_path, monkeypatch):
+    """The second folder sync (after the model's rename) fails: the run fails, says OUT was replaced,
+    and removes nothing old (the new model is whole and loads; the old data file is still there)."""
+    src = external_model(tmp_path)
+    old_data = (tmp_path / "m.onnx.data").read_bytes()
+    real = os.fsync
+    dirs = []
+
+    def fsync(fd):
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            dirs.append(fd)
+            if len(dirs) == 2:
+                raise OSError(errno.EIO, os.strerror(errno.EIO))
+        return real(fd)
+
+    monkeypatch.setattr(commit_module.os, "fsync", fsync)
+    with pytest.raises(FoldError, match="cannot sync the folder.*was replaced.*old data files were kept"):
+        fold_file(src, src, verify=False)
+    monkeypatch.undo()
+    assert (tmp_path / "m.onnx.data").read_bytes() == old_data
+    assert a_data(src) != "m.onnx.data"
+    loads(src)
+    assert not [p for p in tmp_path.iterdir() if ".onnxfold-" in p.name]
