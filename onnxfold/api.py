@@ -9,8 +9,10 @@
 This is the command line's single-file path (``python -m onnxfold IN OUT``); the command line calls it
 and only adds parsing, printing and exit codes. Its guarantees are the command line's: the input is
 never modified; the output is absent or whole (written and checked by onnx.checker in a temporary
-folder beside it, then committed by renames: :func:`onnxfold.commit.commit`); no file written is one the
-input reads (:mod:`onnxfold.output_plan`); verification runs the models in a child process. What the input
+folder beside it, then committed by renames: :func:`onnxfold.commit.commit`); runs writing one output take
+turns (:func:`onnxfold.commit.output_lock`); no file written is one the input reads, nor one another
+model beside the output reads (:mod:`onnxfold.output_plan`); verification runs the models in a child
+process. What the input
 or the environment causes raises :class:`~onnxfold.errors.FoldError` with the one line the command
 line prints; any other exception is a bug. Progress goes to the ``"onnxfold"`` logger: nothing is printed.
 """

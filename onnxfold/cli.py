@@ -364,8 +364,9 @@ def _folder_jobs(options: Options, src_dir: Path, dst_dir: Path | None) -> tuple
     if dst_dir is not None:
         for folder in (dst_dir, *dst_dir.parents):
             if folder.exists() and not folder.is_dir():
-                raise InputError(f"{dst_dir}: {folder} is not a folder (the input is a folder, so the "
-                                 "output must be one too)")
+                kind = "a file, not a folder" if folder.is_file() else "not a folder"
+                raise InputError(f"{dst_dir}: {folder} is {kind} (the input is a folder, so the output must be "
+                                 "one too)")
     models = _walk(src_dir, real(dst_dir) if dst_dir is not None else None)
     if not models:
         raise InputError(f"{src_dir}: no *.onnx files below it")

@@ -142,7 +142,7 @@ class OutputPlan:
                                if self.family.match(e.name) and e.is_file(follow_symlinks=False)}
             except OSError:
                 pass
-        candidates -= self.keep
+        candidates -= self.keep | {real(folder / self.data_name)}  # never the data file just written
         if candidates:  # what the model now at OUT reads, read again under the lock
             candidates -= files_of(self.dst)
         if not candidates:
