@@ -294,3 +294,68 @@ def test_an_output_named_like_a_lock_file_or_temporary_is_refused(tmp_path):
         with pytest.raises(InputError, match="onnxfold's own"):
             fold_file(src, dst, verify=False, **kw)
     assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_a_temporary_locked_by_another_process_is_kept(tmp_path):
+    """The same with the lock held by another live process (as a run in another container would)."""
+    temp = tmp_path / f".m.onnx.onnxfold-{dead_pid()}-xyz"
+    temp.mkdir()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, os, sys\n"
+         f"fd = os.open({str(temp)!r}, os.O_RDONLY); fcntl.flock(fd, fcntl.LOCK_EX)\n"
+         "print('locked', flush=True); sys.stdin.read()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        remove_stale_temps(tmp_path)
+        assert temp.exists()
+    finally:
+        holder.stdin.close()
+        holder.wait(WAIT)
+    remove_stale_temps(tmp_path)
+    assert not temp.exists()
+
+
+@pytest.mark.skipif(os.environ.get("ONNXFOLD_LONG_TESTS") != "1", reason="ONNXFOLD_LONG_TESTS=1: eight runs at once")
+def test_eight_runs_into_one_out_leave_one_whole_model(tmp_path):
+    """Long variant, no forced order: eight `python -m onnxfold` runs of four models (two in place) into
+    one OUT at once, while this process loads OUT over and over. OUT loads every time it is read, and in
+    the end the folder holds OUT and the data file it reads."""
+    from checks import child_env
+
+    models = [external_model(tmp_path, f"m{i}.onnx", i) for i in range(4)]
+    out = tmp_path / "out.onnx"
+    fold_file(models[0], out, verify=False)
+    procs = [subprocess.Popen([sys.executable, "-m", "onnxfold", str(models[i % 4]), str(out), "--no-verify", "-q"],
+                              env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(8)]
+    procs += [subprocess.Popen([sys.executable, "-m", "onnxfold", str(out), str(out), "--no-verify", "-q"],
+                               env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+              for _ in range(2)]
+    expected = [outputs(m) for m in models]
+
+    def sample() -> bool:
+        """OUT loads and computes one of the models; False when OUT was replaced during the read (a
+        reader that opens the model, then its data file, can straddle two commits: inconclusive)."""
+        before = os.stat(out).st_ino
+        try:
+            got = outputs(out)
+        except Exception:
+            if os.stat(out).st_ino != before:
+                return False
+            raise
+        if os.stat(out).st_ino != before:
+            return False
+        assert any(np.allclose(got, want, rtol=1e-3, atol=1e-3 * np.abs(want).max()) for want in expected)
+        return True
+
+    reads = 0
+    while any(p.poll() is None for p in procs):
+        reads += sample()
+    for p in procs:
+        _, err = p.communicate()
+        assert p.returncode == 0, err
+    assert sample()
+    assert reads > 0
+    inputs = {n for m in models for n in referenced(m)}
+    assert {p.name for p in tmp_path.iterdir()} - inputs == referenced(out) - inputs
