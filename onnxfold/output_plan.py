@@ -74,6 +74,10 @@ def check_target(path, what: str = "") -> None:
         return  # absent (or a dangling link, which the rename replaces)
     except OSError:
         return  # the checks that follow say what is wrong with it
+    if stat.S_ISREG(mode) and _descriptor_link(path):  # /dev/stdout with the output redirected to a file
+        raise InputError(f"{what + ' ' if what else ''}{path}: is a link to one of this process's open files (as "
+                         f"/dev/stdout is); onnxfold writes only a new path or a regular file"
+                         f"{' (--report - writes it to standard output)' if what == '--report' else ''}")
     if stat.S_ISREG(mode) or stat.S_ISDIR(mode):  # a directory: the checks that follow say so
         return
     kind = next((text for test, text in _KINDS if test(mode)), "not a regular file")
@@ -81,6 +85,18 @@ def check_target(path, what: str = "") -> None:
     hint = " (--report - writes it to standard output)" if what == "--report" else ""
     raise InputError(f"{what + ' ' if what else ''}{path}: is {link}; onnxfold writes only a new path or a regular "
                      f"file{hint}")
+
+
+def _descriptor_link(path) -> bool:
+    """Whether ``path`` is, or leads by links through, /proc or /dev/fd (``/dev/stdout`` and the like)."""
+    p = os.path.abspath(path)
+    for _ in range(40):
+        if p.startswith(("/proc/", "/dev/fd/")):
+            return True
+        if not os.path.islink(p):
+            return False
+        p = os.path.normpath(os.path.join(os.path.dirname(p), os.readlink(p)))
+    return False
 
 
 def read_by_others(folder: Path, exclude: AbstractSet[Path], files: AbstractSet[Path]) -> dict[Path, Path]:
@@ -199,7 +215,13 @@ def plan_output(src: Path, reads: set[Path], dst: Path, data_name: str | None, *
     if special and data_name:
         check_target(chosen, "--data-name")
     name = chosen.name
-    if real(chosen) in busy or special or (shared_folder and chosen.exists()):
+    taken = real(chosen) in busy or special or (shared_folder and chosen.exists())
+    if not taken and chosen.exists():  # a file another model beside OUT reads is never overwritten
+        readers = read_by_others(real(folder), {out, real(src)}, {real(chosen)})
+        if readers and data_name:
+            raise InputError(f"--data-name {data_name!r}: {next(iter(readers.values()))} reads that file")
+        taken = bool(readers)
+    if taken:
         name = fresh_name(folder, chosen.name, busy)
         log.debug("data file %s: %s is in use", folder / name, chosen.name)
     if dst.exists():

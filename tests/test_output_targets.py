@@ -99,6 +99,28 @@ def test_a_link_like_dev_stdout_as_out_or_report_is_refused(tmp_path):
     assert snapshot(tmp_path) == before
 
 
+def test_a_link_to_stdout_redirected_to_a_file_is_refused(tmp_path):
+    """`python -m onnxfold m.onnx /dev/stdout > log`: the link leads to a regular file, through
+    /proc/self/fd; it is refused all the same (1d0de84 replaced the link with the model)."""
+    import subprocess
+    import sys
+
+    from checks import child_env
+
+    src = external_model(tmp_path)
+    link = tmp_path / "stdout"
+    link.symlink_to("/proc/self/fd/1")
+    log = tmp_path / "log.txt"
+    for args in ([src, link], [src, tmp_path / "o.onnx", "--report", link]):
+        with open(log, "w") as f:
+            proc = subprocess.run([sys.executable, "-m", "onnxfold", *map(str, args)], stdout=f,
+                                  stderr=subprocess.PIPE, text=True, env=child_env(), timeout=300)
+        assert proc.returncode == 2, proc.stderr
+        assert "is a link to one of this process's open files" in proc.stderr
+        assert link.is_symlink() and log.read_text() == ""
+        assert not (tmp_path / "o.onnx").exists()
+
+
 def test_report_dash_still_goes_to_stdout(tmp_path):
     src = external_model(tmp_path)
     proc = cli(src, tmp_path / "o.onnx", "--report", "-", "--no-verify")
@@ -149,13 +171,19 @@ def test_in_place_fold_keeps_a_data_file_another_model_reads(tmp_path):
     loads(b)
     loads(a)
     assert verify(original / "a.onnx", a) and verify(original / "a.onnx", b)
-    # and once more: the folded a.onnx's own old data file goes, b's stays
+    # and once more: the folded a.onnx's own old data file goes; b's is neither removed nor overwritten
+    # (1d0de84 + the removal check alone: a.onnx.data, no longer read by a.onnx, was the new data's name)
+    b_data = (tmp_path / "a.onnx.data").read_bytes()
     proc = cli(a, a, "--no-verify")
     assert proc.returncode == 0, proc.stderr
     loads(a)
     loads(b)
+    assert (tmp_path / "a.onnx.data").read_bytes() == b_data
+    assert verify(original / "a.onnx", a) and verify(original / "a.onnx", b)
     names = {p.name for p in tmp_path.iterdir()}
+    assert a_data(a) != "a.onnx.data"
     assert names == {"a.onnx", "b.onnx", "a.onnx.data", a_data(a)}
+    assert_user_error(cli(a, tmp_path / "c.onnx", "--data-name", "a.onnx.data"), "b.onnx reads that file")
 
 
 def a_data(path: Path) -> str:
