@@ -9,8 +9,10 @@
 This is the command line's single-file path (``python -m onnxfold IN OUT``); the command line calls it
 and only adds parsing, printing and exit codes. Its guarantees are the command line's: the input is
 never modified; the output is absent or whole (written and checked by onnx.checker in a temporary
-folder beside it, then committed by renames: :func:`onnxfold.commit.commit`); no file written is one the
-input reads (:mod:`onnxfold.output_plan`); verification runs the models in a child process. What the input
+folder beside it, then committed by renames: :func:`onnxfold.commit.commit`); runs writing one output take
+turns (:func:`onnxfold.commit.output_lock`); no file written is one the input reads, nor one another
+model beside the output reads (:mod:`onnxfold.output_plan`); verification runs the models in a child
+process. What the input
 or the environment causes raises :class:`~onnxfold.errors.FoldError` with the one line the command
 line prints; any other exception is a bug. Progress goes to the ``"onnxfold"`` logger: nothing is printed.
 """
@@ -30,12 +32,12 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from .commit import commit, staged, staged_file
+from .commit import commit, discard, output_lock, place, staged, staged_file
 from .driver import fold_model
 from .errors import FoldError, InputError, message
 from .load import load
 from .output_check import check_output
-from .output_plan import OutputPlan, check_report, data_files, plan_output, real
+from .output_plan import OutputPlan, check_report, check_target, data_files, plan_output, real
 from .report import FoldReport
 from .rules import select_rules
 from .tensors import DataSink, is_utf8
@@ -254,13 +256,19 @@ def fold_path(src: str | os.PathLike, dst: str | os.PathLike | None, options: Fo
     ``protect`` and ``shared_folder``: see :func:`onnxfold.output_plan.plan_output`."""
     began = False  # whether work began (the fold): errors before it are checks, one line alone
     try:
-        job = _prepare(Path(src), None if dst is None else Path(dst), options, report, protect, shared_folder)
-        if job.plan is None:
+        if dst is None:
+            job = _prepare(Path(src), None, options, report, protect, shared_folder)
             began = True
             return _check(job, options)
-        with staged(job.plan.dst) as tmp:
-            began = True
-            return _fold_verify_commit(job, tmp, options)
+        check_target(dst)  # before the lock file is made beside it
+        # Runs writing the same OUT take turns, from planning to the old data's removal (in place: from
+        # loading the input, which the run before may have just replaced)
+        with output_lock(dst):
+            job = _prepare(Path(src), Path(dst), options, report, protect, shared_folder)
+            assert job.plan is not None
+            with staged(job.plan.dst) as tmp:
+                began = True
+                return _fold_verify_commit(job, tmp, options)
     except OSError as e:  # the disk, permissions, names: one line
         raise _failed(FoldError(message(e)), began) from e
     except MemoryError:
@@ -427,15 +435,16 @@ def _verify(job: _Job, tmp: Path, options: FoldOptions, report: FoldReport) -> V
 def _commit(job: _Job, files: list[Path], result: FoldResult) -> None:
     """The report (staged first: one that cannot be written leaves no output either), then the model."""
     assert job.plan is not None
-    staged_report = stage_json(job.report_path, result.to_dict())
+    staged_report = None
     try:
-        commit(files, job.plan.dst, mode=job.plan.mode, stale=job.plan.stale)
+        staged_report = stage_json(job.report_path, result.to_dict())
+        commit(files, job.plan.dst, mode=job.plan.mode, stale=job.plan.stale_now)
+        if staged_report:
+            place(staged_report, job.report_path)  # type: ignore[arg-type]
     except BaseException:
         if staged_report:
-            staged_report.unlink(missing_ok=True)
+            discard(staged_report)  # (gone already once placed)
         raise
-    if staged_report:
-        os.replace(staged_report, job.report_path)  # type: ignore[arg-type]
     dst = job.plan.dst
     result.written = [dst, *(dst.parent / f.name for f in files[1:])]
     if job.report_path is not None:
@@ -457,9 +466,15 @@ def json_text(data: object) -> str:
 
 
 def write_json(path: str | os.PathLike | None, data: object) -> None:
-    staged_report = stage_json(path, data)
-    if staged_report:
-        os.replace(staged_report, path)  # type: ignore[arg-type]
+    staged_report = None
+    try:
+        staged_report = stage_json(path, data)
+        if staged_report:
+            place(staged_report, path)  # type: ignore[arg-type]
+    except BaseException:
+        if staged_report:
+            discard(staged_report)  # (gone already once placed)
+        raise
 
 
 def stage_json(path: str | os.PathLike | None, data: object) -> Path | None:

@@ -2,8 +2,9 @@
 
 Exit codes: 0 success (a written model that onnx.checker and onnxruntime accept), 1 verification
 failed, 2 usage or input error (one line, nothing written), 3 ``--check`` found folds, 70 a bug in
-onnxfold (the traceback, and a line saying so), 130 / 143 interrupted by SIGINT / SIGTERM (one line,
-temporary files removed, nothing written). Every run ends with one line:
+onnxfold (the traceback, and a line saying so), 128 + N interrupted by signal N: 130 SIGINT, 143
+SIGTERM, 129 SIGHUP, 131 SIGQUIT, 138 / 140 SIGUSR1 / SIGUSR2 (one line, temporary files removed,
+nothing written). Every run ends with one line:
 ``PASSED | Runtime: 0.41s | Command: ...``.
 """
 
@@ -403,8 +404,9 @@ def _folder_jobs(options: Options, src_dir: Path, dst_dir: Path | None) -> tuple
     if dst_dir is not None:
         for folder in (dst_dir, *dst_dir.parents):
             if folder.exists() and not folder.is_dir():
-                raise InputError(f"{dst_dir}: {folder} is a file, not a folder (the input is a folder, so the "
-                                 "output must be one too)")
+                kind = "a file, not a folder" if folder.is_file() else "not a folder"
+                raise InputError(f"{dst_dir}: {folder} is {kind} (the input is a folder, so the output must be "
+                                 "one too)")
     models = _walk(src_dir, real(dst_dir) if dst_dir is not None else None)
     if not models:
         raise InputError(f"{src_dir}: no *.onnx files below it")

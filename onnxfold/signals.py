@@ -1,9 +1,13 @@
 """Every signal onnxfold handles, in one place.
 
-- The command line turns SIGINT and SIGTERM into :class:`Interrupted`, which unwinds like
-  KeyboardInterrupt, so every temporary folder is removed on the way out (:func:`handled`); before its
-  imports are done, ``python -m onnxfold`` ends at once with one line (:func:`early_exit`).
-- A commit defers them (:func:`deferred`): blocked, not lost, until the renames are done.
+- The command line turns SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGUSR1 and SIGUSR2 (:data:`HANDLED`: every
+  signal a user or a supervisor sends whose default action ends the process) into :class:`Interrupted`,
+  which unwinds like KeyboardInterrupt, so every temporary folder is removed on the way out and the
+  run ends with one line, exit 128 + the signal's number (:func:`handled`). SIGQUIT dumps no core:
+  the user's folder is kept clean instead. Before its imports are done, ``python -m onnxfold`` ends at
+  once with one line (:func:`early_exit`).
+- Making and removing a temporary folder, and a commit, defer them (:func:`deferred`): blocked, not
+  lost, until the step is done.
 - A child process (verification, the written model's check, a folder-mode worker) dies with its
   parent (:func:`die_with_parent`) and takes the default action of SIGINT and SIGTERM
   (:func:`default_actions`); a folder-mode worker unwinds the fold it is in (:func:`folder_worker`).
@@ -22,11 +26,11 @@ import threading
 import time
 from collections.abc import Iterator
 
-HANDLED = (signal.SIGINT, signal.SIGTERM)
+HANDLED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
 
 
 class Interrupted(BaseException):
-    """SIGINT or SIGTERM: unwinds like KeyboardInterrupt, so every temporary folder is removed."""
+    """A signal of :data:`HANDLED`: unwinds like KeyboardInterrupt, so every temporary folder is removed."""
 
     def __init__(self, signum: int):
         super().__init__(signum)
@@ -54,7 +58,7 @@ def name(signum: int) -> str:
 
 @contextlib.contextmanager
 def handled() -> Iterator[None]:
-    """While the block runs (in the main thread), SIGINT and SIGTERM raise :class:`Interrupted`."""
+    """While the block runs (in the main thread), the signals of :data:`HANDLED` raise :class:`Interrupted`."""
     previous = {}
     SIGNALLED.clear()
     try:
@@ -81,16 +85,22 @@ def install_early() -> None:
 
 @contextlib.contextmanager
 def deferred() -> Iterator[None]:
-    """SIGINT and SIGTERM wait (blocked, not lost) until the block is done."""
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, set(HANDLED))
+    """The signals of :data:`HANDLED` wait (blocked, not lost) until the block is done.
+
+    A signal that arrived just before runs its handler as they are blocked (Python runs pending handlers
+    there): then this raises on entry, with the mask as it was; the caller's cleanup must allow for it.
+    """
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, ())
     try:
+        signal.pthread_sigmask(signal.SIG_BLOCK, set(HANDLED))
         yield
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def default_actions() -> None:
-    """A child process: SIGINT and SIGTERM end it (the parent's handlers and cleanup are not its own)."""
+    """A child process: the signals of :data:`HANDLED` end it (the parent's handlers and cleanup are not its
+    own)."""
     for signum in HANDLED:
         signal.signal(signum, signal.SIG_DFL)
 
