@@ -26,10 +26,9 @@ from pathlib import Path
 from . import signals
 from ._version import __version__
 from .api import FoldOptions, FoldResult, Summary, fold_path, json_text, make_options, write_json
-from .errors import USER_ERRORS, InputError, OutputBroken, message, printable
+from .errors import USER_ERRORS, InputError, Interrupted, OutputBroken, message, printable
 from .output_plan import check_report, real
 from .rules import describe_rules, rule_names
-from .signals import Interrupted
 from .verification import DEFAULT_MEMORY, DEFAULT_TIMEOUT
 from .verification.inputs import parse_shape
 

@@ -38,6 +38,41 @@ class OutputBroken(Exception):
     """The model onnxfold wrote does not load: a bug, never exit 0."""
 
 
+# -- inside onnxfold: caught where they are raised, never a user's error or a bug on their own ------
+
+
+class ChildFailed(Exception):
+    """The child died (a signal, an exit code) before it answered; ``str`` is the one line saying so."""
+
+
+class ChildTimeout(ChildFailed):
+    """The child did not answer within the time given to :meth:`Child.result`: it was killed (a worker
+    is replaced on the next call). ``where`` is what it said it was doing, ``seconds`` the limit."""
+
+    def __init__(self, seconds: float, where: tuple[str, str] | None):
+        subject, doing = where or ("the child process", "starting")
+        super().__init__(f"{subject} took longer than {seconds:g} s {doing}: stopped")
+        self.seconds = seconds
+        self.where = where
+
+
+class ExposureRefused(Exception):
+    """onnxruntime loads the model, but not with the fold tensors as extra outputs."""
+
+
+class Interrupted(BaseException):
+    """A signal of :data:`onnxfold.signals.HANDLED`: unwinds like KeyboardInterrupt, so every temporary
+    folder is removed."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+class TooLarge(Exception):
+    """A single-file model would pass protobuf's 2 GiB limit: it is written with external data instead."""
+
+
 _OS_ERRORS = {
     errno.ENOSPC: "the disk is full (a single-file output briefly needs about twice its size on disk: its "
                   "pieces are staged before they are joined)",

@@ -31,27 +31,12 @@ from pathlib import Path
 from typing import Any
 
 from . import signals
-from .errors import FoldError
+from .errors import ChildFailed, ChildTimeout, FoldError
 
 WORKER = os.environ.get("ONNXFOLD_VERIFY_WORKER", "auto")  # "fork", "spawn" or "auto"
 
 _lock = threading.Lock()  # one call at a time through the worker (and through this module)
 _worker: _Worker | None = None  # the worker of this process, started on first use, stopped at exit
-
-
-class ChildFailed(Exception):
-    """The child died (a signal, an exit code) before it answered; ``str`` is the one line saying so."""
-
-
-class ChildTimeout(ChildFailed):
-    """The child did not answer within the time given to :meth:`Child.result`: it was killed (a worker
-    is replaced on the next call). ``where`` is what it said it was doing, ``seconds`` the limit."""
-
-    def __init__(self, seconds: float, where: tuple[str, str] | None):
-        subject, doing = where or ("the child process", "starting")
-        super().__init__(f"{subject} took longer than {seconds:g} s {doing}: stopped")
-        self.seconds = seconds
-        self.where = where
 
 
 def can_fork() -> bool:

@@ -16,7 +16,7 @@ from pathlib import Path
 import onnx
 
 from . import isolation
-from .errors import OutputBroken, first_line
+from .errors import ChildFailed, OutputBroken, first_line
 from .tensors import is_utf8, utf8_folder
 from .verification import sessions
 
@@ -88,7 +88,7 @@ def _error(fn: Callable[[Path], None], path: Path) -> str | None:
 def _result(child: isolation.Child) -> str | None:
     try:
         return child.result()
-    except isolation.ChildFailed as e:
+    except ChildFailed as e:
         return str(e)
     finally:
         child.close()

@@ -26,15 +26,9 @@ import threading
 import time
 from collections.abc import Iterator
 
+from .errors import Interrupted
+
 HANDLED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
-
-
-class Interrupted(BaseException):
-    """A signal of :data:`HANDLED`: unwinds like KeyboardInterrupt, so every temporary folder is removed."""
-
-    def __init__(self, signum: int):
-        super().__init__(signum)
-        self.signum = signum
 
 
 # The signals received since handled() began: an import (onnxruntime's) may turn the exception into an

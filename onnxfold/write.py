@@ -15,7 +15,7 @@ import onnx
 from onnx import external_data_helper
 
 from . import protobuf
-from .errors import InputError
+from .errors import InputError, TooLarge
 from .protobuf import GRAPH_INITIALIZER, MODEL_GRAPH, TENSOR_RAW_DATA, copy_fields, length_delimited
 from .tensors import DataSink, copy_bytes, external_fields, inline_external, inline_sparse
 
@@ -32,7 +32,7 @@ def write(model: onnx.ModelProto, staged_path: Path, *, base_dir=None, sink: Dat
     if external is not True:
         try:
             return [_write_inline(model, staged_path, base_dir, sink)]
-        except _TooLarge:
+        except TooLarge:
             if external is False:
                 raise InputError("the folded model is over 2 GiB: it needs external data "
                                  "(--external-data always)") from None
@@ -51,10 +51,6 @@ def write(model: onnx.ModelProto, staged_path: Path, *, base_dir=None, sink: Dat
     return [staged_path, sink.path]
 
 
-class _TooLarge(Exception):
-    pass
-
-
 def _write_inline(model: onnx.ModelProto, path: Path, base_dir, sink: DataSink | None) -> Path:
     """One file, written in pieces in protobuf's wire format.
 
@@ -66,7 +62,7 @@ def _write_inline(model: onnx.ModelProto, path: Path, base_dir, sink: DataSink |
     taken: list[onnx.TensorProto] = []
     try:
         return _write_pieces(model, path, base_dir, sink, taken)
-    except _TooLarge:
+    except TooLarge:
         # The streamed initializers were taken out of the graph: put them back (still pointing to the
         # sink's data file), so the caller can write the model with external data instead.
         model.graph.initializer.extend(taken)
@@ -102,14 +98,14 @@ def _write_pieces(model, path: Path, base_dir, sink: DataSink | None, taken: lis
     try:
         graph_bytes = graph.SerializeToString()
     except Exception as e:  # protobuf refuses past 2 GiB
-        raise _TooLarge() from e
+        raise TooLarge() from e
     entries = sum(len(length_delimited(GRAPH_INITIALIZER, len(h) + n)) + len(h) + n for h, n in pieces)
     graph_len = len(graph_bytes) + entries
     rest = onnx.ModelProto()
     copy_fields(model, rest, skip=("graph",))
     head = rest.SerializeToString()
     if len(head) + graph_len + 16 > protobuf.PROTOBUF_LIMIT:
-        raise _TooLarge()
+        raise TooLarge()
     if sink is not None:
         sink.file.flush()
     with open(path, "wb") as out:

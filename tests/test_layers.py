@@ -177,3 +177,27 @@ def test_exit_codes_are_defined_once():
                     defined += [(m, n.id) for n in names if isinstance(n, ast.Name) and n.id.startswith("EXIT_")]
     assert {m for m, _ in defined} == {"onnxfold.cli"}, defined
     assert len(defined) == len({n for _, n in defined}), defined
+
+
+def test_every_exception_type_is_defined_in_errors():
+    """One module holds every exception type (the user's errors, the bugs' and the internal ones)."""
+    import builtins
+
+    bases = {name for name, obj in vars(builtins).items() if isinstance(obj, type) and issubclass(obj, BaseException)}
+    elsewhere = []
+    defined = {m: {n.name for n in ast.walk(ast.parse(p.read_text())) if isinstance(n, ast.ClassDef)}
+               for m, p in MODULES.items()}
+    exceptions = set(bases)
+    changed = True
+    while changed:  # classes deriving from an exception, in any module, by name
+        changed = False
+        for path in MODULES.values():
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.ClassDef) and node.name not in exceptions and any(
+                        (b.id if isinstance(b, ast.Name) else b.attr if isinstance(b, ast.Attribute) else "")
+                        in exceptions for b in node.bases):
+                    exceptions.add(node.name)
+                    changed = True
+    for m, names in defined.items():
+        elsewhere += [f"{m}.{n}" for n in names & exceptions if m != "onnxfold.errors"]
+    assert not elsewhere, elsewhere

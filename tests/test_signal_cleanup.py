@@ -21,7 +21,7 @@ from onnx import helper, numpy_helper
 
 from builders import conv_bn_model
 from checks import child_env, session
-from onnxfold import fold_file, signals
+from onnxfold import errors, fold_file, signals
 
 HOOK = """
 import os, sys
@@ -96,7 +96,7 @@ def test_a_signal_pending_at_any_deferral_point_leaves_no_temporary(tmp_path, mo
         interrupted = False
         try:
             fold_file(src, out, verify=False, report=out_dir / "r.json")
-        except signals.Interrupted:
+        except errors.Interrupted:
             interrupted = True
         finally:
             monkeypatch.setattr(signal, "pthread_sigmask", real)

@@ -73,7 +73,7 @@ import numpy as np
 import onnx
 
 from .. import isolation
-from ..errors import VerifyError
+from ..errors import ChildFailed, ChildTimeout, VerifyError
 from ..protobuf import PROTOBUF_LIMIT
 from .inputs import (
     DEFAULT_RANGE,
@@ -192,14 +192,14 @@ def _run_isolated(job: VerifyJob, timeout: float | None) -> list[ProviderResult]
         job = job.as_bytes()
     try:
         return isolation.call(run_job, job, timeout=timeout or None)  # 0: no limit, as on the command line
-    except isolation.ChildTimeout as e:
+    except ChildTimeout as e:
         doing = e.where[1] if e.where else "starting"
         provider = next((p for p in job.providers if doing.endswith(f" on {p}")), ",".join(job.providers))
         model = job.reference if isinstance(job.reference, (str, os.PathLike)) else "the model"
         raise VerifyError(f"{model}: verification on {provider} took longer than {e.seconds:g} s "
                           f"(--verify-timeout), stopped while {doing}; give it more time (--verify-timeout "
                           "SECONDS, 0: no limit) or skip it (--no-verify)") from None
-    except isolation.ChildFailed as e:
+    except ChildFailed as e:
         raise VerifyError(f"{e}: it cannot verify this model on this provider (--no-verify skips verification)") \
             from None
 

@@ -10,8 +10,9 @@ from typing import Any
 import numpy as np
 import onnx
 
+from ..errors import ExposureRefused
 from .results import OutputComparison, ProviderResult
-from .sessions import ExposureRefused, run_pair
+from .sessions import run_pair
 from .tolerances import TOLERANCES, compare, floor, scale_of
 
 

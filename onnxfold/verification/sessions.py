@@ -14,7 +14,7 @@ import onnx
 from onnx import helper
 
 from .. import isolation
-from ..errors import VerifyError, first_line
+from ..errors import ChildFailed, ExposureRefused, VerifyError, first_line
 from ..protobuf import PROTOBUF_LIMIT
 from ..tensors import is_utf8, utf8_folder
 from .reference import run_reference
@@ -39,7 +39,7 @@ def check_providers(providers, *, available: bool = True) -> list[str]:
     if wanted and available:
         try:
             found = available_providers() if "onnxruntime" in sys.modules else isolation.call(_available_in_child)
-        except isolation.ChildFailed as e:
+        except ChildFailed as e:
             raise VerifyError(f"cannot list onnxruntime's providers: {e}") from None
         for name in wanted:
             if name not in found:
@@ -131,10 +131,6 @@ def invalid(which: str, err: Exception | str) -> VerifyError:
     if "Type Error" in text and which == "original":
         return VerifyError("the input is not a valid ONNX model (onnxruntime: " + text[text.index("Type Error"):] + ")")
     return VerifyError(f"onnxruntime cannot load the {which} model: {text}")
-
-
-class ExposureRefused(Exception):
-    """onnxruntime loads the model, but not with the fold tensors as extra outputs."""
 
 
 def _check_exposure(model, expose, provider, err, nodes: bytes = b"") -> None:
