@@ -200,9 +200,6 @@ def stack(kernels: list[Kernel]) -> Kernel:
     if len(dilations) > 1:
         raise NotFoldable(f"the branches have different dilations "
                           f"({' and '.join(str(list(d)) for d in sorted(dilations))})")
-    inputs = {k.weight.shape[1] for k in kernels}
-    if len(inputs) != 1:
-        raise NotFoldable(f"the Convs read different numbers of channels ({' and '.join(map(str, sorted(inputs)))})")
     dilation = next(iter(dilations)) if dilations else (1,) * next(iter(dims))
     size, begins, ends, offsets = _align(kernels, dilation)
     parts = []
