@@ -99,7 +99,7 @@ def _doc(obj) -> list[str]:
 
 def describe_rules() -> str:
     """What --list-rules prints: every rule by name, then what each producer and consumer does and declines."""
-    lines = ["rules (switch one off with --disable NAME; one marked off by default on with --enable NAME):"]
+    lines = ["rules (--disable NAME switches one off; --enable NAME switches on one marked off by default):"]
     lines += [f"  {r.name:<20} {r.description}" for r in RULES]
     lines.append("")
     lines.append("producers (own per-output-channel weights):")
