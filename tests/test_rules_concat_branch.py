@@ -111,6 +111,7 @@ def test_with_the_affine_after_the_concat():
     on, report = fold_model(model, **ON)
     assert op_types(on) == ["Conv"], report.summary(verbose=True)
     assert sorted(f.rule for f in report.folded).count("concat_branch") == 1
+    assert "and 1 Concat of branches into one Conv (" in report.summary() and "Mul/Add" not in report.summary()
     equivalent(model, on)
     off, report = fold_model(model)
     assert op_types(off) == ["Conv", "Conv", "Conv", "Concat"] and "concat_branch" not in report.summary(verbose=True)
@@ -315,3 +316,18 @@ def test_cli_enable(tmp_path):
     assert not (tmp_path / "other.onnx").exists()
     listed = cli("--list-rules")
     assert listed.returncode == 0 and "--enable NAME" in listed.stdout and "concat_branch" in listed.stdout
+
+
+def test_fold_file_verifies_with_the_affine_after_the_concat(tmp_path):
+    """The BN after the Concat folds into the merged Conv after concat_branch made it (or before, into each
+    Conv): either way verification passes and one Conv is left."""
+    g = G(seed=41)
+    x = g.input("x", [1, 4, 6, 6])
+    model = g.model(g.node("Relu", [g.bn(_inception(g, x, 4, bn=True), 10)]))
+    src, dst = tmp_path / "in.onnx", tmp_path / "out.onnx"
+    onnx.save(model, str(src))
+    result = fold_file(src, dst, enable="concat_branch")
+    assert result, result
+    folded = onnx.load(str(dst))
+    assert op_types(folded) == ["Conv", "Relu"]
+    equivalent(model, folded)
