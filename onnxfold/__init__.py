@@ -72,7 +72,7 @@ def _ir_kind(obj) -> str | None:
     return _onnx_ir.kind(obj)
 
 
-def fold_model(model, *, disable=(), copy: bool = True, base_dir=None, sink=None):
+def fold_model(model, *, disable=(), enable=(), copy: bool = True, base_dir=None, sink=None):
     """Fold every safe producer -> consumer pair. Returns the folded model and a :class:`FoldReport`.
 
     - ``onnx.ModelProto``: a new folded model; the argument is left untouched unless ``copy=False``.
@@ -83,10 +83,13 @@ def fold_model(model, *, disable=(), copy: bool = True, base_dir=None, sink=None
       onnx_ir's passes and of ``ONNXProgram.optimize()``; ``copy``, ``base_dir`` and ``sink`` do not
       apply. A program's inference session is released, so calling it, ``call_reference()`` and
       ``save()`` run the folded model. Weights are copied once (see ``onnxfold._onnx_ir``).
+
+    ``disable``: rule names to switch off; ``enable``: rules that are off by default to switch on
+    (``concat_branch``); :func:`rule_names` lists them.
     """
     if _ir_kind(model) is not None:
-        return _onnx_ir.fold_in_place(model, disable=disable)
-    return _fold_proto(model, disable=disable, copy=copy, base_dir=base_dir, sink=sink)
+        return _onnx_ir.fold_in_place(model, disable=disable, enable=enable)
+    return _fold_proto(model, disable=disable, enable=enable, copy=copy, base_dir=base_dir, sink=sink)
 
 
 def fold_conv_bn(obj, *, disable=()):

@@ -57,37 +57,37 @@ def kind(obj: object) -> str | None:
     return None
 
 
-def fold_in_place(obj: Any, *, disable=()) -> tuple[Any, FoldReport]:
+def fold_in_place(obj: Any, *, disable=(), enable=()) -> tuple[Any, FoldReport]:
     """Fold ``obj`` (an onnx_ir Model or Graph, or a torch ONNXProgram) in place; returns it and the report."""
     which = kind(obj)
     if which == "program":
-        return fold_program(obj, disable=disable)
+        return fold_program(obj, disable=disable, enable=enable)
     if which == "ir_model":
-        return fold_ir_model(obj, disable=disable)
+        return fold_ir_model(obj, disable=disable, enable=enable)
     if which == "ir_graph":
-        return fold_ir_graph(obj, disable=disable)
+        return fold_ir_graph(obj, disable=disable, enable=enable)
     raise TypeError(f"not an onnx_ir.Model, onnx_ir.Graph or torch.onnx.ONNXProgram: {type(obj).__name__}")
 
 
-def fold_program(program: Any, *, disable=()) -> tuple[Any, FoldReport]:
+def fold_program(program: Any, *, disable=(), enable=()) -> tuple[Any, FoldReport]:
     """Fold ``program.model`` in place. An inference session the program already made ran the unfolded
     model: it is released, so calling the program makes a new one from the folded model.
 
     ``program.apply_weights(state_dict)`` after a fold does not reach folded weights (they have new
     names, and the BatchNormalization statistics are gone): apply weights first, then fold.
     """
-    _, report = fold_ir_model(program.model, disable=disable)
+    _, report = fold_ir_model(program.model, disable=disable, enable=enable)
     if report.folded:
         program.release()
     return program, report
 
 
-def fold_ir_model(model: Any, *, disable=()) -> tuple[Any, FoldReport]:
+def fold_ir_model(model: Any, *, disable=(), enable=()) -> tuple[Any, FoldReport]:
     import onnx_ir as ir
 
     proto = ir.serde.serialize_model(model)
     mapping = _Mapping.build(model.graph, proto.graph)
-    folded, report = fold_model(proto, disable=disable, copy=False, base_dir=_base_dir(model.graph))
+    folded, report = fold_model(proto, disable=disable, enable=enable, copy=False, base_dir=_base_dir(model.graph))
     mapping.names.restore(report)
     if not report.folded:
         return model, report
@@ -98,7 +98,7 @@ def fold_ir_model(model: Any, *, disable=()) -> tuple[Any, FoldReport]:
     return model, report
 
 
-def fold_ir_graph(graph: Any, *, disable=()) -> tuple[Any, FoldReport]:
+def fold_ir_graph(graph: Any, *, disable=(), enable=()) -> tuple[Any, FoldReport]:
     import onnx_ir as ir
 
     opsets = dict(graph.opset_imports) or {"": onnx.defs.onnx_opset_version()}
@@ -106,7 +106,7 @@ def fold_ir_graph(graph: Any, *, disable=()) -> tuple[Any, FoldReport]:
     proto = helper.make_model(ir.serde.serialize_graph(graph),
                               opset_imports=[helper.make_opsetid(d, v) for d, v in opsets.items()])
     mapping = _Mapping.build(graph, proto.graph)
-    folded, report = fold_model(proto, disable=disable, copy=False, base_dir=_base_dir(graph))
+    folded, report = fold_model(proto, disable=disable, enable=enable, copy=False, base_dir=_base_dir(graph))
     mapping.names.restore(report)
     if report.folded:
         mapping.apply(folded.graph)

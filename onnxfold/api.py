@@ -80,6 +80,7 @@ class FoldOptions:
     external_data: str = "auto"
     data_name: str | None = None
     disable: tuple[str, ...] = ()
+    enable: tuple[str, ...] = ()  # rules off by default to switch on
     verify_timeout: float | None = DEFAULT_TIMEOUT  # seconds verification may take; None: no limit
     verify_memory: float | None = DEFAULT_MEMORY  # GiB verification may need (estimated); None: no limit
 
@@ -89,6 +90,7 @@ def make_options(*, verify: bool = True, providers: str | Sequence[str] = ("cpu"
                  input_range: tuple[float, float] = DEFAULT_RANGE, seed: int = 0, atol: float | None = None,
                  rtol: float | None = None, force_write: bool = False, external_data: str = "auto",
                  data_name: str | None = None, disable: str | Sequence[str] = (),
+                 enable: str | Sequence[str] = (),
                  verify_timeout: float | None = DEFAULT_TIMEOUT,
                  verify_memory: float | None = DEFAULT_MEMORY) -> FoldOptions:
     """Check every option before any work; each message names the command-line option it comes from.
@@ -117,8 +119,9 @@ def make_options(*, verify: bool = True, providers: str | Sequence[str] = ("cpu"
     if external_data not in EXTERNAL_DATA:
         raise InputError(f"--external-data {external_data!r}: expected one of {', '.join(EXTERNAL_DATA)}")
     disable = (disable,) if isinstance(disable, str) else tuple(disable)
+    enable = (enable,) if isinstance(enable, str) else tuple(enable)
     try:
-        select_rules(disable)
+        select_rules(disable, enable)
     except ValueError as e:
         raise InputError(str(e)) from None
     return FoldOptions(
@@ -126,7 +129,7 @@ def make_options(*, verify: bool = True, providers: str | Sequence[str] = ("cpu"
         input_shapes=_shapes(input_shapes or {}),
         inputs=os.fspath(inputs) if isinstance(inputs, os.PathLike) else inputs,
         input_range=(lo, hi), seed=int(seed), atol=atol, rtol=rtol, force_write=force_write,
-        external_data=external_data, data_name=data_name, disable=disable,
+        external_data=external_data, data_name=data_name, disable=disable, enable=enable,
         verify_timeout=float(verify_timeout) if verify_timeout else None,
         verify_memory=float(verify_memory) if verify_memory else None)
 
@@ -206,7 +209,7 @@ def fold_file(src: str | os.PathLike, dst: str | os.PathLike | None, *, verify: 
               inputs: Inputs | None = None, input_range: tuple[float, float] = DEFAULT_RANGE, seed: int = 0,
               atol: float | None = None, rtol: float | None = None, force_write: bool = False,
               external_data: str = "auto", data_name: str | None = None, disable: str | Sequence[str] = (),
-              report: str | os.PathLike | None = None,
+              enable: str | Sequence[str] = (), report: str | os.PathLike | None = None,
               verify_timeout: float | None = DEFAULT_TIMEOUT,
               verify_memory: float | None = DEFAULT_MEMORY) -> FoldResult:
     """Fold the model at ``src`` into ``dst`` (which may be ``src``): load, fold, verify, write atomically.
@@ -217,7 +220,8 @@ def fold_file(src: str | os.PathLike, dst: str | os.PathLike | None, *, verify: 
     ``input_range``, ``seed``) or ``inputs`` (arrays by name, or an .npz path); ``atol``/``rtol``
     replace the default tolerances. A failed verification writes nothing unless ``force_write``; the
     result is falsy either way. ``external_data``: "auto" (when the input had it or the model passes
-    2 GiB), "always" or "never"; ``data_name`` names the data file. ``disable``: rules to switch off.
+    2 GiB), "always" or "never"; ``data_name`` names the data file. ``disable``: rules to switch off;
+    ``enable``: rules off by default to switch on (``concat_branch``).
     ``report``: a path to write the JSON report to (committed with the model). ``verify_timeout``:
     seconds verification may take (0 or None: no limit); past it, :class:`~onnxfold.errors.VerifyError`.
     ``verify_memory``: GiB it may need, estimated before it runs (0 or None: no limit; default: this
@@ -229,7 +233,8 @@ def fold_file(src: str | os.PathLike, dst: str | os.PathLike | None, *, verify: 
     options = make_options(verify=verify and dst is not None, providers=providers, input_shapes=input_shapes,
                            inputs=inputs, input_range=input_range, seed=seed, atol=atol, rtol=rtol,
                            force_write=force_write, external_data=external_data, data_name=data_name,
-                           disable=disable, verify_timeout=verify_timeout, verify_memory=verify_memory)
+                           disable=disable, enable=enable, verify_timeout=verify_timeout,
+                           verify_memory=verify_memory)
     if report is not None:  # before any work, like the command line
         check_report(report, {real(src)} | ({real(dst)} if dst is not None else set()))
     return fold_path(src, dst, options, report=report)
@@ -345,7 +350,8 @@ def _check_inputs(model: onnx.ModelProto, options: FoldOptions, feeds: dict[str,
 def _check(job: _Job, options: FoldOptions) -> FoldResult:
     """``dst=None``: fold in memory, write nothing but the report."""
     assert job.model is not None
-    _, report = fold_model(job.model, disable=options.disable, copy=False, base_dir=job.src.parent)
+    _, report = fold_model(job.model, disable=options.disable, enable=options.enable, copy=False,
+                           base_dir=job.src.parent)
     job.model = None
     log.info(Summary(report, check=True))
     result = FoldResult(job.src, None, "foldable" if report.folded else "nothing to fold", report,
@@ -391,8 +397,8 @@ def _fold_and_write(job: _Job, tmp: Path, options: FoldOptions) -> tuple[FoldRep
     # for a single-file output they are read back once, a tensor at a time.
     sink = DataSink(tmp.parent / job.plan.data_name)
     try:
-        folded, report = fold_model(job.model, disable=options.disable, copy=False, base_dir=job.src.parent,
-                                    sink=sink)
+        folded, report = fold_model(job.model, disable=options.disable, enable=options.enable, copy=False,
+                                    base_dir=job.src.parent, sink=sink)
         job.model = None
         job.timings["fold_s"] = report.seconds
         log.info(Summary(report))

@@ -37,7 +37,7 @@ import numpy as np
 
 from .errors import NotFoldable
 
-__all__ = ["Kernel", "identity", "average_pool", "then_affine", "then_kernel", "regroup", "merge",
+__all__ = ["Kernel", "identity", "average_pool", "then_affine", "then_kernel", "regroup", "merge", "stack",
            "is_pointwise"]
 
 
@@ -177,6 +177,38 @@ def merge(kernels: list[Kernel]) -> Kernel:
         weight[(slice(None), slice(None)) + window] += regroup(k, group)
         bias += k.bias
     return Kernel(weight, bias, group, begins, ends, next(iter(strides)), dilation)
+
+
+def stack(kernels: list[Kernel]) -> Kernel:
+    """Branches that read one X, concatenated along the output channels: one kernel whose weight stacks
+    theirs (in order), each zero-padded into the largest at the offset its pads imply, and whose bias
+    concatenates theirs. Grouped Convs are declined: output channel block j of a Conv of g groups reads
+    input group j, and the concatenation puts each branch's g blocks after the other's, which no one
+    grouped Conv's layout matches. NotFoldable with the reason when no one Conv is exact."""
+    dims = {len(k.spatial) for k in kernels}
+    if len(dims) != 1:
+        raise NotFoldable(f"the branches have kernels of {sorted(dims)} spatial dimensions")
+    grouped = sorted({k.group for k in kernels if k.group != 1})
+    if grouped or any(k.per_channel for k in kernels):
+        raise NotFoldable(f"the Convs are grouped (group={' and '.join(map(str, grouped or [0]))}): concatenated, "
+                          "their output channels do not follow one grouped Conv's layout (group by group)")
+    strides = {k.strides for k in kernels}
+    if len(strides) != 1:
+        listed = " and ".join(str(list(s)) for s in sorted(strides))
+        raise NotFoldable(f"the branches have different strides ({listed})")
+    dilations = {k.dilations for k in kernels if any(s != 1 for s in k.spatial)}
+    if len(dilations) > 1:
+        raise NotFoldable(f"the branches have different dilations "
+                          f"({' and '.join(str(list(d)) for d in sorted(dilations))})")
+    dilation = next(iter(dilations)) if dilations else (1,) * next(iter(dims))
+    size, begins, ends, offsets = _align(kernels, dilation)
+    parts = []
+    for k, off in zip(kernels, offsets):
+        w = np.zeros((k.channels, k.weight.shape[1], *size))
+        w[(slice(None), slice(None)) + tuple(slice(o, o + s) for o, s in zip(off, k.spatial))] = k.weight
+        parts.append(w)
+    return Kernel(np.concatenate(parts), np.concatenate([k.bias for k in kernels]), 1, begins, ends,
+                  next(iter(strides)), dilation)
 
 
 def _align(kernels: list[Kernel], dilation: tuple[int, ...]):

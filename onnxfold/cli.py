@@ -28,7 +28,7 @@ from ._version import __version__
 from .api import FoldOptions, FoldResult, Summary, fold_path, json_text, make_options, write_json
 from .errors import USER_ERRORS, InputError, Interrupted, OutputBroken, message, printable
 from .output_plan import check_report, real
-from .rules import describe_rules, rule_names
+from .rules import describe_rules, off_by_default, rule_names
 from .verification import DEFAULT_MEMORY, DEFAULT_TIMEOUT
 from .verification.inputs import parse_shape
 
@@ -99,6 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     r = p.add_argument_group("rules")
     r.add_argument("--disable", action="append", default=[], metavar="RULE",
                    help=f"switch a rule off (repeatable): {', '.join(rule_names())}")
+    r.add_argument("--enable", action="append", default=[], metavar="RULE",
+                   help="switch on a rule that is off by default (repeatable): "
+                        f"{', '.join(off_by_default())}")
     r.add_argument("--list-rules", action="store_true", help="print the rules and what each declines")
     p.add_argument("-j", "--jobs", type=int, default=1, metavar="N",
                    help="folder mode (INPUT and OUTPUT are folders): fold N models at once (default: 1)")
@@ -159,7 +162,7 @@ def parse_options(args: argparse.Namespace) -> Options:
         verify=not (args.no_verify or args.check), providers=args.providers, input_shapes=shapes,
         inputs=args.inputs, input_range=_range(args.input_range), seed=args.seed, atol=args.atol, rtol=args.rtol,
         force_write=args.force_write, external_data=args.external_data, data_name=args.data_name,
-        disable=args.disable, verify_timeout=args.verify_timeout, verify_memory=args.verify_memory)
+        disable=args.disable, enable=args.enable, verify_timeout=args.verify_timeout, verify_memory=args.verify_memory)
     if args.report and args.report != "-":
         check_report(args.report, {real(args.input)} | ({real(args.output)} if args.output else set()))
     return Options(input=args.input, output=None if args.check else args.output, fold=fold, check=args.check,

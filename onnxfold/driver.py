@@ -33,7 +33,8 @@ __all__ = ["fold_model", "MAX_ROUNDS"]
 
 
 def fold_model(
-    model: onnx.ModelProto, *, disable=(), copy: bool = True, base_dir=None, sink: DataSink | None = None
+    model: onnx.ModelProto, *, disable=(), enable=(), copy: bool = True, base_dir=None,
+    sink: DataSink | None = None
 ) -> tuple[onnx.ModelProto, FoldReport]:
     """Fold every safe producer -> consumer pair. Returns the folded model and a :class:`FoldReport`.
 
@@ -45,7 +46,7 @@ def fold_model(
         raise TypeError(f"fold_model takes an onnx.ModelProto, not {type(model).__name__} "
                         "(fold_conv_bn also takes a GraphProto or an onnx_graphsurgeon.Graph)")
     start = time.perf_counter()
-    rules = RuleSet(disable)
+    rules = RuleSet(disable, enable)
     if copy:
         clone = onnx.ModelProto()
         clone.CopyFrom(model)

@@ -96,13 +96,15 @@ class FoldReport:
         rules = ", ".join(f"{k}: {v}" for k, v in sorted(by_rule.items()))
         folded_bn = self.bn_before - self.bn_after
         sums = sum(1 for f in self.folded if f.rule == "branch_sum")  # its node is an Add/Sum of branches
-        others = sum(1 for f in self.folded if f.removed != "BatchNormalization") - sums
+        concats = sum(1 for f in self.folded if f.rule == "concat_branch")  # its node is a Concat of branches
+        others = sum(1 for f in self.folded if f.removed != "BatchNormalization") - sums - concats
         lines = [
             (("foldable (nothing changed, --check): " if self.folded else "nothing to fold (--check): ") if check
              else "folded ")
             + f"{folded_bn} of {self.bn_before} BatchNormalization"
             + (f" and {others} Mul/Add/Sub/Div" if others else "")
             + (f" and {sums} sum{'s' if sums > 1 else ''} of branches into one Conv" if sums else "")
+            + (f" and {concats} Concat{'s' if concats > 1 else ''} of branches into one Conv" if concats else "")
             + (f" ({rules})" if rules else "")
             + f", declined {len(self.declined)}, left {len(self.left)} with no producer"
             + f" in {self.seconds:.2f}s"

@@ -1,5 +1,5 @@
-"""The differential fuzzer for branch_sum (issue 19): random re-parameterizable blocks must fold exactly or
-be declined, never wrong.
+"""The differential fuzzer for branch_sum and concat_branch (issue 19): random re-parameterizable blocks
+must fold exactly or be declined, never wrong.
 
 A spec draws one tensor X ([N, C, size...], 1-D or 2-D) and 2-5 branches of it, summed by a chain of
 Adds or one Sum: a Conv (odd kernel with centred pads, or any kernel 1-5 with random pads that keep
@@ -8,7 +8,8 @@ not; a BatchNormalization after it or not; rarely auto_pad or a weight that is a
 identity X, BatchNormalization(X), Mul+Add of X by per-channel constants, an AveragePool (1-3,
 centred or no pads, count_include_pad 0 or 1, maybe after a 1x1 Conv, maybe with a BatchNormalization
 after it), and 1x1 -> k x k Convs (the 1x1 with or without bias, the k x k padded or not), summed by
-Adds, a Sum, or Adds and Subs either way round. Rarely a
+Adds, a Sum, or Adds and Subs either way round, or concatenated along the channels (a Concat:
+concat_branch, enabled for those). Rarely a
 branch output is also a graph output. A spec whose model is not valid ONNX (branches of shapes that
 do not add) is rejected. Each valid model goes through fold_model (and, in some examples, the command
 line) and the checks of test_fuzz.py's oracle: valid, same inputs and outputs, outputs equal in
@@ -52,7 +53,7 @@ def branch(draw, c: int, stride: int, identity_ok: bool):
 
 
 @st.composite
-def branch_specs(draw):
+def branch_specs(draw, combine: str | None = None):
     c = draw(st.sampled_from([2, 4, 6]))
     stride = draw(st.sampled_from([1, 1, 1, 2]))
     cout = draw(st.sampled_from([c, c, c, 2 * c]))
@@ -67,7 +68,7 @@ def branch_specs(draw):
         "dilation": draw(st.sampled_from([1, 1, 1, 2])),
         "main_k": draw(st.sampled_from([1, 3, 3, 5])),
         "branches": draw(st.lists(branch(c, stride, identity_ok), min_size=1, max_size=4)),
-        "sum": draw(st.sampled_from(["adds", "adds", "sum", "subs"])),
+        "sum": combine or draw(st.sampled_from(["adds", "adds", "sum", "subs", "concat"])),
         "dtype": draw(st.sampled_from(["float32", "float32", "float32", "float16"])),
         "entry": draw(st.sampled_from(["api"] * 5 + ["cli"])),
         "seed": draw(st.integers(0, 2**16)),
@@ -181,6 +182,8 @@ def build_branch_model(spec) -> onnx.ModelProto:
         outs.append(y)
     if spec["sum"] == "sum":
         total = b.node("Sum", outs)
+    elif spec["sum"] == "concat":
+        total = b.node("Concat", outs, axis=1)
     else:
         total = outs[0]
         for o in outs[1:]:  # "subs": each an Add or a Sub, either way round
@@ -218,14 +221,15 @@ def check_branch_example(spec) -> None:
     feeds = feeds_for(model, seed=spec["seed"] % 1000)
     ref = run(model, feeds)
     exact = magnitudes(model, feeds)
-    folded, report = fold_model(model)
+    enable = ["concat_branch"] if spec["sum"] == "concat" else []
+    folded, report = fold_model(model, enable=enable)
     where = f"fold_model on spec {spec!r}\n{report.summary(verbose=True)}"
     check_valid(folded)
     assert _io_signature(folded) == _io_signature(model), where
     assert_close(ref, run(folded, feeds), where, exact)
-    again, second = fold_model(folded)
+    again, second = fold_model(folded, enable=enable)
     assert not second.folded, f"{where}\nfolding the folded model folds again: {second.summary()}"
-    if spec["entry"] == "cli":
+    if spec["entry"] == "cli" and not enable:  # the fuzzer's command line runs the default rules
         _check_cli({**spec, "entry": "cli"}, model, feeds, ref, exact, len(report.folded), report.bn_after)
 
 
@@ -245,9 +249,23 @@ def test_branch_generator_merges_and_declines():
     def collect(spec):
         model = build_branch_model(spec)
         assume(_valid(model))
-        _, report = fold_model(model)
+        _, report = fold_model(model, enable=["concat_branch"] if spec["sum"] == "concat" else [])
         rules.update(f.rule for f in report.folded)
         declined.update(d.rule for d in report.declined)
 
     collect()
     assert "branch_sum" in rules and "branch_sum" in declined, (rules, declined)
+    rules.clear()
+    declined.clear()
+
+    @_settings(60)
+    @given(branch_specs("concat"))
+    def collect_concat(spec):
+        model = build_branch_model(spec)
+        assume(_valid(model))
+        _, report = fold_model(model, enable=["concat_branch"])
+        rules.update(f.rule for f in report.folded)
+        declined.update(d.rule for d in report.declined)
+
+    collect_concat()
+    assert "concat_branch" in rules and "concat_branch" in declined, (rules, declined)

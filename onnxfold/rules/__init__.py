@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from ..edit import Edit, NewValue, Update
 from .base import Match, Rule
 from .bias import BiasAddRule
-from .branches import BranchSumRule
+from .branches import BranchSumRule, ConcatBranchRule
 from .concat import ConcatRule
 from .consumers import CONSUMERS, Consumer
 from .input_side import TARGETS, InputAffineRule, PadInputRule
@@ -34,6 +34,7 @@ RULES: tuple[Rule, ...] = (
     *(InputAffineRule(c, t) for c in CONSUMERS for t in TARGETS),
     *(PadInputRule(c) for c in CONSUMERS),
     BranchSumRule(),
+    ConcatBranchRule(),  # anchored at the Concat itself; concat_<consumer> at the affine after one
 )
 
 # Reasons every rule shares; checked once, in the driver.
@@ -47,22 +48,34 @@ SHARED_DECLINES = (
 
 __all__ = ["RULES", "RuleSet", "Rule", "Match", "Edit", "Update", "NewValue", "Producer", "Consumer",
            "PRODUCERS", "CONSUMERS", "SHARED_DECLINES", "rule_names", "select_rules",
-           "describe_rules"]
+           "describe_rules", "off_by_default"]
 
 
 def rule_names() -> list[str]:
     return [r.name for r in RULES]
 
 
-class RuleSet:
-    """The rules by the op type they are anchored at, and which of them are switched off."""
+def off_by_default() -> list[str]:
+    """The rules that fold only when named (``--enable NAME``, ``enable=``)."""
+    return [r.name for r in RULES if not r.default_on]
 
-    def __init__(self, disable: str | Iterable[str] = ()):
-        disabled = {disable} if isinstance(disable, str) else set(disable)  # a string is one rule's name, not letters
-        unknown = disabled - set(rule_names())
-        if unknown:
-            raise ValueError(f"unknown rule {sorted(unknown)[0]!r}; known rules: {', '.join(rule_names())}")
-        self.disabled = disabled
+
+def _names(names: str | Iterable[str]) -> set[str]:
+    named = {names} if isinstance(names, str) else set(names)  # a string is one rule's name, not letters
+    unknown = named - set(rule_names())
+    if unknown:
+        raise ValueError(f"unknown rule {sorted(unknown)[0]!r}; known rules: {', '.join(rule_names())}")
+    return named
+
+
+class RuleSet:
+    """The rules by the op type they are anchored at, and which of them are switched off: those named
+    in ``disable``, and those off by default (``Rule.default_on``) that ``enable`` does not name
+    (``disable`` wins over ``enable``)."""
+
+    def __init__(self, disable: str | Iterable[str] = (), enable: str | Iterable[str] = ()):
+        disabled, enabled = _names(disable), _names(enable)
+        self.disabled = disabled | {r.name for r in RULES if not r.default_on and r.name not in enabled}
         self._anchored: dict[str, list[Rule]] = {}
         for rule in RULES:
             for op in rule.anchors:
@@ -76,8 +89,8 @@ class RuleSet:
         return rule.name not in self.disabled
 
 
-def select_rules(disable: str | Iterable[str] = ()) -> RuleSet:
-    return RuleSet(disable)
+def select_rules(disable: str | Iterable[str] = (), enable: str | Iterable[str] = ()) -> RuleSet:
+    return RuleSet(disable, enable)
 
 
 def _doc(obj) -> list[str]:
@@ -86,7 +99,7 @@ def _doc(obj) -> list[str]:
 
 def describe_rules() -> str:
     """What --list-rules prints: every rule by name, then what each producer and consumer does and declines."""
-    lines = ["rules (switch one off with --disable NAME):"]
+    lines = ["rules (--disable NAME switches one off; --enable NAME switches on one marked off by default):"]
     lines += [f"  {r.name:<20} {r.description}" for r in RULES]
     lines.append("")
     lines.append("producers (own per-output-channel weights):")

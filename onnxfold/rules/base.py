@@ -108,6 +108,7 @@ class Rule(ABC):
     description: str = ""
     anchors: tuple[str, ...] = ()
     report_left: bool = False  # report an anchor no rule matched (a BatchNormalization that stays)
+    default_on: bool = True  # False: switched on only by name (--enable NAME, enable=...)
 
     @abstractmethod
     def match(self, g: GraphQuery, i: int) -> Match | str:

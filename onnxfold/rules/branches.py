@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from ..branches import Kernel, average_pool, identity, merge, then_affine, then_kernel
+from ..branches import Kernel, average_pool, identity, merge, stack, then_affine, then_kernel
 from ..edit import Edit, NewValue, Update
 from ..errors import NotFoldable
 from ..protobuf import is_default
@@ -92,6 +92,62 @@ class BranchSumRule(Rule):
         update = Update({1: NewValue(merged.weight, "weight", conv.input[1]),
                          2: NewValue(merged.bias, "bias", bias_hint(conv))}, attributes=attributes)
         return m.edit(_weight(g, conv).dtype, {m.upstream: update}, 1)  # a Conv: channels on axis 1
+
+
+class ConcatBranchRule(Rule):
+    """Concat along the channels (axis 1) of Convs that all read one tensor X, each read only by the
+    Concat: one Conv (GoogLeNet/Inception-style blocks of parallel 1x1, 3x3, 5x5 Convs).
+
+    Output channel block k of the Concat is Conv k of X; one Conv whose weight stacks the branch
+    weights along the output channels, W = [W_1; W_2; ...], each zero-padded into the largest kernel at
+    the offset its pads imply (as in branch_sum), and whose bias concatenates theirs (zeros for a Conv
+    without one) computes the same. Exact only where the implied offsets agree; declined when strides
+    or dilations differ, a Conv is grouped (concatenated, grouped Convs' output channels do not follow
+    one grouped Conv's group-by-group layout), auto_pad, pads that do not line up, a Concat along
+    another axis, a branch output with other readers. Off by default (--enable concat_branch): a
+    smaller kernel padded into a larger one multiplies its zeros, and onnxruntime ran the merged Conv
+    slower than the Convs and the Concat where the kernel sizes differ."""
+
+    name = "concat_branch"
+    anchors = ("Concat",)
+    description = "Concat (axis 1) of Convs of one input -> one Conv (off by default)"
+    default_on = False
+
+    def match(self, g: GraphQuery, i: int) -> Match | str:
+        node = g.node(i)
+        if not is_default(node) or len(node.input) < 2 or not node.output or not node.output[0]:
+            return ""
+        convs: list[int] = []
+        for name in node.input:
+            j = g.upstream(name, ())[0] if name else None
+            if j is None or j in convs:
+                return ""
+            conv = g.node(j)
+            if not is_default(conv) or conv.op_type != "Conv" or len(conv.input) < 2 or not conv.input[0]:
+                return ""
+            convs.append(j)
+        if len({g.node(j).input[0] for j in convs}) != 1:
+            return ""  # the Convs read different tensors
+        survivor = convs[0]
+        return Match(upstream=survivor, downstream=i, affine=i, between=[g.node(j).output[0] for j in convs],
+                     remove=[*convs[1:], i], outputs={(survivor, 0): node.output[0]}, output=node.output[0],
+                     reads={n for j in convs for n in g.node(j).input[1:] if n}, upstreams=convs)
+
+    def fold(self, g: GraphQuery, m: Match) -> Edit:
+        convs = [g.node(j) for j in m.upstreams]
+        first = _conv_kernel(g, convs[0], None)
+        kernels = [first, *(_conv_kernel(g, c, len(first.spatial)) for c in convs[1:])]
+        rank = len(first.spatial) + 2
+        axis = int(attr(g.node(m.downstream), "axis", 1))
+        if axis not in (1, 1 - rank):
+            raise NotFoldable(f"the Concat joins axis {axis}, not the Convs' channel axis 1")
+        merged = stack(kernels)
+        attributes = {"kernel_shape": list(merged.spatial), "pads": [*merged.begins, *merged.ends],
+                      "strides": list(merged.strides), "dilations": list(merged.dilations), "group": 1}
+        conv = convs[0]
+        update = Update({1: NewValue(merged.weight, "weight", conv.input[1]),
+                         2: NewValue(merged.bias, "bias", bias_hint(conv))}, attributes=attributes)
+        return m.edit(_weight(g, conv).dtype, {m.upstream: update}, 1)
 
 
 def _is_sum(g: GraphQuery, i: int) -> bool:
