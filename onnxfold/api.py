@@ -116,6 +116,8 @@ def make_options(*, verify: bool = True, providers: str | Sequence[str] = ("cpu"
         raise InputError(f"--input-range {lo:g},{hi:g}: LO and HI must be finite numbers")
     if not lo < hi:
         raise InputError(f"--input-range {lo:g},{hi:g}: LO must be below HI")
+    if not math.isfinite(hi - lo):  # numpy's uniform draws lo + (hi - lo) * u: an infinite width overflows
+        raise InputError(f"--input-range {lo:g},{hi:g}: HI - LO must be a finite number")
     if external_data not in EXTERNAL_DATA:
         raise InputError(f"--external-data {external_data!r}: expected one of {', '.join(EXTERNAL_DATA)}")
     disable = (disable,) if isinstance(disable, str) else tuple(disable)

@@ -502,3 +502,13 @@ def test_a_residual_chain_hundreds_of_adds_deep_is_no_recursion_error():
     folded, report = fold_model(model)
     assert not report.folded
     assert [n.op_type for n in folded.graph.node] == [n.op_type for n in model.graph.node]
+
+
+def test_an_input_range_whose_width_overflows_is_refused_before_any_work(tmp_path):
+    """--input-range -1e308,1e308: both ends finite, their difference not; numpy's uniform raised
+    OverflowError while making the inputs, after the fold (exit 70). Now one line, exit 2, nothing written."""
+    src = save(conv_bn_model(), tmp_path / "m.onnx")
+    proc = cli(src, tmp_path / "o.onnx", "--input-range", "-1e308,1e308")
+    assert_user_error(proc, "--input-range")
+    assert "HI - LO must be a finite number" in proc.stderr
+    nothing_at(tmp_path, "m.onnx")
