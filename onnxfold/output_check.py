@@ -10,6 +10,7 @@ fails the same way: then it is a warning about the input, which onnxfold does no
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,13 +22,20 @@ from .tensors import is_utf8, utf8_folder
 from .verification import sessions
 
 
-def check_output(path: Path, src: Path, *, session: bool) -> list[str]:
-    """Check the model written at ``path`` (folded from ``src``); returns warnings about the input."""
+def check_output(path: Path, src: Path, *, session: bool, timings: dict[str, float] | None = None) -> list[str]:
+    """Check the model written at ``path`` (folded from ``src``); returns warnings about the input.
+    ``timings`` gets check_checker_s (onnx.checker) and check_session_s (the wait for onnxruntime's load
+    after it)."""
     warnings: list[str] = []
+    timings = {} if timings is None else timings
+    t = time.perf_counter()
     loading = isolation.Child(_load, str(path), "the written model") if session else None
     try:
         checker_error = _error(_checker, path)
+        timings["check_checker_s"] = (now := time.perf_counter()) - t
         loading_error = _result(loading) if loading is not None else None
+        if loading is not None:
+            timings["check_session_s"] = time.perf_counter() - now
     finally:
         if loading is not None:
             loading.close()

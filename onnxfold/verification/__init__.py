@@ -67,6 +67,7 @@ applies to graph outputs and fold tensors alike.
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -144,6 +145,7 @@ def verify(
         if not isinstance(model, (onnx.ModelProto, str, os.PathLike)):
             raise TypeError(f"verify: {which} must be an onnx.ModelProto or a path, not {type(model).__name__}")
     result = VerifyResult()
+    began = time.perf_counter()
     if isinstance(providers, str):
         providers = [p for p in providers.split(",") if p]
     for model in (reference, candidate):
@@ -151,6 +153,7 @@ def verify(
             raise VerifyError(f"{model}: no such file")
     ref_model = (reference if isinstance(reference, onnx.ModelProto)
                  else onnx.load(str(reference), load_external_data=False))
+    result.timings["reference_s"] = (now := time.perf_counter()) - began
     if inputs is None:
         specs = input_specs(ref_model, input_shapes, warn=result.warnings.append)
     else:
@@ -164,14 +167,21 @@ def verify(
     checked, expose, feeders, all_checked = plan_folds(ref_model, reference, candidate, folds, outputs, result)
     check_budget(ref_model, specs, [*outputs, *(name for name, _ in expose)], memory,
                  str(reference) if isinstance(reference, (str, os.PathLike)) else "the model")
+    result.timings["plan_s"] = (began := time.perf_counter()) - now
     if inputs is None:
         feeds = random_inputs(specs, input_range, seed)
+    result.timings["inputs_s"] = (now := time.perf_counter()) - began
     nodes, forced = force_branches(ref_model, candidate, folds, result)
     axes = {getattr(f, "output", ""): getattr(f, "axis", None) for f in folds or ()}
     job = VerifyJob(reference, candidate, feeds, list(providers), expose, checked, feeders, all_checked, atol, rtol,
                     dict(tolerances or {}), {name: axes.get(name) for name in checked}, nodes)
     del ref_model
+    result.timings["plan_s"] += (began := time.perf_counter()) - now
     result.results = _run_isolated(job, timeout)
+    result.timings["child_s"] = time.perf_counter() - began
+    for r in result.results:
+        for part, seconds in r.timings.items():
+            result.timings[part] = result.timings.get(part, 0.0) + seconds
     _something_compared(result, feeds)
     for r in result.results:
         missing = sorted(set(forced) - {o.name for o in r.outputs})

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -148,17 +149,22 @@ def _check_exposure(model, expose, provider, err, nodes: bytes = b"") -> None:
 
 
 def run_pair(reference, candidate, feeds, provider: str, expose=(),
-             stage=lambda text: None, nodes: tuple[bytes, bytes] = (b"", b"")) -> tuple[dict, dict, str, str]:
+             stage=lambda text: None, nodes: tuple[bytes, bytes] = (b"", b""),
+             timings: dict[str, float] | None = None) -> tuple[dict, dict, str, str]:
     """Run both models on one provider, with the tensors ``expose`` ([(name, elem_type)]) as extra
     outputs and ``nodes`` (reference's, candidate's) appended to their graphs. Returns (reference outputs,
-    candidate outputs, engine, note). ``stage`` is told what runs next, so that a crash can be named. Runs
-    onnxruntime in this process: :func:`verify` calls it in a child process.
+    candidate outputs, engine, note). ``stage`` is told what runs next, so that a crash can be named;
+    ``timings`` gets the seconds of each part (import_s, session_original_s, session_folded_s,
+    run_original_s, run_folded_s). Runs onnxruntime in this process: :func:`verify` calls it in a child
+    process.
     """
+    spent = _Stopwatch(timings)
     if provider not in PROVIDERS:
         raise VerifyError(f"unknown provider {provider!r}; choose from {', '.join(PROVIDERS)}")
     stage("loading onnxruntime")
     import onnxruntime as ort
 
+    spent("import_s")
     if PROVIDERS[provider] not in ort.get_available_providers():
         raise VerifyError(
             f"{PROVIDERS[provider]} is not available in this onnxruntime build "
@@ -178,6 +184,7 @@ def run_pair(reference, candidate, feeds, provider: str, expose=(),
             stage("running the folded model in onnx.reference")
             return ref, run_reference(candidate, feeds, expose, nodes[1]), "onnx.reference", note
         raise invalid("original", e) from None
+    spent("session_original_s")
     stage("loading the folded model")
     try:
         cand_sess = session(*ort_source(candidate, expose, nodes[1]), provider=provider)
@@ -186,11 +193,28 @@ def run_pair(reference, candidate, feeds, provider: str, expose=(),
     except Exception as e:
         _check_exposure(candidate, expose, provider, e, nodes[1])
         raise invalid("folded", e) from None
+    spent("session_folded_s")
     stage("running the original model")
     ref = _run_session(ref_sess, feeds, "original")
     del ref_sess
+    spent("run_original_s")
     stage("running the folded model")
     cand = _run_session(cand_sess, feeds, "folded")
+    spent("run_folded_s")
     engine = "onnxruntime " + ",".join(cand_sess.get_providers())
     return ref, cand, engine, ""
 
+
+
+class _Stopwatch:
+    """``spent(name)``: the seconds since the last call (or since it was made) added to ``timings[name]``."""
+
+    def __init__(self, timings: dict[str, float] | None):
+        self.timings = timings
+        self.last = time.perf_counter()
+
+    def __call__(self, name: str) -> None:
+        now = time.perf_counter()
+        if self.timings is not None:
+            self.timings[name] = self.timings.get(name, 0.0) + now - self.last
+        self.last = now
