@@ -186,3 +186,40 @@ def test_cuda_verification(dtype):
     assert result.results[1].engine.startswith("onnxruntime CUDAExecutionProvider")
     _perturb(folded, "b_folded", 0.5)
     assert not verify(model, folded, providers=("cuda",))
+
+
+def test_the_all_finite_comparison_gives_the_same_numbers_as_the_general_one(monkeypatch):
+    """compare() takes a shorter way when both tensors are finite everywhere (issue 20: verification's
+    comparison of ResNet-50's 53 fold tensors took 0.15 s); every number of its result is the general
+    way's, per tensor and per channel, with zeros in either tensor, in each float dtype."""
+    import ml_dtypes
+
+    from onnxfold.verification import tolerances
+
+    rng = np.random.default_rng(20)
+
+    def numbers(r):
+        return (r.dtype, r.shape, r.max_abs, r.max_rel, r.atol, r.rtol, r.needed_atol, r.passed, r.note, r.channel,
+                r.finite)
+
+    cases = 0
+    for dtype in (np.float32, np.float64, np.float16, ml_dtypes.bfloat16):
+        for shape in [(), (5,), (2, 3), (1, 4, 3, 3), (3, 4, 5)]:
+            for trial in range(12):
+                ref = rng.standard_normal(shape) * 10 ** rng.uniform(-8, 3)
+                cand = ref * (1 + rng.standard_normal(shape) * 10 ** rng.uniform(-9, -1))
+                if trial % 3 == 1:
+                    ref.flat[rng.integers(ref.size)] = 0  # a zero in the reference: max rel from the others
+                if trial % 4 == 2:
+                    cand.flat[rng.integers(ref.size)] = 0
+                ref, cand = ref.astype(dtype), cand.astype(dtype)
+                for kw in ({}, {"per_channel": True}, {"per_channel": True, "axis": -1}, {"atol": 1e-3},
+                           {"rtol": 0.0, "atol_floor": 1e-6}):
+                    fast = compare("t", ref, cand, **kw)
+                    with monkeypatch.context() as m:
+                        m.setattr(tolerances, "_all_finite", lambda ref, cand: False)  # the general way
+                        general = compare("t", ref, cand, **kw)
+                    assert numbers(fast) == numbers(general), (dtype, shape, kw)
+                    cases += 1
+                assert tolerances.scale_of(ref) == float(np.max(np.abs(ref.astype(np.float64))))
+    assert cases == 4 * 5 * 12 * 5
