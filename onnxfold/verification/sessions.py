@@ -8,7 +8,9 @@ from __future__ import annotations
 import os
 import sys
 import time
-from contextlib import ExitStack
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import onnx
@@ -63,6 +65,40 @@ def _available_in_child(send) -> list[str]:
     return available_providers()
 
 
+@dataclass(frozen=True)
+class Joined:
+    """A model file with bytes appended (extra outputs, forced branches: :func:`ort_source`)."""
+
+    path: str
+    extra: bytes
+
+
+# Linux: a model file with bytes appended is handed to onnxruntime as a path, a memory file (memfd) the
+# file is copied into by the kernel: onnxruntime reads a path about twice as fast as the same model as
+# bytes, which Python reads, joins and hands over in copies (ResNet-50, 103 MB: 0.35 s -> 0.2 s a model).
+MEMORY_FILES = hasattr(os, "memfd_create") and os.path.isdir("/proc/self/fd")
+
+
+@contextmanager
+def _memory_file(joined: Joined) -> Iterator[str]:
+    """``joined`` as a path onnxruntime can open, for as long as the block runs."""
+    fd = os.memfd_create("onnxfold-model", os.MFD_CLOEXEC)
+    try:
+        with open(joined.path, "rb") as src:
+            size, done = os.fstat(src.fileno()).st_size, 0
+            while done < size:
+                sent = os.sendfile(fd, src.fileno(), done, size - done)
+                if not sent:
+                    raise OSError(f"{joined.path}: changed while it was read")
+                done += sent
+        view = memoryview(joined.extra)
+        while view:
+            view = view[os.write(fd, view):]
+        yield f"/proc/self/fd/{fd}"
+    finally:
+        os.close(fd)
+
+
 def session(source, data_dir: str | None = None, *, provider: str):
     import onnxruntime as ort
 
@@ -76,6 +112,9 @@ def session(source, data_dir: str | None = None, *, provider: str):
     else:
         providers = ["CPUExecutionProvider"]
     with ExitStack() as stack:
+        if isinstance(source, Joined):  # its external data, from the model file's own folder (as bytes did)
+            data_dir = str(Path(source.path).resolve().parent)
+            source = stack.enter_context(_memory_file(source))
         if data_dir is not None:  # a model given as bytes reads its external data from its own folder
             so.add_session_config_entry("session.model_external_initializers_file_folder_path",
                                         stack.enter_context(utf8_folder(data_dir)))
@@ -96,12 +135,15 @@ def extra_outputs(expose) -> bytes:
 
 
 def ort_source(model, expose=(), nodes: bytes = b""):
-    """(what onnxruntime loads, the folder of its external data when that is given as bytes).
+    """(what onnxruntime loads: a path, bytes or a :class:`Joined`; the folder of its external data when
+    that is given as bytes).
     ``nodes``: a serialized ``ModelProto(graph=...)`` to append (the forced If copies of planning)."""
     extra = extra_outputs(expose) + nodes
     if isinstance(model, (str, os.PathLike)):
         if not extra:
             return str(model), None
+        if MEMORY_FILES:
+            return Joined(os.fspath(model), extra), None
         return Path(model).read_bytes() + extra, str(Path(model).resolve().parent)
     data = model if isinstance(model, bytes) else model.SerializeToString()
     if len(data) + len(extra) > PROTOBUF_LIMIT:
