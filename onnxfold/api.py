@@ -25,7 +25,7 @@ import math
 import os
 import time
 import traceback
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,7 +36,7 @@ from .commit import commit, discard, output_lock, place, staged, staged_file, sy
 from .driver import fold_model
 from .errors import FoldError, InputError, message
 from .load import load
-from .output_check import check_output
+from .output_check import Checked, check_output, run_checker
 from .output_plan import OutputPlan, check_report, check_target, data_files, plan_output, real
 from .report import FoldReport, process_age
 from .rules import select_rules
@@ -52,6 +52,7 @@ from .verification import (
     check_shapes,
     load_inputs,
     model_inputs,
+    structure,
 )
 from .verification import verify as compare_models
 from .write import write
@@ -302,6 +303,7 @@ class _Job:
     report_path: Path | None
     timings: dict[str, float]
     start: float  # perf_counter when the run began (total_s)
+    structure: onnx.ModelProto | None = None  # the input without its weights, for verification to plan with
 
 
 def _prepare(src: Path, dst: Path | None, options: FoldOptions, report: str | os.PathLike | None,
@@ -313,8 +315,10 @@ def _prepare(src: Path, dst: Path | None, options: FoldOptions, report: str | os
     model, external = load(src)
     timings["load_s"] = (now := time.perf_counter()) - t
     feeds = _feeds(options.inputs, model)
+    shape = None
     if dst is not None and options.verify:
         _check_inputs(model, options, feeds)
+        shape = structure(model)  # for verification to plan with: the model is folded in place
     reads = {real(src)} | data_files(model, src)
     plan = None if dst is None else plan_output(src, reads, dst, options.data_name, protect=protect,
                                                 shared_folder=shared_folder)
@@ -323,7 +327,7 @@ def _prepare(src: Path, dst: Path | None, options: FoldOptions, report: str | os
         writes = {real(plan.dst), real(plan.dst.parent / plan.data_name)} if plan else set()
         check_report(report_path, reads | writes)
     timings["plan_s"] = time.perf_counter() - now  # the inputs checked, the output's names chosen
-    return _Job(src, model, external, feeds, plan, report_path, timings, start)
+    return _Job(src, model, external, feeds, plan, report_path, timings, start, shape)
 
 
 def _feeds(inputs: str | Mapping[str, np.ndarray] | None,
@@ -372,7 +376,8 @@ def _fold_verify_commit(job: _Job, tmp: Path, options: FoldOptions) -> FoldResul
     assert job.plan is not None
     report, files = _fold_and_write(job, tmp, options)
     result = FoldResult(job.src, job.plan.dst, "written", report, timings=job.timings)
-    result.verification = _verify(job, tmp, options, report)
+    checked: list[Checked] = []  # onnx.checker, run while verification's child runs the models
+    result.verification = _verify(job, tmp, options, report, lambda: checked.append(run_checker(tmp)))
     if result.verification is not None and not result.verification:
         if not options.force_write:
             log.error("%s not written: the folded model does not match the original (--force-write writes it "
@@ -384,7 +389,8 @@ def _fold_verify_commit(job: _Job, tmp: Path, options: FoldOptions) -> FoldResul
         result.status = "verification failed, written"
     # Exit 0 promises a model that loads: check it where it lies, before it replaces anything.
     t = time.perf_counter()
-    result.warnings = check_output(tmp, job.src, session=result.verification is None, timings=job.timings)
+    result.warnings = check_output(tmp, job.src, session=result.verification is None, timings=job.timings,
+                                   checked=checked[0] if checked else None)
     for w in result.warnings:
         log.warning(w)
     job.timings["check_s"] = time.perf_counter() - t
@@ -421,8 +427,10 @@ def _fold_and_write(job: _Job, tmp: Path, options: FoldOptions) -> tuple[FoldRep
     return report, files
 
 
-def _verify(job: _Job, tmp: Path, options: FoldOptions, report: FoldReport) -> VerifyResult | None:
-    """Compare the written model with the input; None when verification does not run."""
+def _verify(job: _Job, tmp: Path, options: FoldOptions, report: FoldReport,
+            meanwhile: Callable[[], None]) -> VerifyResult | None:
+    """Compare the written model with the input; None when verification does not run. ``meanwhile``
+    runs while the child runs the models."""
     if not options.verify:
         log.info("verification skipped (--no-verify)")
         return None
@@ -433,7 +441,7 @@ def _verify(job: _Job, tmp: Path, options: FoldOptions, report: FoldReport) -> V
     result = compare_models(job.src, tmp, options.providers, inputs=job.feeds, input_shapes=dict(options.input_shapes),
                             input_range=options.input_range, seed=options.seed, atol=options.atol,
                             rtol=options.rtol, folds=report.folded, timeout=options.verify_timeout,
-                            memory=options.verify_memory)
+                            memory=options.verify_memory, meanwhile=meanwhile, structure=job.structure)
     job.timings["verify_s"] = time.perf_counter() - t
     job.timings.update({f"verify_{part}": seconds for part, seconds in result.timings.items()})
     annotate(report.folded, result)  # each fold's own check, into folded[]
