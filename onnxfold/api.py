@@ -25,20 +25,20 @@ import math
 import os
 import time
 import traceback
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import onnx
 
-from .commit import commit, discard, output_lock, place, staged, staged_file
+from .commit import commit, discard, output_lock, place, staged, staged_file, sync
 from .driver import fold_model
 from .errors import FoldError, InputError, message
 from .load import load
-from .output_check import check_output
+from .output_check import Checked, check_output, run_checker
 from .output_plan import OutputPlan, check_report, check_target, data_files, plan_output, real
-from .report import FoldReport
+from .report import FoldReport, process_age
 from .rules import select_rules
 from .tensors import DataSink, is_utf8
 from .verification import (
@@ -52,12 +52,16 @@ from .verification import (
     check_shapes,
     load_inputs,
     model_inputs,
+    structure,
 )
 from .verification import verify as compare_models
 from .write import write
 
 log = logging.getLogger("onnxfold")
 
+# Seconds from this process's start until onnxfold was imported (the interpreter and the imports: what
+# a command-line run spends before any work); None where it is unknown.
+STARTUP = process_age()
 MAX_INPUT_ELEMENTS = 1 << 31  # per input shape: larger inputs cannot be generated and run
 EXTERNAL_DATA = ("auto", "always", "never")
 Inputs = str | os.PathLike | Mapping[str, np.ndarray]
@@ -161,7 +165,8 @@ class FoldResult:
     status: str
     report: FoldReport
     verification: VerifyResult | None = None  # None when it did not run (verify=False, nothing folded, a check)
-    timings: dict[str, float] = field(default_factory=dict)  # seconds: load_s, fold_s, write_s, verify_s, check_s
+    # seconds: load_s, fold_s, write_s, verify_s, check_s, and their parts (README: "The report")
+    timings: dict[str, float] = field(default_factory=dict)
     written: list[Path] = field(default_factory=list)  # as committed: the model, its data file, the report
     warnings: list[str] = field(default_factory=list)  # about the input (onnx.checker rejects it too, ...)
 
@@ -262,18 +267,21 @@ def fold_path(src: str | os.PathLike, dst: str | os.PathLike | None, options: Fo
     """:func:`fold_file` with options already checked (the command line's path, one model of a folder).
     ``protect`` and ``shared_folder``: see :func:`onnxfold.output_plan.plan_output`."""
     began = False  # whether work began (the fold): errors before it are checks, one line alone
+    start = time.perf_counter()
     try:
         if dst is None:
-            job = _prepare(Path(src), None, options, report, protect, shared_folder)
+            job = _prepare(Path(src), None, options, report, protect, shared_folder, start)
             began = True
             return _check(job, options)
         check_target(dst)  # before the lock file is made beside it
         # Runs writing the same OUT take turns, from planning to the old data's removal (in place: from
         # loading the input, which the run before may have just replaced)
         with output_lock(dst):
-            job = _prepare(Path(src), Path(dst), options, report, protect, shared_folder)
+            job = _prepare(Path(src), Path(dst), options, report, protect, shared_folder, start)
             assert job.plan is not None
+            t = time.perf_counter()
             with staged(job.plan.dst) as tmp:
+                job.timings["stage_s"] = time.perf_counter() - t
                 began = True
                 return _fold_verify_commit(job, tmp, options)
     except OSError as e:  # the disk, permissions, names: one line
@@ -301,16 +309,23 @@ class _Job:
     plan: OutputPlan | None  # None: a check
     report_path: Path | None
     timings: dict[str, float]
+    start: float  # perf_counter when the run began (total_s)
+    structure: onnx.ModelProto | None = None  # the input without its weights, for verification to plan with
 
 
 def _prepare(src: Path, dst: Path | None, options: FoldOptions, report: str | os.PathLike | None,
-             protect: frozenset[Path], shared_folder: bool) -> _Job:
+             protect: frozenset[Path], shared_folder: bool, start: float) -> _Job:
+    """``start``: when the run began (perf_counter), before the output's lock."""
     t = time.perf_counter()
+    timings = {} if STARTUP is None else {"startup_s": STARTUP}
+    timings["lock_s"] = t - start  # the output's lock (waiting for another run writing it included)
     model, external = load(src)
-    timings = {"load_s": time.perf_counter() - t}
+    timings["load_s"] = (now := time.perf_counter()) - t
     feeds = _feeds(options.inputs, model)
+    shape = None
     if dst is not None and options.verify:
         _check_inputs(model, options, feeds)
+        shape = structure(model)  # for verification to plan with: the model is folded in place
     reads = {real(src)} | data_files(model, src)
     plan = None if dst is None else plan_output(src, reads, dst, options.data_name, protect=protect,
                                                 shared_folder=shared_folder)
@@ -318,7 +333,8 @@ def _prepare(src: Path, dst: Path | None, options: FoldOptions, report: str | os
     if report_path is not None:
         writes = {real(plan.dst), real(plan.dst.parent / plan.data_name)} if plan else set()
         check_report(report_path, reads | writes)
-    return _Job(src, model, external, feeds, plan, report_path, timings)
+    timings["plan_s"] = time.perf_counter() - now  # the inputs checked, the output's names chosen
+    return _Job(src, model, external, feeds, plan, report_path, timings, start, shape)
 
 
 def _feeds(inputs: str | Mapping[str, np.ndarray] | None,
@@ -358,6 +374,7 @@ def _check(job: _Job, options: FoldOptions) -> FoldResult:
     log.info(Summary(report, check=True))
     result = FoldResult(job.src, None, "foldable" if report.folded else "nothing to fold", report,
                         timings={**job.timings, "fold_s": report.seconds})
+    result.timings["total_s"] = time.perf_counter() - job.start
     _write_report(job, result)
     return result
 
@@ -367,18 +384,21 @@ def _fold_verify_commit(job: _Job, tmp: Path, options: FoldOptions) -> FoldResul
     assert job.plan is not None
     report, files = _fold_and_write(job, tmp, options)
     result = FoldResult(job.src, job.plan.dst, "written", report, timings=job.timings)
-    result.verification = _verify(job, tmp, options, report)
+    checked: list[Checked] = []  # onnx.checker, run while verification's child runs the models
+    result.verification = _verify(job, tmp, options, report, lambda: checked.append(run_checker(tmp)))
     if result.verification is not None and not result.verification:
         if not options.force_write:
             log.error("%s not written: the folded model does not match the original (--force-write writes it "
                       "anyway)", job.plan.dst)
             result.status = "verification failed, not written"
+            job.timings["total_s"] = time.perf_counter() - job.start
             _write_report(job, result)
             return result
         result.status = "verification failed, written"
     # Exit 0 promises a model that loads: check it where it lies, before it replaces anything.
     t = time.perf_counter()
-    result.warnings = check_output(tmp, job.src, session=result.verification is None)
+    result.warnings = check_output(tmp, job.src, session=result.verification is None, timings=job.timings,
+                                   checked=checked[0] if checked else None)
     for w in result.warnings:
         log.warning(w)
     job.timings["check_s"] = time.perf_counter() - t
@@ -415,8 +435,10 @@ def _fold_and_write(job: _Job, tmp: Path, options: FoldOptions) -> tuple[FoldRep
     return report, files
 
 
-def _verify(job: _Job, tmp: Path, options: FoldOptions, report: FoldReport) -> VerifyResult | None:
-    """Compare the written model with the input; None when verification does not run."""
+def _verify(job: _Job, tmp: Path, options: FoldOptions, report: FoldReport,
+            meanwhile: Callable[[], None]) -> VerifyResult | None:
+    """Compare the written model with the input; None when verification does not run. ``meanwhile``
+    runs while the child runs the models."""
     if not options.verify:
         log.info("verification skipped (--no-verify)")
         return None
@@ -427,8 +449,9 @@ def _verify(job: _Job, tmp: Path, options: FoldOptions, report: FoldReport) -> V
     result = compare_models(job.src, tmp, options.providers, inputs=job.feeds, input_shapes=dict(options.input_shapes),
                             input_range=options.input_range, seed=options.seed, atol=options.atol,
                             rtol=options.rtol, folds=report.folded, timeout=options.verify_timeout,
-                            memory=options.verify_memory)
+                            memory=options.verify_memory, meanwhile=meanwhile, structure=job.structure)
     job.timings["verify_s"] = time.perf_counter() - t
+    job.timings.update({f"verify_{part}": seconds for part, seconds in result.timings.items()})
     annotate(report.folded, result)  # each fold's own check, into folded[]
     for w in result.warnings:
         log.warning(w)
@@ -444,9 +467,15 @@ def _commit(job: _Job, files: list[Path], result: FoldResult) -> None:
     """The report (staged first: one that cannot be written leaves no output either), then the model."""
     assert job.plan is not None
     staged_report = None
+    t = time.perf_counter()
+    sync(files, mode=job.plan.mode)  # the bulk of the commit's time, timed before the report is written
+    # The timings end here, as the report has them: the renames and the folder's sync that follow take
+    # a few milliseconds and are not timed.
+    job.timings["commit_s"] = (now := time.perf_counter()) - t
+    job.timings["total_s"] = now - job.start
     try:
         staged_report = stage_json(job.report_path, result.to_dict())
-        commit(files, job.plan.dst, mode=job.plan.mode, stale=job.plan.stale_now)
+        commit(files, job.plan.dst, mode=job.plan.mode, stale=job.plan.stale_now, synced=True)
         if staged_report:
             place(staged_report, job.report_path)  # type: ignore[arg-type]
     except BaseException:

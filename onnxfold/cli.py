@@ -11,12 +11,14 @@ nothing written). Every run ends with one line:
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import logging
 import os
 import shlex
 import signal
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable, Iterator
@@ -540,4 +542,22 @@ def console() -> None:
     """``python -m onnxfold`` and the ``onnxfold`` script (``python -m onnxfold`` installs its early
     signal handlers before any import: see ``onnxfold/__init__``)."""
     signals.install_early()  # until main() installs the command line's own
-    raise SystemExit(main())
+    leave(main())
+
+
+def leave(code: int) -> None:
+    """End the process with ``code`` without tearing the interpreter down: freeing every object and
+    module of onnx, numpy and protobuf takes about 0.1 s (a tenth of a ResNet-50 fold with --no-verify)
+    and nothing a finished run needs. What an exit does that matters runs first: the exit handlers
+    (isolation's worker stopped), logging's handlers and the standard streams flushed. With another
+    thread still running, or a stream that cannot be flushed (a closed pipe), the ordinary exit."""
+    if threading.active_count() == 1:
+        try:
+            atexit._run_exitfuncs()
+            logging.shutdown()
+            sys.stdout.flush()
+            sys.stderr.flush()
+        except Exception:
+            raise SystemExit(code) from None
+        os._exit(code)
+    raise SystemExit(code)

@@ -275,8 +275,17 @@ def _fsync(path: Path, *, folder: bool = False) -> None:
         os.close(fd)
 
 
+def sync(files: list[Path], *, mode: int | None = None) -> None:
+    """The staged files given ``mode`` and synced to disk: :func:`commit`'s first step, which a caller
+    may take before (and then tells :func:`commit` ``synced=True``)."""
+    for f in files:
+        if mode is not None:
+            os.chmod(f, mode)
+        _fsync(f)
+
+
 def commit(files: list[Path], destination: Path, *, mode: int | None = None,
-           stale: Callable[[], Iterable[Path]] = tuple) -> None:
+           stale: Callable[[], Iterable[Path]] = tuple, synced: bool = False) -> None:
     """Move staged files into place so that ``destination`` always holds a whole model, old or new.
 
     The data file goes first, under its own name (a name neither the input nor the model now at
@@ -285,13 +294,12 @@ def commit(files: list[Path], destination: Path, *, mode: int | None = None,
     can read what the model now at ``destination`` reads). Files are synced before the renames and the
     folder after, so a crash cannot leave a renamed but empty file; a sync that fails stops the commit
     before the model's rename (the moved data file is taken back) or, after it, before anything old is
-    removed. Signals wait until the commit is done. Callers hold :func:`output_lock`.
+    removed. Signals wait until the commit is done. Callers hold :func:`output_lock`. ``synced``: the
+    files were given their mode and synced already (:func:`sync`).
     """
     folder = _folder(destination)
-    for f in files:
-        if mode is not None:
-            os.chmod(f, mode)
-        _fsync(f)
+    if not synced:
+        sync(files, mode=mode)
     with signals.deferred():
         moved = []
         try:

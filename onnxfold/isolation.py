@@ -56,12 +56,24 @@ def crash_message(status: int, where: tuple[str, str] | None) -> str:
 
 
 def call(target: Callable, *args, on_message: Callable[[Any], None] | None = None,
-         timeout: float | None = None) -> Any:
+         timeout: float | None = None, meanwhile: Callable[[], None] | None = None) -> Any:
     """``target(*args, send)`` in a child; its return value (see the module's docstring). ``timeout``:
-    seconds to wait for it (None: no limit); past it the child is killed and :class:`ChildTimeout` raised."""
+    seconds to wait for it (None: no limit); past it the child is killed and :class:`ChildTimeout` raised.
+    ``meanwhile``: run in this process while the child works (its time counts in ``timeout``)."""
+    began = time.monotonic()
     child = Child(target, *args, on_message=on_message)
     try:
-        return child.result(timeout)
+        left = timeout
+        if meanwhile is not None:
+            meanwhile()
+            if timeout is not None:
+                left = max(0.0, timeout - (time.monotonic() - began))
+        try:
+            return child.result(left)
+        except ChildTimeout as e:
+            if left == timeout or timeout is None:
+                raise
+            raise ChildTimeout(timeout, e.where) from None  # said with the limit given
     finally:
         child.close()
 

@@ -10,6 +10,7 @@ fails the same way: then it is a warning about the input, which onnxfold does no
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,13 +22,40 @@ from .tensors import is_utf8, utf8_folder
 from .verification import sessions
 
 
-def check_output(path: Path, src: Path, *, session: bool) -> list[str]:
-    """Check the model written at ``path`` (folded from ``src``); returns warnings about the input."""
+class Checked:
+    """onnx.checker's verdict on a written model, taken ahead (:func:`run_checker`: while verification's
+    child runs the models) for :func:`check_output` to judge."""
+
+    def __init__(self, error: str | None, seconds: float):
+        self.error = error
+        self.seconds = seconds
+
+
+def run_checker(path: Path) -> Checked:
+    """onnx.checker on the model written at ``path``: its first error line, or None."""
+    t = time.perf_counter()
+    error = _error(_checker, path)
+    return Checked(error, time.perf_counter() - t)
+
+
+def check_output(path: Path, src: Path, *, session: bool, timings: dict[str, float] | None = None,
+                 checked: Checked | None = None) -> list[str]:
+    """Check the model written at ``path`` (folded from ``src``); returns warnings about the input.
+    ``checked``: onnx.checker's verdict on it taken already (:func:`run_checker`), else taken here.
+    ``timings`` gets check_checker_s (onnx.checker, here or ahead) and check_session_s (the wait for
+    onnxruntime's load after it)."""
     warnings: list[str] = []
+    timings = {} if timings is None else timings
     loading = isolation.Child(_load, str(path), "the written model") if session else None
     try:
-        checker_error = _error(_checker, path)
+        if checked is None:
+            checked = run_checker(path)
+        checker_error = checked.error
+        timings["check_checker_s"] = checked.seconds
+        now = time.perf_counter()
         loading_error = _result(loading) if loading is not None else None
+        if loading is not None:
+            timings["check_session_s"] = time.perf_counter() - now
     finally:
         if loading is not None:
             loading.close()

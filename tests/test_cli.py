@@ -139,3 +139,49 @@ def test_float64_model_is_verified_with_onnx_reference(tmp_path):
     proc = cli(src, tmp_path / "o.onnx")
     assert proc.returncode == 0, proc.stderr
     assert "onnx.reference" in proc.stderr
+
+
+
+LEAVE = """
+import atexit, logging, sys
+from onnxfold.cli import leave
+atexit.register(lambda: print("exit handler ran"))
+logging.basicConfig(stream=sys.stderr)
+logging.getLogger("t").warning("logged")
+print("buffered " * 2000)  # stdout to a pipe: block-buffered, flushed before the process ends
+leave(3)
+"""
+
+
+def test_the_command_line_leaves_without_teardown_but_with_what_an_exit_does(monkeypatch):
+    """``python -m onnxfold`` ends with ``os._exit`` (the interpreter's teardown took 0.1 s of a ResNet-50
+    run, issue 20) after what an exit does that matters: the exit handlers, logging, the buffered output;
+    the exit code as given. With another thread alive, or a stream that cannot be flushed, the ordinary
+    exit (which waits for the thread)."""
+    import subprocess
+    import sys
+
+    from checks import child_env
+    from onnxfold import cli as cli_module
+
+    proc = subprocess.run([sys.executable, "-c", LEAVE], capture_output=True, text=True, env=child_env(),
+                          timeout=120)
+    assert proc.returncode == 3
+    assert proc.stdout.count("buffered") == 2000 and "exit handler ran" in proc.stdout
+    assert "logged" in proc.stderr
+    monkeypatch.setattr(cli_module.os, "_exit", lambda code: pytest.fail("os._exit with another thread alive"))
+    monkeypatch.setattr(cli_module.threading, "active_count", lambda: 2)
+    with pytest.raises(SystemExit) as e:
+        cli_module.leave(4)
+    assert e.value.code == 4
+    monkeypatch.setattr(cli_module.threading, "active_count", lambda: 1)
+    monkeypatch.setattr(cli_module.atexit, "_run_exitfuncs", lambda: None)  # not this test process's handlers
+
+    class Closed:
+        def flush(self):
+            raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(cli_module.sys, "stdout", Closed())
+    with pytest.raises(SystemExit) as e:
+        cli_module.leave(5)
+    assert e.value.code == 5

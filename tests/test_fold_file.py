@@ -65,6 +65,13 @@ def flip_channel_one(monkeypatch) -> None:
     monkeypatch.setattr(onnxfold.api, "fold_model", flipped)
 
 
+# The phases of a run in ``FoldResult.timings`` (and the report's "timings"), besides the five it always had
+PHASES = {"startup_s", "lock_s", "plan_s", "stage_s", "check_checker_s", "commit_s", "total_s"}
+VERIFY_PARTS = {f"verify_{p}" for p in ("reference_s", "plan_s", "inputs_s", "child_s", "import_s",
+                                        "session_original_s", "session_folded_s", "run_original_s", "run_folded_s",
+                                        "compare_s")}
+
+
 # -- success ------------------------------------------------------------------------------------------
 
 
@@ -77,7 +84,8 @@ def test_a_fold_that_verifies_is_written_and_the_result_says_what_happened(tmp_p
     assert result.input == src and result.output == dst and result.written == [dst]
     assert result.report.bn_before == 1 and result.report.bn_after == 0 and len(result.report.folded) == 1
     assert result.verification and result.verification.results[0].provider == "cpu"
-    assert set(result.timings) == {"load_s", "fold_s", "write_s", "verify_s", "check_s"}
+    assert set(result.timings) == {"load_s", "fold_s", "write_s", "verify_s", "check_s", *PHASES, *VERIFY_PARTS}
+    assert all(v >= 0 for v in result.timings.values())
     assert result.report.folded[0].passed is True  # its own check at its tensor, per channel
     assert count(onnx.load(dst), "BatchNormalization") == 0
     assert verify(src, dst)  # independently of the result
@@ -352,3 +360,80 @@ def test_quiet_prints_a_failed_verification_and_nothing_else(tmp_path):
     assert f"onnxfold: {tmp_path / 'o.onnx'} not written: the folded model does not match" in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("FAILED | ")
     assert not (tmp_path / "o.onnx").exists()
+
+
+def test_the_timings_break_the_run_into_its_phases(tmp_path):
+    """Each phase of a run is timed (issue 20: where the time goes): the verification's parts in the parent
+    and in its child, the check's parts, the commit's sync; the report file has the same; the phases fit in
+    the total."""
+    src = save(conv_bn_model(seed=3), tmp_path / "m.onnx")
+    result = fold_file(src, tmp_path / "o.onnx", report=tmp_path / "r.json")
+    t = result.timings
+    assert set(t) == {"load_s", "fold_s", "write_s", "verify_s", "check_s", *PHASES, *VERIFY_PARTS}
+    assert 0 < t["startup_s"] < 3600 and all(v >= 0 for v in t.values())
+    parts = ("lock_s", "load_s", "plan_s", "stage_s", "fold_s", "write_s", "verify_s", "check_s", "commit_s")
+    assert sum(t[p] for p in parts) <= t["total_s"] * 1.001 + 1e-3
+    child = sum(t[f"verify_{p}"] for p in ("import_s", "session_original_s", "session_folded_s", "run_original_s",
+                                          "run_folded_s", "compare_s"))
+    assert child <= t["verify_child_s"] * 1.001 + 1e-3
+    assert t["verify_child_s"] <= t["verify_s"]
+    assert t["check_checker_s"] <= t["verify_child_s"] * 1.001 + 1e-3  # it runs while the child runs the models
+    saved = json.loads((tmp_path / "r.json").read_text())["timings"]
+    assert saved == json.loads(json.dumps(t))
+    unverified = fold_file(src, tmp_path / "u.onnx", verify=False).timings
+    assert set(unverified) == {"load_s", "fold_s", "write_s", "check_s", "check_session_s", *PHASES}
+    assert unverified["check_checker_s"] + unverified["check_session_s"] <= unverified["check_s"] * 1.001 + 1e-3
+
+
+def test_with_verification_onnx_checker_runs_while_the_child_runs_the_models_and_still_decides(tmp_path,
+                                                                                                monkeypatch):
+    """onnx.checker checks the written model while verification's child runs the models (issue 20: the
+    parent sat idle there); its verdict is judged as before: a written model it rejects, though it
+    accepts the input, fails the run and nothing is written."""
+    from onnxfold import isolation, output_check
+
+    src = save(conv_bn_model(seed=5), tmp_path / "m.onnx")
+    real = output_check._checker
+    seen = []
+
+    def checker(path, staged=True):
+        seen.append((Path(path).name, isolation._lock.locked()))  # a child holds the lock while it runs
+        if staged:
+            raise onnx.checker.ValidationError("simulated: the written model is broken")
+        return real(path, staged)
+
+    monkeypatch.setattr(output_check, "_checker", checker)
+    with pytest.raises(onnxfold.errors.OutputBroken, match="onnx.checker rejects the written model"):
+        fold_file(src, tmp_path / "o.onnx")
+    assert seen[0] == ("o.onnx", True)  # the written model, while the verification child ran
+    assert seen[1:] == [("m.onnx", False)]  # the input, to judge
+    assert sorted(os.listdir(tmp_path)) == ["m.onnx"]
+    monkeypatch.setattr(output_check, "_checker", real)
+    result = fold_file(src, tmp_path / "o.onnx")
+    assert result and result.timings["check_checker_s"] > 0
+
+
+def test_verification_plans_with_the_input_in_memory_and_does_not_read_its_file_again(tmp_path, monkeypatch):
+    """fold_file hands verification the input's structure (its weights left out, their sizes kept), so the
+    parent does not load the input's file a second time (issue 20: 0.1 s of ResNet-50); the verification
+    is the one verify() gives from the files alone, fold tensor by fold tensor, memory estimate included."""
+    from onnxfold import verification
+    from onnxfold.verification import memory
+
+    model = conv_bn_model(cin=8, cout=16, seed=6, spatial=12)  # weights above memory.SMALL bytes
+    model.graph.node.append(onnx.helper.make_node("Relu", [model.graph.output[0].name], ["z"]))
+    model.graph.output[0].name = "z"
+    src = save(model, tmp_path / "m.onnx")
+    assert max(len(t.raw_data) for t in model.graph.initializer) > memory.SMALL
+    loads = []
+    real_load = verification.onnx.load
+    monkeypatch.setattr(verification.onnx, "load", lambda path, **kw: loads.append(path) or real_load(path, **kw))
+    estimates = []
+    real_estimate = memory.estimate
+    monkeypatch.setattr(memory, "estimate", lambda *a: estimates.append(real_estimate(*a)) or estimates[-1])
+    result = fold_file(src, tmp_path / "o.onnx")
+    assert result and loads == [str(src)]  # loaded to fold, and not read again to verify
+    alone = verify(src, tmp_path / "o.onnx", folds=result.report.folded)
+    assert loads == [str(src)] * 2
+    assert alone.to_dict() == result.verification.to_dict() and len(alone.results[0].folds) == 1
+    assert estimates[0] == estimates[1]  # the same bytes, weights counted by their size

@@ -67,6 +67,8 @@ applies to graph outputs and fold tensors alike.
 from __future__ import annotations
 
 import os
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -87,7 +89,7 @@ from .inputs import (
     random_inputs,
 )
 from .job import VerifyJob, run_job
-from .memory import check_budget, default_budget
+from .memory import check_budget, default_budget, structure
 from .planning import force_branches, plan_folds
 from .reference import batch_norm
 from .results import OutputComparison, ProviderResult, VerifyResult, annotate
@@ -106,7 +108,7 @@ DEFAULT_MEMORY = default_budget()
 __all__ = ["verify", "DEFAULT_TIMEOUT", "DEFAULT_MEMORY",
            "VerifyResult", "VerifyError", "ProviderResult", "OutputComparison", "annotate", "compare",
            "make_inputs", "model_inputs", "load_inputs", "check_feeds", "check_shapes",
-           "parse_shape", "check_providers", "batch_norm",
+           "parse_shape", "check_providers", "batch_norm", "structure",
            "DEFAULT_RANGE", "PROVIDERS", "TOLERANCES"]
 
 
@@ -125,6 +127,8 @@ def verify(
     folds=None,
     timeout: float | None = DEFAULT_TIMEOUT,
     memory: float | None = DEFAULT_MEMORY,
+    meanwhile: Callable[[], None] | None = None,
+    structure: onnx.ModelProto | None = None,
 ) -> VerifyResult:
     """Compare ``candidate`` against ``reference`` on each provider ("cpu", "cuda").
 
@@ -135,7 +139,10 @@ def verify(
     those checks into the report. ``timeout``: seconds the whole comparison may take (None or 0: no limit;
     default :data:`DEFAULT_TIMEOUT`); past it the child is killed and :class:`VerifyError` raised.
     ``memory``: GiB it may need (None or 0: no limit; default this machine's memory): when the
-    estimate (:mod:`.memory`) is above it, :class:`VerifyError` before anything runs.
+    estimate (:mod:`.memory`) is above it, :class:`VerifyError` before anything runs. ``meanwhile``: run
+    in this process while the models run in the child (fold_file checks the written model then).
+    ``structure``: the reference's :func:`structure`, when the caller has the model in memory (then the
+    reference's file is not read here again).
     Raises :class:`VerifyError` when it cannot run (a provider is
     missing, an input cannot be made, onnxruntime crashes, nothing had an element to compare); the
     result is falsy when an output or a fold tensor disagrees.
@@ -144,13 +151,19 @@ def verify(
         if not isinstance(model, (onnx.ModelProto, str, os.PathLike)):
             raise TypeError(f"verify: {which} must be an onnx.ModelProto or a path, not {type(model).__name__}")
     result = VerifyResult()
+    began = time.perf_counter()
     if isinstance(providers, str):
         providers = [p for p in providers.split(",") if p]
     for model in (reference, candidate):
         if not isinstance(model, onnx.ModelProto) and not Path(model).is_file():
             raise VerifyError(f"{model}: no such file")
-    ref_model = (reference if isinstance(reference, onnx.ModelProto)
-                 else onnx.load(str(reference), load_external_data=False))
+    if structure is not None:
+        ref_model = structure
+    elif isinstance(reference, onnx.ModelProto):
+        ref_model = reference
+    else:
+        ref_model = onnx.load(str(reference), load_external_data=False)
+    result.timings["reference_s"] = (now := time.perf_counter()) - began
     if inputs is None:
         specs = input_specs(ref_model, input_shapes, warn=result.warnings.append)
     else:
@@ -164,14 +177,21 @@ def verify(
     checked, expose, feeders, all_checked = plan_folds(ref_model, reference, candidate, folds, outputs, result)
     check_budget(ref_model, specs, [*outputs, *(name for name, _ in expose)], memory,
                  str(reference) if isinstance(reference, (str, os.PathLike)) else "the model")
+    result.timings["plan_s"] = (began := time.perf_counter()) - now
     if inputs is None:
         feeds = random_inputs(specs, input_range, seed)
+    result.timings["inputs_s"] = (now := time.perf_counter()) - began
     nodes, forced = force_branches(ref_model, candidate, folds, result)
     axes = {getattr(f, "output", ""): getattr(f, "axis", None) for f in folds or ()}
     job = VerifyJob(reference, candidate, feeds, list(providers), expose, checked, feeders, all_checked, atol, rtol,
                     dict(tolerances or {}), {name: axes.get(name) for name in checked}, nodes)
     del ref_model
-    result.results = _run_isolated(job, timeout)
+    result.timings["plan_s"] += (began := time.perf_counter()) - now
+    result.results = _run_isolated(job, timeout, meanwhile)
+    result.timings["child_s"] = time.perf_counter() - began
+    for r in result.results:
+        for part, seconds in r.timings.items():
+            result.timings[part] = result.timings.get(part, 0.0) + seconds
     _something_compared(result, feeds)
     for r in result.results:
         missing = sorted(set(forced) - {o.name for o in r.outputs})
@@ -182,7 +202,8 @@ def verify(
     return result
 
 
-def _run_isolated(job: VerifyJob, timeout: float | None) -> list[ProviderResult]:
+def _run_isolated(job: VerifyJob, timeout: float | None,
+                  meanwhile: Callable[[], None] | None = None) -> list[ProviderResult]:
     """The job in a child process; a crash of onnxruntime there, or a run past ``timeout``, is a
     :class:`VerifyError`."""
     if not isolation.can_fork():  # a model crosses the pipe as bytes
@@ -191,7 +212,8 @@ def _run_isolated(job: VerifyJob, timeout: float | None) -> list[ProviderResult]
                 raise VerifyError("the model is over 2 GiB: save it with external data and verify the file")
         job = job.as_bytes()
     try:
-        return isolation.call(run_job, job, timeout=timeout or None)  # 0: no limit, as on the command line
+        # 0: no limit, as on the command line
+        return isolation.call(run_job, job, timeout=timeout or None, meanwhile=meanwhile)
     except ChildTimeout as e:
         doing = e.where[1] if e.where else "starting"
         provider = next((p for p in job.providers if doing.endswith(f" on {p}")), ",".join(job.providers))

@@ -4,6 +4,7 @@ each graph output and each planned fold tensor compared; only the comparisons go
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -57,17 +58,19 @@ def run_job(job: VerifyJob, send) -> list[ProviderResult]:
 def compare_provider(job: VerifyJob, provider: str, stage) -> ProviderResult:
     """Run and compare on one provider (in the child): only the comparisons go back."""
     expose, fold_tensors, all_checked = job.expose, job.fold_tensors, job.all_checked
+    timings: dict[str, float] = {}
     try:
         ref_out, cand_out, engine, note = run_pair(job.reference, job.candidate, job.feeds, provider,
-                                                   expose, stage, job.nodes)
+                                                   expose, stage, job.nodes, timings)
     except ExposureRefused as e:  # verify as without per-fold checks (nor forced branches), and say so
         ref_out, cand_out, engine, note = run_pair(job.reference, job.candidate, job.feeds, provider,
-                                                   (), stage)
+                                                   (), stage, timings=timings)
         note = "; ".join(x for x in (note, f"the fold tensors could not be added as outputs ({e}): the graph "
                                            "outputs alone cover the folds") if x)
         expose, all_checked = [], False
         fold_tensors = [n for n in fold_tensors if n in ref_out]
     stage("comparing")
+    began = time.perf_counter()
     tolerances, exposed = job.tolerances, {name for name, _ in expose}
     folds: list[OutputComparison] = []
     for name in fold_tensors:
@@ -105,5 +108,6 @@ def compare_provider(job: VerifyJob, provider: str, stage) -> ProviderResult:
             c.note = ("atol from the scale of the checked fold tensors feeding it, not its own"
                       + (f"; {c.note}" if c.note else ""))
         outputs.append(c)
-    return ProviderResult(provider, engine, outputs, note, folds)
+    timings["compare_s"] = time.perf_counter() - began
+    return ProviderResult(provider, engine, outputs, note, folds, timings)
 

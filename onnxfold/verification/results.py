@@ -52,6 +52,8 @@ class ProviderResult:
     outputs: list[OutputComparison]
     note: str = ""
     folds: list[OutputComparison] = field(default_factory=list)  # fold tensors, per channel
+    # seconds spent in the child, by part (import_s, session_original_s, run_folded_s, compare_s ...)
+    timings: dict[str, float] = field(default_factory=dict)
 
     @property
     def passed(self) -> bool:
@@ -67,6 +69,9 @@ class VerifyResult:
     warnings: list[str] = field(default_factory=list)
     unchecked: dict[str, str] = field(default_factory=dict)  # fold tensor -> why it was not compared there
     notes: list[str] = field(default_factory=list)
+    # seconds by part: the parent's (reference_s, plan_s, inputs_s, child_s) and the child's, summed over
+    # providers (:attr:`ProviderResult.timings`); not part of :meth:`to_dict`
+    timings: dict[str, float] = field(default_factory=dict)
 
     @property
     def passed(self) -> bool:

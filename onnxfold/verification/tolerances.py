@@ -47,30 +47,17 @@ def compare(name: str, ref: np.ndarray, cand: np.ndarray, atol=None, rtol=None, 
         equal = bool(np.array_equal(ref, cand))
         return OutputComparison(name, dtype, ref.shape, 0.0 if equal else math.inf, 0.0 if equal else math.inf,
                                 0.0, 0.0, 0.0 if equal else math.inf, equal, "" if equal else "values differ")
-    r = ref.astype(np.float64)
-    c = cand.astype(np.float64)
-    finite = np.isfinite(r)
     d_atol, d_rtol = TOLERANCES[dtype]
     rtol = d_rtol if rtol is None else float(rtol)
-    # Non-finite values: the candidate must match the reference exactly where it is not finite,
-    # and must be finite where it is.
-    same_nonfinite = (~finite) & ((np.isnan(r) & np.isnan(c)) | (r == c))
-    bad_nonfinite = (finite & ~np.isfinite(c)) | ((~finite) & ~same_nonfinite)
-    err = np.where(finite & np.isfinite(c), np.abs(c - r), 0.0)
-    max_abs = float(err.max()) if err.size else 0.0
-    with np.errstate(divide="ignore", invalid="ignore"):
-        rel = np.where(np.abs(r) > 0, err / np.abs(r), np.where(err > 0, np.inf, 0.0))
-    max_rel = float(rel.max()) if rel.size else 0.0
-    need = np.maximum(err - rtol * np.abs(np.where(finite, r, 0.0)), 0.0)
-    axis = axis % r.ndim if r.ndim else 0
-    channels = per_channel and r.ndim >= 2 and r.shape[axis] > 0 and r.size > 0
-    if channels:  # one scale and one needed atol per channel of the channel axis
-        axes = tuple(a for a in range(r.ndim) if a != axis)
-        scales = np.max(np.abs(np.where(finite, r, 0.0)), axis=axes)
-        needs = np.max(need, axis=axes)
+    axis = axis % ref.ndim if ref.ndim else 0
+    channels = per_channel and ref.ndim >= 2 and ref.shape[axis] > 0 and ref.size > 0
+    if _all_finite(ref, cand):
+        err, max_rel, needs, scales = _finite(ref, cand, rtol, channels, axis)
+        note, bad = "", False
+        compared = int(ref.size)
     else:
-        scales = np.array([float(np.max(np.abs(r[finite]))) if finite.any() else 0.0])
-        needs = np.array([float(need.max()) if need.size else 0.0])
+        err, max_rel, needs, scales, note, bad, compared = _general(ref, cand, rtol, channels, axis)
+    max_abs = float(err.max()) if err.size else 0.0
     if atol is None:
         atols = d_atol * np.maximum(scales, np.finfo(np.float64).tiny)
         if channels:
@@ -80,23 +67,83 @@ def compare(name: str, ref: np.ndarray, cand: np.ndarray, atol=None, rtol=None, 
     else:
         atols = np.full_like(scales, float(atol))
     worst = int(np.argmax(needs / atols))
-    note = ""
-    if bad_nonfinite.any():
+    if bad:
         needs = needs.copy()
         needs[worst] = math.inf
-        note = f"{int(bad_nonfinite.sum())} NaN/Inf where the reference differs"
-    passed = bool(np.all(needs <= atols)) and not bad_nonfinite.any()
-    compared = int(np.count_nonzero(finite & np.isfinite(c)))
-    if not compared and r.size and not note:
+    passed = bool(np.all(needs <= atols)) and not bad
+    if not compared and ref.size and not note:
         note = "no finite element compared: it proves nothing"
     return OutputComparison(name, dtype, ref.shape, max_abs, max_rel, float(atols[worst]), rtol, float(needs[worst]),
                             passed, note, worst if channels else None, compared)
 
 
+def _all_finite(ref: np.ndarray, cand: np.ndarray) -> bool:
+    """Whether both have elements and every one is finite (then :func:`_finite` compares them)."""
+    return bool(ref.size) and bool(np.isfinite(ref).all()) and bool(np.isfinite(cand).all())
+
+
+def _finite(ref: np.ndarray, cand: np.ndarray, rtol: float, channels: bool, axis: int):
+    """:func:`_general` where every element of both is finite: the same numbers in fewer passes.
+    Returns (|cand - ref|, max rel, the needed atol per channel (or of the whole), the scales)."""
+    r = ref.astype(np.float64)
+    err = cand.astype(np.float64)
+    err -= r
+    np.abs(err, out=err)
+    np.abs(r, out=r)  # |ref| from here on
+    zero = r == 0
+    if zero.any():
+        max_rel = math.inf if bool((err[zero] > 0).any()) else 0.0
+        if not zero.all():
+            max_rel = max(max_rel, float(np.max(err[~zero] / r[~zero])))
+    else:
+        max_rel = float(np.max(np.divide(err, r)))
+    need = np.multiply(r, rtol, out=np.empty_like(r))
+    np.subtract(err, need, out=need)
+    if channels:
+        axes = tuple(a for a in range(r.ndim) if a != axis)
+        scales = np.max(r, axis=axes)
+        needs = np.maximum(np.max(need, axis=axes), 0.0)
+    else:
+        scales = np.array([float(r.max())])
+        needs = np.array([max(float(need.max()), 0.0)])
+    return err, max_rel, needs, scales
+
+
+def _general(ref: np.ndarray, cand: np.ndarray, rtol: float, channels: bool, axis: int):
+    """The comparison's numbers, NaN and Inf anywhere: (|cand - ref| where both are finite, max rel, the
+    needed atol per channel, the scales, a note, whether a NaN/Inf differs, how many elements compared)."""
+    r = ref.astype(np.float64)
+    c = cand.astype(np.float64)
+    finite = np.isfinite(r)
+    # Non-finite values: the candidate must match the reference exactly where it is not finite,
+    # and must be finite where it is.
+    same_nonfinite = (~finite) & ((np.isnan(r) & np.isnan(c)) | (r == c))
+    bad_nonfinite = (finite & ~np.isfinite(c)) | ((~finite) & ~same_nonfinite)
+    err = np.where(finite & np.isfinite(c), np.abs(c - r), 0.0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rel = np.where(np.abs(r) > 0, err / np.abs(r), np.where(err > 0, np.inf, 0.0))
+    max_rel = float(rel.max()) if rel.size else 0.0
+    need = np.maximum(err - rtol * np.abs(np.where(finite, r, 0.0)), 0.0)
+    if channels:  # one scale and one needed atol per channel of the channel axis
+        axes = tuple(a for a in range(r.ndim) if a != axis)
+        scales = np.max(np.abs(np.where(finite, r, 0.0)), axis=axes)
+        needs = np.max(need, axis=axes)
+    else:
+        scales = np.array([float(np.max(np.abs(r[finite]))) if finite.any() else 0.0])
+        needs = np.array([float(need.max()) if need.size else 0.0])
+    bad = bool(bad_nonfinite.any())
+    note = f"{int(bad_nonfinite.sum())} NaN/Inf where the reference differs" if bad else ""
+    return err, max_rel, needs, scales, note, bad, int(np.count_nonzero(finite & np.isfinite(c)))
+
+
+@np.errstate(over="ignore", invalid="ignore")
 def scale_of(a) -> float:
     a = np.asarray(a)
     if a.dtype.name not in TOLERANCES or not a.size:
         return 0.0
+    largest = float(np.max(np.abs(a)))  # exact in any float dtype; NaN or Inf: their elements are left out
+    if math.isfinite(largest):
+        return largest
     r = np.abs(a.astype(np.float64))
     r = r[np.isfinite(r)]
     return float(r.max()) if r.size else 0.0
