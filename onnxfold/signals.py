@@ -24,7 +24,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from .errors import Interrupted
 
@@ -36,7 +36,25 @@ HANDLED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.
 SIGNALLED: list[int] = []
 
 
+# deferred() blocks the signals in the calling thread; a signal sent to the process may still reach
+# another thread that does not block them (a multiprocessing queue's feeder, a watcher thread), and then
+# Python runs the handler in the main thread inside the block. So the handlers also look here: while a
+# deferred() block runs, a signal is kept, and its handler runs when the block ends.
+_DEFERRING = 0
+_PENDING: list[tuple[int, Callable[[int, object], None]]] = []
+
+
+def _kept(signum: int, handler: Callable[[int, object], None]) -> bool:
+    """Whether a deferred() block is running: then the signal waits for its end, where ``handler`` runs."""
+    if _DEFERRING:
+        _PENDING.append((signum, handler))
+        return True
+    return False
+
+
 def on_signal(signum: int, frame: object) -> None:
+    if _kept(signum, on_signal):
+        return
     SIGNALLED.append(signum)
     for s in HANDLED:  # a second signal must not cut the cleanup short
         signal.signal(s, signal.SIG_IGN)
@@ -81,15 +99,22 @@ def install_early() -> None:
 def deferred() -> Iterator[None]:
     """The signals of :data:`HANDLED` wait (blocked, not lost) until the block is done.
 
-    A signal that arrived just before runs its handler as they are blocked (Python runs pending handlers
-    there): then this raises on entry, with the mask as it was; the caller's cleanup must allow for it.
+    Blocked in this thread, and kept by onnxfold's handlers whichever thread the kernel gave them to
+    (:func:`_kept`): a kept signal's handler runs as the block ends, as if it had arrived just after.
     """
+    global _DEFERRING
+    _DEFERRING += 1
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, ())
     try:
         signal.pthread_sigmask(signal.SIG_BLOCK, set(HANDLED))
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)  # blocked ones arrive here, and are kept
+        _DEFERRING -= 1
+        if not _DEFERRING and _PENDING:
+            signum, handler = _PENDING[0]
+            _PENDING.clear()
+            handler(signum, None)
 
 
 def default_actions() -> None:
@@ -122,6 +147,7 @@ def die_with_parent(signum: int = signal.SIGKILL, *, watch: bool = False) -> Non
         return
 
     def watcher() -> None:
+        signal.pthread_sigmask(signal.SIG_BLOCK, set(HANDLED))  # signals go to the main thread
         while True:
             time.sleep(1.0)
             if os.getppid() != parent:
@@ -138,6 +164,8 @@ _IN_JOB = False
 
 
 def _on_worker_signal(signum: int, frame: object) -> None:
+    if _kept(signum, _on_worker_signal):
+        return
     if _IN_JOB:  # unwind the fold, which removes its temp folder; the job then exits
         on_signal(signum, frame)
     os._exit(128 + signum)  # idle, between models: nothing to clean
