@@ -140,9 +140,9 @@ def then_kernel(first: Kernel, second: Kernel, what: str = "Conv") -> Kernel:
     return Kernel(out, bias, group, second.begins, second.ends, second.strides, second.dilations)
 
 
-def merge(kernels: list[Kernel]) -> Kernel:
-    """The sum of branches that read one X: one kernel, each branch zero-padded into the largest at the
-    offset its pads imply. NotFoldable with the reason when no one Conv computes the sum exactly."""
+def _geometry(kernels: list[Kernel]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The (strides, dilations) every branch shares, or NotFoldable saying which differ (a 1x1 kernel's
+    dilation does not matter)."""
     dims = {len(k.spatial) for k in kernels}
     if len(dims) != 1:
         raise NotFoldable(f"the branches have kernels of {sorted(dims)} spatial dimensions")
@@ -154,6 +154,13 @@ def merge(kernels: list[Kernel]) -> Kernel:
     if len(dilations) > 1:
         raise NotFoldable(f"the branches have different dilations "
                           f"({' and '.join(str(list(d)) for d in sorted(dilations))})")
+    return next(iter(strides)), next(iter(dilations)) if dilations else (1,) * next(iter(dims))
+
+
+def merge(kernels: list[Kernel]) -> Kernel:
+    """The sum of branches that read one X: one kernel, each branch zero-padded into the largest at the
+    offset its pads imply. NotFoldable with the reason when no one Conv computes the sum exactly."""
+    stride, dilation = _geometry(kernels)
     groups = {k.group for k in kernels if not k.per_channel}
     if len(groups) > 1:
         raise NotFoldable(f"the Conv branches have different group counts ({' and '.join(map(str, sorted(groups)))})")
@@ -167,7 +174,6 @@ def merge(kernels: list[Kernel]) -> Kernel:
     if len(channels) != 1:
         listed = " and ".join(map(str, sorted(channels)))
         raise NotFoldable(f"the branches make different numbers of channels ({listed})")
-    dilation = next(iter(dilations)) if dilations else (1,) * next(iter(dims))
     size, begins, ends, offsets = _align(kernels, dilation)
     per = dense[0].weight.shape[1] if dense else 1
     weight = np.zeros((m, per, *size))
@@ -176,7 +182,7 @@ def merge(kernels: list[Kernel]) -> Kernel:
         window = tuple(slice(o, o + s) for o, s in zip(off, k.spatial))
         weight[(slice(None), slice(None)) + window] += regroup(k, group)
         bias += k.bias
-    return Kernel(weight, bias, group, begins, ends, next(iter(strides)), dilation)
+    return Kernel(weight, bias, group, begins, ends, stride, dilation)
 
 
 def stack(kernels: list[Kernel]) -> Kernel:
@@ -185,30 +191,19 @@ def stack(kernels: list[Kernel]) -> Kernel:
     concatenates theirs. Grouped Convs are declined: output channel block j of a Conv of g groups reads
     input group j, and the concatenation puts each branch's g blocks after the other's, which no one
     grouped Conv's layout matches. NotFoldable with the reason when no one Conv is exact."""
-    dims = {len(k.spatial) for k in kernels}
-    if len(dims) != 1:
-        raise NotFoldable(f"the branches have kernels of {sorted(dims)} spatial dimensions")
     grouped = sorted({k.group for k in kernels if k.group != 1})
     if grouped or any(k.per_channel for k in kernels):
         raise NotFoldable(f"the Convs are grouped (group={' and '.join(map(str, grouped or [0]))}): concatenated, "
                           "their output channels do not follow one grouped Conv's layout (group by group)")
-    strides = {k.strides for k in kernels}
-    if len(strides) != 1:
-        listed = " and ".join(str(list(s)) for s in sorted(strides))
-        raise NotFoldable(f"the branches have different strides ({listed})")
-    dilations = {k.dilations for k in kernels if any(s != 1 for s in k.spatial)}
-    if len(dilations) > 1:
-        raise NotFoldable(f"the branches have different dilations "
-                          f"({' and '.join(str(list(d)) for d in sorted(dilations))})")
-    dilation = next(iter(dilations)) if dilations else (1,) * next(iter(dims))
+    stride, dilation = _geometry(kernels)
     size, begins, ends, offsets = _align(kernels, dilation)
     parts = []
     for k, off in zip(kernels, offsets):
         w = np.zeros((k.channels, k.weight.shape[1], *size))
         w[(slice(None), slice(None)) + tuple(slice(o, o + s) for o, s in zip(off, k.spatial))] = k.weight
         parts.append(w)
-    return Kernel(np.concatenate(parts), np.concatenate([k.bias for k in kernels]), 1, begins, ends,
-                  next(iter(strides)), dilation)
+    return Kernel(np.concatenate(parts), np.concatenate([k.bias for k in kernels]), 1, begins, ends, stride,
+                  dilation)
 
 
 def _align(kernels: list[Kernel], dilation: tuple[int, ...]):
