@@ -234,7 +234,7 @@ def _cell(d: dict | None, k: str) -> str:
     return str(v)
 
 
-def page(results: list[dict], runs: int | None) -> str:
+def page(results: list[dict]) -> str:
     lines = [
         "# Re-parameterizable models: onnxfold, onnxruntime, onnxslim and the deploy form",
         "",
@@ -273,6 +273,7 @@ def page(results: list[dict], runs: int | None) -> str:
                      + f" | {nodes} | {ed} | {r['err_vs_original']:.1e} |")
     timed = [r for r in results if "latency" in r]
     if timed:
+        runs = min(r["latency"]["runs"] for r in timed)
         lines += [
             "",
             "## Latency",
@@ -363,14 +364,14 @@ def main(argv: list[str]) -> int:
                 results_path.write_text(json.dumps(results, indent=1))
     if a.latency:
         for key, r in results.items():
-            if "error" not in r and (a.work / key / "onnxfold.onnx").exists():
+            if r["model"] in a.only and "error" not in r and (a.work / key / "onnxfold.onnx").exists():
                 r["latency"] = latency(a.work, key, a.runs)
                 print(key, r["latency"], flush=True)
                 results_path.write_text(json.dumps(results, indent=1))
     if a.page:
         order = {m: i for i, m in enumerate(MODELS)}
         rows = sorted(results.values(), key=lambda r: (order.get(r["model"], 99), r["exporter"] != "legacy"))
-        PAGE.write_text(page(rows, a.runs))
+        PAGE.write_text(page(rows))
         print(f"wrote {PAGE}")
     return 0
 
