@@ -42,15 +42,24 @@ def _temp_prefix(path: Path) -> str:
     return f".{path.name[:64]}{TEMP_MARK}{os.getpid()}-"
 
 
-def _folder(path: Path) -> Path:
+def folder_of(path: Path) -> Path:
+    """The folder a path is in."""
     return path.parent if str(path.parent) else Path(".")
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    """Whether ``path`` is still the file open as ``fd`` (not removed, nor replaced by another)."""
+    try:
+        return os.stat(path, follow_symlinks=False).st_ino == os.fstat(fd).st_ino
+    except FileNotFoundError:
+        return False
 
 
 def _lock_path(path: Path) -> Path:
     name = path.name
     if len(os.fsencode(name)) > 200:  # the lock file's name must fit (255 bytes)
         name = hashlib.sha256(os.fsencode(name)).hexdigest()
-    return _folder(path) / f".{name}{LOCK_SUFFIX}"
+    return folder_of(path) / f".{name}{LOCK_SUFFIX}"
 
 
 @contextlib.contextmanager
@@ -63,7 +72,7 @@ def output_lock(path: str | os.PathLike) -> Iterator[None]:
     missing or not writable) the block runs unlocked: it will fail before it writes anything.
     """
     path = Path(path)
-    folder = _folder(path)
+    folder = folder_of(path)
     if not folder.is_dir() or not os.access(folder, os.W_OK):
         yield  # nothing can be written there: the run fails before it writes (see staged)
         return
@@ -93,10 +102,7 @@ def _take(fd: int, lock: Path, *, wait: Path | None) -> bool:
             return False
         log.info("waiting for another onnxfold run writing %s", wait)
         fcntl.flock(fd, fcntl.LOCK_EX)
-    try:
-        return os.stat(lock, follow_symlinks=False).st_ino == os.fstat(fd).st_ino
-    except FileNotFoundError:
-        return False
+    return _same_file(fd, lock)
 
 
 def _drop(fd: int | None, lock: Path, held: bool) -> None:
@@ -107,7 +113,7 @@ def _drop(fd: int | None, lock: Path, held: bool) -> None:
     with contextlib.suppress(OSError):
         if not held:  # interrupted before the lock was taken: take it if it is free
             held = _take(fd, lock, wait=None)
-        elif os.stat(lock, follow_symlinks=False).st_ino != os.fstat(fd).st_ino:
+        elif not _same_file(fd, lock):
             held = False
         if held:
             os.unlink(lock)
@@ -122,10 +128,7 @@ def own_name(name: str) -> bool:
 def _hold(fd: int, path: Path) -> bool:
     """Take the temporary ``path``'s lock (open as ``fd``); False when the cleaner removed it first."""
     fcntl.flock(fd, fcntl.LOCK_EX)
-    try:
-        return os.stat(path, follow_symlinks=False).st_ino == os.fstat(fd).st_ino
-    except FileNotFoundError:
-        return False
+    return _same_file(fd, path)
 
 
 @contextlib.contextmanager
@@ -137,7 +140,7 @@ def staged(path: str | os.PathLike):
     ``.<name>.onnxfold-<pid>-<random>``; the next run to the same folder removes it once its lock is free.
     """
     path = Path(path)
-    parent = _folder(path)
+    parent = folder_of(path)
     if not parent.is_dir():
         raise InputError(f"{path}: the folder {parent} does not exist")
     if not os.access(parent, os.W_OK):
@@ -219,7 +222,7 @@ def staged_file(path: str | os.PathLike, text: str) -> Path:
     tmp = None
     try:
         with signals.deferred():
-            fd, name = tempfile.mkstemp(prefix=_temp_prefix(path), dir=_folder(path))
+            fd, name = tempfile.mkstemp(prefix=_temp_prefix(path), dir=folder_of(path))
             tmp = Path(name)
             _HELD[tmp] = fd
             fcntl.flock(fd, fcntl.LOCK_EX)
@@ -297,7 +300,7 @@ def commit(files: list[Path], destination: Path, *, mode: int | None = None,
     removed. Signals wait until the commit is done. Callers hold :func:`output_lock`. ``synced``: the
     files were given their mode and synced already (:func:`sync`).
     """
-    folder = _folder(destination)
+    folder = folder_of(destination)
     if not synced:
         sync(files, mode=mode)
     with signals.deferred():

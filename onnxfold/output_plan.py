@@ -25,7 +25,7 @@ from pathlib import Path
 import onnx
 from onnx import external_data_helper
 
-from .commit import own_name, umask
+from .commit import folder_of, own_name, umask
 from .errors import InputError
 from .tensors import every_tensor, utf8_name
 
@@ -167,7 +167,7 @@ class OutputPlan:
         lock, after the rename): the planned ones and unused ``OUT.<n>.data``, less every file that the
         model now at ``OUT``, the input, or another model beside ``OUT`` reads (that one is kept, and a
         warning says so)."""
-        folder = real(self.dst.parent if str(self.dst.parent) else ".")
+        folder = real(folder_of(self.dst))
         candidates = set(self.stale)
         if self.family is not None:
             try:
@@ -194,7 +194,7 @@ def plan_output(src: Path, reads: set[Path], dst: Path, data_name: str | None, *
     (folder mode: every other model). ``shared_folder``: the output folder is also an input folder, so an
     existing file there may belong to another model: it is never overwritten nor removed.
     """
-    folder = dst.parent if str(dst.parent) else Path(".")
+    folder = folder_of(dst)
     check_target(dst)
     if own_name(dst.name) or (data_name and own_name(data_name)):
         raise InputError(f"{dst}: names like {dst.name if own_name(dst.name) else data_name!r} are onnxfold's own "
@@ -284,7 +284,7 @@ def check_report(report, reads_and_writes: set[Path]) -> None:
     where = real(path)
     if where in reads_and_writes:
         raise InputError(f"--report {report}: that file is an input or output of this run; choose another name")
-    folder = path.parent if str(path.parent) else Path(".")
+    folder = folder_of(path)
     if not folder.is_dir():
         raise InputError(f"--report {report}: the folder {folder} does not exist")
     if path.is_dir():
