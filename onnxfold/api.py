@@ -109,12 +109,8 @@ def make_options(*, verify: bool = True, providers: str | Sequence[str] = ("cpu"
     for name, value in (("atol", atol), ("rtol", rtol)):
         if value is not None and not (math.isfinite(value) and value >= 0):
             raise InputError(f"--{name} {value}: expected a finite number >= 0")
-    if verify_timeout is not None and (isinstance(verify_timeout, bool) or not isinstance(verify_timeout, (int, float))
-                                       or not (math.isfinite(verify_timeout) and verify_timeout >= 0)):
-        raise InputError(f"--verify-timeout {verify_timeout}: expected a finite number of seconds >= 0 (0: no limit)")
-    if verify_memory is not None and (isinstance(verify_memory, bool) or not isinstance(verify_memory, (int, float))
-                                      or not (math.isfinite(verify_memory) and verify_memory >= 0)):
-        raise InputError(f"--verify-memory {verify_memory}: expected a finite number of GiB >= 0 (0: no limit)")
+    _check_limit("--verify-timeout", verify_timeout, "seconds")
+    _check_limit("--verify-memory", verify_memory, "GiB")
     lo, hi = (float(x) for x in input_range)
     if not (math.isfinite(lo) and math.isfinite(hi)):
         raise InputError(f"--input-range {lo:g},{hi:g}: LO and HI must be finite numbers")
@@ -138,6 +134,13 @@ def make_options(*, verify: bool = True, providers: str | Sequence[str] = ("cpu"
         external_data=external_data, data_name=data_name, disable=disable, enable=enable,
         verify_timeout=float(verify_timeout) if verify_timeout else None,
         verify_memory=float(verify_memory) if verify_memory else None)
+
+
+def _check_limit(option: str, value: float | None, unit: str) -> None:
+    """A limit: None, or a finite number >= 0 (0: no limit)."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                              or not (math.isfinite(value) and value >= 0)):
+        raise InputError(f"{option} {value}: expected a finite number of {unit} >= 0 (0: no limit)")
 
 
 def _shapes(shapes: Mapping[str, Sequence[int]]) -> tuple[tuple[str, tuple[int, ...]], ...]:
