@@ -209,28 +209,20 @@ def run_pair(reference, candidate, feeds, provider: str, expose=(),
             f"(available: {', '.join(ort.get_available_providers())})"
         )
     stage("loading the original model")
-    try:
-        ref_sess = session(*ort_source(reference, expose, nodes[0]), provider=provider)
-    except VerifyError:
-        raise
-    except Exception as e:
-        _check_exposure(reference, expose, provider, e, nodes[0])
-        if provider == "cpu" and no_kernel(e):
-            note = "onnxruntime has no CPU kernel for this model: " + str(e).splitlines()[0][:160]
+    ref_sess, error = _load(reference, expose, nodes[0], provider)
+    if error is not None:
+        if provider == "cpu" and no_kernel(error):
+            note = "onnxruntime has no CPU kernel for this model: " + str(error).splitlines()[0][:160]
             stage("running the original model in onnx.reference")
             ref = run_reference(reference, feeds, expose, nodes[0])
             stage("running the folded model in onnx.reference")
             return ref, run_reference(candidate, feeds, expose, nodes[1]), "onnx.reference", note
-        raise invalid("original", e) from None
+        raise invalid("original", error)
     spent("session_original_s")
     stage("loading the folded model")
-    try:
-        cand_sess = session(*ort_source(candidate, expose, nodes[1]), provider=provider)
-    except VerifyError:
-        raise
-    except Exception as e:
-        _check_exposure(candidate, expose, provider, e, nodes[1])
-        raise invalid("folded", e) from None
+    cand_sess, error = _load(candidate, expose, nodes[1], provider)
+    if error is not None:
+        raise invalid("folded", error)
     spent("session_folded_s")
     stage("running the original model")
     ref = _run_session(ref_sess, feeds, "original")
@@ -242,6 +234,17 @@ def run_pair(reference, candidate, feeds, provider: str, expose=(),
     engine = "onnxruntime " + ",".join(cand_sess.get_providers())
     return ref, cand, engine, ""
 
+
+def _load(model, expose, nodes: bytes, provider: str):
+    """(a session of ``model`` with the extra outputs and nodes, None) or (None, why onnxruntime refused
+    it); ExposureRefused when it loads only without them."""
+    try:
+        return session(*ort_source(model, expose, nodes), provider=provider), None
+    except VerifyError:
+        raise
+    except Exception as e:
+        _check_exposure(model, expose, provider, e, nodes)
+        return None, e
 
 
 class _Stopwatch:
