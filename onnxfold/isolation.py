@@ -28,7 +28,7 @@ import traceback
 from collections.abc import Callable
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from . import signals
 from .errors import ChildFailed, ChildTimeout, FoldError
@@ -130,7 +130,7 @@ class Child:
         try:
             _worker.send.send((target.__module__, target.__qualname__, args))
         except OSError:
-            self._finished(raise_crash=True)
+            self._finished()
         self.recv = _worker.recv.recv
         self.poll = _worker.recv.poll
 
@@ -141,7 +141,8 @@ class Child:
             return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
         return self.worker.proc.wait()
 
-    def _finished(self, raise_crash: bool = False):
+    def _finished(self) -> NoReturn:
+        """The child died before it answered: reap it and say how."""
         status = self._status()
         if self.pid is None and not hasattr(self, "conn"):  # the worker died: the next call starts anew
             _stop_worker()
