@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import ml_dtypes
 import numpy as np
 import onnx
@@ -178,3 +180,19 @@ def torch_run(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
             raise NotImplementedError(n.op_type)
         values[n.output[0]] = out
     return values[model.graph.output[0].name].numpy()
+
+
+def external_model(folder: Path, name: str = "m.onnx", *, channels: int = 16, keep: int = 16, seed: int = 0,
+                   keep_seed: int | None = None, data: str | None = None, threshold: int = 256) -> Path:
+    """Conv -> BN saved with external data (``data``, default ``<name>.data``; tensors of ``threshold``
+    bytes or more), plus an unrelated ``keep`` x ``keep`` constant, reduced to a second output, that a
+    fold must copy byte for byte."""
+    model = conv_bn_model(cin=channels, cout=channels, seed=seed)
+    rng = np.random.default_rng(seed if keep_seed is None else keep_seed)
+    model.graph.initializer.append(numpy_helper.from_array(rng.normal(size=(keep, keep)).astype(np.float32), "keep"))
+    model.graph.node.append(helper.make_node("ReduceSum", ["keep"], ["keep_sum"], keepdims=0))
+    model.graph.output.append(helper.make_tensor_value_info("keep_sum", onnx.TensorProto.FLOAT, []))
+    path = Path(folder) / name
+    onnx.save(model, path, save_as_external_data=True, all_tensors_to_one_file=True, location=data or name + ".data",
+              size_threshold=threshold)
+    return path

@@ -23,10 +23,9 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from onnx import helper, numpy_helper
 
+import builders
 import onnxfold.api as api
-from builders import conv_bn_model
 from checks import run, session
 from onnxfold import fold_file
 from onnxfold.commit import remove_stale_temps
@@ -35,15 +34,7 @@ WAIT = 120  # seconds: only a hung run ever waits this long
 
 
 def external_model(folder: Path, name: str, seed: int) -> Path:
-    model = conv_bn_model(cin=8, cout=8, seed=seed)
-    keep = np.random.default_rng(seed).normal(size=(16, 16)).astype(np.float32)
-    model.graph.initializer.append(numpy_helper.from_array(keep, "keep"))
-    model.graph.node.append(helper.make_node("ReduceSum", ["keep"], ["keep_sum"], keepdims=0))
-    model.graph.output.append(helper.make_tensor_value_info("keep_sum", onnx.TensorProto.FLOAT, []))
-    path = folder / name
-    onnx.save(model, path, save_as_external_data=True, all_tensors_to_one_file=True, location=name + ".data",
-              size_threshold=128)
-    return path
+    return builders.external_model(folder, name, channels=8, seed=seed, threshold=128)
 
 
 def outputs(path: Path) -> np.ndarray:

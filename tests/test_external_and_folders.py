@@ -9,6 +9,7 @@ import onnx
 import pytest
 from onnx import helper, numpy_helper
 
+import builders
 from builders import conv_bn_model, count
 from checks import MODELS, cli
 from onnxfold import fold_model, verify
@@ -19,15 +20,7 @@ from onnxfold.write import write
 
 def external_model(folder: Path, name="m.onnx", channels=32) -> Path:
     """Conv -> BN plus an unrelated large constant that the fold must copy byte for byte."""
-    model = conv_bn_model(cin=channels, cout=channels, spatial=6)
-    keep = np.random.default_rng(9).normal(size=(channels, channels)).astype(np.float32)
-    model.graph.initializer.append(numpy_helper.from_array(keep, "keep"))
-    model.graph.node.append(helper.make_node("ReduceSum", ["keep"], ["keep_sum"], keepdims=0))
-    model.graph.output.append(helper.make_tensor_value_info("keep_sum", onnx.TensorProto.FLOAT, []))
-    path = folder / name
-    onnx.save(model, path, save_as_external_data=True, all_tensors_to_one_file=True, location=name + ".data",
-              size_threshold=256)
-    return path
+    return builders.external_model(folder, name, channels=channels, keep=channels, keep_seed=9)
 
 
 def test_external_data_is_read_lazily_and_streamed(tmp_path):

@@ -16,8 +16,9 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from onnx import helper, numpy_helper
+from onnx import numpy_helper
 
+import builders
 from builders import conv_bn_model
 from checks import assert_user_error, cli, digest, session
 from onnxfold import FoldError, InputError, fold_file, verify
@@ -25,15 +26,7 @@ from onnxfold import commit as commit_module
 
 
 def external_model(folder: Path, name="m.onnx", data=None, seed=0) -> Path:
-    model = conv_bn_model(cin=16, cout=16, seed=seed)
-    keep = np.random.default_rng(seed).normal(size=(16, 16)).astype(np.float32)
-    model.graph.initializer.append(numpy_helper.from_array(keep, "keep"))
-    model.graph.node.append(helper.make_node("ReduceSum", ["keep"], ["keep_sum"], keepdims=0))
-    model.graph.output.append(helper.make_tensor_value_info("keep_sum", onnx.TensorProto.FLOAT, []))
-    path = folder / name
-    onnx.save(model, path, save_as_external_data=True, all_tensors_to_one_file=True, location=data or name + ".data",
-              size_threshold=256)
-    return path
+    return builders.external_model(folder, name, seed=seed, data=data)
 
 
 def snapshot(folder: Path) -> dict:

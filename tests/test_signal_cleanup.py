@@ -14,12 +14,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import onnx
 import pytest
-from onnx import helper, numpy_helper
 
-from builders import conv_bn_model
+import builders
 from checks import child_env, session
 from onnxfold import errors, fold_file, signals
 
@@ -39,15 +37,7 @@ console()
 
 
 def external_model(folder: Path) -> Path:
-    model = conv_bn_model(cin=8, cout=8, seed=3)
-    keep = np.random.default_rng(3).normal(size=(16, 16)).astype(np.float32)
-    model.graph.initializer.append(numpy_helper.from_array(keep, "keep"))
-    model.graph.node.append(helper.make_node("ReduceSum", ["keep"], ["keep_sum"], keepdims=0))
-    model.graph.output.append(helper.make_tensor_value_info("keep_sum", onnx.TensorProto.FLOAT, []))
-    path = folder / "m.onnx"
-    onnx.save(model, path, save_as_external_data=True, all_tensors_to_one_file=True, location="m.onnx.data",
-              size_threshold=128)
-    return path
+    return builders.external_model(folder, channels=8, seed=3, threshold=128)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM],
