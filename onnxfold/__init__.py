@@ -92,7 +92,7 @@ def fold_model(model, *, disable=(), enable=(), copy: bool = True, base_dir=None
     return _fold_proto(model, disable=disable, enable=enable, copy=copy, base_dir=base_dir, sink=sink)
 
 
-def fold_conv_bn(obj, *, disable=()):
+def fold_conv_bn(obj, *, disable=(), enable=()):
     """Fold every safe producer -> BatchNormalization pair in ``obj``.
 
     - ``onnx.ModelProto``: returns a new folded model; the argument is untouched.
@@ -102,20 +102,21 @@ def fold_conv_bn(obj, *, disable=()):
     - ``onnx_ir.Model`` / ``onnx_ir.Graph`` and ``torch.onnx.ONNXProgram``: folds in place and returns
       the same object (see :func:`fold_model`).
 
-    Use :func:`fold_model` to also get the :class:`FoldReport`.
+    ``disable``: rule names to switch off; ``enable``: rules that are off by default to switch on
+    (:func:`rule_names`). Use :func:`fold_model` to also get the :class:`FoldReport`.
     """
     import onnx
 
     if isinstance(obj, onnx.ModelProto):
-        return fold_model(obj, disable=disable)[0]
+        return fold_model(obj, disable=disable, enable=enable)[0]
     if isinstance(obj, onnx.GraphProto):
         from onnx import helper
 
         model = helper.make_model(obj, opset_imports=[helper.make_opsetid("", onnx.defs.onnx_opset_version())])
-        return fold_model(model, disable=disable, copy=False)[0].graph
+        return fold_model(model, disable=disable, enable=enable, copy=False)[0].graph
     if type(obj).__name__ == "Graph" and type(obj).__module__.startswith("onnx_graphsurgeon"):
-        return _graphsurgeon.fold_graph(obj, disable=disable)[0]
+        return _graphsurgeon.fold_graph(obj, disable=disable, enable=enable)[0]
     if _ir_kind(obj) is not None:
-        return _onnx_ir.fold_in_place(obj, disable=disable)[0]
+        return _onnx_ir.fold_in_place(obj, disable=disable, enable=enable)[0]
     raise TypeError("fold_conv_bn takes an onnx.ModelProto, onnx.GraphProto, onnx_graphsurgeon.Graph, onnx_ir.Model, "
                     f"onnx_ir.Graph or torch.onnx.ONNXProgram, not {type(obj).__name__}")

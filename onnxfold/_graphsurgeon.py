@@ -29,7 +29,7 @@ def _gs_graphs(graph):
                     yield from _gs_graphs(sub)
 
 
-def fold_graph(graph, *, disable=()):
+def fold_graph(graph, *, disable=(), enable=()):
     import onnx_graphsurgeon as gs
 
     graphs = list(_gs_graphs(graph))
@@ -39,7 +39,7 @@ def fold_graph(graph, *, disable=()):
         node.name = names.assign(node.op, node.name)
     try:
         model = gs.export_onnx(graph, do_type_check=False)
-        folded, report = fold_model(model, disable=disable, copy=False)
+        folded, report = fold_model(model, disable=disable, enable=enable, copy=False)
         if report.inlined or any(f.graph.startswith("function ") for f in report.folded):
             # Functions were inlined or rewritten: there is no node-for-node mapping; take the
             # folded graph whole, in the same Graph object.

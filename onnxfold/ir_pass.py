@@ -22,13 +22,16 @@ from .report import FoldReport
 
 class FoldBatchNormPass(ir.passes.InPlacePass):
     """Fold every safe producer -> affine pair (BatchNormalization, Mul/Add/Sub/Div by constants) of the
-    model in place; ``disable``: rule names to switch off (:func:`onnxfold.rule_names`)."""
+    model in place; ``disable``: rule names to switch off, ``enable``: rules that are off by default to
+    switch on (:func:`onnxfold.rule_names`)."""
 
-    def __init__(self, disable: str | tuple[str, ...] | list[str] = ()):
+    def __init__(self, disable: str | tuple[str, ...] | list[str] = (),
+                 enable: str | tuple[str, ...] | list[str] = ()):
         super().__init__()
         self.disable = disable
+        self.enable = enable
         self.report: FoldReport | None = None
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        _, self.report = fold_ir_model(model, disable=self.disable)
+        _, self.report = fold_ir_model(model, disable=self.disable, enable=self.enable)
         return ir.passes.PassResult(model, modified=bool(self.report.folded))

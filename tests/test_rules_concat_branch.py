@@ -302,6 +302,34 @@ def test_fold_model_on_onnx_ir():
     equivalent(model, ir.serde.serialize_model(ir_model))
 
 
+def test_every_entry_point_takes_enable():
+    """fold_conv_bn (ModelProto, GraphProto, onnx-graphsurgeon, onnx_ir) and FoldBatchNormPass switch the
+    rule on as fold_model does; without ``enable`` each leaves the branches."""
+    from onnxfold import fold_conv_bn
+
+    model = _model()
+    assert op_types(fold_conv_bn(model)) == ["Conv", "Conv", "Conv", "Concat", "Relu"]  # off by default
+    folded = fold_conv_bn(model, **ON)
+    assert op_types(folded) == ["Conv", "Relu"]
+    equivalent(model, folded, "ModelProto")
+    assert [n.op_type for n in fold_conv_bn(model.graph, **ON).node] == ["Conv", "Relu"]
+    gs = pytest.importorskip("onnx_graphsurgeon")
+    graph = gs.import_onnx(model)
+    assert fold_conv_bn(graph, **ON) is graph
+    graph.cleanup().toposort()
+    assert [n.op for n in graph.nodes] == ["Conv", "Relu"]
+    equivalent(model, gs.export_onnx(graph), "graphsurgeon")
+    ir = pytest.importorskip("onnx_ir")
+    from onnxfold.ir_pass import FoldBatchNormPass
+
+    ir_model = ir.serde.deserialize_model(model)
+    pass_ = FoldBatchNormPass(**ON)
+    result = pass_(ir_model)
+    assert result.modified and [n.op_type for n in ir_model.graph] == ["Conv", "Relu"]
+    assert pass_.report is not None and "concat_branch" in [f.rule for f in pass_.report.folded]
+    equivalent(model, ir.serde.serialize_model(ir_model), "onnx_ir pass")
+
+
 def test_cli_enable(tmp_path):
     model = _model()
     src, out = tmp_path / "in.onnx", tmp_path / "out.onnx"
