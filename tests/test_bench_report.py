@@ -79,6 +79,7 @@ def test_rows_ratios_exit_codes_and_dominant_phase(tools):
     assert detr["fold_ratio"] == pytest.approx(4.5) and detr["fold_rcs"] == [0, 1]
     assert detr["fold_dominant"] == ("verify", pytest.approx(0.55))
     assert detr["nv_dominant"] == ("start-up", pytest.approx(0.25))
+    assert [k for k, _ in detr["nv_top"]] == ["start-up", "fold"]
     assert bad["ort_s"] is None and bad["fold_ratio"] is None and "InvalidGraph" in bad["ort_error"]
     # "rest": the wall time outside start-up and total_s
     split = rep.phase_split(synthetic()["corpus"]["models"]["timm/a_legacy"]["variants"]["onnxfold"])
@@ -105,12 +106,15 @@ def test_page_has_the_corpus_table_targets_and_start_up(tools):
     assert ("onnxfold with verification ≤ 2x onnxruntime: met on 1 of 2 models; missed on 1: "
             "hf/detr_dynamo 4.50x") in intro
     assert "not compared (onnxruntime failed): wheels/x/bad" in intro
-    assert "| hf/detr_dynamo | 4.0 MB | 7 | 0.20 | 0.90 (4.50x), exit 1 | verify 0.55 s | 0.50 (2.50x) |" in md
+    assert ("| hf/detr_dynamo | 4.0 MB | 7 | 0.20 | 0.90 (4.50x), exit 1 | verify 0.55 s, start-up 0.25 s "
+            "| 0.50 (2.50x) | start-up 0.25 s, fold 0.20 s |") in md
     assert "| wheels/x/bad | 4.0 MB | 7 | ✗ InvalidGraph: bad node |" in md
     assert "- hf/detr_dynamo (verified): verification failed: output y" in md
     assert "| `python -c \"import onnxruntime\"` | 0.130 |" in md
     assert "the outermost imports total 0.230 s" in md and "| &nbsp;&nbsp;&nbsp;&nbsp;onnx | 0.097 |" in md
     assert "onnxfold's start-up is +0.13 s against onnxruntime's" in md
+    # medians over the two compared models: ort 0.25, verified 0.70, --no-verify 0.395
+    assert "onnxruntime 0.12 s, onnxfold 0.44 s, `--no-verify` 0.14 s." in md
     assert "get 3 timed runs and no warm-up" in md
     # a results file without the corpus sections renders as before
     plain = {k: v for k, v in synthetic().items() if k not in ("corpus", "startup")}
