@@ -135,3 +135,10 @@ def test_importtime_parsing_and_summary(tools):
     assert s["total_s"] == pytest.approx(0.1501)
     assert [(e["module"], e["depth"]) for e in s["top"]] == [("onnxfold", 0), ("onnx", 1), ("numpy", 2)]
     assert corpus.rotated(("a", "b", "c"), 4) == ["b", "c", "a"]
+
+
+def test_corpus_chart(tools, tmp_path):
+    _, rep, _ = tools
+    assert rep.render_corpus_png({"results": {}}, tmp_path / "none.png") is False  # no corpus, no chart
+    pytest.importorskip("matplotlib")  # the "bench" extra
+    assert rep.render_corpus_png(synthetic(), tmp_path / "c.png") and (tmp_path / "c.png").stat().st_size > 0

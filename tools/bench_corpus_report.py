@@ -170,7 +170,7 @@ def render_corpus_md(results: dict) -> list[str]:
          + (f" 1-minute load average at each round's start: {min(loads):.2f} to {max(loads):.2f}; "
             f"the section took {corpus.get('seconds', 0):.0f} s." if loads else ""), ""]
     L += [*target_lines(results), ""]
-    L += gap_explanation(results) + [""]
+    L += gap_explanation(results) + ["", "![onnxfold over onnxruntime per corpus model](benchmarks_corpus.png)", ""]
     L += ["| model | size | BN | onnxruntime s | onnxfold s (× ort) | biggest phases | --no-verify s (× ort) "
           "| biggest phases |", "|---|---:|---:|---:|---:|---|---:|---|"]
     for r in rows:
@@ -200,3 +200,42 @@ def render_startup_md(results: dict) -> list[str]:
               "| module | cumulative s |", "|---|---:|"]
         L += [f"| {'&nbsp;' * 2 * e['depth']}{e['module']} | {e['cumulative_s']:.3f} |" for e in imp["top"]]
     return L + [""]
+
+
+def render_corpus_png(results: dict, path) -> bool:
+    """Per corpus model, onnxfold's time over onnxruntime's with and without verification, the targets as
+    lines; False when there is no corpus section."""
+    rows = [r for r in corpus_rows(results) if r["fold_ratio"] is not None and r["nv_ratio"] is not None]
+    if not rows:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    rows.sort(key=lambda r: r["fold_ratio"])
+    fig, ax = plt.subplots(figsize=(9, 1.5 + 0.2 * len(rows)))
+    ys = range(len(rows))
+    ax.barh([y + 0.2 for y in ys], [r["fold_ratio"] for r in rows], 0.4, label="onnxfold (verified)")
+    ax.barh([y - 0.2 for y in ys], [r["nv_ratio"] for r in rows], 0.4, label="onnxfold --no-verify")
+    for limit, style in ((1.0, "--"), (2.0, ":")):
+        ax.axvline(limit, color="black", linewidth=0.8, linestyle=style)
+    ax.set_yticks(list(ys))
+    ax.set_yticklabels([r["name"] for r in rows], fontsize=7)
+    ax.set_ylim(-0.7, len(rows) - 0.3)
+    ax.set_xscale("log")
+    ratios = [r[k] for r in rows for k in ("fold_ratio", "nv_ratio")] + [1.0, 2.0]
+    lo, hi = min(ratios) / 1.3, max(ratios) * 1.3
+    ax.set_xlim(lo, hi)
+    ax.set_xticks([v for v in (0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1, 1.5, 2, 3, 5, 7, 10, 20) if lo <= v <= hi])
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}×"))
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.set_title("onnxfold's wall time × onnxruntime's offline optimizer (fresh processes, median)\n"
+                 "targets: ≤ 2× verified (dotted), ≤ 1× --no-verify (dashed)", fontsize=9)
+    ax.legend(fontsize=8, loc="lower right")
+    ax.grid(axis="x", which="major", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True

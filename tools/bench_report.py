@@ -431,6 +431,7 @@ def render(results, out_dir: Path):
     md.write_text(render_md(results))
     try:
         render_png(results, png)
+        bench_corpus_report.render_corpus_png(results, out_dir / "benchmarks_corpus.png")
     except ImportError as e:  # matplotlib is in the "bench" extra; the page is still worth having
         print(f"[bench] {png} not drawn: {e} (pip install '.[bench]')", flush=True)
         png = None
