@@ -3,7 +3,7 @@
 
 One command regenerates everything (models are generated when missing):
 
-    python tools/bench.py            # full run -> docs/benchmarks.md, docs/benchmarks.png
+    python tools/bench.py            # full run -> docs/benchmarks.md, docs/benchmarks{,_corpus}.png
     python tools/bench.py --quick    # small models, 1 timed run, no 2 GiB model
                                      # -> build/bench/quick/benchmarks.md (+ .png)
 
