@@ -3,7 +3,7 @@
 
 One command regenerates everything (models are generated when missing):
 
-    python tools/bench.py            # full run -> docs/benchmarks.md, docs/benchmarks.png
+    python tools/bench.py            # full run -> docs/benchmarks.md, docs/benchmarks{,_corpus}.png
     python tools/bench.py --quick    # small models, 1 timed run, no 2 GiB model
                                      # -> build/bench/quick/benchmarks.md (+ .png)
 
@@ -11,6 +11,9 @@ Re-measure only some tools (e.g. once the onnxfold CLI exists) and merge them
 into the last full run's results, then re-render the report:
 
     python tools/bench.py --tools floor onnxfold --merge
+
+Then, when the corpus cache exists (``--corpus DIR``, ``--no-corpus`` to skip), every corpus model as whole
+processes against onnxruntime, and the start-up of a fresh process: tools/bench_corpus.py.
 
 Every tool runs as a whole fresh process, as a user would run it:
 
@@ -56,6 +59,7 @@ BUILD = ROOT / "build"
 PY = sys.executable
 
 sys.path.insert(0, str(TOOLS_DIR))
+import bench_corpus  # noqa: E402  (stdlib only)
 import bench_models  # noqa: E402  (stdlib + numpy only at import time)
 
 # --------------------------------------------------------------------------
@@ -140,6 +144,7 @@ TOOLS = {
                  "onnxslim", "`python -m onnxslim IN OUT` (default settings)"),
 }
 TOOL_ORDER = list(TOOLS)
+BIG_FULL = ("floor", "onnxfold", "onnxruntime")  # full repeats on big models too (the targets' ratios)
 PEERS = [t for t in TOOL_ORDER if t != "floor"]
 
 VERSION_DISTS = ["onnx", "onnxruntime", "onnxscript", "onnx-ir", "onnxoptimizer", "onnxslim",
@@ -375,6 +380,16 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--models-dir", type=Path, default=None)
     ap.add_argument("--docs-dir", type=Path, default=None,
                     help="where benchmarks.md/.png go (default docs/; quick: build/bench/quick/)")
+    ap.add_argument("--big-repeat", type=int, default=3,
+                    help="on models above --big-mb, timed runs (and no warm-up) for the peers other than "
+                         "onnxruntime, which take up to 30 s a run there (default 3)")
+    ap.add_argument("--corpus", type=Path, default=bench_corpus.DEFAULT_DIR,
+                    help="the corpus cache (default $ONNXFOLD_CORPUS or ~/.cache/onnxfold-corpus)")
+    ap.add_argument("--no-corpus", action="store_true", help="skip the corpus and start-up sections")
+    ap.add_argument("--corpus-models", nargs="*", default=None,
+                    help="only the corpus models whose name contains one of these (timm/densenet, detr)")
+    ap.add_argument("--corpus-rounds", type=int, default=None, help="timed rounds (default 7; quick 1)")
+    ap.add_argument("--corpus-warmup", type=int, default=None, help="warm-up rounds (default 1; quick 0)")
     return ap
 
 
@@ -393,6 +408,7 @@ class Plan:
     tools: list[str]
     big_mb: float
     keep_outputs: bool
+    big_repeat: int = 3
 
     @property
     def results_path(self) -> Path:
@@ -415,6 +431,7 @@ def _plan(a: argparse.Namespace) -> Plan:
         tools=a.tools or TOOL_ORDER,
         big_mb=a.big_mb,
         keep_outputs=a.keep_outputs,
+        big_repeat=min(a.big_repeat, a.repeat if a.repeat is not None else (1 if quick else 5)),
     )
 
 
@@ -446,6 +463,11 @@ def main(argv=None):
         _bench_model(plan, model, results, meta, run_idx)
         plan.results_path.write_text(json.dumps(results, indent=1))
 
+    if not a.no_corpus and (a.corpus / "manifest.json").exists():  # 3. the corpus, 4. start-up
+        _bench_corpus(plan, a, results)
+        plan.results_path.write_text(json.dumps(results, indent=1))
+    elif not a.no_corpus:
+        log(f"[bench] no corpus at {a.corpus} (python tools/corpus.py builds it): corpus section skipped")
     results["runs"][-1]["seconds"] = round(time.perf_counter() - t_start, 1)
     plan.results_path.write_text(json.dumps(results, indent=1))
     log(f"[bench] measured in {results['runs'][-1]['seconds']:.0f} s; results in {plan.results_path}")
@@ -453,8 +475,20 @@ def main(argv=None):
     import bench_report
 
     md, png = bench_report.render(results, plan.docs_dir)
-    log(f"[bench] wrote {md} and {png}")
+    log(f"[bench] wrote {md}" + (f" and {png}" if png else ""))
     return 0
+
+
+def _bench_corpus(plan: Plan, a: argparse.Namespace, results: dict) -> None:
+    entries = bench_corpus.corpus_models(a.corpus, a.corpus_models)
+    # 7 rounds + 1 warm-up: one round of the 56 models takes ~70 s on 2 cores, so ~9-10 minutes in all
+    rounds = a.corpus_rounds if a.corpus_rounds is not None else (1 if plan.quick else 7)
+    warmup = a.corpus_warmup if a.corpus_warmup is not None else (0 if plan.quick else 1)
+    log(f"[bench] corpus: {len(entries)} models from {a.corpus}, {warmup} warm-up + {rounds} timed rounds")
+    results["corpus"] = bench_corpus.run_corpus(a.corpus, entries, plan.work, rounds, warmup,
+                                                min(plan.timeout, 600), run_measured, TOOLS["onnxruntime"][0],
+                                                short_error, log)
+    results["startup"] = bench_corpus.run_startup(3 if plan.quick else 7, run_measured, log)
 
 
 def _start_results(plan: Plan, merge: bool) -> tuple[dict, int]:
@@ -465,7 +499,8 @@ def _start_results(plan: Plan, merge: bool) -> tuple[dict, int]:
     results.setdefault("models", {})
     results["machine"] = machine_info()
     results["quick"] = plan.quick
-    results["settings"] = {"warmup": plan.warmup, "repeat": plan.repeat, "timeout_s": plan.timeout}
+    results["settings"] = {"warmup": plan.warmup, "repeat": plan.repeat, "timeout_s": plan.timeout,
+                           "big_mb": plan.big_mb, "big_repeat": plan.big_repeat, "big_full": list(BIG_FULL)}
     results["tools"] = {t: TOOLS[t][2] for t in TOOL_ORDER}
     results.setdefault("runs", []).append(
         {"started": _dt.datetime.now().isoformat(timespec="seconds"), "models": plan.models, "tools": plan.tools,
@@ -512,7 +547,10 @@ def _bench_model(plan: Plan, model: str, results: dict, meta: dict, run_idx: int
     done = {}
     for tool in plan.tools:
         dst = out_dir / model / tool / f"{model}.onnx"
-        res = measure_tool(tool, src, dst, ext, plan.warmup, plan.repeat, plan.timeout, log)
+        warmup, repeat = plan.warmup, plan.repeat
+        if big and tool not in BIG_FULL:  # the slow peers: up to 30 s a run on a 2 GiB model
+            warmup, repeat = 0, plan.big_repeat
+        res = measure_tool(tool, src, dst, ext, warmup, repeat, plan.timeout, log)
         res["measured"] = _dt.datetime.now().isoformat(timespec="seconds")
         res["run"] = run_idx  # ratios are taken against the floor of the same run
         per_model[tool] = res

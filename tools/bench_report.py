@@ -7,6 +7,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import bench_corpus_report
+
 MODEL_DESC = {
     "resnet50": "ResNet-50-shaped CNN (Bottleneck [3,4,6,3])",
     "mobilenetv2": "MobileNetV2-shaped CNN (depthwise convs)",
@@ -86,7 +88,9 @@ def render_md(results) -> str:
     tools = tool_order(results)
     models = model_order(results)
     L = _md_intro(results) + _md_runs(results) + _md_machine(results) + _md_tools_and_models(results, tools, models)
-    L += _md_overview(results, tools, models) + _md_details(results, tools, models) + _md_failures(results, models)
+    L += _md_overview(results, tools, models) + _md_details(results, tools, models)
+    L += bench_corpus_report.render_corpus_md(results) + bench_corpus_report.render_startup_md(results)
+    L += _md_failures(results, models)
     return "\n".join(L) + "\n"
 
 
@@ -101,6 +105,8 @@ def _md_intro(results) -> list[str]:
         L += ["", headline(results), ""]
     if targets(results):
         L += ["## Targets for large models", "", targets(results), ""]
+    if bench_corpus_report.target_lines(results):
+        L += ["## Targets for the corpus (details below)", "", *bench_corpus_report.target_lines(results), ""]
     return L
 
 
@@ -151,6 +157,10 @@ def _md_machine(results) -> list[str]:
     L.append(f"- Each tool runs as a fresh process; wall time is the median of {s.get('repeat')} runs "
              f"after {s.get('warmup')} warm-up run(s) (min–max in brackets); peak memory is the "
              "process's max resident set size (ru_maxrss from wait4), median over the same runs.")
+    if s.get("big_repeat") is not None and s["big_repeat"] < (s.get("repeat") or 0):
+        L.append(f"- On models above {s['big_mb']:g} MB, the tools other than {', '.join(s['big_full'])} get "
+                 f"{s['big_repeat']} timed runs and no warm-up (they take up to 30 s a run there; this keeps "
+                 "the whole run bounded).")
     return L + [""]
 
 
@@ -419,7 +429,12 @@ def render(results, out_dir: Path):
     md = out_dir / "benchmarks.md"
     png = out_dir / "benchmarks.png"
     md.write_text(render_md(results))
-    render_png(results, png)
+    try:
+        render_png(results, png)
+        bench_corpus_report.render_corpus_png(results, out_dir / "benchmarks_corpus.png")
+    except ImportError as e:  # matplotlib is in the "bench" extra; the page is still worth having
+        print(f"[bench] {png} not drawn: {e} (pip install '.[bench]')", flush=True)
+        png = None
     if not results.get("quick"):
         update_readme(results, Path(__file__).resolve().parent.parent / "README.md")
     return md, png

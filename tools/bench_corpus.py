@@ -1,0 +1,199 @@
+"""tools/bench.py's corpus and start-up sections: every model of the real-model corpus as whole processes.
+
+For every model in the corpus cache's manifest (built by ``python tools/corpus.py``; ``$ONNXFOLD_CORPUS``
+or ``~/.cache/onnxfold-corpus``), as fresh processes exactly as a user runs them:
+
+  onnxfold      python -m onnxfold IN OUT --report R          (verification, the default)
+  onnxfold-nv   python -m onnxfold IN OUT --no-verify --report R
+  onnxruntime   tools/bench.py's "onnxruntime" tool: SessionOptions(ORT_ENABLE_BASIC,
+                optimized_model_filepath=OUT); InferenceSession, in a fresh ``python -c``
+
+interleaved round-robin (each round runs every model, each model's variants in an order rotated from
+round to round and model to model, as tools/bench_whole.py does), so that load from other work on the
+machine falls on every variant alike. Per variant: the median wall time of the timed rounds (after the
+warm-up rounds), peak memory, every run's exit code, and for onnxfold the median of each phase of its
+``--report`` JSON ``timings``.
+
+The start-up section: the median wall time of ``python -c pass``, ``python -c "import onnxruntime"``,
+``python -c "import onnx"`` and ``python -m onnxfold --version``, and ``python -X importtime -m onnxfold
+--version``'s biggest entries (cumulative, median over the runs) and its total.
+
+This module imports only the standard library; tools/bench.py passes in its process runner.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+PY = sys.executable
+VARIANTS = ("onnxfold", "onnxfold-nv", "onnxruntime")
+# the top-level phases of onnxfold's --report timings (the others are parts of these)
+PHASES = ("startup_s", "lock_s", "load_s", "plan_s", "stage_s", "fold_s", "write_s", "verify_s", "check_s",
+          "commit_s")
+DEFAULT_DIR = Path(os.environ.get("ONNXFOLD_CORPUS") or Path.home() / ".cache" / "onnxfold-corpus").expanduser()
+STARTUP_COMMANDS = {
+    "python -c pass": [PY, "-c", "pass"],
+    "python -c \"import onnxruntime\"": [PY, "-c", "import onnxruntime"],
+    "python -c \"import onnx\"": [PY, "-c", "import onnx"],
+    "python -m onnxfold --version": [PY, "-m", "onnxfold", "--version"],
+}
+
+
+def model_name(entry: dict) -> str:
+    """A manifest entry's name on the page: its file without the .onnx suffix (timm/densenet121_legacy)."""
+    return entry["file"].removesuffix(".onnx")
+
+
+def corpus_models(corpus_dir: Path, only: list[str] | None = None) -> list[dict]:
+    """The manifest's entries whose file is present, those whose name contains one of `only` if given."""
+    manifest = json.loads((corpus_dir / "manifest.json").read_text())
+    entries = [e for e in manifest["models"] if (corpus_dir / e["file"]).exists()]
+    if only:
+        entries = [e for e in entries if any(o in model_name(e) for o in only)]
+    return entries
+
+
+def model_bytes(corpus_dir: Path, entry: dict) -> int:
+    files = [entry["file"]] + ([entry["data_file"]] if entry.get("data_file") else [])
+    return sum((corpus_dir / f).stat().st_size for f in files if (corpus_dir / f).exists())
+
+
+def variant_argv(variant: str, src: str, dst: str, report: str, ext: bool,
+                 ort_argv: Callable[[str, str, bool], list[str]]) -> list[str]:
+    if variant == "onnxfold":
+        return [PY, "-m", "onnxfold", src, dst, "--report", report]
+    if variant == "onnxfold-nv":
+        return [PY, "-m", "onnxfold", src, dst, "--no-verify", "--report", report]
+    return ort_argv(src, dst, ext)
+
+
+def rotated(items: tuple[str, ...] | list[str], k: int) -> list[str]:
+    k %= len(items)
+    return list(items[k:]) + list(items[:k])
+
+
+def run_corpus(corpus_dir: Path, entries: list[dict], work: Path, rounds: int, warmup: int, timeout: float,
+               run: Callable[..., dict], ort_argv: Callable[[str, str, bool], list[str]],
+               short_error: Callable[[dict], str], log=print) -> dict:
+    """Every entry x VARIANTS, `warmup` + `rounds` interleaved rounds; the raw runs and their medians."""
+    t_start = time.perf_counter()
+    raw: dict[str, dict[str, list[dict]]] = {model_name(e): {v: [] for v in VARIANTS} for e in entries}
+    loads = []
+    for i in range(warmup + rounds):
+        loads.append(round(os.getloadavg()[0], 2))
+        t_round = time.perf_counter()
+        for j, e in enumerate(entries):
+            name, src = model_name(e), str(corpus_dir / e["file"])
+            for v in rotated(VARIANTS, i + j):
+                out = work / "corpus_out" / v
+                shutil.rmtree(out, ignore_errors=True)
+                out.mkdir(parents=True)
+                report = work / "corpus_out" / f"{v}.report.json"
+                report.unlink(missing_ok=True)
+                dst = out / "out.onnx"
+                r = run(variant_argv(v, src, str(dst), str(report), bool(e.get("data_file")), ort_argv),
+                        timeout)
+                rec = {"wall_s": r["wall_s"], "rss_mib": r["rss_mib"], "rc": r["rc"], "wrote": dst.exists()}
+                if r["rc"] != 0 or not dst.exists():
+                    rec["error"] = short_error(r) if r["rc"] != 0 else "exited 0 but wrote no model"
+                if v != "onnxruntime" and report.exists():
+                    try:
+                        rec["timings"] = json.loads(report.read_text()).get("timings", {})
+                    except ValueError:
+                        pass
+                if i >= warmup:
+                    raw[name][v].append(rec)
+        shutil.rmtree(work / "corpus_out", ignore_errors=True)
+        log(f"[corpus] round {i + 1}/{warmup + rounds}{' (warm-up)' if i < warmup else ''}: "
+            f"{len(entries)} models in {time.perf_counter() - t_round:.0f} s (load {loads[-1]:.2f})")
+    models = {}
+    for e in entries:
+        name = model_name(e)
+        models[name] = {"bytes": model_bytes(corpus_dir, e), "bn_nodes": e.get("bn_nodes"), "kind": e.get("kind"),
+                        "external_data": bool(e.get("data_file")),
+                        "variants": {v: summarize(raw[name][v]) for v in VARIANTS}}
+    return {"dir": str(corpus_dir), "rounds": rounds, "warmup": warmup, "loadavg_1m": loads,
+            "seconds": round(time.perf_counter() - t_start, 1), "models": models}
+
+
+def summarize(runs: list[dict]) -> dict:
+    """One variant on one model: median wall and memory, the exit codes, the median of each phase."""
+    if not runs:
+        return {"runs": 0}
+    walls = [r["wall_s"] for r in runs]
+    out = {"runs": len(runs), "wall_median_s": statistics.median(walls), "wall_min_s": min(walls),
+           "wall_max_s": max(walls), "rss_median_mib": statistics.median(r["rss_mib"] for r in runs),
+           "rcs": [r["rc"] for r in runs], "ok": all(r["rc"] == 0 and r["wrote"] for r in runs)}
+    errors = [r["error"] for r in runs if r.get("error")]
+    if errors:
+        out["error"] = errors[-1]
+    timed = [r["timings"] for r in runs if r.get("timings")]
+    if timed:
+        keys = {k for t in timed for k in t}
+        out["phases"] = {k: statistics.median(t.get(k, 0.0) for t in timed) for k in sorted(keys)}
+    return out
+
+
+# --------------------------------------------------------------------------
+# start-up
+# --------------------------------------------------------------------------
+
+def parse_importtime(stderr: str) -> list[tuple[str, int, float, float]]:
+    """``-X importtime`` lines as (module, depth, self s, cumulative s), in the order printed."""
+    rows = []
+    for line in stderr.splitlines():
+        if not line.startswith("import time:") or line.count("|") != 2:
+            continue
+        self_us, cum_us, name = line[len("import time:"):].split("|")
+        if not (self_us.strip().isdigit() and cum_us.strip().isdigit()):
+            continue  # the header line
+        depth = (len(name) - len(name.lstrip(" "))) // 2
+        rows.append((name.strip(), depth, int(self_us) / 1e6, int(cum_us) / 1e6))
+    return rows
+
+
+def importtime_summary(runs: list[list[tuple[str, int, float, float]]], top: int = 10) -> dict:
+    """The `top` entries by median cumulative time (a module's first import), and the median total: the
+    sum of the outermost (depth 0) imports' cumulative times."""
+    cums: dict[str, list[float]] = {}
+    depth: dict[str, int] = {}
+    totals = []
+    for rows in runs:
+        seen: set[str] = set()
+        for name, d, _self, cum in rows:
+            if name in seen:
+                continue
+            seen.add(name)
+            cums.setdefault(name, []).append(cum)
+            depth.setdefault(name, d)
+        totals.append(sum(cum for _n, d, _s, cum in rows if d == 0))
+    med = {n: statistics.median(v) for n, v in cums.items()}
+    biggest = sorted(med, key=lambda n: med[n], reverse=True)[:top]
+    return {"runs": len(runs), "total_s": statistics.median(totals) if totals else None,
+            "top": [{"module": n, "depth": depth[n], "cumulative_s": med[n]} for n in biggest]}
+
+
+def run_startup(repeat: int, run: Callable[..., dict], log=print) -> dict:
+    """Interleaved: each command of STARTUP_COMMANDS and ``-X importtime -m onnxfold --version``, `repeat`
+    times; median walls and the importtime summary."""
+    walls: dict[str, list[float]] = {k: [] for k in STARTUP_COMMANDS}
+    imports = []
+    for _ in range(repeat):
+        for label, argv in STARTUP_COMMANDS.items():
+            r = run(argv, 120)
+            if r["rc"] == 0:
+                walls[label].append(r["wall_s"])
+        r = run([PY, "-X", "importtime", "-m", "onnxfold", "--version"], 120)
+        if r["rc"] == 0:
+            imports.append(parse_importtime(r["stderr"]))
+    medians = {k: statistics.median(v) for k, v in walls.items() if v}
+    summary = importtime_summary(imports)
+    log("[startup] " + ", ".join(f"{k} {v:.2f}s" for k, v in medians.items())
+        + (f"; importtime total {summary['total_s']:.2f}s" if summary["total_s"] else ""))
+    return {"repeat": repeat, "walls": medians, "importtime": summary}
