@@ -142,3 +142,32 @@ def test_corpus_chart(tools, tmp_path):
     assert rep.render_corpus_png({"results": {}}, tmp_path / "none.png") is False  # no corpus, no chart
     pytest.importorskip("matplotlib")  # the "bench" extra
     assert rep.render_corpus_png(synthetic(), tmp_path / "c.png") and (tmp_path / "c.png").stat().st_size > 0
+
+
+def test_folder_section(tools):
+    _, report, _ = tools
+    assert report.render_folder_md({}) == []
+    wall = {"onnxfold": 20.0, "onnxfold-nv": 16.0, "onnxfold -j 2": 12.0, "onnxruntime": 8.0}
+    results = {"folder": {"models": 40, "rounds": 3, "variants": {
+        k: {"wall_median_s": w, "wall_min_s": w - 1, "wall_max_s": w + 1, "rcs": [0, 0, 1 if k == "onnxfold" else 0]}
+        for k, w in wall.items()}}}
+    text = "\n".join(report.render_folder_md(results))
+    assert "The same 40 models" in text and "3 interleaved rounds" in text
+    assert "| `python -m onnxfold IN_DIR OUT_DIR` | 20.0 (19.0–21.0) | 0.500 | 2.50x | 0/1 |" in text
+    assert "| … `-j 2` | 12.0 (11.0–13.0) | 0.300 | 1.50x | 0 |" in text
+    assert "| onnxruntime, one process | 8.0 (7.0–9.0) | 0.200 | 1.00x | 0 |" in text
+
+
+def test_folder_of_links_mirrors_the_corpus_layout(tools, tmp_path):
+    corpus, _, _ = tools
+    src = tmp_path / "c"
+    (src / "hf").mkdir(parents=True)
+    (src / "hf" / "a.onnx").write_bytes(b"model")
+    (src / "hf" / "a.onnx.data").write_bytes(b"data")
+    (src / "b.onnx").write_bytes(b"b")
+    into = tmp_path / "links"
+    into.mkdir()
+    corpus.folder_of_links(src, [{"file": "hf/a.onnx", "data_file": "hf/a.onnx.data"}, {"file": "b.onnx"}], into)
+    assert sorted(str(p.relative_to(into)) for p in into.rglob("*") if p.is_file() and not p.is_symlink()) == [
+        "b.onnx", "hf/a.onnx", "hf/a.onnx.data"]
+    assert (into / "hf" / "a.onnx.data").read_bytes() == b"data"

@@ -388,7 +388,7 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--no-corpus", action="store_true", help="skip the corpus and start-up sections")
     ap.add_argument("--corpus-models", nargs="*", default=None,
                     help="only the corpus models whose name contains one of these (timm/densenet, detr)")
-    ap.add_argument("--corpus-rounds", type=int, default=None, help="timed rounds (default 7; quick 1)")
+    ap.add_argument("--corpus-rounds", type=int, default=None, help="timed rounds (default 5; quick 1)")
     ap.add_argument("--corpus-warmup", type=int, default=None, help="warm-up rounds (default 1; quick 0)")
     return ap
 
@@ -481,13 +481,15 @@ def main(argv=None):
 
 def _bench_corpus(plan: Plan, a: argparse.Namespace, results: dict) -> None:
     entries = bench_corpus.corpus_models(a.corpus, a.corpus_models)
-    # 7 rounds + 1 warm-up: one round of the 56 models takes ~70 s on 2 cores, so ~9-10 minutes in all
-    rounds = a.corpus_rounds if a.corpus_rounds is not None else (1 if plan.quick else 7)
+    # 5 rounds + 1 warm-up: one round of the 68 models takes ~85 s on 2 cores, so ~9 minutes in all
+    rounds = a.corpus_rounds if a.corpus_rounds is not None else (1 if plan.quick else 5)
     warmup = a.corpus_warmup if a.corpus_warmup is not None else (0 if plan.quick else 1)
     log(f"[bench] corpus: {len(entries)} models from {a.corpus}, {warmup} warm-up + {rounds} timed rounds")
     results["corpus"] = bench_corpus.run_corpus(a.corpus, entries, plan.work, rounds, warmup,
                                                 min(plan.timeout, 600), run_measured, TOOLS["onnxruntime"][0],
                                                 short_error, log)
+    results["folder"] = bench_corpus.run_folder(a.corpus, entries, plan.work, 1 if plan.quick else 3,
+                                                min(plan.timeout, 1200), run_measured, log)
     results["startup"] = bench_corpus.run_startup(3 if plan.quick else 7, run_measured, log)
 
 

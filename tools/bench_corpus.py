@@ -141,6 +141,69 @@ def summarize(runs: list[dict]) -> dict:
 
 
 # --------------------------------------------------------------------------
+# the corpus as one folder: start-up paid once
+# --------------------------------------------------------------------------
+
+_ORT_LOOP = r"""
+import json, os, sys, onnxruntime as ort
+for src, dst, ext in json.load(open(sys.argv[1])):
+    os.makedirs(os.path.dirname(dst), exist_ok=True)
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    so.optimized_model_filepath = dst
+    if ext:
+        so.add_session_config_entry("session.optimized_model_external_initializers_file_name",
+                                    os.path.basename(dst) + ".data")
+        so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+    ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
+"""
+FOLDER_VARIANTS = ("onnxfold", "onnxfold-nv", "onnxfold -j 2", "onnxruntime")
+
+
+def folder_of_links(corpus_dir: Path, entries: list[dict], into: Path) -> Path:
+    """The entries (and their data files) hard-linked (else copied) into one folder, in the corpus's
+    layout: the folder ``python -m onnxfold IN OUT`` folds whole."""
+    for e in entries:
+        for f in [e["file"]] + ([e["data_file"]] if e.get("data_file") else []):
+            (into / f).parent.mkdir(parents=True, exist_ok=True)
+            try:  # not a symbolic link: onnxfold refuses a data file that leads out of the model's folder
+                os.link(corpus_dir / f, into / f)
+            except OSError:
+                shutil.copyfile(corpus_dir / f, into / f)
+    return into
+
+
+def run_folder(corpus_dir: Path, entries: list[dict], work: Path, rounds: int, timeout: float,
+               run: Callable[..., dict], log=print) -> dict:
+    """The corpus as one folder, `rounds` interleaved rounds: ``python -m onnxfold IN OUT`` (verified,
+    --no-verify, -j 2) against onnxruntime's offline optimizer over the same models in one process."""
+    src = folder_of_links(corpus_dir, entries, work / "folder_in")
+    todo = [[str(src / e["file"]), str(work / "folder_out" / "onnxruntime" / e["file"]), bool(e.get("data_file"))]
+            for e in entries]
+    (work / "folder_todo.json").write_text(json.dumps(todo))
+    argvs = {"onnxfold": [PY, "-m", "onnxfold", str(src), "{out}", "-q"],
+             "onnxfold-nv": [PY, "-m", "onnxfold", str(src), "{out}", "-q", "--no-verify"],
+             "onnxfold -j 2": [PY, "-m", "onnxfold", str(src), "{out}", "-q", "-j", "2"],
+             "onnxruntime": [PY, "-c", _ORT_LOOP, str(work / "folder_todo.json")]}
+    walls: dict[str, list[float]] = {v: [] for v in FOLDER_VARIANTS}
+    rcs: dict[str, list[int]] = {v: [] for v in FOLDER_VARIANTS}
+    for i in range(rounds):
+        for v in rotated(FOLDER_VARIANTS, i):
+            out = work / "folder_out"
+            shutil.rmtree(out, ignore_errors=True)
+            out.mkdir(parents=True)
+            r = run([a.replace("{out}", str(out / "onnxfold")) for a in argvs[v]], timeout)
+            walls[v].append(r["wall_s"])
+            rcs[v].append(r["rc"])
+        log(f"[folder] round {i + 1}/{rounds}: " + ", ".join(f"{v} {walls[v][-1]:.1f}s" for v in FOLDER_VARIANTS))
+    shutil.rmtree(work / "folder_out", ignore_errors=True)
+    shutil.rmtree(src, ignore_errors=True)
+    return {"models": len(entries), "rounds": rounds,
+            "variants": {v: {"wall_median_s": statistics.median(walls[v]), "wall_min_s": min(walls[v]),
+                             "wall_max_s": max(walls[v]), "rcs": rcs[v]} for v in FOLDER_VARIANTS}}
+
+
+# --------------------------------------------------------------------------
 # start-up
 # --------------------------------------------------------------------------
 

@@ -182,6 +182,30 @@ def render_corpus_md(results: dict) -> list[str]:
     if errors:
         L += ["", "onnxfold's messages where it exited non-zero:", ""]
         L += [f"- {n} ({'verified' if k == 'fold' else '--no-verify'}): {str(e)[:200]}" for n, k, e in errors]
+    return L + [""] + render_folder_md(results)
+
+
+def render_folder_md(results: dict) -> list[str]:
+    """The corpus as one folder: start-up and imports paid once, as for a user with many models."""
+    f = results.get("folder")
+    if not f:
+        return []
+    v = f["variants"]
+    n = f["models"]
+    L = ["### The corpus as one folder", "",
+         f"The same {n} models linked into one folder and folded by one command, `python -m onnxfold IN_DIR "
+         "OUT_DIR` (start-up paid once; `-j 2` folds two models at once), against onnxruntime's offline "
+         "optimizer over the same models in one process (`python -c` looping over them, the same session "
+         f"options). Median wall time of {f['rounds']} interleaved rounds:", "",
+         "| command | whole folder s (min–max) | per model s | × onnxruntime | exit codes |",
+         "|---|---:|---:|---:|---|"]
+    ort = v.get("onnxruntime", {}).get("wall_median_s")
+    labels = {"onnxfold": "`python -m onnxfold IN_DIR OUT_DIR`", "onnxfold-nv": "… `--no-verify`",
+              "onnxfold -j 2": "… `-j 2`", "onnxruntime": "onnxruntime, one process"}
+    for name, x in v.items():
+        ratio = f"{x['wall_median_s'] / ort:.2f}x" if ort else "–"
+        L.append(f"| {labels.get(name, name)} | {x['wall_median_s']:.1f} ({x['wall_min_s']:.1f}–{x['wall_max_s']:.1f}) "
+                 f"| {x['wall_median_s'] / n:.3f} | {ratio} | {'/'.join(sorted({str(c) for c in x['rcs']}))} |")
     return L + [""]
 
 
