@@ -102,6 +102,7 @@ def main(argv=None) -> None:
     ap.add_argument("--before", type=Path, help="another checkout's root: its onnxfold runs too (before, before-nv)")
     args = ap.parse_args(argv)
     variants = args.variants + (["before", "before-nv"] if args.before else [])
+    bench.compile_bytecode()  # as pip install does (see there); a --before checkout: compile it yourself
     with tempfile.TemporaryDirectory(prefix="bench_whole-") as work:
         data = run_rounds(args.model.resolve(), args.rounds, variants, Path(work), args.before)
     if args.json:
