@@ -131,6 +131,9 @@ TOOLS = {
     "floor": (_pyc(_FLOOR), "onnx", "onnx.load + onnx.save (the floor)"),
     "onnxfold": (lambda s, d, e: [PY, "-m", "onnxfold", s, d, "--no-verify"], "onnxfold",
                  "`python -m onnxfold IN OUT --no-verify`"),
+    "onnxfold-verified": (lambda s, d, e: [PY, "-m", "onnxfold", s, d], "onnxfold",
+                          "`python -m onnxfold IN OUT` (verification, the default: not a peer, onnxfold as "
+                          "most users run it)"),
     "onnxoptimizer": (_pyc(_ONNXOPTIMIZER), "onnxoptimizer",
                       "onnxoptimizer.optimize(model, [\"fuse_bn_into_conv\"])"),
     "onnxruntime": (_pyc(_ORT), "onnxruntime",
@@ -145,7 +148,7 @@ TOOLS = {
 }
 TOOL_ORDER = list(TOOLS)
 BIG_FULL = ("floor", "onnxfold", "onnxruntime")  # full repeats on big models too (the targets' ratios)
-PEERS = [t for t in TOOL_ORDER if t != "floor"]
+PEERS = [t for t in TOOL_ORDER if t not in ("floor", "onnxfold-verified")]
 
 VERSION_DISTS = ["onnx", "onnxruntime", "onnxscript", "onnx-ir", "onnxoptimizer", "onnxslim",
                  "onnxfold", "torch", "numpy", "protobuf", "matplotlib"]
@@ -266,11 +269,17 @@ def measure_tool(tool: str, src: Path, dst: Path, ext: bool, warmup: int, repeat
     if not tool_installed(tool):
         return {"ok": False, "error": "not installed"}
     argv = TOOLS[tool][0](str(src), str(dst), ext)
+    report = dst.parent.parent / f"{tool}.report.json"  # onnxfold's per-phase timings (not beside the output)
+    if tool.startswith("onnxfold"):
+        argv += ["--report", str(report)]
     load_before = os.getloadavg()[0]
-    runs = []
+    runs, timings = [], []
     for i in range(warmup + repeat):
         rm_model(dst)
+        report.unlink(missing_ok=True)
         r = run_measured(argv, timeout)
+        if i >= warmup and report.exists():
+            timings.append(json.loads(report.read_text()).get("timings", {}))
         ok = r["rc"] == 0 and dst.exists()
         if not ok:
             msg = short_error(r) if r["rc"] != 0 else "exited 0 but wrote no model"
@@ -292,6 +301,8 @@ def measure_tool(tool: str, src: Path, dst: Path, ext: bool, warmup: int, repeat
             "wall_min_s": min(walls), "wall_max_s": max(walls),
             "rss_median_mib": statistics.median(rss), "rss_max_mib": max(rss),
             "out_bytes": external_files(dst),
+            "phases": {k: statistics.median(t.get(k, 0.0) for t in timings)
+                       for k in sorted({k for t in timings for k in t})},
             # 1-minute load average before and after: other work on the machine shows here
             "loadavg_1m": [round(load_before, 2), round(os.getloadavg()[0], 2)]}
 
