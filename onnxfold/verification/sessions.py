@@ -105,6 +105,8 @@ def session(source, data_dir: str | None = None, *, provider: str):
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     so.log_severity_level = 3
+    # one run per session, beside the parent's onnx.checker: idle threads sleep instead of spinning on a core
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if isinstance(source, str) and not is_utf8(source):  # onnxruntime takes a path in UTF-8 only
         source, data_dir = Path(source).read_bytes(), os.path.dirname(os.path.abspath(source))
     if provider == "cuda":
