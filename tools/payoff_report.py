@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from payoff import FLAG_RATIO, VARIANTS, WARMUP, flagged, geomean
+from payoff import CONTROL, FLAG_RATIO, VARIANTS, WARMUP, flagged, geomean
 
 PEERS = [v for v in VARIANTS if v != "original"]
 KINDS = [("dynamo", "dynamo exports"), ("legacy", "legacy (TorchScript) exports"), ("other", "other models")]
@@ -32,13 +32,24 @@ def headline(data: dict) -> list[str]:
         if not sub:
             continue
         parts = [f"{_f(_gm(sub, t, 'onnxfold'))}x with {t} thread{'s' if t != '1' else ''}" for t in ts]
+        peers = [f"{name} {_f(_gm(sub, ts[0], v))}x" for v, name in
+                 (("onnxruntime", "onnxruntime's offline output"), ("onnxslim", "onnxslim's output"))
+                 if _gm(sub, ts[0], v) is not None]
         out.append(f"- {label} ({len(sub)} models): onnxfold's output runs at {' and '.join(parts)} the "
-                   f"original's latency (geometric mean; onnxruntime's offline output "
-                   f"{_f(_gm(sub, ts[0], 'onnxruntime'))}x, onnxslim's {_f(_gm(sub, ts[0], 'onnxslim'))}x "
-                   f"with {ts[0]} thread).")
+                   f"original's latency (geometric mean" + (f"; {', '.join(peers)} with {ts[0]} thread"
+                                                            if peers else "") + ").")
     best = sorted((r["ratio"][ts[0]]["onnxfold"], r["model"]) for r in rows if "onnxfold" in r["ratio"][ts[0]])
     if best:
         out.append("- best cases (1 thread): " + ", ".join(f"`{m}` {x:.2f}x" for x, m in best[:4]) + ".")
+    noise = []
+    for t in ts:
+        aa = [r["ratio"][t][CONTROL] for r in rows if CONTROL in r["ratio"].get(t, {})]
+        if aa:
+            noise.append(f"{t} thread{'s' if t != '1' else ''} {min(aa):.2f}-{max(aa):.2f}x "
+                         f"(geometric mean {geomean(aa):.3f})")
+    if noise:
+        out.append("- noise (A/A: a second session of the original, timed like the others): "
+                   + ", ".join(noise) + ".")
     slow = [r["model"] for r in rows if flagged(r, data["flag_ratio"])]
     out.append(f"- slower than the original by more than {data['flag_ratio']}x after reruns: "
                + (", ".join(f"`{m}`" for m in slow) if slow else "none") + ".")
@@ -58,7 +69,7 @@ def _bytes(n) -> str:
 
 def _table(rows: list[dict], ts: list[str]) -> list[str]:
     head = ["model", "export", "original ms " + "/".join(f"{t}t" for t in ts)]
-    head += [f"{v} {t}t" for t in ts for v in PEERS]
+    head += [f"{v} {t}t" for t in ts for v in PEERS + [CONTROL]]
     head += ["nodes orig/fold/ort/slim", "BN orig/fold/ort/slim", "size orig/fold/ort/slim"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
@@ -70,10 +81,12 @@ def _table(rows: list[dict], ts: list[str]) -> list[str]:
                  " / ".join(_f(r["latency"][t]["original"]["median_s"] * 1e3, "{:.2f}") if t in r["latency"]
                             else "–" for t in ts)]
         for t in ts:
-            for v in PEERS:
+            for v in PEERS + [CONTROL]:
                 x = r["ratio"].get(t, {}).get(v)
                 err = vs.get(v, {}).get("error")
                 cell = "failed" if err and x is None else _f(x)
+                if v == "onnxfold" and vs.get(v, {}).get("same_as_original"):
+                    cell += " (same bytes)"
                 if v == "onnxfold" and x is not None and x > FLAG_RATIO:
                     cell = f"**{cell}**"
                 cells.append(cell)
@@ -137,7 +150,8 @@ def chart(data: dict, png: Path) -> bool:
 
 
 def _slow_cells(r: dict) -> str:
-    return ", ".join(f"{t}t {r['ratio'][t]['onnxfold']:.2f}x" for t in flagged(r))
+    return ", ".join(f"{t}t {r['ratio'][t]['onnxfold']:.2f}x, A/A {_f(r['ratio'][t].get(CONTROL))}x"
+                     for t in flagged(r))
 
 
 def render(data: dict, png: Path) -> tuple[str, list[str]]:
@@ -180,7 +194,8 @@ def render(data: dict, png: Path) -> tuple[str, list[str]]:
         f"{s['min_rounds']} rounds and until {s['budget_s']:g} s have passed (at most {s['max_rounds']}). "
         "Latency is the median over the rounds; ratios are medians over the original's median.",
         f"- Never slower: a model whose onnxfold output is slower than the original by more than {FLAG_RATIO}x "
-        f"(median, either thread count) is measured again with {data['rerun_factor']}x the rounds and budget; "
+        f"(median, either thread count) and whose file differs from the original is measured again with "
+        f"{data['rerun_factor']}x the rounds and budget; "
         "the table shows the rerun (marked), and what stays above is bold and listed below.",
         "- Each model is measured in its own process (tools/bench.py run_measured: time and memory limits); a "
         "failure is a row marked failed.",
@@ -195,7 +210,10 @@ def render(data: dict, png: Path) -> tuple[str, list[str]]:
         "",
         "## Per model",
         "",
-        "Ratio = median latency / the original's (below 1: faster). nodes, BatchNormalization and size "
+        f"Ratio = median latency / the original's (below 1: faster); `{CONTROL}` (A/A) is a second session of "
+        "the original file timed like the others: how far from 1.00 a ratio strays by noise alone on this machine. "
+        "\"same bytes\": onnxfold found nothing to fold and wrote the original again. nodes, BatchNormalization "
+        "and size "
         "(with external data) of each variant: original / onnxfold / onnxruntime / onnxslim.",
         "",
         *_table(rows, ts),
