@@ -82,6 +82,11 @@ def test_summarize_ratios_and_flagging():
     assert payoff.flagged(row) == ["2"]
     assert payoff.flagged(row, threshold=1.01) == ["1", "2"]
     assert payoff.flagged({"failed": "x"}) == []
+    same = dict(row, variants={"onnxfold": {"same_as_original": True}})
+    assert payoff.flagged(same) == []  # the original's bytes again: nothing to be slower
+    row["ratio"]["2"][payoff.CONTROL] = 1.04  # the A/A control itself strays: within noise
+    row["ratio"]["1"][payoff.CONTROL] = 0.95
+    assert payoff.beyond_noise(row, threshold=1.01) == ["1"]
     assert payoff.geomean([0.5, 2.0]) == pytest.approx(1.0)
     assert payoff.geomean([]) is None
 

@@ -142,6 +142,13 @@ def flagged(row: dict, threshold: float = FLAG_RATIO) -> list[str]:
     return [t for t, r in (row.get("ratio") or {}).items() if r.get("onnxfold", 0) > threshold]
 
 
+def beyond_noise(row: dict, threshold: float = FLAG_RATIO) -> list[str]:
+    """Of flagged(row), the thread settings at which onnxfold's output is also slower than the A/A control
+    (a second session of the original) by more than threshold: slower than the machine's noise explains."""
+    return [t for t in flagged(row, threshold)
+            if row["ratio"][t]["onnxfold"] / row["ratio"][t].get(CONTROL, 1.0) > threshold]
+
+
 def quant_error(ref: list, got: list) -> dict:
     """int8 vs float, over the float outputs of every test input, concatenated: max abs error,
     relative L2 (||q - f|| / ||f||) and SQNR in dB (20 log10 ||f|| / ||q - f||)."""
@@ -415,6 +422,7 @@ def main(argv=None) -> int:
     ap.add_argument("--corpus", type=Path, default=corpus.DEFAULT_CACHE)
     ap.add_argument("--out", type=Path, help="markdown page (default docs/payoff.md, or under build/payoff/)")
     ap.add_argument("--json", type=Path, help="raw numbers (default: beside --out, payoff.json)")
+    ap.add_argument("--render", type=Path, metavar="JSON", help="only draw the page again from a run's JSON")
     ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
@@ -423,6 +431,13 @@ def main(argv=None) -> int:
         return 0
     import payoff_report  # matplotlib only where a page is drawn
 
+    if args.render:
+        data = json.loads(args.render.read_text())
+        out = args.out or args.render.with_suffix(".md")
+        page, headline = payoff_report.render(data, out.with_suffix(".png"))
+        out.write_text(page)
+        print("\n".join(headline))
+        return 0
     args.corpus = args.corpus.expanduser()
     records = {r["file"]: r for r in corpus.load_records(args.corpus)}
     if not records:

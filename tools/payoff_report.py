@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from payoff import CONTROL, FLAG_RATIO, VARIANTS, WARMUP, flagged, geomean
+from payoff import CONTROL, FLAG_RATIO, VARIANTS, WARMUP, beyond_noise, flagged, geomean
 
 PEERS = [v for v in VARIANTS if v != "original"]
 KINDS = [("dynamo", "dynamo exports"), ("legacy", "legacy (TorchScript) exports"), ("other", "other models")]
@@ -50,9 +50,11 @@ def headline(data: dict) -> list[str]:
     if noise:
         out.append("- noise (A/A: a second session of the original, timed like the others): "
                    + ", ".join(noise) + ".")
-    slow = [r["model"] for r in rows if flagged(r, data["flag_ratio"])]
+    slow = [r for r in rows if flagged(r, data["flag_ratio"])]
     out.append(f"- slower than the original by more than {data['flag_ratio']}x after reruns: "
-               + (", ".join(f"`{m}`" for m in slow) if slow else "none") + ".")
+               + (", ".join(f"`{r['model']}` ({_slow_cells(r)})" for r in slow) if slow else "none")
+               + "; of these, also slower than its A/A control by more than that: "
+               + (", ".join(f"`{r['model']}`" for r in slow if beyond_noise(r, data["flag_ratio"])) or "none") + ".")
     q = [r for r in rows if "quant" in r and "rel_l2" in r["quant"].get("with", {})
          and "rel_l2" in r["quant"].get("without", {})]
     if q:
@@ -221,7 +223,11 @@ def render(data: dict, png: Path) -> tuple[str, list[str]]:
     ]
     slow = [r for r in _ok(rows) if flagged(r, data["flag_ratio"])]
     lines += [f"Slower than the original by more than {FLAG_RATIO}x after reruns: "
-              + (", ".join(f"`{r['model']}` ({_slow_cells(r)})" for r in slow) if slow else "none") + ".", ""]
+              + (", ".join(f"`{r['model']}` ({_slow_cells(r)})" for r in slow) if slow else "none") + ". "
+              f"Of these, slower than their own A/A control by more than {FLAG_RATIO}x too (more than this "
+              "machine's noise explains): "
+              + (", ".join(f"`{r['model']}`" for r in slow if beyond_noise(r, data["flag_ratio"])) or "none") + ".",
+              ""]
     q = _quant_table(rows)
     if q:
         lines += ["## int8 quantization error, without and with folding", "", *q, ""]
