@@ -7,6 +7,7 @@ from pathlib import Path
 from payoff import CONTROL, FLAG_RATIO, VARIANTS, WARMUP, beyond_noise, flagged, geomean
 
 PEERS = [v for v in VARIANTS if v != "original"]
+XMAX = 1.6  # the chart's ratio axis; a bar beyond it is cut there and its value written
 KINDS = [("dynamo", "dynamo exports"), ("legacy", "legacy (TorchScript) exports"), ("other", "other models")]
 
 
@@ -136,14 +137,18 @@ def chart(data: dict, png: Path) -> bool:
         for j, v in enumerate(peers):
             ys = [i + (j - (len(peers) - 1) / 2) * h for i in range(len(rows))]
             xs = [r["ratio"].get(t, {}).get(v, 0) for r in rows]
-            ax.barh(ys, xs, height=h, color=colors[v], label=v)
+            ax.barh(ys, [min(x, XMAX) for x in xs], height=h, color=colors[v], label=v)
+            for y, x in zip(ys, xs):
+                if x > XMAX:  # off the chart: the value written at the edge
+                    ax.text(XMAX, y, f" {x:.1f}", va="center", fontsize=6)
+        ax.set_xlim(0, XMAX + 0.15)
         ax.axvline(1.0, color="black", lw=0.8)
         ax.axvline(FLAG_RATIO, color="red", lw=0.6, ls="--")
         ax.set_title(f"{t} thread{'s' if t != '1' else ''}: latency / original's (lower is faster)")
         ax.set_yticks(range(len(rows)))
         ax.set_yticklabels(names, fontsize=7)
-        ax.invert_yaxis()
         ax.grid(axis="x", alpha=0.3)
+    axes[0][0].invert_yaxis()  # the axes share y: once inverts them all
     axes[0][0].legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     fig.savefig(png, dpi=110)
@@ -228,6 +233,10 @@ def render(data: dict, png: Path) -> tuple[str, list[str]]:
               "machine's noise explains): "
               + (", ".join(f"`{r['model']}`" for r in slow if beyond_noise(r, data["flag_ratio"])) or "none") + ".",
               ""]
+    errs = [f"- `{r['model']}` {v}: {e['error']}" for r in _ok(rows) for v, e in r["variants"].items()
+            if e.get("error")]
+    if errs:
+        lines += ["Variants that failed (no latency for them):", "", *errs, ""]
     q = _quant_table(rows)
     if q:
         lines += ["## int8 quantization error, without and with folding", "", *q, ""]
