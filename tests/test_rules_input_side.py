@@ -255,6 +255,13 @@ def test_gelu_tail_stays_for_onnxruntime_gelu_fusion(target, tanh, tmp_path):
         assert "Gelu" in op_types(onnx.load(tmp_path / "ort.onnx"))
 
 
+def test_gelu_tail_stays_before_a_pad_too():
+    g = G()
+    x = g.input("x", [1, 4, 5, 5])
+    h = g.node("Pad", [_gelu(g, x), g.init(np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64), "pads")], mode="reflect")
+    declines(g.model(g.conv(h, 4, 6)), "ends a GELU", "mul_pad_conv")
+
+
 def test_a_scale_after_something_else_than_a_gelu_still_folds():
     """Not 0.5, or no Erf/Tanh behind it: onnxruntime fuses nothing there, the scale folds."""
     g = G()

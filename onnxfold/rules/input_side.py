@@ -174,6 +174,7 @@ class PadInputRule(InputAffineRule):
     def fold(self, g: GraphQuery, m: Match) -> Edit:
         a, node, pad = g.node(m.upstream), g.node(m.downstream), g.node(m.path[0])
         _check_keeps_shape(g, a, m.data_index)
+        _check_not_gelu_tail(g, a, m.data_index)
         mode, amounts, value = _pad_spec(g, pad)
         check_pad_commutes(mode, amounts, value, None)  # what the affine's values do not change, first
         dtype, update = _into_conv(g, self.consumer, a, m.data_index, node,
