@@ -5,6 +5,7 @@
     python tools/payoff.py --quick          # few rounds, a smoke run -> build/payoff/quick/
     python tools/payoff.py --models timm/resnet18_dynamo.onnx hf/resnet_legacy.onnx
     python tools/payoff.py --never-slower   # every corpus model: onnxfold's output vs the original only
+    python tools/payoff.py --render build/payoff/payoff.json --out docs/payoff.md   # redraw, no measuring
 
 Models come from the real-model corpus (``python tools/corpus.py`` builds it, ``~/.cache/onnxfold-corpus``
 or ``$ONNXFOLD_CORPUS``). For each model, four variants:
@@ -21,8 +22,10 @@ sessions stay alive, each is warmed up, then each round runs every variant once 
 so a slow spell of the machine falls on all variants alike. A model is measured in its own process
 (tools/bench.py run_measured: time and memory limits); a failure is a row marked failed.
 
-A model whose onnxfold output is slower than the original by more than FLAG_RATIO (median) is measured
-again with RERUN_FACTOR times the rounds; the page lists what stays above.
+A fifth session, a second one of the original file (A/A, ``original_again``), is timed like the others: its
+ratio is the noise of the machine. A model whose onnxfold output is slower than the original by more than
+FLAG_RATIO (median) is measured again with RERUN_FACTOR times the rounds; the page lists what stays above, and
+which of those are slower than their own A/A control too.
 
 Int8 quantization error: ``onnxruntime.quantization.quantize_static`` (QDQ, per-channel, MinMax, the same
 seeded calibration reader) of the original and of onnxfold's output; each int8 model's outputs are compared
