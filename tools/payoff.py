@@ -270,6 +270,26 @@ def measure_latency(paths: dict, feeds: dict, threads: list[int], sched: dict, s
     return out
 
 
+def ort_ops(path: Path, work: Path) -> dict[str, int]:
+    """The operators onnxruntime runs for a model: op types (domain-qualified) of its ORT_ENABLE_ALL graph."""
+    import collections
+
+    import onnx
+    import onnxruntime as ort
+
+    out = work / f"ort_all_{path.parent.name}.onnx"
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.intra_op_num_threads = 1
+    so.log_severity_level = 3
+    so.optimized_model_filepath = str(out)
+    so.add_session_config_entry("session.optimized_model_external_initializers_file_name", out.name + ".data")
+    so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+    ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    m = onnx.load(str(out), load_external_data=False)
+    return dict(collections.Counter(f"{n.domain}:{n.op_type}" if n.domain else n.op_type for n in m.graph.node))
+
+
 class _Reader:
     """The seeded calibration inputs, the same for both quantizations."""
 
@@ -309,6 +329,10 @@ def measure_quant(src: Path, folded: Path, record: dict, work: Path) -> dict:
     return out
 
 
+def _minus(a: dict, b: dict) -> dict:
+    return {k: a[k] - b.get(k, 0) for k in sorted(a) if a[k] > b.get(k, 0)}
+
+
 def _same_bytes(a: Path, b: Path) -> bool:
     fa, fb = model_files(a), model_files(b)
     return len(fa) == len(fb) and all(corpus.sha256(x) == corpus.sha256(y) for x, y in zip(fa, fb))
@@ -342,6 +366,11 @@ def child(spec: dict) -> dict:
         row["variants"].setdefault(v, {}).update(model_stats(p))
     if "onnxfold" in paths:
         row["variants"]["onnxfold"]["same_as_original"] = _same_bytes(src, paths["onnxfold"])
+        try:  # what onnxruntime runs for each: a flagged model that runs the same operators is noise
+            a, b = ort_ops(src, work), ort_ops(paths["onnxfold"], work)
+            row["ort_ops_diff"] = {"original_only": _minus(a, b), "onnxfold_only": _minus(b, a)}
+        except Exception as exc:  # noqa: BLE001  (only a hint for the page)
+            row["ort_ops_diff"] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"}
     paths[CONTROL] = src
     feeds = corpus.make_inputs(src, record, seed=0)
     row["inputs"] = {k: [list(a.shape), str(a.dtype)] for k, a in feeds.items()}

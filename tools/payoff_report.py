@@ -157,8 +157,19 @@ def chart(data: dict, png: Path) -> bool:
 
 
 def _slow_cells(r: dict) -> str:
-    return ", ".join(f"{t}t {r['ratio'][t]['onnxfold']:.2f}x, A/A {_f(r['ratio'][t].get(CONTROL))}x"
-                     for t in flagged(r))
+    cells = ", ".join(f"{t}t {r['ratio'][t]['onnxfold']:.2f}x, A/A {_f(r['ratio'][t].get(CONTROL))}x"
+                      for t in flagged(r))
+    d = r.get("ort_ops_diff") or {}
+    if "error" not in d and d and not d.get("original_only") and not d.get("onnxfold_only"):
+        cells += "; onnxruntime runs the same operators for both"
+    elif d.get("original_only") or d.get("onnxfold_only"):
+        cells += (f"; operators onnxruntime runs for the original only: {_ops(d.get('original_only'))}, "
+                  f"for onnxfold's output only: {_ops(d.get('onnxfold_only'))}")
+    return cells
+
+
+def _ops(d) -> str:
+    return ", ".join(f"{k} {v}" for k, v in (d or {}).items()) or "none"
 
 
 def render(data: dict, png: Path) -> tuple[str, list[str]]:
@@ -204,6 +215,9 @@ def render(data: dict, png: Path) -> tuple[str, list[str]]:
         f"(median, either thread count) and whose file differs from the original is measured again with "
         f"{data['rerun_factor']}x the rounds and budget; "
         "the table shows the rerun (marked), and what stays above is bold and listed below.",
+        "- For a flagged model the page says which operators onnxruntime runs (its ORT_ENABLE_ALL graph, "
+        "op types counted) for the original and not for onnxfold's output and the other way round; the same "
+        "operators for both points at noise, a difference at the cause.",
         "- Each model is measured in its own process (tools/bench.py run_measured: time and memory limits); a "
         "failure is a row marked failed.",
         "- int8: `onnxruntime.quantization.quantize_static` (QDQ, per-channel, MinMax calibration, activations "
