@@ -427,9 +427,9 @@ def _fold_and_write(job: _Job, tmp: Path, options: FoldOptions) -> tuple[FoldRep
         job.model = None
         job.timings["fold_s"] = report.seconds
         log.info(Summary(report))
-        if report.folded:
-            log.debug("\n".join(f"  folded {f.rule} {f.producer} + {f.consumer} [{f.graph}] {f.dtype}, "
-                                f"max |w'| {f.max_abs_weight:.4g}" for f in report.folded))
+        for f in report.folded:  # a record a line: each is kept on one line (names escaped) by itself
+            log.debug("  folded %s %s + %s [%s] %s, max |w'| %.4g", f.rule, f.producer, f.consumer, f.graph, f.dtype,
+                      f.max_abs_weight)
         t = time.perf_counter()
         files = write(folded, tmp, base_dir=job.src.parent, sink=sink, external=external)
         job.timings["write_s"] = time.perf_counter() - t
@@ -462,7 +462,8 @@ def _verify(job: _Job, tmp: Path, options: FoldOptions, report: FoldReport,
         log.info(result)
     else:
         log.error(result)
-    log.debug("\n".join(f.check_line() for f in report.folded))
+    for f in report.folded:
+        log.debug(f.check_line())
     return result
 
 

@@ -124,3 +124,20 @@ def test_a_crashing_model_in_folder_mode(tmp_path):
     assert loud.returncode == 70 and "Traceback" in loud.stderr and "this is a bug in onnxfold" in loud.stderr
     table = loud.stderr[loud.stderr.index("model "):].splitlines()
     assert max(len(line) for line in table[:5]) < 130, "\n".join(table)
+
+
+def test_verbose_lists_each_fold_on_a_line_of_its_own(tmp_path):
+    """-v: a line per fold and a line per fold's check (they were one line joined by a literal '\\n'); a
+    node name with a newline in it is still escaped within its own line."""
+    model = onnx.load(str(MODELS / "resnet_block.onnx"))
+    model.graph.node[0].name = "stem\nconv"
+    src = tmp_path / "in.onnx"
+    onnx.save(model, str(src))
+    proc = cli(src, tmp_path / "out.onnx", "-v")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stderr.splitlines()
+    folded = [line for line in lines if line.startswith("  folded conv_bn ")]
+    checks = [line for line in lines if line.startswith("  fold conv_bn ")]
+    assert len(folded) == 10 and len(checks) == 10, proc.stderr
+    assert not any("\\n  fold" in line for line in lines), proc.stderr
+    assert any("stem\\nconv + " in line for line in folded), folded
