@@ -470,7 +470,8 @@ def _run_pool(options: Options, jobs: list[_Job], shared: bool, runs: dict[str, 
 
     pool = ProcessPoolExecutor(max_workers=pool_size(options.jobs, len(jobs)), initializer=signals.folder_worker)
     try:
-        futures = {pool.submit(_folder_job, options, s, d, p, shared): s for s, d, p in jobs}
+        with signals.deferred():  # the workers fork here: a signal then is taken after, not lost in a fork hook
+            futures = {pool.submit(_folder_job, options, s, d, p, shared): s for s, d, p in jobs}
         for future in as_completed(futures):
             runs[futures[future]] = future.result()
             done()

@@ -95,29 +95,33 @@ class Child:
             else:
                 self._spawn(target, args)
         except BaseException:
-            self.locked = False
-            _lock.release()
+            self.close()  # a child forked already (a signal came as it started) is killed and reaped
             raise
 
     def _fork(self, target: Callable, args: tuple) -> None:
         r, w = os.pipe()
-        pid = os.fork()
-        if pid == 0:  # the child: run, send, and leave without running the parent's exit handlers
-            code = 0
-            try:
-                os.close(r)
-                signals.default_actions()
-                signals.die_with_parent()
-                _run(target, args, Connection(w, readable=False).send)
-            except BaseException:
-                code = 1
-            finally:
-                os._exit(code)
-        os.close(w)
-        self.pid = pid
-        self.conn = Connection(r, writable=False)
-        self.recv = self.conn.recv
-        self.poll = self.conn.poll
+        # A signal during os.fork() would run its handler inside the at-fork hooks (logging's), where the
+        # exception it raises is printed and dropped: the run went on. Blocked, it arrives once the child
+        # is known (and close() can kill it), at the end of the block.
+        with signals.deferred():
+            pid = os.fork()
+            if pid == 0:  # the child: run, send, and leave without running the parent's exit handlers
+                code = 0
+                try:
+                    os.close(r)
+                    signals.default_actions()
+                    signals.forked()
+                    signals.die_with_parent()
+                    _run(target, args, Connection(w, readable=False).send)
+                except BaseException:
+                    code = 1
+                finally:
+                    os._exit(code)
+            os.close(w)
+            self.pid = pid
+            self.conn = Connection(r, writable=False)
+            self.recv = self.conn.recv
+            self.poll = self.conn.poll
 
     def _spawn(self, target: Callable, args: tuple) -> None:
         global _worker

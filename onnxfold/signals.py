@@ -124,6 +124,16 @@ def default_actions() -> None:
         signal.signal(signum, signal.SIG_DFL)
 
 
+def forked() -> None:
+    """A process forked inside a :func:`deferred` block: none of the parent's deferral carries over (its
+    handlers would keep every signal for a block that never ends here), and the signals of :data:`HANDLED`
+    reach it again. Its own handlers, or the default actions, must be in place first."""
+    global _DEFERRING
+    _DEFERRING = 0
+    _PENDING.clear()
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, set(HANDLED))
+
+
 def ignore_interrupt() -> None:
     """A worker process: Ctrl-C is the parent's to handle (it closes the worker's pipe)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -178,6 +188,7 @@ def folder_worker() -> None:
     _IN_WORKER = True
     for signum in HANDLED:
         signal.signal(signum, _on_worker_signal)
+    forked()  # inside the parent's deferred() block
     die_with_parent(signal.SIGTERM, watch=True)
 
 

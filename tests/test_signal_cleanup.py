@@ -139,3 +139,68 @@ def test_a_signal_another_thread_takes_still_waits_for_deferred():
                           timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "interrupted after ['done']", proc.stdout + proc.stderr
+
+
+# A signal that arrives while os.fork() runs its at-fork hooks (logging registers some): planted by a hook
+# of our own that sends it once, in the parent, right after the fork.
+_AT_FORK = """
+import os, signal, sys
+fired = []
+def hook():
+    if not fired:
+        fired.append(1)
+        os.kill(os.getpid(), signal.SIGTERM)
+os.register_at_fork(after_in_parent=hook)
+"""
+
+_CHILD_CALL = _AT_FORK + """
+from onnxfold import isolation, signals
+from onnxfold.errors import Interrupted
+def target(send):
+    return 42
+with signals.handled():
+    try:
+        print("returned", isolation.call(target))
+    except Interrupted as e:
+        print("interrupted", e.args[0])
+try:
+    print("a child left", os.waitpid(-1, os.WNOHANG))
+except ChildProcessError:
+    print("no child left")
+"""
+
+
+def test_a_signal_during_a_childs_fork_is_not_lost():
+    """It ran its handler inside the at-fork hook, where Python prints the exception and drops it: the
+    call returned as if nothing had happened, and the run went on to exit 0. Now the signal waits for the
+    fork to end, and the child, already known, is killed and reaped."""
+    proc = subprocess.run([sys.executable, "-c", _CHILD_CALL], capture_output=True, text=True, env=child_env(),
+                          timeout=120)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stdout.split("\n")[:2] == ["interrupted 15", "no child left"], proc.stdout + proc.stderr
+
+
+_FOLDER = _AT_FORK + """
+sys.argv = ["onnxfold", *sys.argv[1:]]
+from onnxfold.cli import console
+console()
+"""
+
+
+def test_a_signal_while_folder_workers_fork_ends_the_run(tmp_path):
+    """-j 2: the same signal during the pool's fork was lost and the run folded every model (exit 0).
+    Now it ends the run: one line, 143, nothing written. The workers, forked while the parent deferred
+    signals, must not inherit that deferral: they kept every signal for a block that never ended there,
+    ignored the parent's SIGTERM and wrote their models after the parent had said nothing was written."""
+    src = tmp_path / "in"
+    src.mkdir()
+    for name in ("a.onnx", "b.onnx", "c.onnx"):
+        onnx.save(builders.conv_bn_model(), str(src / name))
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-c", _FOLDER, str(src), str(out), "-j", "2"], capture_output=True,
+                          text=True, env=child_env(), timeout=300)
+    assert proc.returncode == 128 + signal.SIGTERM, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert "interrupted by SIGTERM: nothing written" in proc.stderr, proc.stderr
+    assert not list(out.rglob("*.onnx")) and not list(out.rglob(".onnxfold*")), list(out.rglob("*"))
+    assert sorted(p.name for p in src.iterdir()) == ["a.onnx", "b.onnx", "c.onnx"]
