@@ -17,6 +17,7 @@ constant nodes nothing reads any more. Nothing else edits the graph.
 
 from __future__ import annotations
 
+import bisect
 from collections import Counter
 from collections.abc import Collection, Iterable
 
@@ -43,6 +44,7 @@ class GraphView:
         self.removed: set[int] = set()
         self._pending: dict[int, list[onnx.NodeProto]] = {}  # new Constant nodes, by the node they precede
         self._declared: dict[str, onnx.ValueInfoProto] | None = None
+        self._readers: dict[str, list[int]] | None = None  # value -> the positions of the nodes reading it
         # positions of initializers and of each value's producer; apply() keeps them through a round
         self.init = {t.name: i for i, t in enumerate(graph.initializer)}
         self.inputs = {v.name for v in graph.input}
@@ -80,8 +82,26 @@ class GraphView:
         return "an enclosing graph"
 
     def readers_of(self, name: str) -> list[int]:
-        """The positions of this graph's nodes that read ``name`` (not removed ones)."""
-        return [i for i, node in enumerate(self.graph.node) if i not in self.removed and name in node.input]
+        """The positions of this graph's nodes that read ``name`` (not removed ones), in order."""
+        if self._readers is None:  # built once a view; ModelView's edits keep it (reread)
+            self._readers = {}
+            for i, node in enumerate(self.graph.node):
+                for read in dict.fromkeys(node.input):
+                    self._readers.setdefault(read, []).append(i)
+        return [i for i in self._readers.get(name, ()) if i not in self.removed]
+
+    def reread(self, n: int, names: Iterable[str]) -> None:
+        """Node ``n``'s inputs changed, and ``names`` are those it read before or reads now: the readers
+        index follows."""
+        if self._readers is None:
+            return
+        inputs = set(self.graph.node[n].input)
+        for name in names:
+            readers = self._readers.setdefault(name, [])
+            if name in inputs and n not in readers:
+                bisect.insort(readers, n)
+            elif name not in inputs and n in readers:
+                readers.remove(n)
 
     def shape_readers(self, name: str) -> int:
         """How many Shape and Size nodes of this graph read ``name`` (they see its shape, not its values)."""
@@ -262,10 +282,12 @@ class ModelView:
         nodes = view.graph.node
         for n, update in edit.updates.items():
             if update.arity is not None:  # it becomes another op: keep that many inputs, no old attribute
-                for name in nodes[n].input[update.arity:]:
+                dropped = list(nodes[n].input[update.arity:])
+                for name in dropped:
                     self._unread(name)
                 del nodes[n].input[update.arity:]
                 del nodes[n].attribute[:]
+                view.reread(n, dropped)
         for (n, slot), value in sorted(edit.new_values().items()):
             assert value.tensor is not None, "the driver makes each new value's tensor before the edit"
             view._add_constant(value.tensor, before=n)
@@ -294,9 +316,11 @@ class ModelView:
         node = view.graph.node[n]
         while len(node.input) <= slot:
             node.input.append("")
-        self._unread(node.input[slot])
+        old = node.input[slot]
+        self._unread(old)
         node.input[slot] = name
         self.uses[name] += 1
+        view.reread(n, (old, name))
 
     def _unread(self, name: str) -> None:
         if name:
