@@ -83,17 +83,25 @@ onnx.save(m, dst, save_as_external_data=ext, all_tensors_to_one_file=True,
           location=os.path.basename(dst) + ".data")
 """
 
-_ORT = r"""
-import os, sys, onnxruntime as ort
-src, dst, ext = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
-so = ort.SessionOptions()
-so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-so.optimized_model_filepath = dst
-if ext:
-    so.add_session_config_entry("session.optimized_model_external_initializers_file_name",
-                                os.path.basename(dst) + ".data")
-    so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
-ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
+# onnxruntime's offline optimizer, one model: the "onnxruntime" tool runs it once a process, the corpus's
+# folder section (tools/bench_corpus.py) once a model in one process (ORT_LOOP)
+_ORT_OPTIMIZE = r"""
+import json, os, sys, onnxruntime as ort
+def optimize(src, dst, ext):
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    so.optimized_model_filepath = dst
+    if ext:
+        so.add_session_config_entry("session.optimized_model_external_initializers_file_name",
+                                    os.path.basename(dst) + ".data")
+        so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+    ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
+"""
+_ORT = _ORT_OPTIMIZE + 'optimize(sys.argv[1], sys.argv[2], sys.argv[3] == "1")\n'
+ORT_LOOP = _ORT_OPTIMIZE + r"""
+for src, dst, ext in json.load(open(sys.argv[1])):
+    os.makedirs(os.path.dirname(dst), exist_ok=True)
+    optimize(src, dst, ext)
 """
 
 _ONNXSCRIPT = r"""
@@ -511,7 +519,7 @@ def _bench_corpus(plan: Plan, a: argparse.Namespace, results: dict) -> None:
                                                 min(plan.timeout, 600), run_measured, TOOLS["onnxruntime"][0],
                                                 short_error, log)
     results["folder"] = bench_corpus.run_folder(a.corpus, entries, plan.work, 1 if plan.quick else 3,
-                                                min(plan.timeout, 1200), run_measured, log)
+                                                min(plan.timeout, 1200), run_measured, ORT_LOOP, log)
     results["startup"] = bench_corpus.run_startup(3 if plan.quick else 7, run_measured, log)
 
 

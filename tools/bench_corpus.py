@@ -144,19 +144,6 @@ def summarize(runs: list[dict]) -> dict:
 # the corpus as one folder: start-up paid once
 # --------------------------------------------------------------------------
 
-_ORT_LOOP = r"""
-import json, os, sys, onnxruntime as ort
-for src, dst, ext in json.load(open(sys.argv[1])):
-    os.makedirs(os.path.dirname(dst), exist_ok=True)
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    so.optimized_model_filepath = dst
-    if ext:
-        so.add_session_config_entry("session.optimized_model_external_initializers_file_name",
-                                    os.path.basename(dst) + ".data")
-        so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
-    ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
-"""
 FOLDER_VARIANTS = ("onnxfold", "onnxfold-nv", "onnxfold -j 2", "onnxruntime")
 
 
@@ -174,9 +161,10 @@ def folder_of_links(corpus_dir: Path, entries: list[dict], into: Path) -> Path:
 
 
 def run_folder(corpus_dir: Path, entries: list[dict], work: Path, rounds: int, timeout: float,
-               run: Callable[..., dict], log=print) -> dict:
+               run: Callable[..., dict], ort_loop: str, log=print) -> dict:
     """The corpus as one folder, `rounds` interleaved rounds: ``python -m onnxfold IN OUT`` (verified,
-    --no-verify, -j 2) against onnxruntime's offline optimizer over the same models in one process."""
+    --no-verify, -j 2) against onnxruntime's offline optimizer over the same models in one process
+    (``ort_loop``: tools/bench.py's ORT_LOOP, run with a JSON list of [src, dst, external data])."""
     src = folder_of_links(corpus_dir, entries, work / "folder_in")
     todo = [[str(src / e["file"]), str(work / "folder_out" / "onnxruntime" / e["file"]), bool(e.get("data_file"))]
             for e in entries]
@@ -184,7 +172,7 @@ def run_folder(corpus_dir: Path, entries: list[dict], work: Path, rounds: int, t
     argvs = {"onnxfold": [PY, "-m", "onnxfold", str(src), "{out}", "-q"],
              "onnxfold-nv": [PY, "-m", "onnxfold", str(src), "{out}", "-q", "--no-verify"],
              "onnxfold -j 2": [PY, "-m", "onnxfold", str(src), "{out}", "-q", "-j", "2"],
-             "onnxruntime": [PY, "-c", _ORT_LOOP, str(work / "folder_todo.json")]}
+             "onnxruntime": [PY, "-c", ort_loop, str(work / "folder_todo.json")]}
     walls: dict[str, list[float]] = {v: [] for v in FOLDER_VARIANTS}
     rcs: dict[str, list[int]] = {v: [] for v in FOLDER_VARIANTS}
     for i in range(rounds):
