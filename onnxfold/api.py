@@ -19,13 +19,14 @@ line prints; any other exception is a bug. Progress goes to the ``"onnxfold"`` l
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
 import time
 import traceback
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -383,12 +384,13 @@ def _check(job: _Job, options: FoldOptions) -> FoldResult:
 
 
 def _fold_verify_commit(job: _Job, tmp: Path, options: FoldOptions) -> FoldResult:
-    """Fold and write to ``tmp`` (in the staging folder), verify, check, commit."""
+    """Fold, write to ``tmp`` (in the staging folder) and verify, check, commit."""
     assert job.plan is not None
-    report, files = _fold_and_write(job, tmp, options)
-    result = FoldResult(job.src, job.plan.dst, "written", report, timings=job.timings)
-    checked: list[Checked] = []  # onnx.checker, run while verification's child runs the models
-    result.verification = _verify(job, tmp, options, report, lambda: checked.append(run_checker(tmp)))
+    with _folded(job, tmp, options) as (report, write):
+        result = FoldResult(job.src, job.plan.dst, "written", report, timings=job.timings)
+        checked: list[Checked] = []  # onnx.checker, run while verification's child runs the models
+        result.verification = _verify(job, tmp, options, report, write, lambda: checked.append(run_checker(tmp)))
+        files = write.files
     if result.verification is not None and not result.verification:
         if not options.force_write:
             log.error("%s not written: the folded model does not match the original (--force-write writes it "
@@ -414,10 +416,29 @@ def _fold_verify_commit(job: _Job, tmp: Path, options: FoldOptions) -> FoldResul
     return result
 
 
-def _fold_and_write(job: _Job, tmp: Path, options: FoldOptions) -> tuple[FoldReport, list[Path]]:
-    """Fold (the model in place: the input file stays as it is on disk) and write to ``tmp``."""
+class _Write:
+    """Writes the folded model to the staging file once, when called (verification may call it while its
+    child runs the original): ``files`` are then the files written, and the model is let go."""
+
+    def __init__(self, job: _Job, tmp: Path, options: FoldOptions, model: onnx.ModelProto, sink: DataSink):
+        self.job, self.tmp, self.sink = job, tmp, sink
+        self.model: onnx.ModelProto | None = model
+        self.external = {"always": True, "never": False}.get(options.external_data, True if job.external else None)
+        self.files: list[Path] = []
+
+    def __call__(self) -> None:
+        assert self.model is not None, "written twice"
+        model, self.model = self.model, None
+        t = time.perf_counter()
+        self.files = write(model, self.tmp, base_dir=self.job.src.parent, sink=self.sink, external=self.external)
+        self.job.timings["write_s"] = time.perf_counter() - t
+
+
+@contextlib.contextmanager
+def _folded(job: _Job, tmp: Path, options: FoldOptions) -> Iterator[tuple[FoldReport, _Write]]:
+    """Fold (the model in place: the input file stays as it is on disk); gives the report and the
+    :class:`_Write` that writes it to ``tmp``, which must be called inside the block."""
     assert job.plan is not None and job.model is not None
-    external = {"always": True, "never": False}.get(options.external_data, True if job.external else None)
     # Large folded tensors go to the data file as they are made, whatever the output's form:
     # for a single-file output they are read back once, a tensor at a time.
     sink = DataSink(tmp.parent / job.plan.data_name)
@@ -430,30 +451,32 @@ def _fold_and_write(job: _Job, tmp: Path, options: FoldOptions) -> tuple[FoldRep
         for f in report.folded:  # a record a line: each is kept on one line (names escaped) by itself
             log.debug("  folded %s %s + %s [%s] %s, max |w'| %.4g", f.rule, f.producer, f.consumer, f.graph, f.dtype,
                       f.max_abs_weight)
-        t = time.perf_counter()
-        files = write(folded, tmp, base_dir=job.src.parent, sink=sink, external=external)
-        job.timings["write_s"] = time.perf_counter() - t
+        writer = _Write(job, tmp, options, folded, sink)
+        del folded
+        yield report, writer
+        assert writer.model is None, "the folded model was never written"
     finally:
         sink.close()
-    return report, files
 
 
-def _verify(job: _Job, tmp: Path, options: FoldOptions, report: FoldReport,
+def _verify(job: _Job, tmp: Path, options: FoldOptions, report: FoldReport, write: _Write,
             meanwhile: Callable[[], None]) -> VerifyResult | None:
-    """Compare the written model with the input; None when verification does not run. ``meanwhile``
-    runs while the child runs the models."""
-    if not options.verify:
-        log.info("verification skipped (--no-verify)")
-        return None
-    if not report.folded:
-        log.info("nothing folded: verification skipped")
+    """Write the folded model and compare it with the input; None when verification does not run (the
+    model is written all the same). Verification's child loads and runs the original while the model
+    is written; ``meanwhile`` runs while it runs the written model."""
+    if not options.verify or not report.folded:
+        log.info("verification skipped (--no-verify)" if not options.verify else
+                 "nothing folded: verification skipped")
+        write()
         return None
     t = time.perf_counter()
+    assert write.model is not None
     result = compare_models(job.src, tmp, options.providers, inputs=job.feeds, input_shapes=dict(options.input_shapes),
                             input_range=options.input_range, seed=options.seed, atol=options.atol,
                             rtol=options.rtol, folds=report.folded, timeout=options.verify_timeout,
-                            memory=options.verify_memory, meanwhile=meanwhile, structure=job.structure)
-    job.timings["verify_s"] = time.perf_counter() - t
+                            memory=options.verify_memory, meanwhile=meanwhile, structure=job.structure,
+                            write=write, planned=write.model)
+    job.timings["verify_s"] = time.perf_counter() - t - job.timings.get("write_s", 0.0)
     job.timings.update({f"verify_{part}": seconds for part, seconds in result.timings.items()})
     annotate(report.folded, result)  # each fold's own check, into folded[]
     for w in result.warnings:

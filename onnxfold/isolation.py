@@ -12,6 +12,12 @@ The target is a module-level function ``fn(*args, send)``: ``send(("stage", subj
 what runs next (so that a crash can be named), any other message goes to ``on_message``, and its
 return value is the call's result. A :class:`~onnxfold.errors.FoldError` it raises is raised again in
 the parent; any other exception comes back as a bug, with its traceback.
+
+``call(..., first=fn)`` lets the child start before the parent has finished: ``fn`` runs in the parent
+while a forked child works up to :func:`wait_first`, where it waits until ``fn`` has returned
+(verification loads and runs the original model while the parent writes the folded one). A worker
+is not forked for the call: there ``fn`` runs before the call is sent, and :func:`wait_first` returns
+at once.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ WORKER = os.environ.get("ONNXFOLD_VERIFY_WORKER", "auto")  # "fork", "spawn" or 
 
 _lock = threading.Lock()  # one call at a time through the worker (and through this module)
 _worker: _Worker | None = None  # the worker of this process, started on first use, stopped at exit
+_gate: int | None = None  # in a forked child of call(first=...): the pipe wait_first() reads
 
 
 def can_fork() -> bool:
@@ -56,50 +63,84 @@ def crash_message(status: int, where: tuple[str, str] | None) -> str:
 
 
 def call(target: Callable, *args, on_message: Callable[[Any], None] | None = None,
-         timeout: float | None = None, meanwhile: Callable[[], None] | None = None) -> Any:
+         timeout: float | None = None, meanwhile: Callable[[], None] | None = None,
+         first: Callable[[], None] | None = None) -> Any:
     """``target(*args, send)`` in a child; its return value (see the module's docstring). ``timeout``:
     seconds to wait for it (None: no limit); past it the child is killed and :class:`ChildTimeout` raised.
-    ``meanwhile``: run in this process while the child works (its time counts in ``timeout``)."""
+    ``first``: run in this process as the child starts; the child's :func:`wait_first` returns once it
+    has (when it raises, the child is killed and the error raised here). ``meanwhile``: run in this
+    process after ``first``, while the child works. Both count in ``timeout``."""
     began = time.monotonic()
-    child = Child(target, *args, on_message=on_message)
+    if first is not None and not can_fork():
+        first()  # a worker: the call is sent once its inputs exist
+        first = None
+    child = Child(target, *args, on_message=on_message, gated=first is not None)
     try:
-        left = timeout
+        if first is not None:
+            first()
+            child.open_gate()
         if meanwhile is not None:
             meanwhile()
-            if timeout is not None:
-                left = max(0.0, timeout - (time.monotonic() - began))
+        left = None if timeout is None else max(0.0, timeout - (time.monotonic() - began))
         try:
             return child.result(left)
         except ChildTimeout as e:
-            if left == timeout or timeout is None:
+            if timeout is None:
                 raise
             raise ChildTimeout(timeout, e.where) from None  # said with the limit given
     finally:
         child.close()
 
 
+def _hold_gate(fd: int) -> None:
+    global _gate
+    _gate = fd
+
+
+def wait_first() -> None:
+    """In the child of ``call(first=...)``: wait until the parent's ``first`` has returned (at once
+    elsewhere). Were it to fail, the parent kills this child: an end of the pipe without its word
+    ends the child too."""
+    global _gate
+    if _gate is None:
+        return
+    fd, _gate = _gate, None
+    try:
+        word = os.read(fd, 1)
+    finally:
+        os.close(fd)
+    if word != b"1":
+        os._exit(1)
+
+
 class Child:
     """A call of ``target(*args, send)`` running in a child while this process goes on; :meth:`result`
     waits for it. :meth:`close` ends it if its result was never asked for (the parent was interrupted)."""
 
-    def __init__(self, target: Callable, *args, on_message: Callable[[Any], None] | None = None):
+    def __init__(self, target: Callable, *args, on_message: Callable[[Any], None] | None = None,
+                 gated: bool = False):
+        """``gated`` (forked children only): the child's :func:`wait_first` waits for :meth:`open_gate`."""
         self.on_message = on_message
         self.where: tuple[str, str] | None = None
         self.pid: int | None = None
         self.done = False
+        self.gate: int | None = None  # the write end of the gate's pipe, until open_gate()
         _lock.acquire()
         self.locked = True
         try:
+            if gated and not can_fork():
+                raise ValueError("a gated child must be forked")
             if can_fork():
-                self._fork(target, args)
+                self._fork(target, args, gated)
             else:
                 self._spawn(target, args)
         except BaseException:
             self.close()  # a child forked already (a signal came as it started) is killed and reaped
             raise
 
-    def _fork(self, target: Callable, args: tuple) -> None:
+    def _fork(self, target: Callable, args: tuple, gated: bool = False) -> None:
         r, w = os.pipe()
+        gate = os.pipe() if gated else None
         # A signal during os.fork() would run its handler inside the at-fork hooks (logging's), where the
         # exception it raises is printed and dropped: the run went on. Blocked, it arrives once the child
         # is known (and close() can kill it), at the end of the block.
@@ -109,6 +150,9 @@ class Child:
                 code = 0
                 try:
                     os.close(r)
+                    if gate is not None:
+                        os.close(gate[1])
+                        _hold_gate(gate[0])
                     signals.default_actions()
                     signals.forked()
                     signals.die_with_parent()
@@ -118,10 +162,24 @@ class Child:
                 finally:
                     os._exit(code)
             os.close(w)
+            if gate is not None:
+                os.close(gate[0])
+                self.gate = gate[1]
             self.pid = pid
             self.conn = Connection(r, writable=False)
             self.recv = self.conn.recv
             self.poll = self.conn.poll
+
+    def open_gate(self) -> None:
+        """Let the child's :func:`wait_first` return."""
+        if self.gate is not None:
+            fd, self.gate = self.gate, None
+            try:
+                os.write(fd, b"1")
+            except BrokenPipeError:
+                pass  # the child died: result() says how
+            finally:
+                os.close(fd)
 
     def _spawn(self, target: Callable, args: tuple) -> None:
         global _worker
@@ -206,6 +264,9 @@ class Child:
         try:
             if not self.done:
                 self._kill()
+            if self.gate is not None:
+                os.close(self.gate)
+                self.gate = None
             if hasattr(self, "conn"):
                 self.conn.close()
                 del self.conn

@@ -251,7 +251,7 @@ def test_a_model_with_outputs_added_is_read_from_a_memory_file_with_its_external
     real = sessions._memory_file
     monkeypatch.setattr(sessions, "_memory_file", lambda joined: opened.append(joined.path) or real(joined))
     monkeypatch.setattr(sessions.isolation, "call",
-                        lambda fn, *args, timeout=None, meanwhile=None: fn(*args, lambda msg: None))  # in-process
+                        lambda fn, *args, timeout=None, meanwhile=None, first=None: fn(*args, lambda msg: None))
     result = verify(src, dst, folds=report.folded)
     assert result and len(result.results[0].folds) == 1 and result.results[0].folds[0].passed
     assert opened == ([str(src), str(dst)] if memory_files else [])

@@ -129,6 +129,8 @@ def verify(
     memory: float | None = DEFAULT_MEMORY,
     meanwhile: Callable[[], None] | None = None,
     structure: onnx.ModelProto | None = None,
+    write: Callable[[], None] | None = None,
+    planned: onnx.ModelProto | None = None,
 ) -> VerifyResult:
     """Compare ``candidate`` against ``reference`` on each provider ("cpu", "cuda").
 
@@ -143,6 +145,12 @@ def verify(
     in this process while the models run in the child (fold_file checks the written model then).
     ``structure``: the reference's :func:`structure`, when the caller has the model in memory (then the
     reference's file is not read here again).
+    ``write`` and ``planned``: the candidate's file is not written yet; ``write()`` writes it, and
+    ``planned`` is the candidate as it will be written (the fold tensors are planned from it). Where
+    the child can be forked, it loads and runs the reference while ``write()`` runs here (fold_file:
+    the original's session is built while the folded model is written), and reads the candidate once
+    ``write()`` has returned; elsewhere ``write()`` runs first. Its time counts in ``timeout``; what it
+    raises is raised here.
     Raises :class:`VerifyError` when it cannot run (a provider is
     missing, an input cannot be made, onnxruntime crashes, nothing had an element to compare); the
     result is falsy when an output or a fold tensor disagrees.
@@ -150,11 +158,13 @@ def verify(
     for which, model in (("reference", reference), ("candidate", candidate)):
         if not isinstance(model, (onnx.ModelProto, str, os.PathLike)):
             raise TypeError(f"verify: {which} must be an onnx.ModelProto or a path, not {type(model).__name__}")
+    if (write is None) != (planned is None) or (write is not None and isinstance(candidate, onnx.ModelProto)):
+        raise TypeError("verify: write and planned go together, with the candidate's path")
     result = VerifyResult()
     began = time.perf_counter()
     if isinstance(providers, str):
         providers = [p for p in providers.split(",") if p]
-    for model in (reference, candidate):
+    for model in (reference, candidate) if write is None else (reference,):
         if not isinstance(model, onnx.ModelProto) and not Path(model).is_file():
             raise VerifyError(f"{model}: no such file")
     if structure is not None:
@@ -174,20 +184,22 @@ def verify(
         check_feeds(ref_model, feeds, "the inputs given")
         specs = {k: (np.asarray(v).dtype, np.shape(v)) for k, v in feeds.items()}
     outputs = {o.name for o in ref_model.graph.output}
-    checked, expose, feeders, all_checked = plan_folds(ref_model, reference, candidate, folds, outputs, result)
+    planning = candidate if planned is None else planned
+    checked, expose, feeders, all_checked = plan_folds(ref_model, reference, planning, folds, outputs, result)
     check_budget(ref_model, specs, [*outputs, *(name for name, _ in expose)], memory,
                  str(reference) if isinstance(reference, (str, os.PathLike)) else "the model")
     result.timings["plan_s"] = (began := time.perf_counter()) - now
     if inputs is None:
         feeds = random_inputs(specs, input_range, seed)
     result.timings["inputs_s"] = (now := time.perf_counter()) - began
-    nodes, forced = force_branches(ref_model, candidate, folds, result)
+    nodes, forced = force_branches(ref_model, planning, folds, result)
+    del planning, planned
     axes = {getattr(f, "output", ""): getattr(f, "axis", None) for f in folds or ()}
     job = VerifyJob(reference, candidate, feeds, list(providers), expose, checked, feeders, all_checked, atol, rtol,
                     dict(tolerances or {}), {name: axes.get(name) for name in checked}, nodes)
     del ref_model
     result.timings["plan_s"] += (began := time.perf_counter()) - now
-    result.results = _run_isolated(job, timeout, meanwhile)
+    result.results = _run_isolated(job, timeout, meanwhile, write)
     result.timings["child_s"] = time.perf_counter() - began
     for r in result.results:
         for part, seconds in r.timings.items():
@@ -202,10 +214,10 @@ def verify(
     return result
 
 
-def _run_isolated(job: VerifyJob, timeout: float | None,
-                  meanwhile: Callable[[], None] | None = None) -> list[ProviderResult]:
+def _run_isolated(job: VerifyJob, timeout: float | None, meanwhile: Callable[[], None] | None = None,
+                  write: Callable[[], None] | None = None) -> list[ProviderResult]:
     """The job in a child process; a crash of onnxruntime there, or a run past ``timeout``, is a
-    :class:`VerifyError`."""
+    :class:`VerifyError`. ``write``: see :func:`verify`."""
     if not isolation.can_fork():  # a model crosses the pipe as bytes
         for model in (job.reference, job.candidate):
             if isinstance(model, onnx.ModelProto) and model.ByteSize() > PROTOBUF_LIMIT:
@@ -213,7 +225,7 @@ def _run_isolated(job: VerifyJob, timeout: float | None,
         job = job.as_bytes()
     try:
         # 0: no limit, as on the command line
-        return isolation.call(run_job, job, timeout=timeout or None, meanwhile=meanwhile)
+        return isolation.call(run_job, job, timeout=timeout or None, meanwhile=meanwhile, first=write)
     except ChildTimeout as e:
         doing = e.where[1] if e.where else "starting"
         provider = next((p for p in job.providers if doing.endswith(f" on {p}")), ",".join(job.providers))

@@ -194,9 +194,11 @@ def run_pair(reference, candidate, feeds, provider: str, expose=(),
     """Run both models on one provider, with the tensors ``expose`` ([(name, elem_type)]) as extra
     outputs and ``nodes`` (reference's, candidate's) appended to their graphs. Returns (reference outputs,
     candidate outputs, engine, note). ``stage`` is told what runs next, so that a crash can be named;
-    ``timings`` gets the seconds of each part (import_s, session_original_s, session_folded_s,
-    run_original_s, run_folded_s). Runs onnxruntime in this process: :func:`verify` calls it in a child
-    process.
+    ``timings`` gets the seconds of each part (import_s, session_original_s, run_original_s, wait_s,
+    session_folded_s, run_folded_s). The original is loaded and run first, its session freed, and only
+    then the folded model read: in the child of ``isolation.call(first=...)`` the folded model is
+    written meanwhile (``wait_s``: the wait for it). Runs onnxruntime in this process: :func:`verify`
+    calls it in a child process.
     """
     spent = _Stopwatch(timings)
     if provider not in PROVIDERS:
@@ -217,24 +219,33 @@ def run_pair(reference, candidate, feeds, provider: str, expose=(),
             note = "onnxruntime has no CPU kernel for this model: " + str(error).splitlines()[0][:160]
             stage("running the original model in onnx.reference")
             ref = run_reference(reference, feeds, expose, nodes[0])
+            _wait_for_candidate(stage)
             stage("running the folded model in onnx.reference")
             return ref, run_reference(candidate, feeds, expose, nodes[1]), "onnx.reference", note
         raise invalid("original", error)
     spent("session_original_s")
+    stage("running the original model")
+    ref = _run_session(ref_sess, feeds, "original")
+    del ref_sess  # one session at a time
+    spent("run_original_s")
+    _wait_for_candidate(stage)
+    spent("wait_s")
     stage("loading the folded model")
     cand_sess, error = _load(candidate, expose, nodes[1], provider)
     if error is not None:
         raise invalid("folded", error)
     spent("session_folded_s")
-    stage("running the original model")
-    ref = _run_session(ref_sess, feeds, "original")
-    del ref_sess
-    spent("run_original_s")
     stage("running the folded model")
     cand = _run_session(cand_sess, feeds, "folded")
     spent("run_folded_s")
     engine = "onnxruntime " + ",".join(cand_sess.get_providers())
     return ref, cand, engine, ""
+
+
+def _wait_for_candidate(stage) -> None:
+    """The folded model may still be being written when the original runs (:func:`isolation.wait_first`)."""
+    stage("waiting for the folded model to be written")
+    isolation.wait_first()
 
 
 def _load(model, expose, nodes: bytes, provider: str):
