@@ -46,6 +46,7 @@ from .verification import (
     DEFAULT_MEMORY,
     DEFAULT_RANGE,
     DEFAULT_TIMEOUT,
+    Early,
     VerifyResult,
     annotate,
     check_feeds,
@@ -55,6 +56,7 @@ from .verification import (
     model_inputs,
     structure,
 )
+from .verification import begin as begin_verify
 from .verification import verify as compare_models
 from .write import write
 
@@ -386,11 +388,17 @@ def _check(job: _Job, options: FoldOptions) -> FoldResult:
 def _fold_verify_commit(job: _Job, tmp: Path, options: FoldOptions) -> FoldResult:
     """Fold, write to ``tmp`` (in the staging folder) and verify, check, commit."""
     assert job.plan is not None
-    with _folded(job, tmp, options) as (report, write):
-        result = FoldResult(job.src, job.plan.dst, "written", report, timings=job.timings)
-        checked: list[Checked] = []  # onnx.checker, run while verification's child runs the models
-        result.verification = _verify(job, tmp, options, report, write, lambda: checked.append(run_checker(tmp)))
-        files = write.files
+    early = _begin(job, tmp, options)
+    try:
+        with _folded(job, tmp, options) as (report, write):
+            result = FoldResult(job.src, job.plan.dst, "written", report, timings=job.timings)
+            checked: list[Checked] = []  # onnx.checker, run while verification's child runs the models
+            result.verification = _verify(job, tmp, options, report, write, lambda: checked.append(run_checker(tmp)),
+                                          early)
+            files = write.files
+    finally:
+        if early is not None:
+            early.close()
     if result.verification is not None and not result.verification:
         if not options.force_write:
             log.error("%s not written: the folded model does not match the original (--force-write writes it "
@@ -459,11 +467,20 @@ def _folded(job: _Job, tmp: Path, options: FoldOptions) -> Iterator[tuple[FoldRe
         sink.close()
 
 
+def _begin(job: _Job, tmp: Path, options: FoldOptions) -> Early | None:
+    """Verification's child, started before the fold: it loads and runs the original meanwhile."""
+    if not options.verify or job.structure is None:
+        return None
+    return begin_verify(job.src, tmp, options.providers, structure=job.structure, inputs=job.feeds,
+                        input_shapes=dict(options.input_shapes), input_range=options.input_range, seed=options.seed,
+                        memory=options.verify_memory)
+
+
 def _verify(job: _Job, tmp: Path, options: FoldOptions, report: FoldReport, write: _Write,
-            meanwhile: Callable[[], None]) -> VerifyResult | None:
+            meanwhile: Callable[[], None], early: Early | None = None) -> VerifyResult | None:
     """Write the folded model and compare it with the input; None when verification does not run (the
     model is written all the same). Verification's child loads and runs the original while the model
-    is written; ``meanwhile`` runs while it runs the written model."""
+    is folded (``early``) or written; ``meanwhile`` runs while it runs the written model."""
     if not options.verify or not report.folded:
         log.info("verification skipped (--no-verify)" if not options.verify else
                  "nothing folded: verification skipped")
@@ -475,7 +492,7 @@ def _verify(job: _Job, tmp: Path, options: FoldOptions, report: FoldReport, writ
                             input_range=options.input_range, seed=options.seed, atol=options.atol,
                             rtol=options.rtol, folds=report.folded, timeout=options.verify_timeout,
                             memory=options.verify_memory, meanwhile=meanwhile, structure=job.structure,
-                            write=write, planned=write.model)
+                            write=write, planned=write.model, early=early)
     job.timings["verify_s"] = time.perf_counter() - t - job.timings.get("write_s", 0.0)
     job.timings.update({f"verify_{part}": seconds for part, seconds in result.timings.items()})
     annotate(report.folded, result)  # each fold's own check, into folded[]

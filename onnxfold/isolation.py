@@ -44,6 +44,7 @@ WORKER = os.environ.get("ONNXFOLD_VERIFY_WORKER", "auto")  # "fork", "spawn" or 
 _lock = threading.Lock()  # one call at a time through the worker (and through this module)
 _worker: _Worker | None = None  # the worker of this process, started on first use, stopped at exit
 _gate: int | None = None  # in a forked child of call(first=...): the pipe wait_first() reads
+_given: Any = None  # in the worker: what wait_first() gives the call running (first's value)
 
 
 def can_fork() -> bool:
@@ -64,21 +65,30 @@ def crash_message(status: int, where: tuple[str, str] | None) -> str:
 
 def call(target: Callable, *args, on_message: Callable[[Any], None] | None = None,
          timeout: float | None = None, meanwhile: Callable[[], None] | None = None,
-         first: Callable[[], None] | None = None) -> Any:
+         first: Callable[[], Any] | None = None) -> Any:
     """``target(*args, send)`` in a child; its return value (see the module's docstring). ``timeout``:
     seconds to wait for it (None: no limit); past it the child is killed and :class:`ChildTimeout` raised.
-    ``first``: run in this process as the child starts; the child's :func:`wait_first` returns once it
-    has (when it raises, the child is killed and the error raised here). ``meanwhile``: run in this
-    process after ``first``, while the child works. Both count in ``timeout``."""
+    ``first``: run in this process as the child starts; the child's :func:`wait_first` returns what it
+    returned, once it has (when it raises, the child is killed and the error raised here). ``meanwhile``:
+    run in this process after ``first``, while the child works. Both count in ``timeout``."""
     began = time.monotonic()
-    if first is not None and not can_fork():
-        first()  # a worker: the call is sent once its inputs exist
+    if first is not None and not can_fork():  # a worker: the call is sent once its inputs exist
+        child = Child(target, *args, on_message=on_message, given=first())
         first = None
-    child = Child(target, *args, on_message=on_message, gated=first is not None)
+    else:
+        child = Child(target, *args, on_message=on_message, gated=first is not None)
+    return join(child, first=first, meanwhile=meanwhile, timeout=timeout, began=began)
+
+
+def join(child: Child, *, first: Callable[[], Any] | None = None, meanwhile: Callable[[], None] | None = None,
+         timeout: float | None = None, began: float | None = None) -> Any:
+    """The end of :func:`call`, for a :class:`Child` started earlier: ``first`` (its value to the
+    child's :func:`wait_first`: the child was made ``gated``), ``meanwhile``, then its result within
+    ``timeout`` seconds of ``began`` (time.monotonic(); default now). The child is closed in any case."""
+    began = time.monotonic() if began is None else began
     try:
         if first is not None:
-            first()
-            child.open_gate()
+            child.open_gate(first())
         if meanwhile is not None:
             meanwhile()
         left = None if timeout is None else max(0.0, timeout - (time.monotonic() - began))
@@ -92,25 +102,25 @@ def call(target: Callable, *args, on_message: Callable[[Any], None] | None = Non
         child.close()
 
 
-def _hold_gate(fd: int) -> None:
-    global _gate
-    _gate = fd
+def _hold_gate(fd: int | None, given: Any = None) -> None:
+    global _gate, _given
+    _gate, _given = fd, given
 
 
-def wait_first() -> None:
-    """In the child of ``call(first=...)``: wait until the parent's ``first`` has returned (at once
-    elsewhere). Were it to fail, the parent kills this child: an end of the pipe without its word
-    ends the child too."""
-    global _gate
+def wait_first() -> Any:
+    """In the child of ``call(first=...)`` (or of a gated :class:`Child`): wait until the parent's
+    ``first`` has returned, and give what it returned (None elsewhere, at once). Were ``first`` to
+    fail, the parent kills this child: an end of the pipe without its word ends the child too."""
+    global _gate, _given
     if _gate is None:
-        return
+        value, _given = _given, None
+        return value
     fd, _gate = _gate, None
-    try:
-        word = os.read(fd, 1)
-    finally:
-        os.close(fd)
-    if word != b"1":
-        os._exit(1)
+    with Connection(fd, writable=False) as conn:
+        try:
+            return conn.recv()
+        except (EOFError, OSError):
+            os._exit(1)
 
 
 class Child:
@@ -118,8 +128,9 @@ class Child:
     waits for it. :meth:`close` ends it if its result was never asked for (the parent was interrupted)."""
 
     def __init__(self, target: Callable, *args, on_message: Callable[[Any], None] | None = None,
-                 gated: bool = False):
-        """``gated`` (forked children only): the child's :func:`wait_first` waits for :meth:`open_gate`."""
+                 gated: bool = False, given: Any = None):
+        """``gated`` (forked children only): the child's :func:`wait_first` waits for :meth:`open_gate`
+        and gives its value. ``given``: what :func:`wait_first` gives at once (not gated)."""
         self.on_message = on_message
         self.where: tuple[str, str] | None = None
         self.pid: int | None = None
@@ -131,14 +142,14 @@ class Child:
             if gated and not can_fork():
                 raise ValueError("a gated child must be forked")
             if can_fork():
-                self._fork(target, args, gated)
+                self._fork(target, args, gated, given)
             else:
-                self._spawn(target, args)
+                self._spawn(target, args, given)
         except BaseException:
             self.close()  # a child forked already (a signal came as it started) is killed and reaped
             raise
 
-    def _fork(self, target: Callable, args: tuple, gated: bool = False) -> None:
+    def _fork(self, target: Callable, args: tuple, gated: bool = False, given: Any = None) -> None:
         r, w = os.pipe()
         gate = os.pipe() if gated else None
         # A signal during os.fork() would run its handler inside the at-fork hooks (logging's), where the
@@ -152,7 +163,7 @@ class Child:
                     os.close(r)
                     if gate is not None:
                         os.close(gate[1])
-                        _hold_gate(gate[0])
+                    _hold_gate(gate[0] if gate is not None else None, given)
                     signals.default_actions()
                     signals.forked()
                     signals.die_with_parent()
@@ -170,18 +181,17 @@ class Child:
             self.recv = self.conn.recv
             self.poll = self.conn.poll
 
-    def open_gate(self) -> None:
-        """Let the child's :func:`wait_first` return."""
+    def open_gate(self, value: Any = None) -> None:
+        """Let the child's :func:`wait_first` return ``value``."""
         if self.gate is not None:
             fd, self.gate = self.gate, None
-            try:
-                os.write(fd, b"1")
-            except BrokenPipeError:
-                pass  # the child died: result() says how
-            finally:
-                os.close(fd)
+            with Connection(fd, readable=False) as conn:
+                try:
+                    conn.send(value)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the child died: result() says how
 
-    def _spawn(self, target: Callable, args: tuple) -> None:
+    def _spawn(self, target: Callable, args: tuple, given: Any = None) -> None:
         global _worker
         if _worker is not None and _worker.owner != os.getpid():
             _worker = None  # inherited through a fork: its pipes belong to the parent's conversation
@@ -190,7 +200,7 @@ class Child:
             _worker = _Worker()
         self.worker = _worker
         try:
-            _worker.send.send((target.__module__, target.__qualname__, args))
+            _worker.send.send((target.__module__, target.__qualname__, args, given))
         except OSError:
             self._finished()
         self.recv = _worker.recv.recv
@@ -327,12 +337,13 @@ def serve(read_fd: int, write_fd: int) -> None:
     send = Connection(write_fd, readable=False)
     while True:
         try:
-            module, qualname, args = recv.recv()
+            module, qualname, args, given = recv.recv()
         except (EOFError, OSError):
             return
         target: Any = importlib.import_module(module)
         for part in qualname.split("."):
             target = getattr(target, part)
+        _hold_gate(None, given)
         _run(target, args, send.send)
 
 

@@ -69,6 +69,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -88,7 +89,7 @@ from .inputs import (
     parse_shape,
     random_inputs,
 )
-from .job import VerifyJob, run_job
+from .job import VerifyJob, plan_of, run_job
 from .memory import check_budget, default_budget, structure
 from .planning import force_branches, plan_folds
 from .reference import batch_norm
@@ -105,7 +106,7 @@ DEFAULT_TIMEOUT = 3600.0
 # The memory verification may need by default (``--verify-memory``, GiB): this machine's (memory.py).
 DEFAULT_MEMORY = default_budget()
 
-__all__ = ["verify", "DEFAULT_TIMEOUT", "DEFAULT_MEMORY",
+__all__ = ["verify", "begin", "Early", "DEFAULT_TIMEOUT", "DEFAULT_MEMORY",
            "VerifyResult", "VerifyError", "ProviderResult", "OutputComparison", "annotate", "compare",
            "make_inputs", "model_inputs", "load_inputs", "check_feeds", "check_shapes",
            "parse_shape", "check_providers", "batch_norm", "structure",
@@ -131,6 +132,7 @@ def verify(
     structure: onnx.ModelProto | None = None,
     write: Callable[[], None] | None = None,
     planned: onnx.ModelProto | None = None,
+    early: Early | None = None,
 ) -> VerifyResult:
     """Compare ``candidate`` against ``reference`` on each provider ("cpu", "cuda").
 
@@ -151,6 +153,9 @@ def verify(
     the original's session is built while the folded model is written), and reads the candidate once
     ``write()`` has returned; elsewhere ``write()`` runs first. Its time counts in ``timeout``; what it
     raises is raised here.
+    ``early``: the verification :func:`begin` started (before the fold) with the same reference,
+    candidate, providers, inputs and memory: its child, which has run the reference already, gets the
+    plan; ``timeout`` counts from its start.
     Raises :class:`VerifyError` when it cannot run (a provider is
     missing, an input cannot be made, onnxruntime crashes, nothing had an element to compare); the
     result is falsy when an output or a fold tensor disagrees.
@@ -174,22 +179,18 @@ def verify(
     else:
         ref_model = onnx.load(str(reference), load_external_data=False)
     result.timings["reference_s"] = (now := time.perf_counter()) - began
-    if inputs is None:
-        specs = input_specs(ref_model, input_shapes, warn=result.warnings.append)
+    if early is not None:
+        specs, feeds = early.specs, early.feeds
+        result.warnings.extend(early.warnings)
     else:
-        feeds = dict(inputs)
-        missing = [v.name for v in model_inputs(ref_model) if v.name not in feeds]
-        if missing:
-            raise VerifyError(f"inputs given lack {', '.join(missing)}")
-        check_feeds(ref_model, feeds, "the inputs given")
-        specs = {k: (np.asarray(v).dtype, np.shape(v)) for k, v in feeds.items()}
+        specs, feeds = _specs(ref_model, inputs, input_shapes, result.warnings.append)
     outputs = {o.name for o in ref_model.graph.output}
     planning = candidate if planned is None else planned
     checked, expose, feeders, all_checked = plan_folds(ref_model, reference, planning, folds, outputs, result)
     check_budget(ref_model, specs, [*outputs, *(name for name, _ in expose)], memory,
                  str(reference) if isinstance(reference, (str, os.PathLike)) else "the model")
     result.timings["plan_s"] = (began := time.perf_counter()) - now
-    if inputs is None:
+    if feeds is None:
         feeds = random_inputs(specs, input_range, seed)
     result.timings["inputs_s"] = (now := time.perf_counter()) - began
     nodes, forced = force_branches(ref_model, planning, folds, result)
@@ -199,7 +200,7 @@ def verify(
                     dict(tolerances or {}), {name: axes.get(name) for name in checked}, nodes)
     del ref_model
     result.timings["plan_s"] += (began := time.perf_counter()) - now
-    result.results = _run_isolated(job, timeout, meanwhile, write)
+    result.results = _run_isolated(job, timeout, meanwhile, write, early)
     result.timings["child_s"] = time.perf_counter() - began
     for r in result.results:
         for part, seconds in r.timings.items():
@@ -214,18 +215,86 @@ def verify(
     return result
 
 
+def _specs(ref_model: onnx.ModelProto, inputs: dict[str, np.ndarray] | None,
+           input_shapes: dict[str, tuple[int, ...]] | None, warn: Callable[[str], None]):
+    """(the inputs' specs, the inputs given or None: made from the specs)."""
+    if inputs is None:
+        return input_specs(ref_model, input_shapes, warn=warn), None
+    feeds = dict(inputs)
+    missing = [v.name for v in model_inputs(ref_model) if v.name not in feeds]
+    if missing:
+        raise VerifyError(f"inputs given lack {', '.join(missing)}")
+    check_feeds(ref_model, feeds, "the inputs given")
+    return {k: (np.asarray(v).dtype, np.shape(v)) for k, v in feeds.items()}, feeds
+
+
+@dataclass
+class Early:
+    """A verification begun before the fold (:func:`begin`); :func:`verify` ends it, or :meth:`close`."""
+
+    child: isolation.Child
+    specs: dict[str, tuple[np.dtype, tuple[int, ...]]]
+    feeds: dict[str, np.ndarray]
+    warnings: list[str]
+    began: float  # time.monotonic()
+
+    def close(self) -> None:
+        self.child.close()
+
+
+def begin(reference: str | os.PathLike, candidate: str | os.PathLike, providers=("cpu",), *,
+          structure: onnx.ModelProto, inputs: dict[str, np.ndarray] | None = None,
+          input_shapes: dict[str, tuple[int, ...]] | None = None, input_range: tuple[float, float] = DEFAULT_RANGE,
+          seed: int = 0, memory: float | None = DEFAULT_MEMORY) -> Early | None:
+    """Begin verifying before the candidate exists (fold_file, before the fold): a forked child loads
+    and runs the reference at once, every float tensor of its main graph exposed (within the memory
+    budget: :func:`.job.early_reference`), while this process folds; :func:`verify` given the result
+    (``early=``) sends it the plan once the folded model is written. ``structure``: the reference
+    without its weights. None where a child cannot be forked now, or its inputs cannot be made (then
+    :func:`verify` says why)."""
+    if not isolation.can_fork():
+        return None
+    if isinstance(providers, str):
+        providers = [p for p in providers.split(",") if p]
+    warnings: list[str] = []
+    try:
+        specs, feeds = _specs(structure, inputs, input_shapes, warnings.append)
+        if feeds is None:
+            feeds = random_inputs(specs, input_range, seed)
+    except VerifyError:
+        return None
+    job = VerifyJob(os.fspath(reference), os.fspath(candidate), feeds, list(providers), plan_later=True,
+                    structure=structure, memory=memory)
+    began = time.monotonic()
+    return Early(isolation.Child(run_job, job, gated=True), specs, feeds, warnings, began)
+
+
 def _run_isolated(job: VerifyJob, timeout: float | None, meanwhile: Callable[[], None] | None = None,
-                  write: Callable[[], None] | None = None) -> list[ProviderResult]:
+                  write: Callable[[], None] | None = None, early: Early | None = None) -> list[ProviderResult]:
     """The job in a child process; a crash of onnxruntime there, or a run past ``timeout``, is a
-    :class:`VerifyError`. ``write``: see :func:`verify`."""
+    :class:`VerifyError`. ``write``, ``early``: see :func:`verify`."""
+    if early is not None:
+        def first() -> dict:
+            if write is not None:
+                write()
+            return plan_of(job)
+
+        return _mapped(job, lambda: isolation.join(early.child, first=first, meanwhile=meanwhile,
+                                                    timeout=timeout or None, began=early.began))
     if not isolation.can_fork():  # a model crosses the pipe as bytes
         for model in (job.reference, job.candidate):
             if isinstance(model, onnx.ModelProto) and model.ByteSize() > PROTOBUF_LIMIT:
                 raise VerifyError("the model is over 2 GiB: save it with external data and verify the file")
         job = job.as_bytes()
+    # 0: no limit, as on the command line
+    return _mapped(job, lambda: isolation.call(run_job, job, timeout=timeout or None, meanwhile=meanwhile,
+                                               first=write))
+
+
+def _mapped(job: VerifyJob, run: Callable[[], list[ProviderResult]]) -> list[ProviderResult]:
+    """``run()``'s results; the child's crash or timeout as a :class:`VerifyError`."""
     try:
-        # 0: no limit, as on the command line
-        return isolation.call(run_job, job, timeout=timeout or None, meanwhile=meanwhile, first=write)
+        return run()
     except ChildTimeout as e:
         doing = e.where[1] if e.where else "starting"
         provider = next((p for p in job.providers if doing.endswith(f" on {p}")), ",".join(job.providers))

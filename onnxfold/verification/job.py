@@ -5,16 +5,29 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 import numpy as np
 import onnx
 
+from .. import isolation
 from ..errors import ExposureRefused
+from ..protobuf import PROTOBUF_LIMIT
+from .memory import GIB, estimate, inferred
+from .planning import model_size
 from .results import OutputComparison, ProviderResult
-from .sessions import run_pair
+from .sessions import extra_outputs, run_alone, run_pair
 from .tolerances import TOLERANCES, compare, floor, scale_of
+
+# The early reference (:func:`early_reference`) exposes the tensors a fold may be compared at; past this
+# many bytes of them it waits for the plan instead.
+EARLY_BYTES = 512 << 20
+FLOATS = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16}
+# A fold is compared at the output of the affine it removed (BatchNormalization, Mul, Add, Sub, Div), or,
+# when the affine came before the producer, at the producer's output (rules.input_side).
+AFFINES = {"BatchNormalization", "Mul", "Add", "Sub", "Div"}
+PRODUCERS = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
 
 
 @dataclass
@@ -35,6 +48,12 @@ class VerifyJob:
     tolerances: dict[str, tuple[float | None, float | None]] = field(default_factory=dict)
     axes: dict[str, int | None] = field(default_factory=dict)  # fold tensor -> its channel axis (None: per tensor)
     nodes: tuple[bytes, bytes] = (b"", b"")  # appended to each model's graph: If branches forced (planning)
+    # Begun before the fold (verification.begin): the fields of PLAN come from the parent's wait_first();
+    # meanwhile the original runs with every tensor of ``structure`` (the original without its weights)
+    # it can expose, within ``memory`` GiB.
+    plan_later: bool = False
+    structure: onnx.ModelProto | None = None
+    memory: float | None = None
 
     def as_bytes(self) -> VerifyJob:
         """The job with its ModelProto models serialized (a worker process receives them as bytes)."""
@@ -44,24 +63,99 @@ class VerifyJob:
         return replace(self, reference=serialized(self.reference), candidate=serialized(self.candidate))
 
 
+# What the parent's plan sets (a job begun with plan_later gets these through isolation.wait_first()).
+PLAN = ("expose", "fold_tensors", "feeders", "all_checked", "atol", "rtol", "tolerances", "axes", "nodes")
+
+
+def plan_of(job: VerifyJob) -> dict[str, Any]:
+    return {f.name: getattr(job, f.name) for f in fields(job) if f.name in PLAN}
+
+
+@dataclass
+class Early:
+    """The original's outputs run before the plan: every tensor of ``exposed`` beside the graph outputs."""
+
+    outputs: dict[str, Any]
+    exposed: set[str]
+    timings: dict[str, float]
+
+    def covering(self, job: VerifyJob) -> dict[str, Any] | None:
+        """The outputs as run with the job's exposure alone, when they hold all it needs (None else)."""
+        wanted = {name for name, _ in job.expose}
+        if job.nodes[0] or not wanted <= self.outputs.keys():
+            return None
+        return {k: v for k, v in self.outputs.items() if k not in self.exposed or k in wanted}
+
+
 def run_job(job: VerifyJob, send) -> list[ProviderResult]:
     """The child's side (an :mod:`onnxfold.isolation` target): every provider in turn."""
+    def stage_on(provider: str):
+        return lambda text: send(("stage", "onnxruntime", f"{text} on {provider}"))
+
+    early = None
+    if job.plan_later:
+        early = early_reference(job, stage_on(job.providers[0]))
+        stage_on(job.providers[0])("waiting for the folded model to be written")
+        job = replace(job, **isolation.wait_first(), plan_later=False, structure=None)
     results = []
     for provider in job.providers:
-        def stage(text: str, provider: str = provider) -> None:
-            send(("stage", "onnxruntime", f"{text} on {provider}"))
-
-        results.append(compare_provider(job, provider, stage))
+        results.append(compare_provider(job, provider, stage_on(provider), early))
+        early = None
     return results
 
 
-def compare_provider(job: VerifyJob, provider: str, stage) -> ProviderResult:
-    """Run and compare on one provider (in the child): only the comparisons go back."""
+def candidates(model: onnx.ModelProto) -> list[str]:
+    """The tensors of the main graph a fold may be compared at (:data:`AFFINES`, :data:`PRODUCERS`): the
+    outputs of its affines, and of its producers that read an affine's output (or a Pad's)."""
+    made_by = {o: n.op_type for n in model.graph.node for o in n.output if o}
+    names = set()
+    for n in model.graph.node:
+        if not n.output or not n.output[0] or n.domain not in ("", "ai.onnx"):
+            continue
+        fed = n.input and made_by.get(n.input[0]) in AFFINES | {"Pad"}
+        if n.op_type in AFFINES or (n.op_type in PRODUCERS and fed):
+            names.add(n.output[0])
+    return sorted(names - {o.name for o in model.graph.output} - {v.name for v in model.graph.input})
+
+
+def early_reference(job: VerifyJob, stage) -> Early | None:
+    """The original run before the fold has said which of its tensors to compare: the float tensors of
+    :func:`candidates` whose type and size shape inference tells are added as outputs (up to
+    :data:`EARLY_BYTES`, within ``job.memory``). None when that cannot be (the plan then runs it
+    again, with its own exposure, as it does when a planned tensor is not among these)."""
+    model = job.structure
+    if model is None:
+        return None
+    stage("planning the original's early run")
+    outputs = {o.name for o in model.graph.output}
+    names = candidates(model)
+    specs = {k: (np.asarray(v).dtype, np.shape(v)) for k, v in job.feeds.items()}
+    found = {name: (elem, size) for name, (elem, size) in inferred(model, specs, names).items() if elem in FLOATS}
+    known = {name: elem for name, (elem, _) in found.items()}
+    sizes = {name: size for name, (_, size) in found.items()}
+    if not known or sum(sizes.values()) > EARLY_BYTES:
+        return None
+    if job.memory and estimate(model, specs, [*outputs])[0] + 2 * sum(sizes.values()) > job.memory * GIB:
+        return None
+    expose = list(known.items())
+    if not isinstance(job.reference, str) or model_size(job.reference) + len(extra_outputs(expose)) > PROTOBUF_LIMIT:
+        return None
+    timings: dict[str, float] = {}
+    out = run_alone(job.reference, job.feeds, job.providers[0], expose, stage, timings)
+    return None if out is None else Early(out, set(known), timings)
+
+
+def compare_provider(job: VerifyJob, provider: str, stage, early: Early | None = None) -> ProviderResult:
+    """Run and compare on one provider (in the child): only the comparisons go back. ``early``: the
+    original's outputs run already on this provider (used when they cover the job's exposure)."""
     expose, fold_tensors, all_checked = job.expose, job.fold_tensors, job.all_checked
     timings: dict[str, float] = {}
+    given = early.covering(job) if early is not None else None
+    if given is not None:
+        timings.update(early.timings)  # type: ignore[union-attr]
     try:
         ref_out, cand_out, engine, note = run_pair(job.reference, job.candidate, job.feeds, provider,
-                                                   expose, stage, job.nodes, timings)
+                                                   expose, stage, job.nodes, timings, reference_outputs=given)
     except ExposureRefused as e:  # verify as without per-fold checks (nor forced branches), and say so
         ref_out, cand_out, engine, note = run_pair(job.reference, job.candidate, job.feeds, provider,
                                                    (), stage, timings=timings)

@@ -79,6 +79,12 @@ def _bytes(t: onnx.TensorProto) -> int:
 
 def _inferred(model: onnx.ModelProto, specs, tensors: list[str]) -> dict[str, int]:
     """Bytes of each of ``tensors`` whose shape inference from the inputs' shapes tells in full."""
+    return {name: size for name, (_, size) in inferred(model, specs, tensors).items()}
+
+
+def inferred(model: onnx.ModelProto, specs, tensors: list[str]) -> dict[str, tuple[int, int]]:
+    """(element type, bytes) of each of ``tensors`` whose shape inference from the inputs' shapes tells
+    both in full."""
     graph = onnx.GraphProto(node=model.graph.node, output=model.graph.output)
     for v in model.graph.input:
         if v.name in specs:
@@ -109,7 +115,7 @@ def _inferred(model: onnx.ModelProto, specs, tensors: list[str]) -> dict[str, in
                 itemsize = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.elem_type)).itemsize
             except (KeyError, ValueError, TypeError):
                 continue
-            sizes[v.name] = int(np.prod([d.dim_value for d in t.shape.dim], dtype=np.int64)) * itemsize
+            sizes[v.name] = (t.elem_type, int(np.prod([d.dim_value for d in t.shape.dim], dtype=np.int64)) * itemsize)
     return sizes
 
 

@@ -188,17 +188,47 @@ def _check_exposure(model, expose, provider, err, nodes: bytes = b"") -> None:
     raise ExposureRefused(str(err).splitlines()[0][:200])
 
 
+def run_alone(reference, feeds, provider: str, expose, stage, timings: dict[str, float]) -> dict | None:
+    """The original alone, with ``expose`` as extra outputs, before the plan is known (the early run of
+    :func:`onnxfold.verification.job.early_reference`): its outputs, or None when onnxruntime refuses it
+    so (the planned run then says why, or runs it in onnx.reference)."""
+    spent = _Stopwatch(timings)
+    if provider not in PROVIDERS:
+        return None
+    stage("loading onnxruntime")
+    import onnxruntime as ort
+
+    spent("import_s")
+    if PROVIDERS[provider] not in ort.get_available_providers():
+        return None
+    stage("loading the original model")
+    try:
+        sess = session(*ort_source(reference, expose), provider=provider)
+    except Exception:  # noqa: BLE001 - whatever it is, the planned run meets it again and says it
+        return None
+    spent("session_original_s")
+    stage("running the original model")
+    try:
+        out = _run_session(sess, feeds, "original")
+    except VerifyError:
+        return None
+    spent("run_original_s")
+    return out
+
+
 def run_pair(reference, candidate, feeds, provider: str, expose=(),
              stage=lambda text: None, nodes: tuple[bytes, bytes] = (b"", b""),
-             timings: dict[str, float] | None = None) -> tuple[dict, dict, str, str]:
+             timings: dict[str, float] | None = None, *,
+             reference_outputs: dict | None = None) -> tuple[dict, dict, str, str]:
     """Run both models on one provider, with the tensors ``expose`` ([(name, elem_type)]) as extra
     outputs and ``nodes`` (reference's, candidate's) appended to their graphs. Returns (reference outputs,
     candidate outputs, engine, note). ``stage`` is told what runs next, so that a crash can be named;
     ``timings`` gets the seconds of each part (import_s, session_original_s, run_original_s, wait_s,
     session_folded_s, run_folded_s). The original is loaded and run first, its session freed, and only
     then the folded model read: in the child of ``isolation.call(first=...)`` the folded model is
-    written meanwhile (``wait_s``: the wait for it). Runs onnxruntime in this process: :func:`verify`
-    calls it in a child process.
+    written meanwhile (``wait_s``: the wait for it). ``reference_outputs``: the original's outputs, run
+    already with this exposure (:func:`run_alone`); it is not run again. Runs onnxruntime in this
+    process: :func:`verify` calls it in a child process.
     """
     spent = _Stopwatch(timings)
     if provider not in PROVIDERS:
@@ -212,22 +242,25 @@ def run_pair(reference, candidate, feeds, provider: str, expose=(),
             f"{PROVIDERS[provider]} is not available in this onnxruntime build "
             f"(available: {', '.join(ort.get_available_providers())})"
         )
-    stage("loading the original model")
-    ref_sess, error = _load(reference, expose, nodes[0], provider)
-    if error is not None:
-        if provider == "cpu" and no_kernel(error):
-            note = "onnxruntime has no CPU kernel for this model: " + str(error).splitlines()[0][:160]
-            stage("running the original model in onnx.reference")
-            ref = run_reference(reference, feeds, expose, nodes[0])
-            _wait_for_candidate(stage)
-            stage("running the folded model in onnx.reference")
-            return ref, run_reference(candidate, feeds, expose, nodes[1]), "onnx.reference", note
-        raise invalid("original", error)
-    spent("session_original_s")
-    stage("running the original model")
-    ref = _run_session(ref_sess, feeds, "original")
-    del ref_sess  # one session at a time
-    spent("run_original_s")
+    if reference_outputs is not None:
+        ref = reference_outputs
+    else:
+        stage("loading the original model")
+        ref_sess, error = _load(reference, expose, nodes[0], provider)
+        if error is not None:
+            if provider == "cpu" and no_kernel(error):
+                note = "onnxruntime has no CPU kernel for this model: " + str(error).splitlines()[0][:160]
+                stage("running the original model in onnx.reference")
+                ref = run_reference(reference, feeds, expose, nodes[0])
+                _wait_for_candidate(stage)
+                stage("running the folded model in onnx.reference")
+                return ref, run_reference(candidate, feeds, expose, nodes[1]), "onnx.reference", note
+            raise invalid("original", error)
+        spent("session_original_s")
+        stage("running the original model")
+        ref = _run_session(ref_sess, feeds, "original")
+        del ref_sess  # one session at a time
+        spent("run_original_s")
     _wait_for_candidate(stage)
     spent("wait_s")
     stage("loading the folded model")
