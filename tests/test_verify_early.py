@@ -1,0 +1,218 @@
+"""Verification that begins before the fold (issue 20, item 2): fold_file forks verification's child after
+the load; it runs the original with the tensors a fold may be compared at exposed while the parent folds
+and writes, and gets the plan through isolation's gate (``call(first=...)``, ``join``). Each test makes
+the order or the fallback observable with marker files written by the child (gates, not sleeps)."""
+
+import importlib
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper, numpy_helper
+
+from builders import bn_stats, tensor
+from onnxfold import fold_file, isolation
+
+api = importlib.import_module("onnxfold.api")
+job_module = importlib.import_module("onnxfold.verification.job")
+sessions = importlib.import_module("onnxfold.verification.sessions")
+
+
+def two_folds(seed: int = 0) -> onnx.ModelProto:
+    """x -> Conv -> BN -> Relu -> Conv -> BN -> y, statistics random and far from the defaults."""
+    rng = np.random.default_rng(seed)
+    inits, nodes, src = [], [], "x"
+    for i, (cin, cout) in enumerate(((3, 8), (8, 5))):
+        inits.append(tensor(f"w{i}", rng.normal(0, 0.5, (cout, cin, 3, 3)).astype(np.float32)))
+        names = [f"{p}{i}" for p in ("gamma", "beta", "mean", "var")]
+        inits += [tensor(n, a) for n, a in zip(names, bn_stats(rng, cout))]
+        nodes.append(helper.make_node("Conv", [src, f"w{i}"], [f"c{i}"], pads=[1, 1, 1, 1]))
+        nodes.append(helper.make_node("BatchNormalization", [f"c{i}", *names], [f"bn{i}"], epsilon=1e-3))
+        src = f"bn{i}"
+        if i == 0:
+            nodes.append(helper.make_node("Relu", [src], ["r0"]))
+            src = "r0"
+    nodes.append(helper.make_node("Identity", [src], ["y"]))
+    graph = helper.make_graph(nodes, "two", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 5, 8, 8])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def _wait_for(path: Path, seconds: float = 60.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while not path.exists():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+@pytest.fixture
+def logged(tmp_path, monkeypatch):
+    """Marker files the verification child writes (the patches are inherited through the fork): ``early``
+    once the original has run before the plan, and one line in ``loads`` per model run_pair loads."""
+    monkeypatch.setattr(isolation, "WORKER", "fork")
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    real_alone, real_load = sessions.run_alone, sessions._load
+
+    def run_alone(reference, feeds, provider, expose, stage, timings):
+        out = real_alone(reference, feeds, provider, expose, stage, timings)
+        (marks / "early").write_text(",".join(sorted(name for name, _ in expose)))
+        return out
+
+    def load(model, expose, nodes, provider):
+        with open(marks / "loads", "a") as fh:
+            fh.write(f"{os.path.basename(os.fspath(model))}\n")
+        return real_load(model, expose, nodes, provider)
+
+    monkeypatch.setattr(sessions, "run_alone", run_alone)
+    monkeypatch.setattr(job_module, "run_alone", run_alone)
+    monkeypatch.setattr(sessions, "_load", load)
+    return marks
+
+
+def _loads(marks: Path) -> list[str]:
+    return (marks / "loads").read_text().split() if (marks / "loads").exists() else []
+
+
+def test_the_original_runs_while_the_model_is_folded_and_written(tmp_path, monkeypatch, logged):
+    src, out = tmp_path / "m.onnx", tmp_path / "o.onnx"
+    onnx.save(two_folds(), src)
+    real_write = api.write
+    seen = []
+
+    def write(model, path, **kwargs):  # the parent writes only once the child has run the original
+        seen.append(_wait_for(logged / "early"))
+        return real_write(model, path, **kwargs)
+
+    monkeypatch.setattr(api, "write", write)
+    result = fold_file(src, out)
+    assert seen == [True], "the original had not run when the folded model was written"
+    assert result.verification and out.exists()
+    folds = result.verification.results[0].folds
+    assert sorted(f.name for f in folds) == ["bn0", "bn1"] and all(f.passed and f.compared for f in folds)
+    assert set(logged.joinpath("early").read_text().split(",")) >= {"bn0", "bn1"}
+    # the planned run loaded the folded model alone: the original was not loaded again
+    loads = _loads(logged)
+    assert len(loads) == 1 and loads[0] != "m.onnx"
+
+
+def test_a_planned_tensor_the_early_run_lacks_runs_the_original_again(tmp_path, monkeypatch, logged):
+    src, out = tmp_path / "m.onnx", tmp_path / "o.onnx"
+    onnx.save(two_folds(1), src)
+    monkeypatch.setattr(job_module, "candidates", lambda model: ["bn0"])  # bn1 is not exposed early
+    result = fold_file(src, out)
+    assert (logged / "early").read_text() == "bn0"
+    assert "m.onnx" in _loads(logged), "the original was not run again with the planned exposure"
+    folds = result.verification.results[0].folds
+    assert sorted(f.name for f in folds) == ["bn0", "bn1"] and all(f.passed and f.compared for f in folds)
+
+
+@pytest.mark.parametrize("why", ["too large", "refused"])
+def test_an_original_the_early_run_cannot_take_is_run_as_planned(tmp_path, monkeypatch, logged, why):
+    src, out = tmp_path / "m.onnx", tmp_path / "o.onnx"
+    onnx.save(two_folds(2), src)
+    if why == "too large":  # its tensors are above the early run's limit: nothing runs before the plan
+        monkeypatch.setattr(job_module, "EARLY_BYTES", 0)
+    else:  # onnxruntime refuses the model with these outputs (as it may a type it cannot infer)
+        real = sessions.session
+
+        def session(source, *args, **kwargs):
+            if not isinstance(source, str) or not source.endswith("o.onnx"):
+                if os.path.exists(logged / "planned"):
+                    return real(source, *args, **kwargs)
+                (logged / "planned").write_text("")
+                raise RuntimeError("[ONNXRuntimeError] : 1 : FAIL : refused")
+            return real(source, *args, **kwargs)
+
+        monkeypatch.setattr(sessions, "session", session)
+    result = fold_file(src, out)
+    assert "m.onnx" in _loads(logged), "the original was not run as planned"
+    assert result.verification and out.exists()
+    assert all(f.passed and f.compared for f in result.verification.results[0].folds)
+
+
+@pytest.mark.parametrize("channel", [0, 3])
+def test_a_wrong_fold_is_caught_when_the_original_ran_early(tmp_path, monkeypatch, logged, channel):
+    """A wrong channel planted in the written model (after the fold, as a bug in the writer would) fails
+    verification against the outputs the child took before the model existed."""
+    src, out = tmp_path / "m.onnx", tmp_path / "o.onnx"
+    onnx.save(two_folds(3), src)
+    real_write = api.write
+
+    def write(model, path, **kwargs):
+        conv = next(n for n in model.graph.node if n.op_type == "Conv")
+        t = next(t for t in model.graph.initializer if t.name == conv.input[1])
+        a = numpy_helper.to_array(t).copy()
+        a[channel] *= -1.0
+        t.CopyFrom(numpy_helper.from_array(a, t.name))
+        return real_write(model, path, **kwargs)
+
+    monkeypatch.setattr(api, "write", write)
+    result = fold_file(src, out)
+    assert (logged / "early").exists() and "m.onnx" not in _loads(logged)
+    assert not result.verification and result.status == "verification failed, not written" and not out.exists()
+    bad = {f.name for f in result.verification.results[0].folds if not f.passed}
+    assert "bn0" in bad  # the planted fold (bn1, downstream, reads its wrong channel)
+
+
+# -- isolation's gate --------------------------------------------------------------------------------------
+
+def _gated(marker: str, send):
+    Path(marker).write_text("started")  # before the parent's first() has returned
+    return ("got", isolation.wait_first())
+
+
+@pytest.fixture
+def worker_path(monkeypatch):
+    """The worker (python -c) imports this module to find its target."""
+    isolation._stop_worker()
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(Path(__file__).parent),
+                                                                   os.environ.get("PYTHONPATH")])))
+    yield
+    isolation._stop_worker()
+
+
+@pytest.mark.parametrize("worker", ["fork", "spawn"])
+def test_first_runs_while_the_child_starts_and_its_value_reaches_wait_first(tmp_path, monkeypatch, worker,
+                                                                           worker_path):
+    monkeypatch.setattr(isolation, "WORKER", worker)
+    marker = tmp_path / "started"
+    order = []
+
+    def first():
+        if worker == "fork":  # the forked child is running already: first() waits for its word
+            order.append(_wait_for(marker))
+        return {"plan": [1, 2]}
+
+    assert isolation.call(_gated, str(marker), first=first) == ("got", {"plan": [1, 2]})
+    assert order == ([True] if worker == "fork" else [])
+
+
+def _wait_only(send):
+    isolation.wait_first()
+    return "not reached"
+
+
+def test_a_first_that_fails_ends_the_child(monkeypatch):
+    monkeypatch.setattr(isolation, "WORKER", "fork")
+    pids = []
+
+    def first():
+        pids.append(child_pid())
+        raise OSError("disk full")
+
+    def child_pid():
+        import gc
+        return next(o.pid for o in gc.get_objects() if isinstance(o, isolation.Child) and o.pid)
+
+    with pytest.raises(OSError, match="disk full"):
+        isolation.call(_wait_only, first=first)
+    with pytest.raises(ChildProcessError):
+        os.waitpid(pids[0], os.WNOHANG)  # killed and reaped
