@@ -81,12 +81,29 @@ class RowScaled:
             rows = np.asarray(rows, dtype=np.float64)
         return np.multiply(rows, self._factor(a, b), dtype=np.float64)
 
-    def blocks(self, target_bytes: int = 8 << 20):
+    def ranges(self, target_bytes: int = 8 << 20):
+        """(a, b): the blocks of rows, each about ``target_bytes`` in float64."""
         rows = self.shape[0] if self.shape else 1
         per_row = max(1, int(np.prod(self.shape[1:], dtype=np.int64)) * 8)
         step = max(1, target_bytes // per_row)
         for a in range(0, rows, step):
-            yield self.block(a, min(rows, a + step))
+            yield a, min(rows, a + step)
+
+    def blocks(self, target_bytes: int = 8 << 20):
+        for a, b in self.ranges(target_bytes):
+            yield self.block(a, b)
+
+    def cast_block(self, a: int, b: int, dtype) -> np.ndarray | None:
+        """``block(a, b)`` rounded once to ``dtype``, computed in float64 by numpy's buffered loop without
+        holding the float64 block (the same values as ``block(a, b).astype(dtype)``); None where numpy
+        has no such loop (bfloat16): then use :meth:`block`."""
+        rows = self.w[a:b]
+        if rows.dtype not in _NATIVE or np.dtype(dtype) not in _NATIVE:
+            return None
+        out = np.empty(rows.shape, dtype=dtype)
+        with np.errstate(over="ignore", invalid="ignore"):
+            np.multiply(rows, self._factor(a, b), out=out, dtype=np.float64, casting="unsafe")
+        return out
 
     def __array__(self, dtype=None, copy=None):
         out = self.block(0, self.shape[0])
@@ -146,15 +163,24 @@ def _finfo(dtype):
         return ml_dtypes.finfo(dtype)
 
 
+_NATIVE = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
+
+
+def _peak(out: np.ndarray) -> float | None:
+    """max |value| of a cast block, or None when it holds NaN or inf."""
+    if not out.size:
+        return 0.0
+    view = out if out.dtype.kind == "f" else out.astype(np.float32)
+    hi, lo = float(view.max()), float(view.min())  # NaN and inf show up here: no extra pass
+    return max(hi, -lo) if np.isfinite(hi) and np.isfinite(lo) else None
+
+
 def _cast_block(block: np.ndarray, dtype, what: str) -> tuple[np.ndarray, float]:
     """Cast one float64 block; returns it and its max |value|, or NotFoldable if it is not finite."""
     with np.errstate(over="ignore", invalid="ignore"):
         out = block.astype(dtype)
-    if not out.size:
-        return out, 0.0
-    view = out if out.dtype.kind == "f" else out.astype(np.float32)
-    hi, lo = float(view.max()), float(view.min())  # NaN and inf show up here: no extra pass
-    if not (np.isfinite(hi) and np.isfinite(lo)):
+    peak = _peak(out)
+    if peak is None:
         if not np.all(np.isfinite(block)):
             raise NotFoldable(f"folded {what} is not finite (inf or NaN in the float64 result)")
         biggest = float(np.max(np.abs(block)))
@@ -162,7 +188,7 @@ def _cast_block(block: np.ndarray, dtype, what: str) -> tuple[np.ndarray, float]
         raise NotFoldable(
             f"folded {what} overflows {np.dtype(dtype).name} (max |value| = {biggest:.4g} > {limit:.6g})"
         )
-    return out, max(hi, -lo)
+    return out, peak
 
 
 def iter_cast(value, dtype, what: str):
@@ -171,9 +197,16 @@ def iter_cast(value, dtype, what: str):
     Yields (block in ``dtype``, max |value| of the block). Raises NotFoldable on a value that is not
     finite in ``dtype``.
     """
-    blocks = value.blocks() if isinstance(value, RowScaled) else [np.asarray(value, dtype=np.float64)]
-    for block in blocks:
-        yield _cast_block(block, dtype, what)
+    if not isinstance(value, RowScaled):
+        yield _cast_block(np.asarray(value, dtype=np.float64), dtype, what)
+        return
+    for a, b in value.ranges():
+        out = value.cast_block(a, b, dtype)
+        peak = None if out is None else _peak(out)
+        if out is None or peak is None:  # bfloat16, or not finite: the float64 block says by how much
+            yield _cast_block(value.block(a, b), dtype, what)
+        else:
+            yield out, peak
 
 
 def cast_finite(value, dtype, what: str) -> np.ndarray:
