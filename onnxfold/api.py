@@ -20,7 +20,6 @@ line prints; any other exception is a bug. Progress goes to the ``"onnxfold"`` l
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import os
@@ -33,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from .commit import commit, discard, output_lock, place, staged, staged_file, sync
+from .commit import Syncing, commit, discard, output_lock, place, stage_json, staged, write_json
 from .driver import fold_model
 from .errors import FoldError, InputError, message
 from .load import load
@@ -389,16 +388,39 @@ def _fold_verify_commit(job: _Job, tmp: Path, options: FoldOptions) -> FoldResul
     """Fold, write to ``tmp`` (in the staging folder) and verify, check, commit."""
     assert job.plan is not None
     early = _begin(job, tmp, options)
+    syncing: list[Syncing] = []  # the files' sync to disk, begun once no child is left to fork
+    mode = job.plan.mode
     try:
         with _folded(job, tmp, options) as (report, write):
+            def checker() -> None:
+                syncing.append(Syncing(write.files, mode=mode))
+                checked.append(run_checker(tmp))
+
             result = FoldResult(job.src, job.plan.dst, "written", report, timings=job.timings)
             checked: list[Checked] = []  # onnx.checker, run while verification's child runs the models
-            result.verification = _verify(job, tmp, options, report, write, lambda: checked.append(run_checker(tmp)),
-                                          early)
+            result.verification = _verify(job, tmp, options, report, write, checker, early)
             files = write.files
+        if early is not None:
+            early.close()
+        return _check_commit(job, files, result, options, checked, syncing)
     finally:
         if early is not None:
             early.close()
+        for s in syncing:
+            with contextlib.suppress(BaseException):  # its error, if any, was raised already or is moot
+                s.wait()
+
+
+def _check_commit(job: _Job, files: list[Path], result: FoldResult, options: FoldOptions, checked: list[Checked],
+                  syncing: list[Syncing]) -> FoldResult:
+    """The written model checked (unless verification failed) and committed."""
+    assert job.plan is not None
+    mode = job.plan.mode
+
+    def sync_soon() -> None:
+        if not syncing:
+            syncing.append(Syncing(files, mode=mode))
+
     if result.verification is not None and not result.verification:
         if not options.force_write:
             log.error("%s not written: the folded model does not match the original (--force-write writes it "
@@ -410,12 +432,13 @@ def _fold_verify_commit(job: _Job, tmp: Path, options: FoldOptions) -> FoldResul
         result.status = "verification failed, written"
     # Exit 0 promises a model that loads: check it where it lies, before it replaces anything.
     t = time.perf_counter()
-    result.warnings = check_output(tmp, job.src, session=result.verification is None, timings=job.timings,
-                                   checked=checked[0] if checked else None)
+    result.warnings = check_output(files[0], job.src, session=result.verification is None, timings=job.timings,
+                                   checked=checked[0] if checked else None,
+                                   meanwhile=sync_soon)
     for w in result.warnings:
         log.warning(w)
     job.timings["check_s"] = time.perf_counter() - t
-    _commit(job, files, result)
+    _commit(job, files, result, syncing[0])
     data = f" (+ {files[1].name})" if len(files) > 1 else ""
     if data and not is_utf8(job.plan.dst.name):
         data = (f" (+ {files[1].name}: each byte of the name that is not UTF-8 written \\xNN, as the model "
@@ -507,12 +530,13 @@ def _verify(job: _Job, tmp: Path, options: FoldOptions, report: FoldReport, writ
     return result
 
 
-def _commit(job: _Job, files: list[Path], result: FoldResult) -> None:
-    """The report (staged first: one that cannot be written leaves no output either), then the model."""
+def _commit(job: _Job, files: list[Path], result: FoldResult, syncing: Syncing) -> None:
+    """The report (staged first: one that cannot be written leaves no output either), then the model.
+    ``syncing``: the files' sync to disk, begun while they were checked."""
     assert job.plan is not None
     staged_report = None
     t = time.perf_counter()
-    sync(files, mode=job.plan.mode)  # the bulk of the commit's time, timed before the report is written
+    syncing.wait()  # the bulk of the commit's time, timed before the report is written
     # The timings end here, as the report has them: the renames and the folder's sync that follow take
     # a few milliseconds and are not timed.
     job.timings["commit_s"] = (now := time.perf_counter()) - t
@@ -539,38 +563,3 @@ def _write_report(job: _Job, result: FoldResult) -> None:
 
 
 # -- JSON ---------------------------------------------------------------------------------------------
-
-
-def json_text(data: object) -> str:
-    """The report as JSON text (numbers that are not finite as strings: "inf", "nan")."""
-    return json.dumps(data, indent=2, default=_jsonable) + "\n"
-
-
-def write_json(path: str | os.PathLike | None, data: object) -> None:
-    staged_report = None
-    try:
-        staged_report = stage_json(path, data)
-        if staged_report:
-            place(staged_report, path)  # type: ignore[arg-type]
-    except BaseException:
-        if staged_report:
-            discard(staged_report)  # (gone already once placed)
-        raise
-
-
-def stage_json(path: str | os.PathLike | None, data: object) -> Path | None:
-    """The report, written to a temporary file beside ``path`` (renamed into place by the caller)."""
-    if not path:
-        return None
-    path = Path(path)
-    try:
-        return staged_file(path, json_text(data))
-    except OSError as e:
-        raise InputError(f"{path}: cannot write the report ({message(e)})") from None
-
-
-def _jsonable(value: object) -> object:
-    if isinstance(value, float) or hasattr(value, "__float__"):
-        v = float(value)
-        return v if math.isfinite(v) else str(v)
-    return str(value)

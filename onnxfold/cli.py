@@ -27,7 +27,8 @@ from pathlib import Path
 
 from . import signals
 from ._version import __version__
-from .api import FoldOptions, FoldResult, Summary, fold_path, json_text, make_options, write_json
+from .api import FoldOptions, FoldResult, Summary, fold_path, make_options
+from .commit import json_text, write_json
 from .errors import USER_ERRORS, InputError, Interrupted, OutputBroken, message, printable
 from .output_plan import check_report, real
 from .rules import describe_rules, off_by_default, rule_names

@@ -18,16 +18,19 @@ import contextlib
 import errno
 import fcntl
 import hashlib
+import json
 import logging
+import math
 import os
 import re
 import shutil
 import tempfile
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from . import signals
-from .errors import FoldError, InputError
+from .errors import FoldError, InputError, message
 
 log = logging.getLogger("onnxfold")
 
@@ -287,6 +290,29 @@ def sync(files: list[Path], *, mode: int | None = None) -> None:
         _fsync(f)
 
 
+class Syncing:
+    """:func:`sync` in a thread, begun at once (it waits on the disk, while the written model is
+    checked); :meth:`wait` joins it and raises what it raised. Start it after the last fork of the run:
+    a process with a second thread runs its children through the worker instead (isolation.can_fork)."""
+
+    def __init__(self, files: list[Path], *, mode: int | None = None):
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, args=(list(files), mode), name="onnxfold-sync", daemon=True)
+        self.thread.start()
+
+    def _run(self, files: list[Path], mode: int | None) -> None:
+        try:
+            sync(files, mode=mode)
+        except BaseException as e:  # noqa: BLE001 - raised again by wait(), in the caller's thread
+            self.error = e
+
+    def wait(self) -> None:
+        self.thread.join()
+        if self.error is not None:
+            error, self.error = self.error, None
+            raise error
+
+
 def commit(files: list[Path], destination: Path, *, mode: int | None = None,
            stale: Callable[[], Iterable[Path]] = tuple, synced: bool = False) -> None:
     """Move staged files into place so that ``destination`` always holds a whole model, old or new.
@@ -373,3 +399,39 @@ def remove_stale_temps(folder: Path) -> None:
                     os.unlink(entry.path)
         finally:
             os.close(fd)
+
+
+# -- the report file (JSON), written as a model is: staged, then renamed into place ----------------------
+def json_text(data: object) -> str:
+    """The report as JSON text (numbers that are not finite as strings: "inf", "nan")."""
+    return json.dumps(data, indent=2, default=_jsonable) + "\n"
+
+
+def write_json(path: str | os.PathLike | None, data: object) -> None:
+    staged_report = None
+    try:
+        staged_report = stage_json(path, data)
+        if staged_report:
+            place(staged_report, path)  # type: ignore[arg-type]
+    except BaseException:
+        if staged_report:
+            discard(staged_report)  # (gone already once placed)
+        raise
+
+
+def stage_json(path: str | os.PathLike | None, data: object) -> Path | None:
+    """The report, written to a temporary file beside ``path`` (renamed into place by the caller)."""
+    if not path:
+        return None
+    path = Path(path)
+    try:
+        return staged_file(path, json_text(data))
+    except OSError as e:
+        raise InputError(f"{path}: cannot write the report ({message(e)})") from None
+
+
+def _jsonable(value: object) -> object:
+    if isinstance(value, float) or hasattr(value, "__float__"):
+        v = float(value)
+        return v if math.isfinite(v) else str(v)
+    return str(value)

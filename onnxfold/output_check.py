@@ -39,15 +39,18 @@ def run_checker(path: Path) -> Checked:
 
 
 def check_output(path: Path, src: Path, *, session: bool, timings: dict[str, float] | None = None,
-                 checked: Checked | None = None) -> list[str]:
+                 checked: Checked | None = None, meanwhile: Callable[[], None] | None = None) -> list[str]:
     """Check the model written at ``path`` (folded from ``src``); returns warnings about the input.
     ``checked``: onnx.checker's verdict on it taken already (:func:`run_checker`), else taken here.
+    ``meanwhile``: run once onnxruntime's load has started in its child (``session``), before the checker.
     ``timings`` gets check_checker_s (onnx.checker, here or ahead) and check_session_s (the wait for
     onnxruntime's load after it)."""
     warnings: list[str] = []
     timings = {} if timings is None else timings
     loading = isolation.Child(_load, str(path), "the written model") if session else None
     try:
+        if meanwhile is not None:
+            meanwhile()
         if checked is None:
             checked = run_checker(path)
         checker_error = checked.error
