@@ -40,13 +40,13 @@ def real(path) -> Path:
 def data_files(model: onnx.ModelProto, model_path) -> set[Path]:
     """Real paths of the external data files ``model`` (at ``model_path``) reads."""
     base = Path(model_path).parent
-    out = set()
+    locations = set()
     for tensor in every_tensor(model):
         if external_data_helper.uses_external_data(tensor):
             for entry in tensor.external_data:
                 if entry.key == "location":
-                    out.add(real(base / entry.value))
-    return out
+                    locations.add(entry.value)
+    return {real(base / location) for location in locations}  # each resolved once: every tensor names one
 
 
 def files_of(path) -> set[Path]:

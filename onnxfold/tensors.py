@@ -9,6 +9,7 @@ folder, a truncated file) is an :class:`~onnxfold.errors.InputError` with one li
 
 from __future__ import annotations
 
+import mmap
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -150,11 +151,45 @@ def inline_external(tensor: onnx.TensorProto, base_dir) -> None:
 
 
 def data_path(base_dir, location: str) -> Path:
-    base = Path(base_dir).resolve()
-    data = (base / location).resolve()
-    if base != data and base not in data.parents:
-        raise InputError(f"external data location {location!r} points outside the model's folder")
-    return data
+    """The file of an external tensor, refused when it resolves outside the model's folder. Resolved
+    once per (folder, location) in this process: resolving walks every component with lstat, and a
+    model of 1600 external tensors resolved them 0.2 s a run (timm mobileone_s0, dynamo export)."""
+    key = (os.fspath(base_dir), location)
+    found = _RESOLVED.get(key)
+    if found is None:
+        base = Path(base_dir).resolve()
+        data = (base / location).resolve()
+        if base != data and base not in data.parents:
+            raise InputError(f"external data location {location!r} points outside the model's folder")
+        if len(_RESOLVED) >= 4096:
+            _RESOLVED.clear()
+        found = _RESOLVED[key] = data
+    return found
+
+
+_RESOLVED: dict[tuple[str, str], Path] = {}
+
+
+def _mapped(path: Path) -> tuple[mmap.mmap | None, int]:
+    """(the data file mapped read-only, its size), one mapping per file while it is unchanged (same
+    inode, size and mtime): a tensor is a view of it, not a mapping of its own (np.memmap: 0.13 ms a
+    tensor). None for an empty file."""
+    st = os.stat(path)
+    sig = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    held = _MAPS.get(path)
+    if held is not None and held[0] == sig:
+        return held[1], st.st_size
+    mapped = None
+    if st.st_size:
+        with open(path, "rb") as fh:
+            mapped = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+    if len(_MAPS) >= 64:  # a mapping stays alive while arrays view it; dropped here, unmapped once they go
+        _MAPS.clear()
+    _MAPS[path] = (sig, mapped)
+    return mapped, st.st_size
+
+
+_MAPS: dict[Path, tuple[tuple[int, int, int, int], mmap.mmap | None]] = {}
 
 
 def read_tensor(tensor: onnx.TensorProto, base_dir, sink: DataSink | None = None) -> np.ndarray:
@@ -173,13 +208,14 @@ def read_tensor(tensor: onnx.TensorProto, base_dir, sink: DataSink | None = None
     dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tensor.data_type))
     if tensor.data_type in _RAW_TYPES and dtype.byteorder in "=<|" and np.little_endian:
         count = int(np.prod(tensor.dims, dtype=np.int64))
-        path = data_path(base_dir, location)
-        if offset + length > path.stat().st_size:
+        mapped, size = _mapped(data_path(base_dir, location))
+        if offset + length > size:
             raise InputError(f"tensor {tensor.name!r}: its external data is truncated")
         if count == 0:
             return np.zeros(tuple(tensor.dims), dtype=dtype)
         # Mapped, not read: a fold touches each page once, a block of rows at a time.
-        return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=tuple(tensor.dims))
+        assert mapped is not None  # a file that holds count > 0 elements is not empty
+        return np.frombuffer(mapped, dtype=dtype, count=count, offset=offset).reshape(tuple(tensor.dims))
     copy = onnx.TensorProto()
     copy.CopyFrom(tensor)
     inline_external(copy, base_dir)
@@ -198,6 +234,7 @@ class DataSink:
 
     ALIGN = 4096  # large tensors start on a page boundary, so onnxruntime can map them
     THRESHOLD = 1024  # smaller tensors stay inline in the .onnx file
+    MAP_FROM = 1 << 20  # a tensor read back from this file is mapped from this size on
 
     def __init__(self, path: Path):
         self.path = Path(path)
@@ -238,6 +275,10 @@ class DataSink:
         if nbytes == 0:
             return np.zeros(shape, dtype=dtype)
         self.file.flush()
+        if nbytes < self.MAP_FROM:  # read: a mapping of its own costs more than the bytes
+            with open(self.path, "rb") as fh:
+                raw = os.pread(fh.fileno(), nbytes, start)
+            return np.frombuffer(raw, dtype=dtype).reshape(shape)
         return np.memmap(self.path, dtype=dtype, mode="r", offset=start, shape=shape)
 
     def compact(self, tensors) -> None:
