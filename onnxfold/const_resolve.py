@@ -53,6 +53,8 @@ class ModelScope(Protocol):
     def ir_version(self) -> int: ...
     @property
     def bound_at_call(self) -> Collection[str]: ...  # a function body's inputs, constants when matching
+    @property
+    def edits(self) -> int: ...  # how many edits were applied: the structure changes with each
 
     def since_version(self, op_type: str) -> int: ...
 
@@ -88,6 +90,9 @@ class Constants:
     def __init__(self, view: Scope):
         self.view = view
         self._cache: dict[str, np.ndarray] = {}
+        # what constant_like decided, by ``shapes``, for the structure after ``_edits`` edits
+        self._like: dict[bool, dict[str, bool]] = {False: {}, True: {}}
+        self._edits = -1
 
     def overridable(self, name: str) -> bool:
         """An initializer that is also a graph input can be fed at run time (IR >= 4)."""
@@ -218,8 +223,14 @@ class Constants:
     def _made_of_constants(self, name: str, *, shapes: bool) -> bool:
         """:meth:`constant_like`; with ``shapes``, Shape and Size of anything count as constants too (what
         :meth:`value` may still evaluate, when the shape is known). A walk with its own stack, each name
-        once: a residual chain hundreds of Adds deep is no recursion."""
-        known: dict[str, bool] = {}
+        once: a residual chain hundreds of Adds deep is no recursion. What a walk decides is kept until
+        the next edit (the matchers ask about the same values again and again: PaddleOCR's recognizer,
+        8348 walks a fold)."""
+        if self._edits != self.view.model.edits:
+            self._like, self._edits = {False: {}, True: {}}, self.view.model.edits
+        known = self._like[shapes]
+        if name in known:
+            return known[name]
         waiting: dict[str, list[str]] = {}  # a name whose inputs are being decided -> those inputs
         stack: list[tuple[str, bool]] = [(name, False)]
         while stack:

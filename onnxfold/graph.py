@@ -222,6 +222,7 @@ class ModelView:
         # tensors that stay, so what was inferred once holds for the later rounds.
         self._shapes: dict[str, tuple[int | None, ...]] | None = None
         self.orphans: set[str] = set()  # names a fold stopped reading: the sweep's work list
+        self.edits = 0  # edits applied: what a view decided about the structure holds until the next
         self.refresh()
 
     def refresh(self) -> None:
@@ -279,6 +280,7 @@ class ModelView:
     def apply(self, view: GraphView, edit: Edit) -> None:
         """Apply a fold's edit to ``view``'s graph and keep every book right. Each new value must have
         its tensor (the driver makes them: ``NewValue.tensor``)."""
+        self.edits += 1
         nodes = view.graph.node
         for n, update in edit.updates.items():
             if update.arity is not None:  # it becomes another op: keep that many inputs, no old attribute
