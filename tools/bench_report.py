@@ -419,7 +419,7 @@ def targets(results) -> str:
 def _phase_text(r: dict | None) -> str:
     ph = (r or {}).get("phases") or {}
     names = [("startup_s", "start-up"), ("load_s", "load"), ("fold_s", "fold"), ("write_s", "write"),
-             ("verify_s", "verification"), ("check_s", "the written model's check"), ("commit_s", "fsync and rename")]
+             ("verify_s", "verification"), ("check_s", "the written model's check"), ("commit_s", "the wait for fsync")]
     return ", ".join(f"{label} {ph[k]:.2f} s" for k, label in names if ph.get(k, 0) >= 0.005)
 
 
@@ -431,9 +431,11 @@ def why_missed(results) -> str:
     text = ("Why the ResNet-50 targets are missed: onnxfold does more than fold and save, and it does it in a fresh "
             "Python process. Before the output replaces anything it is checked where it lies (onnx.checker reads "
             "the written file back while, with `--no-verify`, onnxruntime loads it in a child process; with "
-            "verification, that child builds a session for each model and runs both) and synced to disk (fsync) "
-            "before the rename, so that exit 0 means a model that loads and an interrupted run never leaves a "
-            "half-written one; none of the other tools does either.")
+            "verification, a child that began with the fold has run the original meanwhile and now loads and "
+            "runs the written model) and synced to disk (fsync, while it is checked) before the rename, so that "
+            "exit 0 means a model that loads and an interrupted run never leaves a half-written one; none of the "
+            "other tools does either. Verification's timing is what remains of it after the write: the rest ran "
+            "beside the fold.")
     if nv:
         text += f" The medians of onnxfold's own `--report` timings here: `--no-verify`: {nv}"
         text += f"; with verification: {ver}." if ver else "."

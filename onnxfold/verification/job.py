@@ -130,12 +130,12 @@ def early_reference(job: VerifyJob, stage) -> Early | None:
     outputs = {o.name for o in model.graph.output}
     names = candidates(model)
     specs = {k: (np.asarray(v).dtype, np.shape(v)) for k, v in job.feeds.items()}
-    found = {name: (elem, size) for name, (elem, size) in inferred(model, specs, names).items() if elem in FLOATS}
-    known = {name: elem for name, (elem, _) in found.items()}
-    sizes = {name: size for name, (_, size) in found.items()}
-    if not known or sum(sizes.values()) > EARLY_BYTES:
+    typed = inferred(model, specs, [*names, *outputs])  # once: shape inference is the slow part here
+    known = {name: typed[name][0] for name in names if name in typed and typed[name][0] in FLOATS}
+    sizes = {name: size for name, (_, size) in typed.items()}
+    if not known or sum(sizes[name] for name in known) > EARLY_BYTES:
         return None
-    if job.memory and estimate(model, specs, [*outputs])[0] + 2 * sum(sizes.values()) > job.memory * GIB:
+    if job.memory and estimate(model, specs, [*outputs, *known], sizes)[0] > job.memory * GIB:
         return None
     expose = list(known.items())
     if not isinstance(job.reference, str) or model_size(job.reference) + len(extra_outputs(expose)) > PROTOBUF_LIMIT:

@@ -41,13 +41,15 @@ def default_budget() -> float:
 
 
 def estimate(model: onnx.ModelProto, specs: dict[str, tuple[np.dtype, tuple[int, ...]]],
-             tensors: list[str]) -> tuple[int, str]:
+             tensors: list[str], sizes: dict[str, int] | None = None) -> tuple[int, str]:
     """(bytes verification needs at least, how that adds up): twice (the two models) the inputs, the
-    sizes of ``tensors`` (graph outputs and exposed fold tensors) that shape inference can tell, and
-    the weights."""
+    sizes of ``tensors`` (graph outputs and exposed fold tensors) that shape inference can tell (or
+    ``sizes`` tells, inferred already), and the weights."""
     inputs = sum(int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize for dtype, shape in specs.values())
     weights = sum(_bytes(t) for t in model.graph.initializer)
-    outputs = sum(_inferred(model, specs, tensors).values())
+    if sizes is None:
+        sizes = _inferred(model, specs, tensors)
+    outputs = sum(sizes.get(name, 0) for name in set(tensors))
     total = 2 * (inputs + outputs + weights)
     return total, (f"2 models x ({inputs / GIB:.2f} GiB of inputs + {outputs / GIB:.2f} GiB of outputs and fold "
                    f"tensors + {weights / GIB:.2f} GiB of weights)")
