@@ -282,13 +282,18 @@ def fold_path(src: str | os.PathLike, dst: str | os.PathLike | None, options: Fo
         # Runs writing the same OUT take turns, from planning to the old data's removal (in place: from
         # loading the input, which the run before may have just replaced)
         with output_lock(dst):
-            job = _prepare(Path(src), Path(dst), options, report, protect, shared_folder, start)
-            assert job.plan is not None
-            t = time.perf_counter()
-            with staged(job.plan.dst) as tmp:
-                job.timings["stage_s"] = time.perf_counter() - t
-                began = True
-                return _fold_verify_commit(job, tmp, options)
+            early = _begin_before_load(Path(src), options)
+            try:
+                job = _prepare(Path(src), Path(dst), options, report, protect, shared_folder, start)
+                assert job.plan is not None
+                t = time.perf_counter()
+                with staged(job.plan.dst) as tmp:
+                    job.timings["stage_s"] = time.perf_counter() - t
+                    began = True
+                    return _fold_verify_commit(job, tmp, options, early)
+            finally:
+                if early is not None:
+                    early.close()
     except OSError as e:  # the disk, permissions, names: one line
         raise _failed(FoldError(message(e)), began) from e
     except MemoryError:
@@ -384,10 +389,11 @@ def _check(job: _Job, options: FoldOptions) -> FoldResult:
     return result
 
 
-def _fold_verify_commit(job: _Job, tmp: Path, options: FoldOptions) -> FoldResult:
-    """Fold, write to ``tmp`` (in the staging folder) and verify, check, commit."""
+def _fold_verify_commit(job: _Job, tmp: Path, options: FoldOptions, early: Early | None = None) -> FoldResult:
+    """Fold, write to ``tmp`` (in the staging folder) and verify, check, commit. ``early``: verification
+    begun before the load (else it begins here, before the fold)."""
     assert job.plan is not None
-    early = _begin(job, tmp, options)
+    early = early or _begin(job, options)
     syncing: list[Syncing] = []  # the files' sync to disk, begun once no child is left to fork
     mode = job.plan.mode
     try:
@@ -490,11 +496,21 @@ def _folded(job: _Job, tmp: Path, options: FoldOptions) -> Iterator[tuple[FoldRe
         sink.close()
 
 
-def _begin(job: _Job, tmp: Path, options: FoldOptions) -> Early | None:
-    """Verification's child, started before the fold: it loads and runs the original meanwhile."""
+def _begin_before_load(src: Path, options: FoldOptions) -> Early | None:
+    """Verification's child, started before the load: it reads the original's structure from the file
+    (without its weights), makes the inputs and runs the original while this process loads and folds.
+    Not with ``--inputs`` (read here, with the load) nor for what is not a regular file."""
+    if not options.verify or options.inputs is not None or not src.is_file():
+        return None
+    return begin_verify(src, options.providers, input_shapes=dict(options.input_shapes),
+                        input_range=options.input_range, seed=options.seed, memory=options.verify_memory)
+
+
+def _begin(job: _Job, options: FoldOptions) -> Early | None:
+    """Verification's child, started before the fold: it runs the original meanwhile."""
     if not options.verify or job.structure is None:
         return None
-    return begin_verify(job.src, tmp, options.providers, structure=job.structure, inputs=job.feeds,
+    return begin_verify(job.src, options.providers, structure=job.structure, inputs=job.feeds,
                         input_shapes=dict(options.input_shapes), input_range=options.input_range, seed=options.seed,
                         memory=options.verify_memory)
 

@@ -145,3 +145,69 @@ def fields(buf, start: int, end: int, wanted: int) -> Iterator[tuple[int, int]]:
             i += n
         else:  # groups are not used by ONNX
             raise ValueError(f"unexpected protobuf wire type {wire}")
+
+
+TENSOR_EXTERNAL_DATA, TENSOR_DATA_LOCATION = 13, 14
+
+
+def spans(buf, start: int, end: int) -> Iterator[tuple[int, int, int, int, int]]:
+    """(number, wire type, where its key starts, where its value starts, where it ends) of each field
+    of the message ``buf[start:end]``."""
+    i = start
+    while i < end:
+        at = i
+        k, i = read_varint(buf, i)
+        number, wire = k >> 3, k & 7
+        value = i
+        if wire == 0:
+            _, i = read_varint(buf, i)
+        elif wire == 1:
+            i += 8
+        elif wire == 5:
+            i += 4
+        elif wire == 2:
+            n, value = read_varint(buf, i)
+            i = value + n
+        else:  # groups are not used by ONNX
+            raise ValueError(f"unexpected protobuf wire type {wire}")
+        if i > end:
+            raise ValueError("truncated protobuf message")
+        yield number, wire, at, value, i
+
+
+def _entry(name: str, value: str) -> bytes:
+    """An external_data entry (StringStringEntryProto: key 1, value 2) as a TensorProto field."""
+    body = length_delimited(1, len(name.encode())) + name.encode() + length_delimited(2, len(value.encode())) \
+        + value.encode()
+    return length_delimited(TENSOR_EXTERNAL_DATA, len(body)) + body
+
+
+def without_weights(buf, small: int, placeholder: str) -> bytes:
+    """A serialized ModelProto (``buf``: a model file's bytes, mapped) without the raw_data of its main
+    graph's initializers of more than ``small`` bytes: each of those keeps every other field and is
+    marked external at ``placeholder`` with its ``length`` (what :func:`onnxfold.verification.memory.structure`
+    makes from a parsed model), read without parsing the weights."""
+    out = bytearray()
+    for number, wire, at, value, end in spans(buf, 0, len(buf)):
+        if number != MODEL_GRAPH or wire != 2:
+            out += buf[at:end]
+            continue
+        graph = bytearray()
+        for g_number, g_wire, g_at, g_value, g_end in spans(buf, value, end):
+            if g_number != GRAPH_INITIALIZER or g_wire != 2:
+                graph += buf[g_at:g_end]
+                continue
+            parts = list(spans(buf, g_value, g_end))
+            size = sum(e - v for n, w, _, v, e in parts if n == TENSOR_RAW_DATA and w == 2)
+            if size <= small:
+                graph += buf[g_at:g_end]
+                continue
+            tensor = bytearray()
+            for n, w, a, _, e in parts:
+                if not (n == TENSOR_RAW_DATA and w == 2):
+                    tensor += buf[a:e]
+            tensor += _entry("location", placeholder) + _entry("length", str(size))
+            tensor += key(TENSOR_DATA_LOCATION, 0) + varint(onnx.TensorProto.EXTERNAL)
+            graph += length_delimited(GRAPH_INITIALIZER, len(tensor)) + tensor
+        out += length_delimited(MODEL_GRAPH, len(graph)) + graph
+    return bytes(out)

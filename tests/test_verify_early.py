@@ -216,3 +216,42 @@ def test_a_first_that_fails_ends_the_child(monkeypatch):
         isolation.call(_wait_only, first=first)
     with pytest.raises(ChildProcessError):
         os.waitpid(pids[0], os.WNOHANG)  # killed and reaped
+
+
+# -- begun before the load: the child reads the structure and makes the inputs itself ----------------------
+
+CORPUS = Path(__file__).resolve().parent / "corpus"
+MODELS = Path(__file__).resolve().parent.parent / "models"
+MODEL_FILES = sorted(MODELS.glob("*.onnx")) + sorted(CORPUS.rglob("*.onnx"))
+
+
+@pytest.mark.parametrize("path", MODEL_FILES, ids=lambda p: p.name)
+def test_the_structure_read_from_the_file_is_the_one_made_from_the_loaded_model(path):
+    memory = importlib.import_module("onnxfold.verification.memory")
+    assert memory.structure_of_file(path) == memory.structure(onnx.load(str(path), load_external_data=False))
+
+
+def test_the_child_begun_before_the_load_makes_the_inputs_the_parent_makes(tmp_path, monkeypatch, logged):
+    """A dynamic batch fixed by --input-shape: the early run (begun before the load) used the same inputs
+    as the plan; inputs made otherwise in the child are a bug, said so, not a silent comparison."""
+    model = two_folds(4)
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "N"
+    src = tmp_path / "m.onnx"
+    onnx.save(model, src)
+    result = fold_file(src, tmp_path / "o.onnx", input_shapes={"x": [3, 3, 8, 8]})
+    assert (logged / "early").exists() and "m.onnx" not in _loads(logged)
+    assert result.verification and all(f.passed and f.compared for f in result.verification.results[0].folds)
+
+    real = job_module.random_inputs
+    monkeypatch.setattr(job_module, "random_inputs", lambda specs, span, seed: real(specs, span, seed + 1))
+    with pytest.raises(RuntimeError, match="made other inputs than the parent"):
+        fold_file(src, tmp_path / "o2.onnx", input_shapes={"x": [3, 3, 8, 8]})
+    assert not (tmp_path / "o2.onnx").exists()
+
+
+def test_an_unreadable_input_is_one_line_though_the_child_began(tmp_path, monkeypatch, logged):
+    src = tmp_path / "m.onnx"
+    src.write_bytes(onnx.ModelProto(graph=two_folds().graph).SerializeToString()[:-40])  # truncated
+    with pytest.raises(Exception, match="not a readable ONNX model|not an ONNX model") as e:
+        fold_file(src, tmp_path / "o.onnx")
+    assert type(e.value).__name__ == "InputError" and not (tmp_path / "o.onnx").exists()

@@ -89,7 +89,7 @@ from .inputs import (
     parse_shape,
     random_inputs,
 )
-from .job import VerifyJob, plan_of, run_job
+from .job import VerifyJob, digest, plan_of, run_job
 from .memory import check_budget, default_budget, structure
 from .planning import force_branches, plan_folds
 from .reference import batch_norm
@@ -179,7 +179,7 @@ def verify(
     else:
         ref_model = onnx.load(str(reference), load_external_data=False)
     result.timings["reference_s"] = (now := time.perf_counter()) - began
-    if early is not None:
+    if early is not None and early.specs is not None:
         specs, feeds = early.specs, early.feeds
         result.warnings.extend(early.warnings)
     else:
@@ -197,7 +197,8 @@ def verify(
     del planning, planned
     axes = {getattr(f, "output", ""): getattr(f, "axis", None) for f in folds or ()}
     job = VerifyJob(reference, candidate, feeds, list(providers), expose, checked, feeders, all_checked, atol, rtol,
-                    dict(tolerances or {}), {name: axes.get(name) for name in checked}, nodes)
+                    dict(tolerances or {}), {name: axes.get(name) for name in checked}, nodes,
+                    feeds_digest=digest(feeds) if early is not None and early.feeds is None else "")
     del ref_model
     result.timings["plan_s"] += (began := time.perf_counter()) - now
     result.results = _run_isolated(job, timeout, meanwhile, write, early)
@@ -233,8 +234,8 @@ class Early:
     """A verification begun before the fold (:func:`begin`); :func:`verify` ends it, or :meth:`close`."""
 
     child: isolation.Child
-    specs: dict[str, tuple[np.dtype, tuple[int, ...]]]
-    feeds: dict[str, np.ndarray]
+    specs: dict[str, tuple[np.dtype, tuple[int, ...]]] | None  # None: made in the child (and by verify())
+    feeds: dict[str, np.ndarray] | None
     warnings: list[str]
     began: float  # time.monotonic()
 
@@ -242,29 +243,34 @@ class Early:
         self.child.close()
 
 
-def begin(reference: str | os.PathLike, candidate: str | os.PathLike, providers=("cpu",), *,
-          structure: onnx.ModelProto, inputs: dict[str, np.ndarray] | None = None,
-          input_shapes: dict[str, tuple[int, ...]] | None = None, input_range: tuple[float, float] = DEFAULT_RANGE,
-          seed: int = 0, memory: float | None = DEFAULT_MEMORY) -> Early | None:
-    """Begin verifying before the candidate exists (fold_file, before the fold): a forked child loads
-    and runs the reference at once, every float tensor of its main graph exposed (within the memory
-    budget: :func:`.job.early_reference`), while this process folds; :func:`verify` given the result
-    (``early=``) sends it the plan once the folded model is written. ``structure``: the reference
-    without its weights. None where a child cannot be forked now, or its inputs cannot be made (then
-    :func:`verify` says why)."""
+def begin(reference: str | os.PathLike, providers=("cpu",), *, structure: onnx.ModelProto | None = None,
+          inputs: dict[str, np.ndarray] | None = None, input_shapes: dict[str, tuple[int, ...]] | None = None,
+          input_range: tuple[float, float] = DEFAULT_RANGE, seed: int = 0,
+          memory: float | None = DEFAULT_MEMORY) -> Early | None:
+    """Begin verifying before the candidate exists (fold_file: before the load, or before the fold): a
+    forked child loads and runs the reference at once, the tensors a fold may be compared at exposed
+    (within the memory budget: :func:`.job.early_reference`), while this process folds; :func:`verify`
+    given the result (``early=``) sends it the plan, with the candidate's path, once the folded model
+    is written. ``structure``: the reference without its weights; None: the child reads it from the
+    file and makes the inputs (``inputs`` must then be None), as :func:`verify` makes them here. None
+    where a child cannot be forked now, or its inputs cannot be made (then :func:`verify` says why)."""
     if not isolation.can_fork():
         return None
     if isinstance(providers, str):
         providers = [p for p in providers.split(",") if p]
     warnings: list[str] = []
-    try:
-        specs, feeds = _specs(structure, inputs, input_shapes, warnings.append)
-        if feeds is None:
-            feeds = random_inputs(specs, input_range, seed)
-    except VerifyError:
-        return None
-    job = VerifyJob(os.fspath(reference), os.fspath(candidate), feeds, list(providers), plan_later=True,
-                    structure=structure, memory=memory)
+    specs = feeds = None
+    if structure is not None:
+        try:
+            specs, feeds = _specs(structure, inputs, input_shapes, warnings.append)
+            if feeds is None:
+                feeds = random_inputs(specs, input_range, seed)
+        except VerifyError:
+            return None
+    elif inputs is not None:
+        raise ValueError("begin: inputs are made in the child only from the reference's own file")
+    job = VerifyJob(os.fspath(reference), "", feeds or {}, list(providers), plan_later=True, structure=structure,
+                    memory=memory, inputs=(dict(input_shapes or {}), input_range, seed) if feeds is None else None)
     began = time.monotonic()
     return Early(isolation.Child(run_job, job, gated=True), specs, feeds, warnings, began)
 

@@ -3,6 +3,7 @@ each graph output and each planned fold tensor compared; only the comparisons go
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 from dataclasses import dataclass, field, fields, replace
@@ -14,7 +15,8 @@ import onnx
 from .. import isolation
 from ..errors import ExposureRefused
 from ..protobuf import PROTOBUF_LIMIT
-from .memory import GIB, estimate, inferred
+from .inputs import input_specs, random_inputs
+from .memory import GIB, estimate, inferred, structure_of_file
 from .planning import model_size
 from .results import OutputComparison, ProviderResult
 from .sessions import extra_outputs, run_alone, run_pair
@@ -49,11 +51,15 @@ class VerifyJob:
     axes: dict[str, int | None] = field(default_factory=dict)  # fold tensor -> its channel axis (None: per tensor)
     nodes: tuple[bytes, bytes] = (b"", b"")  # appended to each model's graph: If branches forced (planning)
     # Begun before the fold (verification.begin): the fields of PLAN come from the parent's wait_first();
-    # meanwhile the original runs with every tensor of ``structure`` (the original without its weights)
-    # it can expose, within ``memory`` GiB.
+    # meanwhile the original runs with the tensors of ``structure`` (the original without its weights;
+    # None: read from its file here) a fold may be compared at, within ``memory`` GiB. Begun before the
+    # load, the feeds are made here too (``inputs``: input_shapes, input_range, seed), as the parent makes
+    # them; the plan's ``feeds_digest`` says they are the same.
     plan_later: bool = False
     structure: onnx.ModelProto | None = None
     memory: float | None = None
+    inputs: tuple[dict[str, tuple[int, ...]], tuple[float, float], int] | None = None
+    feeds_digest: str = ""
 
     def as_bytes(self) -> VerifyJob:
         """The job with its ModelProto models serialized (a worker process receives them as bytes)."""
@@ -64,7 +70,18 @@ class VerifyJob:
 
 
 # What the parent's plan sets (a job begun with plan_later gets these through isolation.wait_first()).
-PLAN = ("expose", "fold_tensors", "feeders", "all_checked", "atol", "rtol", "tolerances", "axes", "nodes")
+PLAN = ("candidate", "expose", "fold_tensors", "feeders", "all_checked", "atol", "rtol", "tolerances", "axes",
+        "nodes", "feeds_digest")
+
+
+def digest(feeds: dict[str, np.ndarray]) -> str:
+    """What the inputs are, in a few bytes: the parent's plan and the child's inputs are compared by it."""
+    h = hashlib.sha256()
+    for name in sorted(feeds):
+        value = np.ascontiguousarray(feeds[name])
+        h.update(f"{name}\0{value.dtype.str}\0{value.shape}\0".encode())
+        h.update(value.tobytes())
+    return h.hexdigest()
 
 
 def plan_of(job: VerifyJob) -> dict[str, Any]:
@@ -94,14 +111,33 @@ def run_job(job: VerifyJob, send) -> list[ProviderResult]:
 
     early = None
     if job.plan_later:
+        job = _own_inputs(job)
         early = early_reference(job, stage_on(job.providers[0]))
         stage_on(job.providers[0])("waiting for the folded model to be written")
         job = replace(job, **isolation.wait_first(), plan_later=False, structure=None)
+        if job.feeds_digest and job.feeds_digest != digest(job.feeds):
+            raise RuntimeError("verification's child made other inputs than the parent")
     results = []
     for provider in job.providers:
         results.append(compare_provider(job, provider, stage_on(provider), early))
         early = None
     return results
+
+
+def _own_inputs(job: VerifyJob) -> VerifyJob:
+    """A job begun before the load: the original's structure read from its file and the inputs made
+    from it, as the parent makes them (a file it cannot read so: nothing runs early)."""
+    if job.structure is not None and job.feeds:
+        return job
+    try:
+        model = job.structure if job.structure is not None else structure_of_file(job.reference)
+        feeds = job.feeds
+        if not feeds and job.inputs is not None:
+            shapes, value_range, seed = job.inputs
+            feeds = random_inputs(input_specs(model, shapes), value_range, seed)
+    except Exception:  # noqa: BLE001 - the parent's load says what is wrong with the file
+        return replace(job, structure=None)
+    return replace(job, structure=model, feeds=feeds)
 
 
 def candidates(model: onnx.ModelProto) -> list[str]:
@@ -124,7 +160,7 @@ def early_reference(job: VerifyJob, stage) -> Early | None:
     :data:`EARLY_BYTES`, within ``job.memory``). None when that cannot be (the plan then runs it
     again, with its own exposure, as it does when a planned tensor is not among these)."""
     model = job.structure
-    if model is None:
+    if model is None or not job.feeds:
         return None
     stage("planning the original's early run")
     outputs = {o.name for o in model.graph.output}

@@ -7,13 +7,14 @@ OOM killer end it."""
 
 from __future__ import annotations
 
+import mmap
 import os
 
 import numpy as np
 import onnx
 
 from ..errors import VerifyError
-from ..protobuf import copy_fields
+from ..protobuf import copy_fields, without_weights
 
 GIB = 1 << 30
 SMALL = 4096  # initializers up to this many bytes keep their values for shape inference (shapes, axes)
@@ -121,6 +122,19 @@ def inferred(model: onnx.ModelProto, specs, tensors: list[str]) -> dict[str, tup
     return sizes
 
 
+LEFT_OUT = "(left out: only its size is planned with)"
+
+
+def structure_of_file(path) -> onnx.ModelProto:
+    """:func:`structure` of the model at ``path``, read from the file's wire format without parsing its
+    weights (verification's child plans its early run with it while the parent loads the model)."""
+    with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        light = without_weights(buf, SMALL, LEFT_OUT)
+    model = onnx.ModelProto()
+    model.ParseFromString(light)
+    return model
+
+
 def structure(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy of ``model`` to plan a verification with, without its weights: every field, but each of the
     main graph's initializers of more than ``SMALL`` bytes of data only by its name, type, shape and size
@@ -137,6 +151,6 @@ def structure(model: onnx.ModelProto) -> onnx.ModelProto:
         light = out.graph.initializer.add()
         copy_fields(t, light, skip=("raw_data",))
         light.data_location = onnx.TensorProto.EXTERNAL
-        light.external_data.add(key="location", value="(left out: only its size is planned with)")
+        light.external_data.add(key="location", value=LEFT_OUT)
         light.external_data.add(key="length", value=str(len(t.raw_data)))
     return out
