@@ -35,8 +35,9 @@ import onnx
 from .commit import Syncing, commit, discard, output_lock, place, stage_json, staged, write_json
 from .driver import fold_model
 from .errors import FoldError, InputError, message
+from .isolation import Child
 from .load import load
-from .output_check import Checked, check_output, run_checker
+from .output_check import Checked, check_output, run_checker, start_load
 from .output_plan import OutputPlan, check_report, check_target, data_files, plan_output, real
 from .report import FoldReport, process_age
 from .rules import select_rules
@@ -395,6 +396,7 @@ def _fold_verify_commit(job: _Job, tmp: Path, options: FoldOptions, early: Early
     assert job.plan is not None
     early = early or _begin(job, options)
     syncing: list[Syncing] = []  # the files' sync to disk, begun once no child is left to fork
+    loading = None  # without verification: onnxruntime's load of the written model, in a child
     mode = job.plan.mode
     try:
         with _folded(job, tmp, options) as (report, write):
@@ -404,21 +406,34 @@ def _fold_verify_commit(job: _Job, tmp: Path, options: FoldOptions, early: Early
 
             result = FoldResult(job.src, job.plan.dst, "written", report, timings=job.timings)
             checked: list[Checked] = []  # onnx.checker, run while verification's child runs the models
-            result.verification = _verify(job, tmp, options, report, write, checker, early)
+            if options.verify and report.folded:
+                result.verification = _verify(job, tmp, options, report, write, checker, early)
+            else:
+                log.info("verification skipped (--no-verify)" if not options.verify else
+                         "nothing folded: verification skipped")
+                if early is not None:
+                    early.close()
+                loading = start_load(tmp)  # the child starts (onnxruntime imported) while the model is written
+                write()
+                if loading is not None:
+                    loading.open_gate()
+                    syncing.append(Syncing(write.files, mode=mode))  # the run's last fork is behind
             files = write.files
         if early is not None:
             early.close()
-        return _check_commit(job, files, result, options, checked, syncing)
+        return _check_commit(job, files, result, options, checked, syncing, loading)
     finally:
         if early is not None:
             early.close()
+        if loading is not None:
+            loading.close()
         for s in syncing:
             with contextlib.suppress(BaseException):  # its error, if any, was raised already or is moot
                 s.wait()
 
 
 def _check_commit(job: _Job, files: list[Path], result: FoldResult, options: FoldOptions, checked: list[Checked],
-                  syncing: list[Syncing]) -> FoldResult:
+                  syncing: list[Syncing], loading: Child | None = None) -> FoldResult:
     """The written model checked (unless verification failed) and committed."""
     assert job.plan is not None
     mode = job.plan.mode
@@ -440,7 +455,7 @@ def _check_commit(job: _Job, files: list[Path], result: FoldResult, options: Fol
     t = time.perf_counter()
     result.warnings = check_output(files[0], job.src, session=result.verification is None, timings=job.timings,
                                    checked=checked[0] if checked else None,
-                                   meanwhile=sync_soon)
+                                   meanwhile=sync_soon, loading=loading)
     for w in result.warnings:
         log.warning(w)
     job.timings["check_s"] = time.perf_counter() - t
@@ -516,15 +531,10 @@ def _begin(job: _Job, options: FoldOptions) -> Early | None:
 
 
 def _verify(job: _Job, tmp: Path, options: FoldOptions, report: FoldReport, write: _Write,
-            meanwhile: Callable[[], None], early: Early | None = None) -> VerifyResult | None:
-    """Write the folded model and compare it with the input; None when verification does not run (the
-    model is written all the same). Verification's child loads and runs the original while the model
-    is folded (``early``) or written; ``meanwhile`` runs while it runs the written model."""
-    if not options.verify or not report.folded:
-        log.info("verification skipped (--no-verify)" if not options.verify else
-                 "nothing folded: verification skipped")
-        write()
-        return None
+            meanwhile: Callable[[], None], early: Early | None = None) -> VerifyResult:
+    """Write the folded model and compare it with the input. Verification's child loads and runs the
+    original while the model is folded (``early``) or written; ``meanwhile`` runs while it runs the
+    written model."""
     t = time.perf_counter()
     assert write.model is not None
     result = compare_models(job.src, tmp, options.providers, inputs=job.feeds, input_shapes=dict(options.input_shapes),

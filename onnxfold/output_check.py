@@ -38,16 +38,29 @@ def run_checker(path: Path) -> Checked:
     return Checked(error, time.perf_counter() - t)
 
 
+def start_load(path: Path) -> isolation.Child | None:
+    """onnxruntime's load of the model to be written at ``path``, begun before it is written: the child
+    imports onnxruntime meanwhile and loads the file once :meth:`~onnxfold.isolation.Child.open_gate`
+    says it is written; :func:`check_output` (``loading=``) takes its verdict. None where the child
+    cannot be forked now (check_output starts it then)."""
+    if not isolation.can_fork():
+        return None
+    return isolation.Child(_load, str(path), "the written model", gated=True)
+
+
 def check_output(path: Path, src: Path, *, session: bool, timings: dict[str, float] | None = None,
-                 checked: Checked | None = None, meanwhile: Callable[[], None] | None = None) -> list[str]:
+                 checked: Checked | None = None, meanwhile: Callable[[], None] | None = None,
+                 loading: isolation.Child | None = None) -> list[str]:
     """Check the model written at ``path`` (folded from ``src``); returns warnings about the input.
     ``checked``: onnx.checker's verdict on it taken already (:func:`run_checker`), else taken here.
     ``meanwhile``: run once onnxruntime's load has started in its child (``session``), before the checker.
+    ``loading``: that child, started already (:func:`start_load`).
     ``timings`` gets check_checker_s (onnx.checker, here or ahead) and check_session_s (the wait for
     onnxruntime's load after it)."""
     warnings: list[str] = []
     timings = {} if timings is None else timings
-    loading = isolation.Child(_load, str(path), "the written model") if session else None
+    if session and loading is None:
+        loading = isolation.Child(_load, str(path), "the written model")
     try:
         if meanwhile is not None:
             meanwhile()
@@ -132,5 +145,10 @@ def _session(path: Path) -> None:
 
 def _load(path: str, what: str, send) -> str | None:
     """The child's side: None when onnxruntime loads the model, else the first line of its error."""
+    send(("stage", "onnxruntime", "importing onnxruntime"))
+    import onnxruntime  # noqa: F401 - while the model is written (start_load)
+
+    send(("stage", "onnxruntime", f"waiting for {what}"))
+    isolation.wait_first()
     send(("stage", "onnxruntime", f"loading {what}"))
     return _error(_session, Path(path))

@@ -68,8 +68,8 @@ def flip_channel_one(monkeypatch) -> None:
 # The phases of a run in ``FoldResult.timings`` (and the report's "timings"), besides the five it always had
 PHASES = {"startup_s", "lock_s", "plan_s", "stage_s", "check_checker_s", "commit_s", "total_s"}
 VERIFY_PARTS = {f"verify_{p}" for p in ("reference_s", "plan_s", "inputs_s", "child_s", "import_s",
-                                        "session_original_s", "session_folded_s", "run_original_s", "run_folded_s", "wait_s",
-                                        "compare_s")}
+                                        "session_original_s", "session_folded_s", "run_original_s", "run_folded_s",
+                                        "wait_s", "compare_s")}
 
 
 # -- success ------------------------------------------------------------------------------------------

@@ -255,3 +255,40 @@ def test_an_unreadable_input_is_one_line_though_the_child_began(tmp_path, monkey
     with pytest.raises(Exception, match="not a readable ONNX model|not an ONNX model") as e:
         fold_file(src, tmp_path / "o.onnx")
     assert type(e.value).__name__ == "InputError" and not (tmp_path / "o.onnx").exists()
+
+
+def test_without_verification_the_load_check_starts_before_the_model_is_written(tmp_path, monkeypatch):
+    """--no-verify: onnxruntime's load of the written model runs in a child forked before the write (it
+    imports onnxruntime meanwhile) and reads the file once it is written; a broken write is still caught."""
+    monkeypatch.setattr(isolation, "WORKER", "fork")
+    output_check = importlib.import_module("onnxfold.output_check")
+    marker = tmp_path / "child"
+    real_load, real_write = output_check._load, api.write
+
+    def load(path, what, send):
+        marker.write_text(path)
+        return real_load(path, what, send)
+
+    seen = []
+
+    def write(model, path, **kwargs):
+        seen.append(_wait_for(marker))
+        return real_write(model, path, **kwargs)
+
+    monkeypatch.setattr(output_check, "_load", load)
+    monkeypatch.setattr(api, "write", write)
+    src = tmp_path / "m.onnx"
+    onnx.save(two_folds(5), src)
+    result = fold_file(src, tmp_path / "o.onnx", verify=False)
+    assert seen == [True] and result.status == "written" and (tmp_path / "o.onnx").exists()
+
+    def broken(model, path, **kwargs):  # a writer bug: onnxruntime cannot load what was written
+        files = real_write(model, path, **kwargs)
+        with open(files[0], "r+b") as fh:
+            fh.truncate(os.path.getsize(files[0]) // 2)
+        return files
+
+    monkeypatch.setattr(api, "write", broken)
+    with pytest.raises(Exception, match="rejects the written model") as e:
+        fold_file(src, tmp_path / "o2.onnx", verify=False)
+    assert type(e.value).__name__ == "OutputBroken" and not (tmp_path / "o2.onnx").exists()
