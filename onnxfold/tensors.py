@@ -9,7 +9,6 @@ folder, a truncated file) is an :class:`~onnxfold.errors.InputError` with one li
 
 from __future__ import annotations
 
-import mmap
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -170,26 +169,6 @@ def data_path(base_dir, location: str) -> Path:
 _RESOLVED: dict[tuple[str, str], Path] = {}
 
 
-def _mapped(path: Path) -> tuple[mmap.mmap | None, int]:
-    """(the data file mapped read-only, its size), one mapping per file while it is unchanged (same
-    inode, size and mtime): a tensor is a view of it, not a mapping of its own (np.memmap: 0.13 ms a
-    tensor). None for an empty file."""
-    st = os.stat(path)
-    sig = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-    held = _MAPS.get(path)
-    if held is not None and held[0] == sig:
-        return held[1], st.st_size
-    mapped = None
-    if st.st_size:
-        with open(path, "rb") as fh:
-            mapped = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
-    if len(_MAPS) >= 64:  # a mapping stays alive while arrays view it; dropped here, unmapped once they go
-        _MAPS.clear()
-    _MAPS[path] = (sig, mapped)
-    return mapped, st.st_size
-
-
-_MAPS: dict[Path, tuple[tuple[int, int, int, int], mmap.mmap | None]] = {}
 
 
 def read_tensor(tensor: onnx.TensorProto, base_dir, sink: DataSink | None = None) -> np.ndarray:
@@ -208,14 +187,20 @@ def read_tensor(tensor: onnx.TensorProto, base_dir, sink: DataSink | None = None
     dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tensor.data_type))
     if tensor.data_type in _RAW_TYPES and dtype.byteorder in "=<|" and np.little_endian:
         count = int(np.prod(tensor.dims, dtype=np.int64))
-        mapped, size = _mapped(data_path(base_dir, location))
-        if offset + length > size:
+        path = data_path(base_dir, location)
+        if offset + length > os.stat(path).st_size:
             raise InputError(f"tensor {tensor.name!r}: its external data is truncated")
         if count == 0:
             return np.zeros(tuple(tensor.dims), dtype=dtype)
-        # Mapped, not read: a fold touches each page once, a block of rows at a time.
-        assert mapped is not None  # a file that holds count > 0 elements is not empty
-        return np.frombuffer(mapped, dtype=dtype, count=count, offset=offset).reshape(tuple(tensor.dims))
+        if length < DataSink.MAP_FROM:  # read: a mapping of its own costs more than the bytes (0.13 ms)
+            with open(path, "rb") as fh:
+                raw = os.pread(fh.fileno(), length, offset)
+            if len(raw) != length:
+                raise InputError(f"tensor {tensor.name!r}: its external data is truncated")
+            return np.frombuffer(raw, dtype=dtype).reshape(tuple(tensor.dims))
+        # Mapped, not read: a fold touches each page once, a block of rows at a time, and the pages go
+        # with the array (one mapping of the whole file kept its pages resident: 2.2 GiB for wide_ext)
+        return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=tuple(tensor.dims))
     copy = onnx.TensorProto()
     copy.CopyFrom(tensor)
     inline_external(copy, base_dir)
