@@ -128,23 +128,9 @@ def read_varint(buf, i: int) -> tuple[int, int]:
 
 def fields(buf, start: int, end: int, wanted: int) -> Iterator[tuple[int, int]]:
     """(start, end) of each length-delimited field numbered ``wanted`` in ``buf[start:end]``."""
-    i = start
-    while i < end:
-        k, i = read_varint(buf, i)
-        number, wire = k >> 3, k & 7
-        if wire == 0:
-            _, i = read_varint(buf, i)
-        elif wire == 1:
-            i += 8
-        elif wire == 5:
-            i += 4
-        elif wire == 2:
-            n, i = read_varint(buf, i)
-            if number == wanted:
-                yield i, i + n
-            i += n
-        else:  # groups are not used by ONNX
-            raise ValueError(f"unexpected protobuf wire type {wire}")
+    for number, wire, _, value, end_ in spans(buf, start, end):
+        if number == wanted and wire == 2:
+            yield value, end_
 
 
 TENSOR_EXTERNAL_DATA, TENSOR_DATA_LOCATION = 13, 14
