@@ -400,8 +400,12 @@ def _fold_verify_commit(job: _Job, tmp: Path, options: FoldOptions, early: Early
     mode = job.plan.mode
     try:
         with _folded(job, tmp, options) as (report, write):
+            def sync_soon() -> None:  # once written and the run's last child forked
+                if not syncing:
+                    syncing.append(Syncing(write.files, mode=mode))
+
             def checker() -> None:
-                syncing.append(Syncing(write.files, mode=mode))
+                sync_soon()
                 checked.append(run_checker(tmp))
 
             result = FoldResult(job.src, job.plan.dst, "written", report, timings=job.timings)
@@ -417,11 +421,10 @@ def _fold_verify_commit(job: _Job, tmp: Path, options: FoldOptions, early: Early
                 write()
                 if loading is not None:
                     loading.open_gate()
-                    syncing.append(Syncing(write.files, mode=mode))  # the run's last fork is behind
+                    sync_soon()  # else after check_output's fork
             files = write.files
-        if early is not None:
-            early.close()
-        return _check_commit(job, files, result, options, checked, syncing, loading)
+        # (verification's child is closed by now: by verify, or above)
+        return _check_commit(job, files, result, options, checked, sync_soon, syncing, loading)
     finally:
         if early is not None:
             early.close()
@@ -433,15 +436,10 @@ def _fold_verify_commit(job: _Job, tmp: Path, options: FoldOptions, early: Early
 
 
 def _check_commit(job: _Job, files: list[Path], result: FoldResult, options: FoldOptions, checked: list[Checked],
-                  syncing: list[Syncing], loading: Child | None = None) -> FoldResult:
-    """The written model checked (unless verification failed) and committed."""
+                  sync_soon: Callable[[], None], syncing: list[Syncing], loading: Child | None = None) -> FoldResult:
+    """The written model checked (unless verification failed) and committed; ``sync_soon`` begins the
+    files' sync (into ``syncing``) if it has not begun."""
     assert job.plan is not None
-    mode = job.plan.mode
-
-    def sync_soon() -> None:
-        if not syncing:
-            syncing.append(Syncing(files, mode=mode))
-
     if result.verification is not None and not result.verification:
         if not options.force_write:
             log.error("%s not written: the folded model does not match the original (--force-write writes it "

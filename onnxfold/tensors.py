@@ -169,6 +169,21 @@ def data_path(base_dir, location: str) -> Path:
 _RESOLVED: dict[tuple[str, str], Path] = {}
 
 
+def _read_span(path, dtype: np.dtype, shape: tuple[int, ...], offset: int, nbytes: int, name: str) -> np.ndarray:
+    """``nbytes`` at ``offset`` of the file as an array: read under :data:`MAP_FROM` bytes (a mapping of
+    its own costs more than the bytes: 0.13 ms), mapped from there (a fold touches each page once, a
+    block of rows at a time, and the pages go with the array; one mapping of a whole data file kept for
+    the run held every page it touched resident: 2.2 GiB for wide_ext)."""
+    if nbytes < MAP_FROM:
+        with open(path, "rb") as fh:
+            raw = os.pread(fh.fileno(), nbytes, offset)
+        if len(raw) != nbytes:
+            raise InputError(f"tensor {name!r}: its external data is truncated")
+        return np.frombuffer(raw, dtype=dtype).reshape(shape)
+    return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape)
+
+
+MAP_FROM = 1 << 20
 
 
 def read_tensor(tensor: onnx.TensorProto, base_dir, sink: DataSink | None = None) -> np.ndarray:
@@ -192,15 +207,7 @@ def read_tensor(tensor: onnx.TensorProto, base_dir, sink: DataSink | None = None
             raise InputError(f"tensor {tensor.name!r}: its external data is truncated")
         if count == 0:
             return np.zeros(tuple(tensor.dims), dtype=dtype)
-        if length < DataSink.MAP_FROM:  # read: a mapping of its own costs more than the bytes (0.13 ms)
-            with open(path, "rb") as fh:
-                raw = os.pread(fh.fileno(), length, offset)
-            if len(raw) != length:
-                raise InputError(f"tensor {tensor.name!r}: its external data is truncated")
-            return np.frombuffer(raw, dtype=dtype).reshape(tuple(tensor.dims))
-        # Mapped, not read: a fold touches each page once, a block of rows at a time, and the pages go
-        # with the array (one mapping of the whole file kept its pages resident: 2.2 GiB for wide_ext)
-        return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=tuple(tensor.dims))
+        return _read_span(path, dtype, tuple(tensor.dims), offset, length, tensor.name)
     copy = onnx.TensorProto()
     copy.CopyFrom(tensor)
     inline_external(copy, base_dir)
@@ -219,7 +226,6 @@ class DataSink:
 
     ALIGN = 4096  # large tensors start on a page boundary, so onnxruntime can map them
     THRESHOLD = 1024  # smaller tensors stay inline in the .onnx file
-    MAP_FROM = 1 << 20  # a tensor read back from this file is mapped from this size on
 
     def __init__(self, path: Path):
         self.path = Path(path)
@@ -260,11 +266,7 @@ class DataSink:
         if nbytes == 0:
             return np.zeros(shape, dtype=dtype)
         self.file.flush()
-        if nbytes < self.MAP_FROM:  # read: a mapping of its own costs more than the bytes
-            with open(self.path, "rb") as fh:
-                raw = os.pread(fh.fileno(), nbytes, start)
-            return np.frombuffer(raw, dtype=dtype).reshape(shape)
-        return np.memmap(self.path, dtype=dtype, mode="r", offset=start, shape=shape)
+        return _read_span(self.path, dtype, shape, start, nbytes, tensor.name)
 
     def compact(self, tensors) -> None:
         """Drop the bytes of tensors no longer in the model (a weight folded twice is written twice).
