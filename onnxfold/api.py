@@ -37,11 +37,11 @@ from .driver import fold_model
 from .errors import FoldError, InputError, message
 from .isolation import Child
 from .load import load
-from .output_check import Checked, check_output, run_checker, start_load
+from .output_check import Checked, check_output, run_checker, start_check
 from .output_plan import OutputPlan, check_report, check_target, data_files, plan_output, real
 from .report import FoldReport, process_age
 from .rules import select_rules
-from .tensors import DataSink, is_utf8
+from .tensors import DataSink, Held, is_utf8
 from .verification import (
     DEFAULT_MEMORY,
     DEFAULT_RANGE,
@@ -274,9 +274,10 @@ def fold_path(src: str | os.PathLike, dst: str | os.PathLike | None, options: Fo
     ``protect`` and ``shared_folder``: see :func:`onnxfold.output_plan.plan_output`."""
     began = False  # whether work began (the fold): errors before it are checks, one line alone
     start = time.perf_counter()
+    held = Held()  # the input, read in place for the run
     try:
         if dst is None:
-            job = _prepare(Path(src), None, options, report, protect, shared_folder, start)
+            job = _prepare(Path(src), None, options, report, protect, shared_folder, start, held)
             began = True
             return _check(job, options)
         check_target(dst)  # before the lock file is made beside it
@@ -285,7 +286,7 @@ def fold_path(src: str | os.PathLike, dst: str | os.PathLike | None, options: Fo
         with output_lock(dst):
             early = _begin_before_load(Path(src), options)
             try:
-                job = _prepare(Path(src), Path(dst), options, report, protect, shared_folder, start)
+                job = _prepare(Path(src), Path(dst), options, report, protect, shared_folder, start, held)
                 assert job.plan is not None
                 t = time.perf_counter()
                 with staged(job.plan.dst) as tmp:
@@ -302,6 +303,8 @@ def fold_path(src: str | os.PathLike, dst: str | os.PathLike | None, options: Fo
     except FoldError as e:
         _failed(e, began)
         raise
+    finally:
+        held.close()
 
 
 def _failed(e: FoldError, began: bool) -> FoldError:
@@ -325,12 +328,13 @@ class _Job:
 
 
 def _prepare(src: Path, dst: Path | None, options: FoldOptions, report: str | os.PathLike | None,
-             protect: frozenset[Path], shared_folder: bool, start: float) -> _Job:
-    """``start``: when the run began (perf_counter), before the output's lock."""
+             protect: frozenset[Path], shared_folder: bool, start: float, held: Held) -> _Job:
+    """``start``: when the run began (perf_counter), before the output's lock; ``held``: see
+    :func:`onnxfold.load.load`."""
     t = time.perf_counter()
     timings = {} if STARTUP is None else {"startup_s": STARTUP}
     timings["lock_s"] = t - start  # the output's lock (waiting for another run writing it included)
-    model, external = load(src)
+    model, external = load(src, held)
     timings["load_s"] = (now := time.perf_counter()) - t
     feeds = _feeds(options.inputs, model)
     shape = None
@@ -396,20 +400,25 @@ def _fold_verify_commit(job: _Job, tmp: Path, options: FoldOptions, early: Early
     assert job.plan is not None
     early = early or _begin(job, options)
     syncing: list[Syncing] = []  # the files' sync to disk, begun once no child is left to fork
-    loading = None  # without verification: onnxruntime's load of the written model, in a child
     mode = job.plan.mode
+    # onnx.checker and (without verification) onnxruntime's load of the written model, in a child forked
+    # before the fold: it makes its memory ready and imports onnxruntime meanwhile
+    checking = start_check(tmp, os.stat(job.src).st_size)
     try:
         with _folded(job, tmp, options) as (report, write):
             def sync_soon() -> None:  # once written and the run's last child forked
                 if not syncing:
                     syncing.append(Syncing(write.files, mode=mode))
 
-            def checker() -> None:
+            def checker() -> None:  # while verification's child runs the written model
                 sync_soon()
-                checked.append(run_checker(tmp))
+                if checking is not None:
+                    checking.open_gate(False)  # verification loads it in onnxruntime
+                else:
+                    checked.append(run_checker(tmp))
 
             result = FoldResult(job.src, job.plan.dst, "written", report, timings=job.timings)
-            checked: list[Checked] = []  # onnx.checker, run while verification's child runs the models
+            checked: list[Checked] = []  # onnx.checker's verdict, where it ran here
             if options.verify and report.folded:
                 result.verification = _verify(job, tmp, options, report, write, checker, early)
             else:
@@ -417,28 +426,28 @@ def _fold_verify_commit(job: _Job, tmp: Path, options: FoldOptions, early: Early
                          "nothing folded: verification skipped")
                 if early is not None:
                     early.close()
-                loading = start_load(tmp)  # the child starts (onnxruntime imported) while the model is written
                 write()
-                if loading is not None:
-                    loading.open_gate()
+                if checking is not None:
+                    checking.open_gate(True)
                     sync_soon()  # else after check_output's fork
             files = write.files
         # (verification's child is closed by now: by verify, or above)
-        return _check_commit(job, files, result, options, checked, sync_soon, syncing, loading)
+        return _check_commit(job, files, result, options, checked, sync_soon, syncing, checking)
     finally:
         if early is not None:
             early.close()
-        if loading is not None:
-            loading.close()
+        if checking is not None:
+            checking.close()
         for s in syncing:
             with contextlib.suppress(BaseException):  # its error, if any, was raised already or is moot
                 s.wait()
 
 
 def _check_commit(job: _Job, files: list[Path], result: FoldResult, options: FoldOptions, checked: list[Checked],
-                  sync_soon: Callable[[], None], syncing: list[Syncing], loading: Child | None = None) -> FoldResult:
+                  sync_soon: Callable[[], None], syncing: list[Syncing], checking: Child | None = None) -> FoldResult:
     """The written model checked (unless verification failed) and committed; ``sync_soon`` begins the
-    files' sync (into ``syncing``) if it has not begun."""
+    files' sync (into ``syncing``) if it has not begun; ``checking``: the check's child
+    (:func:`~onnxfold.output_check.start_check`)."""
     assert job.plan is not None
     if result.verification is not None and not result.verification:
         if not options.force_write:
@@ -451,9 +460,11 @@ def _check_commit(job: _Job, files: list[Path], result: FoldResult, options: Fol
         result.status = "verification failed, written"
     # Exit 0 promises a model that loads: check it where it lies, before it replaces anything.
     t = time.perf_counter()
-    result.warnings = check_output(files[0], job.src, session=result.verification is None, timings=job.timings,
-                                   checked=checked[0] if checked else None,
-                                   meanwhile=sync_soon, loading=loading)
+    session = result.verification is None  # else verification loaded it in onnxruntime
+    if checking is not None:
+        checking.open_gate(session)  # (where it is not open already)
+    result.warnings = check_output(files[0], job.src, session=session, timings=job.timings,
+                                   checked=checked[0] if checked else None, meanwhile=sync_soon, checking=checking)
     for w in result.warnings:
         log.warning(w)
     job.timings["check_s"] = time.perf_counter() - t

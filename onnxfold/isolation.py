@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from . import signals
-from .errors import ChildFailed, ChildTimeout, FoldError
+from .errors import ChildFailed, ChildTimeout, FoldError, Interrupted
 
 WORKER = os.environ.get("ONNXFOLD_VERIFY_WORKER", "auto")  # "fork", "spawn" or "auto"
 
@@ -45,6 +45,8 @@ _lock = threading.Lock()  # one call at a time through the worker (and through t
 _worker: _Worker | None = None  # the worker of this process, started on first use, stopped at exit
 _gate: int | None = None  # in a forked child of call(first=...): the pipe wait_first() reads
 _given: Any = None  # in the worker: what wait_first() gives the call running (first's value)
+_SLICE = 0.25  # seconds a wait for a child lasts before it looks for a signal again (signals.swallowed)
+_ends: set[int] = set()  # this process's ends of its forked children's pipes, which a child closes
 
 
 def can_fork() -> bool:
@@ -136,14 +138,15 @@ class Child:
         self.pid: int | None = None
         self.done = False
         self.gate: int | None = None  # the write end of the gate's pipe, until open_gate()
-        _lock.acquire()
-        self.locked = True
+        self.locked = False
         try:
             if gated and not can_fork():
                 raise ValueError("a gated child must be forked")
-            if can_fork():
+            if can_fork():  # forked children run side by side (verification's and the check's)
                 self._fork(target, args, gated, given)
-            else:
+            else:  # the worker answers one call at a time
+                _lock.acquire()
+                self.locked = True
                 self._spawn(target, args, given)
         except BaseException:
             self.close()  # a child forked already (a signal came as it started) is killed and reaped
@@ -163,6 +166,9 @@ class Child:
                     os.close(r)
                     if gate is not None:
                         os.close(gate[1])
+                    for fd in _ends:  # another child's: its gate must see the parent's end alone
+                        os.close(fd)
+                    _ends.clear()
                     _hold_gate(gate[0] if gate is not None else None, given)
                     signals.default_actions()
                     signals.forked()
@@ -173,9 +179,11 @@ class Child:
                 finally:
                     os._exit(code)
             os.close(w)
+            _ends.add(r)
             if gate is not None:
                 os.close(gate[0])
                 self.gate = gate[1]
+                _ends.add(gate[1])
             self.pid = pid
             self.conn = Connection(r, writable=False)
             self.recv = self.conn.recv
@@ -185,6 +193,7 @@ class Child:
         """Let the child's :func:`wait_first` return ``value``."""
         if self.gate is not None:
             fd, self.gate = self.gate, None
+            _ends.discard(fd)
             with Connection(fd, readable=False) as conn:
                 try:
                     conn.send(value)
@@ -228,9 +237,13 @@ class Child:
         try:
             while True:
                 try:
-                    if deadline is not None and not self.poll(max(0.0, deadline - time.monotonic())):
-                        self._kill()
-                        raise ChildTimeout(float(timeout or 0), self.where)
+                    while not self.poll(_SLICE if deadline is None else
+                                        min(_SLICE, max(0.0, deadline - time.monotonic()))):
+                        if (signum := signals.swallowed()) is not None:  # its exception lost (an import's)
+                            raise Interrupted(signum)
+                        if deadline is not None and time.monotonic() >= deadline:
+                            self._kill()
+                            raise ChildTimeout(float(timeout or 0), self.where)
                     msg = self.recv()
                 except (EOFError, OSError):
                     self._finished()
@@ -275,9 +288,11 @@ class Child:
             if not self.done:
                 self._kill()
             if self.gate is not None:
+                _ends.discard(self.gate)
                 os.close(self.gate)
                 self.gate = None
             if hasattr(self, "conn"):
+                _ends.discard(self.conn.fileno())
                 self.conn.close()
                 del self.conn
         finally:

@@ -10,15 +10,24 @@ import onnx
 from onnx import external_data_helper
 
 from .errors import InputError, first_line
-from .protobuf import all_graphs
-from .tensors import check_tensor, data_path, every_tensor, external_fields
+from .protobuf import all_graphs, parse_in_place
+from .tensors import Held, check_tensor, data_path, every_tensor, external_fields, is_utf8, nbytes
+
+LEFT_FROM = 1 << 16  # initializers of more bytes are left in the file (``held=``) until read
 
 
-def load(path: str | os.PathLike) -> tuple[onnx.ModelProto, bool]:
+def load(path: str | os.PathLike, held: Held | None = None) -> tuple[onnx.ModelProto, bool]:
     """Load a model; tensors in external data files stay on disk until read (:func:`read_tensor`).
 
-    Returns (model, whether it has external data). The data files are checked to exist and to be
-    long enough for every tensor, so a broken model fails here, with one line.
+    ``held``: the large weights of the model's own file are left there too: each initializer of more
+    than :data:`LEFT_FROM` bytes points to its bytes in the file (as external data at the file's own
+    name), which ``held`` keeps open for the run's reads. Parsing them costs more than the rest of a
+    run's work on them: ResNet-50's 103 MB take 0.13 s to parse here (each fresh page of the copy is a
+    fault), 0.01 s to point. The write copies them from the file, in the kernel.
+
+    Returns (model, whether it has external data: the model's own file does not count). The data files
+    are checked to exist and to be long enough for every tensor, so a broken model fails here, with one
+    line.
     """
     path = Path(path)
     if not path.exists():
@@ -28,14 +37,24 @@ def load(path: str | os.PathLike) -> tuple[onnx.ModelProto, bool]:
     if path.stat().st_size == 0:
         raise InputError(f"{path}: empty file, not an ONNX model")
     try:
-        model = onnx.load(str(path), load_external_data=False)
+        model, left = _read(path, held)
+    except InputError:
+        raise
     except Exception as e:  # protobuf's DecodeError and friends: not a model, or truncated
         raise InputError(f"{path}: not a readable ONNX model ({first_line(e)})") from None
     if not model.HasField("graph") or not model.opset_import:
         raise InputError(f"{path}: not an ONNX model (no graph or no opset_import)")
     external = False
     sizes: dict[Path, int] = {}
+    for tensor in left:  # checked as check_tensor does an inline one
+        length = int({e.key: e.value for e in tensor.external_data}["length"])
+        if length != nbytes(tensor, f"{path}: "):
+            raise InputError(f"{path}: tensor {tensor.name!r} has {length} bytes of raw_data, but its dims "
+                             f"{list(tensor.dims)} need {nbytes(tensor)}")
+    pointed = {id(t) for t in left}
     for tensor in every_tensor(model):
+        if id(tensor) in pointed:
+            continue
         check_tensor(tensor, path)
         if not external_data_helper.uses_external_data(tensor):
             continue
@@ -53,6 +72,19 @@ def load(path: str | os.PathLike) -> tuple[onnx.ModelProto, bool]:
     for fn in model.functions:
         _check_acyclic(fn.node, f"{path}: function {fn.name!r}")
     return model, external
+
+
+def _read(path: Path, held: Held | None) -> tuple[onnx.ModelProto, list[onnx.TensorProto]]:
+    """The model at ``path``, and the initializers left in its file (``held``: see :func:`load`)."""
+    if held is None or path.stat().st_size <= LEFT_FROM or not is_utf8(path.name) or not path.is_file():
+        return onnx.load(str(path), load_external_data=False), []
+    fd = held.open(path)
+    try:
+        model, indices = parse_in_place(fd, LEFT_FROM, path.name)
+    except Exception:  # noqa: BLE001 - not a message this walk reads (broken, or groups): protobuf's verdict
+        return onnx.load(str(path), load_external_data=False), []
+    initializers = model.graph.initializer
+    return model, [initializers[i] for i in indices]
 
 
 def _check_acyclic(nodes, where: str) -> None:

@@ -1,10 +1,13 @@
 """The written model's check: exit 0 promises a model that loads.
 
 ``onnx.checker`` runs on the written file (from its path, so external data is checked where it lies)
-and, when verification did not already load it, an onnxruntime session is made in a child process
-(:mod:`onnxfold.isolation`: a crash of the runtime cannot take onnxfold down) at the same time. A
-failure is onnxfold's fault, not the user's (:class:`~onnxfold.errors.OutputBroken`), unless the input
-fails the same way: then it is a warning about the input, which onnxfold does not repair.
+and, when verification did not already load it, an onnxruntime session is made of it, both in a child
+process (:mod:`onnxfold.isolation`: a crash of the runtime cannot take onnxfold down) forked before the
+fold (:func:`start_check`): it makes its memory ready (:mod:`onnxfold.heap`) and imports onnxruntime
+while the parent folds and writes. Where no child can be forked, the checker runs here and the load in
+onnxfold's worker. A failure is onnxfold's fault, not the user's (:class:`~onnxfold.errors.OutputBroken`),
+unless the input fails the same way: then it is a warning about the input, which onnxfold does not
+repair.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from pathlib import Path
 
 import onnx
 
-from . import isolation
+from . import heap, isolation
 from .errors import ChildFailed, OutputBroken, first_line
 from .tensors import is_utf8, utf8_folder
 from .verification import sessions
@@ -38,35 +41,69 @@ def run_checker(path: Path) -> Checked:
     return Checked(error, time.perf_counter() - t)
 
 
-def start_load(path: Path) -> isolation.Child | None:
-    """onnxruntime's load of the model to be written at ``path``, begun before it is written: the child
-    imports onnxruntime meanwhile and loads the file once :meth:`~onnxfold.isolation.Child.open_gate`
-    says it is written; :func:`check_output` (``loading=``) takes its verdict. None where the child
-    cannot be forked now (check_output starts it then)."""
+def start_check(path: Path, model_bytes: int) -> isolation.Child | None:
+    """The check of the model to be written at ``path``, begun before the fold: a child makes the
+    memory its parse will need ready (``model_bytes``: the size the model file is expected to have) and
+    imports onnxruntime meanwhile, then checks the file once :meth:`~onnxfold.isolation.Child.open_gate`
+    says it is written (its value: whether onnxruntime loads it too). :func:`check_output`
+    (``checking=``) takes its verdicts. None where no child can be forked."""
     if not isolation.can_fork():
         return None
-    return isolation.Child(_load, str(path), "the written model", gated=True)
+    return isolation.Child(_check, str(path), heap.budget(model_bytes), gated=True)
 
 
 def check_output(path: Path, src: Path, *, session: bool, timings: dict[str, float] | None = None,
                  checked: Checked | None = None, meanwhile: Callable[[], None] | None = None,
-                 loading: isolation.Child | None = None) -> list[str]:
+                 checking: isolation.Child | None = None) -> list[str]:
     """Check the model written at ``path`` (folded from ``src``); returns warnings about the input.
-    ``checked``: onnx.checker's verdict on it taken already (:func:`run_checker`), else taken here.
-    ``meanwhile``: run once onnxruntime's load has started in its child (``session``), before the checker.
-    ``loading``: that child, started already (:func:`start_load`).
-    ``timings`` gets check_checker_s (onnx.checker, here or ahead) and check_session_s (the wait for
-    onnxruntime's load after it)."""
-    warnings: list[str] = []
+    ``session``: whether onnxruntime must load it (verification did not).
+    ``checking``: the child of :func:`start_check`, its gate opened (with ``session``): it gives both
+    verdicts. Else ``checked``: onnx.checker's verdict taken already (:func:`run_checker`), or taken
+    here, while onnxruntime's load runs in onnxfold's worker.
+    ``meanwhile``: run once the checks have started.
+    ``timings`` gets check_checker_s (onnx.checker's time) and check_session_s (the wait for the
+    verdicts after ``meanwhile``, or for onnxruntime's load after the checker)."""
     timings = {} if timings is None else timings
-    if session and loading is None:
-        loading = isolation.Child(_load, str(path), "the written model")
+    if checking is not None:
+        checker_error, loading_error = _verdicts(checking, path, meanwhile, timings)
+    else:
+        checker_error, loading_error = _here(path, session, checked, meanwhile, timings)
+    warnings: list[str] = []
+    _judge("onnx.checker", checker_error, lambda: _error(_input_checker, src), warnings)
+    _judge("onnxruntime", loading_error, lambda: _result(isolation.Child(_load, str(src), "the input")), warnings,
+           valid=sessions.no_kernel)
+    return warnings
+
+
+def _verdicts(checking: isolation.Child, path: Path, meanwhile: Callable[[], None] | None,
+              timings: dict[str, float]) -> tuple[str | None, str | None]:
+    """(onnx.checker's error, onnxruntime's) from the check child: a child that died (onnxruntime
+    crashed loading the model) is onnxruntime's error, and the checker runs here."""
+    try:
+        if meanwhile is not None:
+            meanwhile()
+        now = time.perf_counter()
+        try:
+            checker_error, seconds, loading_error = checking.result()
+        except ChildFailed as e:
+            checked = run_checker(path)
+            checker_error, seconds, loading_error = checked.error, checked.seconds, str(e)
+        timings["check_session_s"] = time.perf_counter() - now
+        timings["check_checker_s"] = seconds
+    finally:
+        checking.close()
+    return checker_error, loading_error
+
+
+def _here(path: Path, session: bool, checked: Checked | None, meanwhile: Callable[[], None] | None,
+          timings: dict[str, float]) -> tuple[str | None, str | None]:
+    """(onnx.checker's error, onnxruntime's): the checker here, the load in onnxfold's worker."""
+    loading = isolation.Child(_load, str(path), "the written model") if session else None
     try:
         if meanwhile is not None:
             meanwhile()
         if checked is None:
             checked = run_checker(path)
-        checker_error = checked.error
         timings["check_checker_s"] = checked.seconds
         now = time.perf_counter()
         loading_error = _result(loading) if loading is not None else None
@@ -75,10 +112,7 @@ def check_output(path: Path, src: Path, *, session: bool, timings: dict[str, flo
     finally:
         if loading is not None:
             loading.close()
-    _judge("onnx.checker", checker_error, lambda: _error(_input_checker, src), warnings)
-    _judge("onnxruntime", loading_error, lambda: _result(isolation.Child(_load, str(src), "the input")), warnings,
-           valid=sessions.no_kernel)
-    return warnings
+    return checked.error, loading_error
 
 
 def _judge(name: str, error: str | None, input_error: Callable[[], str | None], warnings: list[str],
@@ -144,11 +178,25 @@ def _session(path: Path) -> None:
 
 
 def _load(path: str, what: str, send) -> str | None:
-    """The child's side: None when onnxruntime loads the model, else the first line of its error."""
-    send(("stage", "onnxruntime", "importing onnxruntime"))
-    import onnxruntime  # noqa: F401 - while the model is written (start_load)
-
-    send(("stage", "onnxruntime", f"waiting for {what}"))
-    isolation.wait_first()
+    """The worker's side: None when onnxruntime loads the model, else the first line of its error."""
     send(("stage", "onnxruntime", f"loading {what}"))
     return _error(_session, Path(path))
+
+
+def _check(path: str, ready: int, send) -> tuple[str | None, float, str | None]:
+    """The check child's side (:func:`start_check`): (onnx.checker's error, its seconds, onnxruntime's
+    error), each None when it accepts the model."""
+    send(("stage", "onnx.checker", "making memory ready"))
+    heap.prefault(ready)
+    send(("stage", "onnxruntime", "importing onnxruntime"))
+    import onnxruntime  # noqa: F401 - while the model is folded and written
+
+    send(("stage", "onnx.checker", "waiting for the written model"))
+    session = isolation.wait_first()
+    send(("stage", "onnx.checker", "checking the written model"))
+    checked = run_checker(Path(path))
+    loading_error = None
+    if session:
+        send(("stage", "onnxruntime", "loading the written model"))
+        loading_error = _error(_session, Path(path))
+    return checked.error, checked.seconds, loading_error

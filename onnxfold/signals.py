@@ -71,16 +71,28 @@ def name(signum: int) -> str:
 @contextlib.contextmanager
 def handled() -> Iterator[None]:
     """While the block runs (in the main thread), the signals of :data:`HANDLED` raise :class:`Interrupted`."""
+    global _HANDLING
     previous = {}
     SIGNALLED.clear()
+    _HANDLING += 1
     try:
         if threading.current_thread() is threading.main_thread():
             for signum in HANDLED:
                 previous[signum] = signal.signal(signum, on_signal)
         yield
     finally:
+        _HANDLING -= 1
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+
+
+_HANDLING = 0  # handled() blocks running
+
+
+def swallowed() -> int | None:
+    """The signal :func:`on_signal` took inside a :func:`handled` block, whose exception the code it
+    interrupted may have swallowed (C code that clears errors: numpy.random's import), or None."""
+    return SIGNALLED[0] if SIGNALLED and _HANDLING else None
 
 
 def early_exit(signum: int, frame: object) -> None:

@@ -139,9 +139,8 @@ def external_fields(tensor: onnx.TensorProto, path="") -> tuple[str, int, int]:
 def inline_external(tensor: onnx.TensorProto, base_dir) -> None:
     """Read a tensor's external bytes into ``raw_data`` (checked like every other read)."""
     location, offset, length = external_fields(tensor)
-    with open(data_path(base_dir, location), "rb") as f:
-        f.seek(offset)
-        raw = f.read(length)
+    with open_data(data_path(base_dir, location)) as f:
+        raw = os.pread(f.fileno(), length, offset)
     if len(raw) != length:
         raise InputError(f"tensor {tensor.name!r}: its external data is truncated")
     del tensor.external_data[:]
@@ -169,18 +168,59 @@ def data_path(base_dir, location: str) -> Path:
 _RESOLVED: dict[tuple[str, str], Path] = {}
 
 
-def _read_span(path, dtype: np.dtype, shape: tuple[int, ...], offset: int, nbytes: int, name: str) -> np.ndarray:
+class Held:
+    """Files a run reads its weights from in place (a model's own file, :func:`onnxfold.load.load`): each
+    held open from the load on, so that every read of the run (:func:`open_data`) sees the file as it
+    was loaded, whatever is renamed over its path meanwhile (another run writing it, say)."""
+
+    def __init__(self) -> None:
+        self._mine: list[tuple[Path, int]] = []
+
+    def open(self, path) -> int:
+        """A descriptor of ``path``, held until :meth:`close`."""
+        real = Path(path).resolve()
+        fd = os.open(real, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        self._mine.append((real, fd))
+        _HELD.setdefault(real, []).append(fd)
+        return fd
+
+    def close(self) -> None:
+        for real, fd in self._mine:
+            fds = _HELD.get(real, [])
+            if fd in fds:
+                fds.remove(fd)
+            if not fds:
+                _HELD.pop(real, None)
+            os.close(fd)
+        self._mine.clear()
+
+
+_HELD: dict[Path, list[int]] = {}
+
+
+def open_data(path: Path):
+    """A data file (a resolved :func:`data_path`), for reading: the file held since the load when it
+    is one (:class:`Held`), else the file now at ``path``."""
+    fds = _HELD.get(path)
+    if fds:
+        return os.fdopen(os.dup(fds[0]), "rb")
+    return open(path, "rb")
+
+
+def _read_span(path: Path, dtype: np.dtype, shape: tuple[int, ...], offset: int, nbytes: int, name: str) -> np.ndarray:
     """``nbytes`` at ``offset`` of the file as an array: read under :data:`MAP_FROM` bytes (a mapping of
     its own costs more than the bytes: 0.13 ms), mapped from there (a fold touches each page once, a
     block of rows at a time, and the pages go with the array; one mapping of a whole data file kept for
     the run held every page it touched resident: 2.2 GiB for wide_ext)."""
-    if nbytes < MAP_FROM:
-        with open(path, "rb") as fh:
-            raw = os.pread(fh.fileno(), nbytes, offset)
-        if len(raw) != nbytes:
+    with open_data(path) as fh:
+        if offset + nbytes > os.fstat(fh.fileno()).st_size:
             raise InputError(f"tensor {name!r}: its external data is truncated")
-        return np.frombuffer(raw, dtype=dtype).reshape(shape)
-    return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape)
+        if nbytes < MAP_FROM:
+            raw = os.pread(fh.fileno(), nbytes, offset)
+            if len(raw) != nbytes:
+                raise InputError(f"tensor {name!r}: its external data is truncated")
+            return np.frombuffer(raw, dtype=dtype).reshape(shape)
+        return np.memmap(fh, dtype=dtype, mode="r", offset=offset, shape=shape)
 
 
 MAP_FROM = 1 << 20
@@ -202,12 +242,12 @@ def read_tensor(tensor: onnx.TensorProto, base_dir, sink: DataSink | None = None
     dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tensor.data_type))
     if tensor.data_type in _RAW_TYPES and dtype.byteorder in "=<|" and np.little_endian:
         count = int(np.prod(tensor.dims, dtype=np.int64))
-        path = data_path(base_dir, location)
-        if offset + length > os.stat(path).st_size:
-            raise InputError(f"tensor {tensor.name!r}: its external data is truncated")
         if count == 0:
+            with open_data(data_path(base_dir, location)) as fh:
+                if offset > os.fstat(fh.fileno()).st_size:
+                    raise InputError(f"tensor {tensor.name!r}: its external data is truncated")
             return np.zeros(tuple(tensor.dims), dtype=dtype)
-        return _read_span(path, dtype, tuple(tensor.dims), offset, length, tensor.name)
+        return _read_span(data_path(base_dir, location), dtype, tuple(tensor.dims), offset, length, tensor.name)
     copy = onnx.TensorProto()
     copy.CopyFrom(tensor)
     inline_external(copy, base_dir)
@@ -326,7 +366,7 @@ class DataSink:
             return
         if external_data_helper.uses_external_data(tensor):
             location, offset, nbytes = external_fields(tensor)  # exactly the tensor's bytes, `length` or not
-            with open(data_path(base_dir, location), "rb") as src:
+            with open_data(data_path(base_dir, location)) as src:
                 start = self._reserve(nbytes)
                 src.seek(offset)
                 self.file.flush()

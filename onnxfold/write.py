@@ -3,13 +3,16 @@ model in memory), or the model and its external data file.
 
 Protobuf serializes a message as its fields, in any order, and repeated fields may be appended
 (:mod:`onnxfold.protobuf`): so a single-file model is the model's other fields, then the graph without
-the streamed initializers, then each streamed initializer appended to the graph, its bytes copied from
-the data file the fold streamed it to.
+its external initializers, then each of those appended to the graph, its bytes copied from its file (in
+the kernel where it can): the data file the fold streamed it to, or the input's own files, where the
+load left the weights it did not parse (:func:`onnxfold.load.load`).
 """
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
+from typing import BinaryIO
 
 import onnx
 from onnx import external_data_helper
@@ -17,7 +20,7 @@ from onnx import external_data_helper
 from . import protobuf
 from .errors import InputError, TooLarge
 from .protobuf import GRAPH_INITIALIZER, MODEL_GRAPH, TENSOR_RAW_DATA, copy_fields, length_delimited
-from .tensors import DataSink, copy_bytes, external_fields, inline_external, inline_sparse
+from .tensors import DataSink, copy_bytes, data_path, external_fields, inline_external, inline_sparse, open_data
 
 
 def write(model: onnx.ModelProto, staged_path: Path, *, base_dir=None, sink: DataSink | None = None,
@@ -55,44 +58,46 @@ def _write_inline(model: onnx.ModelProto, path: Path, base_dir, sink: DataSink |
     """One file, written in pieces in protobuf's wire format.
 
     Protobuf serializes a message as its fields, in any order, and repeated fields may be appended:
-    so the model is the model's other fields, then the graph (without the streamed initializers),
-    then each streamed initializer appended to the graph, its bytes read back from the data file.
-    No copy of the whole model is made in memory (``onnx.save`` makes one, and sizes it twice).
+    so the model is the model's other fields, then the graph (without its external initializers),
+    then each external initializer appended to the graph, its bytes copied from its file. No copy of
+    the whole model is made in memory (``onnx.save`` makes one, and sizes it twice).
     """
     taken: list[onnx.TensorProto] = []
     try:
         return _write_pieces(model, path, base_dir, sink, taken)
     except TooLarge:
-        # The streamed initializers were taken out of the graph: put them back (still pointing to the
-        # sink's data file), so the caller can write the model with external data instead.
+        # The external initializers were taken out of the graph: put them back (still pointing to
+        # their files), so the caller can write the model with external data instead.
         model.graph.initializer.extend(taken)
         raise
 
 
 def _write_pieces(model, path: Path, base_dir, sink: DataSink | None, taken: list) -> Path:
     graph = model.graph
-    streamed_names = sink.written if sink is not None else set()
-    streamed = []
+    streamed = []  # (tensor, its file, offset, length): each external initializer, copied from its file
     for i in reversed(range(len(graph.initializer))):
         t = graph.initializer[i]
-        if t.name in streamed_names and external_data_helper.uses_external_data(t):
-            kept = onnx.TensorProto()
-            kept.CopyFrom(t)
-            taken.append(kept)
-            header = onnx.TensorProto()
-            header.CopyFrom(t)
-            _, offset, length = external_fields(t)
-            streamed.append((header, offset, length))
-            del graph.initializer[i]
+        if not external_data_helper.uses_external_data(t):
+            continue
+        if sink is not None and sink.owns(t):
+            source, (offset, length) = sink.path, sink.written[t.name]
+        else:  # the input's data files, or the input itself (weights left in it: load.load)
+            location, offset, length = external_fields(t)
+            source = data_path(base_dir, location)
+        kept = onnx.TensorProto()
+        kept.CopyFrom(t)
+        taken.append(kept)
+        streamed.append((kept, source, offset, length))
+        del graph.initializer[i]
     streamed.reverse()
     for tensor in external_data_helper._get_all_tensors(model):
-        if external_data_helper.uses_external_data(tensor):  # the input's data: read in, one tensor at a time
+        if external_data_helper.uses_external_data(tensor):  # in subgraphs: read in, one tensor at a time
             inline_external(tensor, base_dir)
     inline_sparse(model, base_dir)
     pieces = []
-    for header, _, length in streamed:
-        header.ClearField("data_location")
-        del header.external_data[:]
+    for tensor, _, _, length in streamed:
+        header = onnx.TensorProto()
+        copy_fields(tensor, header, skip=("external_data", "data_location"))
         head = header.SerializeToString() + length_delimited(TENSOR_RAW_DATA, length)
         pieces.append((head, length))
     try:
@@ -108,17 +113,17 @@ def _write_pieces(model, path: Path, base_dir, sink: DataSink | None, taken: lis
         raise TooLarge()
     if sink is not None:
         sink.file.flush()
-    with open(path, "wb") as out:
+    with open(path, "wb") as out, contextlib.ExitStack() as files:
         out.write(head)
         out.write(length_delimited(MODEL_GRAPH, graph_len))
         out.write(graph_bytes)
         del graph_bytes
-        if pieces:
-            assert sink is not None  # only streamed tensors make pieces
-            with open(sink.path, "rb") as data:
-                for (h, n), (_, offset, _) in zip(pieces, streamed):
-                    out.write(length_delimited(GRAPH_INITIALIZER, len(h) + n) + h)
-                    data.seek(offset)
-                    copy_bytes(data, out, n)
+        opened: dict[Path, BinaryIO] = {}
+        for (h, n), (_, source, offset, _) in zip(pieces, streamed):
+            out.write(length_delimited(GRAPH_INITIALIZER, len(h) + n) + h)
+            if source not in opened:
+                opened[source] = files.enter_context(open_data(source))
+            data = opened[source]
+            data.seek(offset)
+            copy_bytes(data, out, n)
     return path
-

@@ -341,3 +341,31 @@ def test_sigterm_in_folder_mode_stops_the_workers_and_cleans_up(tmp_path):
         children = {c for c in children if Path(f"/proc/{c}").exists() and _state(c) != "Z"}
         time.sleep(0.05)
     assert not children
+
+
+def test_a_signal_whose_exception_was_swallowed_still_ends_the_wait_for_a_child(monkeypatch):
+    """A signal's Interrupted raised inside C code that clears it (numpy.random's import, reached
+    lazily by verification's inputs: a SIGTERM there left the run waiting for an endless onnxruntime
+    run) is still recorded (signals.SIGNALLED): the wait for a child raises it, and the child is killed."""
+    from onnxfold import errors, isolation, signals
+
+    monkeypatch.setattr(isolation, "WORKER", "fork")
+    with signals.handled():
+        child = isolation.Child(_wait_at_gate, gated=True)  # never answers: its gate is never opened
+        try:
+            signals.SIGNALLED.append(signal.SIGTERM)  # as on_signal records it before raising
+            with pytest.raises(errors.Interrupted):
+                child.result()
+        finally:
+            pid = child.pid
+            child.close()
+            signals.SIGNALLED.clear()
+    assert pid is not None
+    with pytest.raises(ChildProcessError):
+        os.waitpid(pid, os.WNOHANG)  # killed and reaped
+
+
+def _wait_at_gate(send):
+    from onnxfold import isolation
+
+    isolation.wait_first()

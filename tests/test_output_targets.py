@@ -273,29 +273,46 @@ def test_a_folder_sync_failing_after_the_model_rename_keeps_the_old_data(tmp_pat
     assert not [p for p in tmp_path.iterdir() if ".onnxfold-" in p.name]
 
 
-def test_what_the_model_at_out_reads_is_found_without_parsing_a_single_file_model(tmp_path, monkeypatch):
+def test_what_the_model_at_out_reads_is_found_without_parsing_its_weights(tmp_path, monkeypatch):
     """files_of (what the model now at OUT reads, kept whole until the new one replaces it) parses a file
-    only when its bytes hold ``location`` (issue 20: parsing a 103 MB OUT took 0.1 s of every rerun):
-    a single-file model is itself alone, unparsed; one with external data names its data file; a
-    single-file model whose weights hold those bytes is parsed, and is itself alone."""
+    without its weights (issue 20: parsing a 103 MB OUT took 0.1 s of every rerun, scanning it for
+    ``location`` 0.04 s): a single-file model is itself alone; one with external data names its data
+    file; a single-file model whose weights hold the bytes ``location`` is itself alone; a model whose
+    subgraph's tensor is external names that file too."""
     from onnxfold import output_plan
 
     parsed = []
-    real_load = output_plan.onnx.load
-    monkeypatch.setattr(output_plan.onnx, "load", lambda p, **kw: parsed.append(Path(p).name) or real_load(p, **kw))
+    real_parse = onnx.ModelProto.ParseFromString
+    monkeypatch.setattr(onnx.ModelProto, "ParseFromString",
+                        lambda self, b: parsed.append(len(b)) or real_parse(self, b))
+    m = conv_bn_model(cin=16, cout=64, seed=8)
     single = tmp_path / "single.onnx"
-    onnx.save(conv_bn_model(seed=8), single)
-    assert output_plan.files_of(single) == {single.resolve()} and parsed == []
+    onnx.save(m, single)
+    assert output_plan.files_of(single) == {single.resolve()}
+    assert parsed and max(parsed) < single.stat().st_size - 16 * 64 * 9 * 4  # the Conv weight was not parsed
     ext = tmp_path / "ext.onnx"
     onnx.save(conv_bn_model(cin=8, cout=8, seed=8), ext, save_as_external_data=True, all_tensors_to_one_file=True,
               location="ext.bin", size_threshold=0)
-    assert output_plan.files_of(ext) == {ext.resolve(), (tmp_path / "ext.bin").resolve()} and parsed == ["ext.onnx"]
+    assert output_plan.files_of(ext) == {ext.resolve(), (tmp_path / "ext.bin").resolve()}
     m = conv_bn_model(seed=8)
-    m.graph.initializer.append(numpy_helper.from_array(np.frombuffer(b"location", dtype=np.uint8), "words"))
+    m.graph.initializer.append(numpy_helper.from_array(np.frombuffer(b"location" * 10000, dtype=np.uint8), "words"))
     words = tmp_path / "words.onnx"
     onnx.save(m, words)
-    parsed.clear()
-    assert output_plan.files_of(words) == {words.resolve()} and parsed == ["words.onnx"]
+    assert output_plan.files_of(words) == {words.resolve()}
+    inner = tmp_path / "inner.onnx"
+    branch = onnx.helper.make_graph([onnx.helper.make_node("Identity", ["c"], ["o"])], "b", [],
+                                    [onnx.helper.make_tensor_value_info("o", onnx.TensorProto.FLOAT, [2])],
+                                    [numpy_helper.from_array(np.ones(2, np.float32), "c")])
+    ext_tensor = branch.initializer[0]
+    ext_tensor.ClearField("raw_data")
+    ext_tensor.data_location = onnx.TensorProto.EXTERNAL
+    ext_tensor.external_data.add(key="location", value="inner.bin")
+    (tmp_path / "inner.bin").write_bytes(np.ones(2, np.float32).tobytes())
+    node = onnx.helper.make_node("If", ["x"], ["y"], then_branch=branch, else_branch=branch)
+    g = onnx.helper.make_graph([node], "g", [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.BOOL, [])],
+                               [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2])])
+    onnx.save(onnx.helper.make_model(g), inner)
+    assert output_plan.files_of(inner) == {inner.resolve(), (tmp_path / "inner.bin").resolve()}
     empty = tmp_path / "empty.onnx"
     empty.write_bytes(b"")
     assert output_plan.files_of(empty) == {empty.resolve()}

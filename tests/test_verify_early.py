@@ -257,26 +257,27 @@ def test_an_unreadable_input_is_one_line_though_the_child_began(tmp_path, monkey
     assert type(e.value).__name__ == "InputError" and not (tmp_path / "o.onnx").exists()
 
 
-def test_without_verification_the_load_check_starts_before_the_model_is_written(tmp_path, monkeypatch):
-    """--no-verify: onnxruntime's load of the written model runs in a child forked before the write (it
-    imports onnxruntime meanwhile) and reads the file once it is written; a broken write is still caught."""
+def test_without_verification_the_load_check_starts_before_the_fold(tmp_path, monkeypatch):
+    """--no-verify: onnx.checker and onnxruntime's load of the written model run in a child forked before
+    the fold (it makes its memory ready and imports onnxruntime meanwhile) and read the file once it is
+    written; a broken write is still caught."""
     monkeypatch.setattr(isolation, "WORKER", "fork")
     output_check = importlib.import_module("onnxfold.output_check")
     marker = tmp_path / "child"
-    real_load, real_write = output_check._load, api.write
+    real_check, real_write, real_fold = output_check._check, api.write, api.fold_model
 
-    def load(path, what, send):
+    def check(path, ready, send):
         marker.write_text(path)
-        return real_load(path, what, send)
+        return real_check(path, ready, send)
 
     seen = []
 
-    def write(model, path, **kwargs):
+    def fold(*args, **kwargs):
         seen.append(_wait_for(marker))
-        return real_write(model, path, **kwargs)
+        return real_fold(*args, **kwargs)
 
-    monkeypatch.setattr(output_check, "_load", load)
-    monkeypatch.setattr(api, "write", write)
+    monkeypatch.setattr(output_check, "_check", check)
+    monkeypatch.setattr(api, "fold_model", fold)
     src = tmp_path / "m.onnx"
     onnx.save(two_folds(5), src)
     result = fold_file(src, tmp_path / "o.onnx", verify=False)
