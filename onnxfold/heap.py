@@ -19,6 +19,7 @@ Linux with glibc only (through ctypes, in the child); elsewhere both do nothing.
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 
@@ -28,6 +29,7 @@ _KEEP = 1 << 30  # blocks up to 1 GiB from the heap; none given back below 1 GiB
 _PAGE = 4096
 
 
+@functools.cache  # one CDLL and its prototypes per process
 def _libc():
     """glibc, or None (another platform or C library)."""
     if not sys.platform.startswith("linux"):

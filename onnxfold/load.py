@@ -11,7 +11,7 @@ from onnx import external_data_helper
 
 from .errors import InputError, first_line
 from .protobuf import all_graphs, parse_in_place
-from .tensors import Held, check_tensor, data_path, every_tensor, external_fields, is_utf8, nbytes
+from .tensors import Held, check_tensor, data_path, every_tensor, external_fields, is_utf8
 
 LEFT_FROM = 1 << 16  # initializers of more bytes are left in the file (``held=``) until read
 
@@ -38,19 +38,14 @@ def load(path: str | os.PathLike, held: Held | None = None) -> tuple[onnx.ModelP
         raise InputError(f"{path}: empty file, not an ONNX model")
     try:
         model, left = _read(path, held)
-    except InputError:
-        raise
     except Exception as e:  # protobuf's DecodeError and friends: not a model, or truncated
         raise InputError(f"{path}: not a readable ONNX model ({first_line(e)})") from None
     if not model.HasField("graph") or not model.opset_import:
         raise InputError(f"{path}: not an ONNX model (no graph or no opset_import)")
     external = False
     sizes: dict[Path, int] = {}
-    for tensor in left:  # checked as check_tensor does an inline one
-        length = int({e.key: e.value for e in tensor.external_data}["length"])
-        if length != nbytes(tensor, f"{path}: "):
-            raise InputError(f"{path}: tensor {tensor.name!r} has {length} bytes of raw_data, but its dims "
-                             f"{list(tensor.dims)} need {nbytes(tensor)}")
+    for tensor in left:  # its raw_data is the span it points to
+        check_tensor(tensor, path, raw_length=int({e.key: e.value for e in tensor.external_data}["length"]))
     pointed = {id(t) for t in left}
     for tensor in every_tensor(model):
         if id(tensor) in pointed:

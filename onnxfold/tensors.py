@@ -96,16 +96,22 @@ def _count(tensor: onnx.TensorProto, where="") -> int:
 _FOUR_BIT = {getattr(onnx.TensorProto, n) for n in ("INT4", "UINT4", "FLOAT4E2M1") if hasattr(onnx.TensorProto, n)}
 
 
-def check_tensor(tensor: onnx.TensorProto, path="") -> None:
-    """One line for a tensor whose size cannot be right: dims too large, raw_data not matching them."""
+def check_tensor(tensor: onnx.TensorProto, path="", raw_length: int | None = None) -> None:
+    """One line for a tensor whose size cannot be right: dims too large, raw_data not matching them.
+    ``raw_length``: the length of its raw_data where that was left in the file (:func:`onnxfold.load.load`)."""
     where = f"{path}: " if path else ""
     external = external_data_helper.uses_external_data(tensor)
-    if not (tensor.HasField("raw_data") or external):  # typed fields (float_data, string_data, ...)
-        _count(tensor, where)
-        return
+    if raw_length is None:
+        if not (tensor.HasField("raw_data") or external):  # typed fields (float_data, string_data, ...)
+            _count(tensor, where)
+            return
+        if external:
+            nbytes(tensor, where)
+            return
+        raw_length = len(tensor.raw_data)
     size = nbytes(tensor, where)
-    if tensor.HasField("raw_data") and not external and len(tensor.raw_data) != size:
-        raise InputError(f"{where}tensor {tensor.name!r} has {len(tensor.raw_data)} bytes of raw_data, but its dims "
+    if raw_length != size:
+        raise InputError(f"{where}tensor {tensor.name!r} has {raw_length} bytes of raw_data, but its dims "
                          f"{list(tensor.dims)} need {size}")
 
 
