@@ -104,9 +104,26 @@ def _fold_graph(g: GraphView, rules: RuleSet, report: FoldReport) -> int:
         _mark_changed(report, g, m, rule.name)
         report.folded.append(Folded(rule.name, g.label(m.upstream), g.label(m.downstream), g.path,
                                     str(np.dtype(edit.dtype)), first, biggest, m.output,
-                                    removed=removed, axis=edit.axis, kept_name=kept_name))
+                                    removed=removed, axis=edit.axis, kept_name=kept_name, terms=terms(edit)))
         folded += 1
     return folded
+
+
+def terms(edit: Edit) -> np.ndarray | None:
+    """|the constant term| a fold's node adds, per channel: its new bias (or shift), as a vector along
+    the channel axis (a 1-D bias: a Conv's, or one broadcast along the last axis; a shaped one with one
+    dimension above 1), else its largest value alone; None without one. A value small by cancellation
+    (``w'x`` against ``b'``: a BatchNormalization whose mean is far from 0) is rounded on this scale
+    (verification's floor: the package's docstring)."""
+    found = [np.abs(np.asarray(v.value, dtype=np.float64)) for v in edit.new_values().values()
+             if v.what in ("bias", "shift") and isinstance(v.value, np.ndarray)]
+    if not found:
+        return None
+    bias = max(found, key=np.size)
+    long = [n for n in bias.shape if n > 1]
+    if bias.size and len(long) <= 1:
+        return bias.reshape(-1)
+    return np.array([bias.max() if bias.size else 0.0])
 
 
 def _mark_changed(report: FoldReport, g: GraphView, m: Match, rule: str) -> None:

@@ -5,6 +5,10 @@ from __future__ import annotations
 import os
 from collections import Counter
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import numpy as np
 
 MAX_LISTED = 10
 
@@ -42,7 +46,7 @@ class Folded:
     max_rel: float | None = None
     atol: float | None = None  # the tolerance of the channel nearest to (or past) it
     passed: bool | None = None
-    note: str = ""  # why it was not compared at its own tensor
+    note: str = ""  # why it was not compared at its own tensor; or how it was (verification.local)
     # the op type of the affine node the fold removed (BatchNormalization, Mul ...); for the summary,
     # not part of the JSON report (its schema is the command line's contract)
     removed: str = field(default="", repr=False)
@@ -55,10 +59,14 @@ class Folded:
     # whether ``output`` was the removed affine's output name, kept by the node that now writes it (not
     # part of the JSON either): a later sentence about that value says so
     kept_name: bool = field(default=False, repr=False)
+    # |the constant term| the folded node adds (its bias), per channel of ``axis`` (one value: all channels
+    # alike), or None: the scale verification's floor takes for a value that is small by cancellation
+    # (driver.terms). Not part of the JSON either.
+    terms: np.ndarray | None = field(default=None, repr=False)
 
     def to_dict(self) -> dict:
         data = asdict(self)
-        del data["removed"], data["changed_later"], data["axis"], data["kept_name"]
+        del data["removed"], data["changed_later"], data["axis"], data["kept_name"], data["terms"]
         return data
 
     def check_line(self) -> str:
@@ -67,7 +75,7 @@ class Folded:
         if self.passed is None:
             return f"{head}: {self.note or 'not verified'}"
         return (f"{head}: max abs {self.max_abs:.3g}, max rel {self.max_rel:.3g}, atol {self.atol:.3g} "
-                f"{'ok' if self.passed else 'FAILED'}")
+                f"{'ok' if self.passed else 'FAILED'}" + (f" ({self.note})" if self.note else ""))
 
 
 @dataclass

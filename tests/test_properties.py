@@ -37,8 +37,7 @@ def conv_configs(draw):
     return cfg
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True,
-          database=None)
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(conv_configs())
 def test_random_configuration_folds_and_verifies(cfg):
     model = conv_bn_model(**cfg)

@@ -14,7 +14,8 @@ the comparisons, never the outputs.
 
 The package, by job: :mod:`.inputs` (seeded inputs), :mod:`.planning` (which fold tensors to compare),
 :mod:`.job` (the typed job and the child's side), :mod:`.sessions` (onnxruntime), :mod:`.reference`
-(onnx.reference, corrected), :mod:`.tolerances` (the comparison), :mod:`.results`.
+(onnx.reference, corrected), :mod:`.tolerances` (the comparison), :mod:`.local` (a fold tensor
+compared where its inputs are the original's), :mod:`.results`.
 
 Rules (README: "How verification decides"):
 
@@ -37,10 +38,15 @@ Rules (README: "How verification decides"):
   output of both models and compared *per channel* along the fold's own channel axis (``Folded.axis``:
   1 for a Conv or Gemm, the last for a MatMul, followed through layout ops): channel ``c`` passes when
   ``|candidate - reference| <= atol_c + RTOL[dtype] * |reference|`` with
-  ``atol_c = max(ATOL[dtype] * max |reference[:, c]|, FLOOR[dtype] * max |reference|)``. A channel
+  ``atol_c = max(ATOL[dtype] * max |reference[:, c]|, FLOOR[dtype] * max |reference|,
+  FLOOR[dtype] * |b'_c|)``, ``b'_c`` the constant term the folded node adds to the channel (``Folded.terms``:
+  where a BatchNormalization's mean is far from 0, ``w'x`` and ``b'`` cancel, and the rounding of the
+  folded weights is on their scale, not the result's). A channel
   near 0.02 beside one near 850 is held to its own scale down to the floor (float32: 6.5e-3), so a
   fold that flips its sign fails. A link of a chain whose tensor a later fold rewrote again is
-  checked at that later tensor. Folds inside subgraphs or functions, and tensors that do not exist
+  checked at that later tensor. A fold tensor that fails is compared once more where its inputs are
+  the original's (:mod:`.local`: the roundings of the folds before it compound through a deep float16
+  network; a wrong fold fails both). Folds inside subgraphs or functions, and tensors that do not exist
   in both main graphs (inlined functions), cannot be exposed: the graph outputs alone cover them,
   and the result says so.
 - **Outputs far below the tensors that feed them.** When every fold was checked at its own tensor
@@ -196,8 +202,10 @@ def verify(
     nodes, forced = force_branches(ref_model, planning, folds, result)
     del planning, planned
     axes = {getattr(f, "output", ""): getattr(f, "axis", None) for f in folds or ()}
+    terms: dict[str, np.ndarray] = {f.output: f.terms for f in folds or () if getattr(f, "terms", None) is not None}
     job = VerifyJob(reference, candidate, feeds, list(providers), expose, checked, feeders, all_checked, atol, rtol,
-                    dict(tolerances or {}), {name: axes.get(name) for name in checked}, nodes,
+                    dict(tolerances or {}), {name: axes.get(name) for name in checked},
+                    {name: terms[name] for name in checked if name in terms}, nodes,
                     feeds_digest=digest(feeds) if early is not None and early.feeds is None else "")
     del ref_model
     result.timings["plan_s"] += (began := time.perf_counter()) - now

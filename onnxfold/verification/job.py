@@ -13,9 +13,10 @@ import numpy as np
 import onnx
 
 from .. import heap, isolation
-from ..errors import ExposureRefused
+from ..errors import ExposureRefused, first_line
 from ..protobuf import PROTOBUF_LIMIT
 from .inputs import input_specs, random_inputs
+from .local import compare_locally
 from .memory import GIB, estimate, inferred, structure_of_file
 from .planning import model_size
 from .results import OutputComparison, ProviderResult
@@ -49,6 +50,7 @@ class VerifyJob:
     rtol: float | None = None
     tolerances: dict[str, tuple[float | None, float | None]] = field(default_factory=dict)
     axes: dict[str, int | None] = field(default_factory=dict)  # fold tensor -> its channel axis (None: per tensor)
+    terms: dict[str, np.ndarray] = field(default_factory=dict)  # fold tensor -> |its bias| per channel (Folded.terms)
     nodes: tuple[bytes, bytes] = (b"", b"")  # appended to each model's graph: If branches forced (planning)
     # Begun before the fold (verification.begin): the fields of PLAN come from the parent's wait_first();
     # meanwhile the original runs with the tensors of ``structure`` (the original without its weights;
@@ -71,7 +73,7 @@ class VerifyJob:
 
 # What the parent's plan sets (a job begun with plan_later gets these through isolation.wait_first()).
 PLAN = ("candidate", "expose", "fold_tensors", "feeders", "all_checked", "atol", "rtol", "tolerances", "axes",
-        "nodes", "feeds_digest")
+        "terms", "nodes", "feeds_digest")
 
 
 def digest(feeds: dict[str, np.ndarray]) -> str:
@@ -185,6 +187,41 @@ def early_reference(job: VerifyJob, stage) -> Early | None:
     return None if out is None else Early(out, set(known), timings)
 
 
+def _largest(terms: np.ndarray | None) -> float:
+    return float(terms.max()) if terms is not None and terms.size else 0.0
+
+
+def _compare_fold(job: VerifyJob, name: str, ref, cand) -> OutputComparison:
+    f_atol, f_rtol = job.tolerances.get(name, (None, None))
+    axis = job.axes.get(name)
+    return compare(name, ref, cand, f_atol, f_rtol, per_channel=axis is not None, axis=1 if axis is None else axis,
+                   terms=job.terms.get(name))
+
+
+def _again_locally(job: VerifyJob, provider: str, folds: list[OutputComparison], failed: list[str], ref_out,
+                   timings: dict[str, float]) -> list[OutputComparison]:
+    """The fold tensors that failed, compared again where their inputs are the original's (.local): one
+    that passes there passes, its note giving the direct comparison's error."""
+    try:
+        again = compare_locally(job, provider, failed, ref_out, _compare_fold, timings)
+    except Exception as e:  # noqa: BLE001 - the direct comparisons stand; the note says why
+        return [replace(f, note="; ".join(x for x in (f.note, f"not compared where its inputs are the original's "
+                                                              f"({first_line(e)[:120]})") if x))
+                if f.name in failed else f for f in folds]
+    result = []
+    for f in folds:
+        local = again.get(f.name)
+        if local is not None and local.passed:
+            local.note = (f"compared where its inputs are the original's; directly, max abs {f.max_abs:.3g} "
+                          f"(atol {f.atol:.3g}): the error of the folds before it")
+            f = local
+        elif local is not None:
+            f.note = "; ".join(x for x in (f.note, f"also fails where its inputs are the original's "
+                                                   f"(max abs {local.max_abs:.3g})") if x)
+        result.append(f)
+    return result
+
+
 def compare_provider(job: VerifyJob, provider: str, stage, early: Early | None = None) -> ProviderResult:
     """Run and compare on one provider (in the child): only the comparisons go back. ``early``: the
     original's outputs run already on this provider (used when they cover the job's exposure)."""
@@ -213,14 +250,16 @@ def compare_provider(job: VerifyJob, provider: str, stage, early: Early | None =
                                           "missing in the " + ("original" if name not in ref_out else "folded")
                                           + " model"))
             continue
-        f_atol, f_rtol = tolerances.get(name, (None, None))
-        axis = job.axes.get(name)
-        folds.append(compare(name, ref_out[name], cand_out[name], f_atol, f_rtol, per_channel=axis is not None,
-                             axis=1 if axis is None else axis))
+        folds.append(_compare_fold(job, name, ref_out[name], cand_out[name]))
+    failed = [f.name for f in folds if not f.passed and f.name in ref_out and f.name in cand_out]
+    if failed and engine.startswith("onnxruntime"):
+        stage("comparing the failed fold tensors where their inputs are the original's")
+        folds = _again_locally(job, provider, folds, failed, ref_out, timings)
     # The floor of an output's atol: the fold tensors feeding it, when every fold was checked and passed.
     floors: dict[str, float] = {}
     if all_checked and folds and all(f.passed for f in folds):
-        fold_floor = {f.name: floor(f.dtype) * scale_of(ref_out[f.name]) for f in folds if f.dtype in TOLERANCES}
+        fold_floor = {f.name: floor(f.dtype) * max(scale_of(ref_out[f.name]), _largest(job.terms.get(f.name)))
+                      for f in folds if f.dtype in TOLERANCES}
         for out, feeders in job.feeders.items():
             value = max((fold_floor[n] for n in feeders if n in fold_floor), default=0.0)
             if value > 0:

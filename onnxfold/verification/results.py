@@ -143,7 +143,8 @@ class VerifyResult:
 def annotate(folded, result: VerifyResult) -> None:
     """Write each fold's own check into its report record (``report.Folded``): ``max_abs``,
     ``max_rel`` and ``atol`` (of the channel nearest to its tolerance, worst over providers),
-    ``passed``; or ``note`` saying why it was not compared at its own tensor."""
+    ``passed``, and ``note`` saying how where it was not plain (compared where its inputs are the
+    original's: verification.local); or ``note`` saying why it was not compared at its own tensor."""
     for f in folded:
         name = getattr(f, "output", "")
         checks = [c for r in result.results for c in r.folds if c.name == name]
@@ -153,7 +154,7 @@ def annotate(folded, result: VerifyResult) -> None:
             f.max_rel = max(c.max_rel for c in checks)
             f.atol = worst.atol
             f.passed = all(c.passed for c in checks)
-            f.note = ""
+            f.note = "; ".join(dict.fromkeys(c.note for c in checks if c.note))
         else:
             f.note = result.unchecked.get(name, "not compared at its own tensor")
 

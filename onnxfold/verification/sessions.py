@@ -129,11 +129,13 @@ def session(source, data_dir: str | None = None, *, provider: str):
 
 def extra_outputs(expose) -> bytes:
     """Graph outputs to append to a serialized model: concatenated protobuf messages merge, and a
-    repeated field appends, so ``model bytes + these bytes`` is the model with the extra outputs."""
+    repeated field appends, so ``model bytes + these bytes`` is the model with the extra outputs.
+    ``expose``: [(name, elem type, or None: onnxruntime infers it)]."""
     if not expose:
         return b""
     return onnx.ModelProto(graph=onnx.GraphProto(
-        output=[helper.make_tensor_value_info(name, elem, None) for name, elem in expose])).SerializeToString()
+        output=[helper.make_tensor_value_info(name, elem, None) if elem is not None
+                else helper.make_empty_tensor_value_info(name) for name, elem in expose])).SerializeToString()
 
 
 def ort_source(model, expose=(), nodes: bytes = b""):

@@ -32,11 +32,12 @@ def floor(dtype: str) -> float:
 
 @np.errstate(over="ignore", invalid="ignore", divide="ignore")  # inf and NaN are judged below, not warned
 def compare(name: str, ref: np.ndarray, cand: np.ndarray, atol=None, rtol=None, *, per_channel: bool = False,
-            atol_floor: float | None = None, axis: int = 1) -> OutputComparison:
+            atol_floor: float | None = None, axis: int = 1, terms: np.ndarray | None = None) -> OutputComparison:
     """Compare one tensor. Default ``atol = ATOL[dtype] * max |ref|``, at least ``atol_floor``; with
     ``per_channel`` each channel of ``axis`` (the fold's channel axis: 1 for a Conv, the last for a
     MatMul) takes its own scale, down to ``FLOOR[dtype] * max |ref|``, and the result names the channel
-    nearest to (or past) its tolerance."""
+    nearest to (or past) its tolerance. ``terms``: |the constant term| the fold's node adds, per channel
+    (or one for all): no default atol is below ``FLOOR[dtype]`` of it (a value small by cancellation)."""
     ref = np.asarray(ref)
     cand = np.asarray(cand)
     dtype = ref.dtype.name
@@ -64,6 +65,9 @@ def compare(name: str, ref: np.ndarray, cand: np.ndarray, atol=None, rtol=None, 
             atols = np.maximum(atols, floor(dtype) * scales.max())
         if atol_floor is not None:
             atols = np.maximum(atols, atol_floor)
+        if terms is not None and terms.size:
+            per = terms if channels and terms.size == atols.size else terms.max()
+            atols = np.maximum(atols, floor(dtype) * per)
     else:
         atols = np.full_like(scales, float(atol))
     worst = int(np.argmax(needs / atols))
