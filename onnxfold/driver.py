@@ -209,21 +209,41 @@ def _materialize(g: GraphView, edit: Edit) -> tuple[str, float]:
 
 
 def _tensor(g: GraphView, value, dtype, what: str, name: str, sink: DataSink | None) -> tuple[onnx.TensorProto, float]:
-    """One value as a tensor of ``dtype``, and its largest magnitude; streamed when it is large."""
+    """One value as a tensor of ``dtype``, and its largest magnitude; streamed when it is large.
+    A float16 weight most of whose values would be subnormal declines the fold (:func:`_underflow`)."""
     shape = _shape(value)
     peak = 0.0
+    counts = [0, 0]  # nonzero, subnormal
 
     def blocks():
         nonlocal peak
         for block, m in iter_cast(value, dtype, what):
             peak = max(peak, m)
+            if what == "weight" and np.dtype(dtype) == np.float16:
+                counts[0] += int(np.count_nonzero(block))
+                counts[1] += int(np.count_nonzero(np.abs(block) < np.finfo(np.float16).smallest_normal)) - (
+                    block.size - int(np.count_nonzero(block)))
             yield block
+        _underflow(*counts)
 
     if sink is not None and _count(value) * np.dtype(dtype).itemsize >= sink.THRESHOLD:
         return sink.stream(name, shape, dtype, blocks()), peak
     arrays = list(blocks()) or [np.zeros(0, dtype=dtype)]  # a zero-size weight (no output channels)
     array = np.concatenate(arrays) if len(arrays) > 1 else arrays[0]
     return numpy_helper.from_array(array.reshape(shape), name), peak
+
+
+def _underflow(nonzero: int, subnormal: int) -> None:
+    """A folded float16 weight keeps the precision of the weights it replaces only in float16's normal
+    range: below 6.1e-05 its values are subnormal, with fewer significant bits the smaller they are. A
+    scale near 1e-6 (a layer scale at its initial value) folded into weights near 0.05 gives values
+    near 5e-8, one or two bits each: the folded tensor is then off by several of its own units where the
+    original's Mul rounds once. When most of a weight's nonzero values would be subnormal, the fold is
+    declined (the original computes it better); a few subnormal values among normal ones are rounding."""
+    if subnormal and 2 * subnormal > nonzero:
+        raise NotFoldable(f"the folded weights would be subnormal in float16 (below "
+                          f"{float(np.finfo(np.float16).smallest_normal):.2g}): {subnormal} of {nonzero} nonzero "
+                          "values, each with a few significant bits; the original computes it more exactly")
 
 
 def _shape(value) -> tuple[int, ...]:

@@ -6,7 +6,8 @@ import pytest
 from onnx import helper, numpy_helper
 
 from builders import conv_bn_model, count
-from onnxfold import fold_model
+from checks import cli
+from onnxfold import driver, fold_model, verify
 from rulekit import G
 
 
@@ -204,3 +205,51 @@ def test_reader_sentence_names_the_producer_and_a_kept_name():
     c = g.conv(x, 4, 6)
     _, report = fold_model(g.model([g.bn(c, 6), g.node("Relu", [c])]))
     assert report.declined[0].reason == f"Conv output '{c}' has 2 readers, not only the BatchNormalization"
+
+
+# -- float16 weights pushed below the normal range ---------------------------------------------------------
+
+
+def _conv_layer_scale(gamma: np.ndarray, cout: int = 8, cin: int = 16, seed: int = 0) -> onnx.ModelProto:
+    """x -> Conv -> Mul(layer scale) -> y, in float16 (ConvNeXt, FastViT, SwiftFormer: a layer scale
+    initialized at 1e-6 or 1e-5)."""
+    rng = np.random.default_rng(seed)
+    f16 = onnx.TensorProto.FLOAT16
+    inits = [numpy_helper.from_array(rng.normal(0, 0.05, (cout, cin, 3, 3)).astype(np.float16), "w"),
+             numpy_helper.from_array(rng.normal(0, 0.1, cout).astype(np.float16), "b"),
+             numpy_helper.from_array(gamma.astype(np.float16).reshape(cout, 1, 1), "gamma")]
+    graph = helper.make_graph([helper.make_node("Conv", ["x", "w", "b"], ["c"], pads=[1, 1, 1, 1]),
+                               helper.make_node("Mul", ["c", "gamma"], ["y"])], "ls",
+                              [helper.make_tensor_value_info("x", f16, [1, cin, 8, 8])],
+                              [helper.make_tensor_value_info("y", f16, [1, cout, 8, 8])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_a_float16_fold_whose_weights_would_be_subnormal_is_declined(tmp_path, monkeypatch):
+    """w' = w * 1e-6 near 5e-8: one or two significant bits each. Folded, the Mul's output was off by
+    several of its units and verification failed the whole model (fp16 ConvNeXt, FastViT, SwiftFormer
+    from the corpus); now that fold is left, the reason given, and the model verifies."""
+    rng = np.random.default_rng(1)
+    model = _conv_layer_scale(rng.uniform(0.5e-6, 2e-6, 8))
+    folded, report = fold_model(model)
+    assert not report.folded and len(report.declined) == 1
+    assert "subnormal in float16" in report.declined[0].reason
+    assert count(folded, "Mul") == 1
+    onnx.save(model, tmp_path / "m.onnx")
+    r = cli(tmp_path / "m.onnx", tmp_path / "o.onnx")
+    assert r.returncode == 0 and "subnormal in float16" in r.stdout + r.stderr, r.stdout + r.stderr
+    monkeypatch.setattr(driver, "_underflow", lambda *a: None)  # folded anyway: 6 units off, refused
+    folded, report = fold_model(model)
+    assert report.folded and not verify(model, folded, folds=report.folded)
+
+
+@pytest.mark.parametrize("gamma", [0.3, 2e-3])
+def test_a_float16_fold_with_normal_weights_folds(gamma):
+    """0.05 * 2e-3 = 1e-4: normal in float16, with a few of the smallest weights subnormal among them."""
+    rng = np.random.default_rng(1)
+    model = _conv_layer_scale(rng.uniform(0.5, 2, 8) * gamma)
+    folded, report = fold_model(model)
+    assert len(report.folded) == 1 and count(folded, "Mul") == 0
+    w = numpy_helper.to_array(next(t for t in folded.graph.initializer if t.name == report.folded[0].weight))
+    tiny = np.count_nonzero((np.abs(w) < np.finfo(np.float16).smallest_normal) & (w != 0))
+    assert tiny < w.size / 2 and (gamma > 1e-2 or tiny > 0)
