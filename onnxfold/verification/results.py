@@ -125,6 +125,10 @@ class VerifyResult:
                        + (f" at channel {top.channel})" if top.channel is not None else ")"))
                 )
                 lines.extend("    fold tensor " + f.line() for f in bad)
+                local = sum(1 for f in r.folds if f.passed and f.note.startswith("compared where its inputs"))
+                if local:
+                    lines.append(f"  note: {local} of them compared where their inputs are the original's: the "
+                                 "error of the folds before them, larger than their tolerance, is not their own (-v)")
         for note in self.notes:
             lines.append(f"  note: {note}")
         if not self.passed and self.worst is not None:
