@@ -234,3 +234,30 @@ def test_the_walk_goes_through_tensors_the_fold_changed():
     assert {"x", "F0", "a", "F", "y"} <= same and "z" not in same
     assert local.fold_nodes(cand, "F", same) == ([2, 3], {"a"})
     assert local.fold_nodes(cand, "F0", same) == ([0], {"x"})
+
+
+def test_a_fold_after_a_wrong_one_passes_on_its_own_inputs_through_layout_ops():
+    """x -> Conv -> BN -> Relu -> Conv -> Reshape -> BN: the first fold planted wrong (one channel 1%
+    off) fails, and the second fold's tensor, which the first one's error reaches, fails directly but
+    passes where its inputs are the original's, made through its folded Conv and the Reshape. The
+    verdict is the first fold's failure; the second is not blamed for it."""
+    from rulekit import G
+
+    g = G()
+    x = g.input("x", [1, 4, 6, 6])
+    f1 = g.bn(g.conv(x, 4, 6), 6)
+    r = g.node("Reshape", [g.conv(g.node("Relu", [f1]), 6, 6, k=1), g.ints([1, 6, 16])])
+    model = g.model(g.bn(r, 6))
+    folded, report = fold_model(model)
+    assert [f.rule for f in report.folded] == ["conv_bn", "conv_bn"]
+    first = next(n for n in folded.graph.node if n.op_type == "Conv")
+    t = next(t for t in folded.graph.initializer if t.name == first.input[1])
+    w = numpy_helper.to_array(t).copy()
+    w[2] *= 1.01
+    t.CopyFrom(numpy_helper.from_array(w, t.name))
+    result = verify(model, folded, folds=report.folded)
+    assert not result
+    one, two = result.results[0].folds
+    assert not one.passed and one.channel == 2 and "also fails where its inputs are the original's" in one.note
+    assert two.passed and two.note.startswith("compared where its inputs are the original's")
+    assert two.max_abs < two.atol / 10  # its own rounding only
