@@ -19,7 +19,7 @@ from .inputs import input_specs, random_inputs
 from .local import compare_locally
 from .memory import GIB, estimate, inferred, structure_of_file
 from .planning import model_size
-from .results import OutputComparison, ProviderResult
+from .results import ON_ITS_OWN_INPUTS, OutputComparison, ProviderResult
 from .sessions import extra_outputs, run_alone, run_pair
 from .tolerances import TOLERANCES, compare, floor, scale_of
 
@@ -212,7 +212,7 @@ def _again_locally(job: VerifyJob, provider: str, folds: list[OutputComparison],
     for f in folds:
         local = again.get(f.name)
         if local is not None and local.passed:
-            local.note = (f"compared where its inputs are the original's; directly, max abs {f.max_abs:.3g} "
+            local.note = (f"{ON_ITS_OWN_INPUTS}; directly, max abs {f.max_abs:.3g} "
                           f"(atol {f.atol:.3g}): the error of the folds before it")
             f = local
         elif local is not None:

@@ -25,23 +25,30 @@ import onnx
 from onnx import helper
 
 from ..protobuf import PROTOBUF_LIMIT, subgraphs
+from .memory import structure_of_file
 from .sessions import ort_source, session
 
 MOST_NODES = 64  # a fold's own nodes: its node and the layout ops after it, a few
 SUFFIX = "__onnxfold_local"
 
 
-def _structure(model) -> onnx.ModelProto:
+def _structure(model, weights: bool) -> onnx.ModelProto:
+    """The model of a job; from a file, without its large weights unless ``weights`` (the candidate's
+    are copied into the model of the fold tensors' nodes; the original's only need their names)."""
     if isinstance(model, onnx.ModelProto):
         return model
     if isinstance(model, bytes):
         return onnx.ModelProto.FromString(model)
-    return onnx.load(os.fspath(model), load_external_data=False)
+    return onnx.load(os.fspath(model), load_external_data=False) if weights else structure_of_file(model)
+
+
+def _has_subgraph(node: onnx.NodeProto) -> bool:
+    return next(subgraphs(node), None) is not None
 
 
 def _left_alone(node: onnx.NodeProto, ref: onnx.NodeProto) -> bool:
     return (node.op_type == ref.op_type and node.domain == ref.domain and list(node.input) == list(ref.input)
-            and list(node.output) == list(ref.output) and not any(True for _ in subgraphs(node))
+            and list(node.output) == list(ref.output) and not _has_subgraph(node)
             and [a.SerializeToString() for a in node.attribute] == [a.SerializeToString() for a in ref.attribute])
 
 
@@ -83,7 +90,7 @@ def fold_nodes(candidate: onnx.ModelProto, target: str, same: set[str]) -> tuple
         if i is None or len(nodes) >= MOST_NODES:
             return None
         node = candidate.graph.node[i]
-        if any(True for _ in subgraphs(node)):
+        if _has_subgraph(node):
             return None
         nodes.add(i)
         todo.extend(node.input)
@@ -95,7 +102,7 @@ def compare_locally(job, provider: str, names: list[str], ref_out: dict, compare
     are the original's: {name: OutputComparison} for those that could be (see the module)."""
     began = time.perf_counter()
     try:
-        reference, candidate = _structure(job.reference), _structure(job.candidate)
+        reference, candidate = _structure(job.reference, weights=False), _structure(job.candidate, weights=True)
         same = same_in_both(reference, candidate, set(job.fold_tensors))
         walks: dict[str, tuple[list[int], set[str]]] = {}
         for name in names:
@@ -106,7 +113,7 @@ def compare_locally(job, provider: str, names: list[str], ref_out: dict, compare
             return {}
         needed = sorted(set().union(*(reads for _, reads in walks.values())))
         values = _original_values(job, provider, needed, ref_out)
-        local = _run_local(job, candidate, walks, values, provider)
+        local = _run_local(job, candidate, walks, values, provider)  # values: by the names the walks read
     finally:
         timings["local_s"] = timings.get("local_s", 0.0) + time.perf_counter() - began
     return {name: compare_fold(job, name, ref_out[name], local[name + SUFFIX]) for name in walks}
@@ -127,7 +134,7 @@ def _run_local(job, candidate: onnx.ModelProto, walks: dict, values: dict, provi
     reads as an input is also made here), fed the original's values."""
     positions = sorted(set().union(*(set(nodes) for nodes, _ in walks.values())))
     made = {o for i in positions for o in candidate.graph.node[i].output if o}
-    inputs = sorted(set().union(*(reads for _, reads in walks.values())))
+    inputs = sorted(values)
     nodes = []
     for i in positions:
         node = onnx.NodeProto()

@@ -8,6 +8,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+# How a fold tensor's note begins when it passed where its inputs are the original's (verification.local)
+ON_ITS_OWN_INPUTS = "compared where its inputs are the original's"
+
 
 @dataclass
 class OutputComparison:
@@ -125,7 +128,7 @@ class VerifyResult:
                        + (f" at channel {top.channel})" if top.channel is not None else ")"))
                 )
                 lines.extend("    fold tensor " + f.line() for f in bad)
-                local = sum(1 for f in r.folds if f.passed and f.note.startswith("compared where its inputs"))
+                local = sum(1 for f in r.folds if f.passed and f.note.startswith(ON_ITS_OWN_INPUTS))
                 if local:
                     lines.append(f"  note: {local} of them compared where their inputs are the original's: the "
                                  "error of the folds before them, larger than their tolerance, is not their own (-v)")
