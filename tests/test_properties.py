@@ -1,6 +1,6 @@
 """Property-based: any valid Conv/ConvTranspose configuration folds and stays equivalent in onnxruntime."""
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from builders import conv_bn_model
@@ -37,11 +37,20 @@ def conv_configs(draw):
     return cfg
 
 
+# Found by this test: a float16 1x1 Conv whose output (1.2e-3) cancels terms near 0.25. Verified as the
+# command line verifies (with the folds), its tolerance takes the folded bias's scale; verify() given
+# the graph outputs alone cannot know it and fails this model.
+CANCELLING = {"dims": 1, "groups": 1, "transpose": False, "cin": 1, "cout": 1, "bias": True, "kernel": 1,
+              "strides": 1, "dilations": 1, "pads": 0, "spatial": 1, "dtype": "float16", "seed": 72569,
+              "epsilon": 1e-05}
+
+
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(conv_configs())
+@example(CANCELLING)
 def test_random_configuration_folds_and_verifies(cfg):
     model = conv_bn_model(**cfg)
     folded, report = fold_model(model)
     assert len(report.folded) == 1, report.summary()
-    result = verify(model, folded, seed=cfg["seed"] % 1000)
+    result = verify(model, folded, seed=cfg["seed"] % 1000, folds=report.folded)
     assert result, f"{cfg}\n{result}"
