@@ -70,8 +70,11 @@ def load(path: str | os.PathLike, held: Held | None = None) -> tuple[onnx.ModelP
 
 
 def _read(path: Path, held: Held | None) -> tuple[onnx.ModelProto, list[onnx.TensorProto]]:
-    """The model at ``path``, and the initializers left in its file (``held``: see :func:`load`)."""
-    if held is None or path.stat().st_size <= LEFT_FROM or not is_utf8(path.name) or not path.is_file():
+    """The model at ``path``, and the initializers left in its file (``held``: see :func:`load`). Left
+    only where every read will accept the file by its own name (:func:`data_path`): a link to a model in
+    another folder resolves outside its own, so it is parsed."""
+    if held is None or path.stat().st_size <= LEFT_FROM or not is_utf8(path.name) or not path.is_file() \
+            or not _names_itself(path):
         return onnx.load(str(path), load_external_data=False), []
     fd = held.open(path)
     try:
@@ -80,6 +83,14 @@ def _read(path: Path, held: Held | None) -> tuple[onnx.ModelProto, list[onnx.Ten
         return onnx.load(str(path), load_external_data=False), []
     initializers = model.graph.initializer
     return model, [initializers[i] for i in indices]
+
+
+def _names_itself(path: Path) -> bool:
+    try:
+        data_path(path.parent, path.name)
+    except InputError:
+        return False
+    return True
 
 
 def _check_acyclic(nodes, where: str) -> None:

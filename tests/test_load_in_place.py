@@ -174,3 +174,28 @@ def test_a_graph_in_two_fields_and_a_tensor_with_two_raw_data_fields_load_as_pro
     feeds = feeds_for(parsed)
     ref, out = run(parsed, feeds)["y"], run(onnx.load(dst), feeds)["y"]
     np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4 * float(np.abs(ref).max()))
+
+
+@pytest.mark.parametrize("folder", [False, True])
+def test_a_model_linked_from_another_folder_folds(tmp_path, folder):
+    """The input a link to a model in another folder (a Hugging Face cache's snapshot links to its blob,
+    a folder of links to a corpus): its weights, pointed to by the link's name, would resolve outside
+    the link's folder, which external data may not; 71f9a92 refused every such model with a weight
+    over LEFT_FROM bytes. Such a file is parsed as before."""
+    (tmp_path / "blobs").mkdir()
+    (tmp_path / "in").mkdir()
+    m = two_conv_model(7)
+    onnx.save(m, tmp_path / "blobs" / "m.onnx")
+    os.symlink(tmp_path / "blobs" / "m.onnx", tmp_path / "in" / "m.onnx")
+    if folder:
+        r = cli(tmp_path / "in", tmp_path / "out", "-j", "2")
+        out = tmp_path / "out" / "m.onnx"
+    else:
+        out = tmp_path / "out.onnx"
+        r = cli(tmp_path / "in" / "m.onnx", out)
+    assert r.returncode == 0, r.stdout + r.stderr
+    folded = onnx.load(out)
+    assert [n.op_type for n in folded.graph.node] == ["Conv", "Relu", "Conv"]
+    x = feeds_for(m)
+    want = run(m, x)["y"]
+    np.testing.assert_allclose(run(folded, x)["y"], want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
