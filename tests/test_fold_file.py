@@ -468,4 +468,14 @@ def test_verification_plans_with_the_input_in_memory_and_does_not_read_its_file_
     alone = verify(src, tmp_path / "o.onnx", folds=result.report.folded)
     assert loads == [str(src)] * 2
     assert alone.to_dict() == result.verification.to_dict() and len(alone.results[0].folds) == 1
-    assert estimates[0] == estimates[1]  # the same bytes, weights counted by their size
+    # fold_file's estimate (made by verification's child, with the shapes it inferred for its early run,
+    # where it forks) is verify()'s to the byte (weights counted by their size): a budget of it passes,
+    # one a byte below is refused with verify()'s sentence
+    need = estimates[-1][0]
+    assert fold_file(src, tmp_path / "o2.onnx", verify_memory=need / memory.GIB)
+    with pytest.raises(VerifyError) as direct:
+        verify(src, tmp_path / "o.onnx", folds=result.report.folded, memory=(need - 1) / memory.GIB)
+    with pytest.raises(VerifyError) as child:
+        fold_file(src, tmp_path / "o3.onnx", verify_memory=(need - 1) / memory.GIB)
+    assert str(child.value) == str(direct.value) and "above its memory budget" in str(child.value)
+    assert not (tmp_path / "o3.onnx").exists()

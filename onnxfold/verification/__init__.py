@@ -193,8 +193,9 @@ def verify(
     outputs = {o.name for o in ref_model.graph.output}
     planning = candidate if planned is None else planned
     checked, expose, feeders, all_checked = plan_folds(ref_model, reference, planning, folds, outputs, result)
-    check_budget(ref_model, specs, [*outputs, *(name for name, _ in expose)], memory,
-                 str(reference) if isinstance(reference, (str, os.PathLike)) else "the model")
+    if early is None:  # else its child checks the plan with the shapes it inferred for its early run
+        check_budget(ref_model, specs, [*outputs, *(name for name, _ in expose)], memory,
+                     str(reference) if isinstance(reference, (str, os.PathLike)) else "the model")
     result.timings["plan_s"] = (began := time.perf_counter()) - now
     if feeds is None:
         feeds = random_inputs(specs, input_range, seed)
@@ -206,7 +207,8 @@ def verify(
     job = VerifyJob(reference, candidate, feeds, list(providers), expose, checked, feeders, all_checked, atol, rtol,
                     dict(tolerances or {}), {name: axes.get(name) for name in checked},
                     {name: terms[name] for name in checked if name in terms}, nodes,
-                    feeds_digest=digest(feeds) if early is not None and early.feeds is None else "")
+                    feeds_digest=digest(feeds) if early is not None and early.feeds is None else "",
+                    memory=memory)
     del ref_model
     result.timings["plan_s"] += (began := time.perf_counter()) - now
     result.results = _run_isolated(job, timeout, meanwhile, write, early)

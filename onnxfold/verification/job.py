@@ -17,7 +17,7 @@ from ..errors import ExposureRefused, first_line
 from ..protobuf import PROTOBUF_LIMIT
 from .inputs import input_specs, random_inputs
 from .local import compare_locally
-from .memory import GIB, estimate, inferred, structure_of_file
+from .memory import GIB, check_budget, estimate, inferred, structure_of_file
 from .planning import model_size
 from .results import ON_ITS_OWN_INPUTS, OutputComparison, ProviderResult
 from .sessions import extra_outputs, run_alone, run_pair
@@ -73,7 +73,7 @@ class VerifyJob:
 
 # What the parent's plan sets (a job begun with plan_later gets these through isolation.wait_first()).
 PLAN = ("candidate", "expose", "fold_tensors", "feeders", "all_checked", "atol", "rtol", "tolerances", "axes",
-        "terms", "nodes", "feeds_digest")
+        "terms", "nodes", "feeds_digest", "memory")
 
 
 def digest(feeds: dict[str, np.ndarray]) -> str:
@@ -118,11 +118,13 @@ def run_job(job: VerifyJob, send) -> list[ProviderResult]:
     early = None
     if job.plan_later:
         job = _own_inputs(job)
-        early = early_reference(job, stage_on(job.providers[0]))
+        shapes = infer_candidates(job)
+        early = early_reference(job, stage_on(job.providers[0]), shapes)
         stage_on(job.providers[0])("waiting for the folded model to be written")
         job = replace(job, **isolation.wait_first(), plan_later=False, structure=None)
         if job.feeds_digest and job.feeds_digest != digest(job.feeds):
             raise RuntimeError("verification's child made other inputs than the parent")
+        check_plan_budget(job, shapes)
     results = []
     for provider in job.providers:
         results.append(compare_provider(job, provider, stage_on(provider), early))
@@ -160,24 +162,47 @@ def candidates(model: onnx.ModelProto) -> list[str]:
     return sorted(names - {o.name for o in model.graph.output} - {v.name for v in model.graph.input})
 
 
-def early_reference(job: VerifyJob, stage) -> Early | None:
-    """The original run before the fold has said which of its tensors to compare: the float tensors of
-    :func:`candidates` whose type and size shape inference tells are added as outputs (up to
-    :data:`EARLY_BYTES`, within ``job.memory``). None when that cannot be (the plan then runs it
-    again, with its own exposure, as it does when a planned tensor is not among these)."""
+@dataclass
+class Inferred:
+    """What shape inference tells of the original on the job's inputs, once per child (it is the slow
+    part of planning the early run): (element type, bytes) of each tensor of ``asked`` it tells in full."""
+
+    model: onnx.ModelProto
+    specs: dict[str, tuple[np.dtype, tuple[int, ...]]]
+    asked: set[str]
+    typed: dict[str, tuple[int, int]]
+
+    def sizes(self, names: list[str]) -> dict[str, int] | None:
+        """Bytes by name, when every one of ``names`` was asked about (None: infer them again)."""
+        return {n: size for n, (_, size) in self.typed.items()} if set(names) <= self.asked else None
+
+
+def infer_candidates(job: VerifyJob) -> Inferred | None:
+    """Shape inference on the original's structure with the job's inputs, for its :func:`candidates`
+    and graph outputs (None without a structure or inputs)."""
     model = job.structure
     if model is None or not job.feeds:
         return None
-    stage("planning the original's early run")
-    outputs = {o.name for o in model.graph.output}
-    names = candidates(model)
     specs = {k: (np.asarray(v).dtype, np.shape(v)) for k, v in job.feeds.items()}
-    typed = inferred(model, specs, [*names, *outputs])  # once: shape inference is the slow part here
-    known = {name: typed[name][0] for name in names if name in typed and typed[name][0] in FLOATS}
+    asked = {*candidates(model), *(o.name for o in model.graph.output)}
+    return Inferred(model, specs, asked, inferred(model, specs, sorted(asked)))
+
+
+def early_reference(job: VerifyJob, stage, shapes: Inferred | None) -> Early | None:
+    """The original run before the fold has said which of its tensors to compare: the float tensors of
+    :func:`candidates` whose type and size shape inference tells (``shapes``) are added as outputs (up
+    to :data:`EARLY_BYTES`, within ``job.memory``). None when that cannot be (the plan then runs it
+    again, with its own exposure, as it does when a planned tensor is not among these)."""
+    if shapes is None:
+        return None
+    stage("planning the original's early run")
+    model, typed = shapes.model, shapes.typed
+    outputs = {o.name for o in model.graph.output}
+    known = {name: typed[name][0] for name in candidates(model) if name in typed and typed[name][0] in FLOATS}
     sizes = {name: size for name, (_, size) in typed.items()}
     if not known or sum(sizes[name] for name in known) > EARLY_BYTES:
         return None
-    if job.memory and estimate(model, specs, [*outputs, *known], sizes)[0] > job.memory * GIB:
+    if job.memory and estimate(model, shapes.specs, [*outputs, *known], sizes)[0] > job.memory * GIB:
         return None
     expose = list(known.items())
     if not isinstance(job.reference, str) or model_size(job.reference) + len(extra_outputs(expose)) > PROTOBUF_LIMIT:
@@ -185,6 +210,20 @@ def early_reference(job: VerifyJob, stage) -> Early | None:
     timings: dict[str, float] = {}
     out = run_alone(job.reference, job.feeds, job.providers[0], expose, stage, timings)
     return None if out is None else Early(out, set(known), timings)
+
+
+def check_plan_budget(job: VerifyJob, shapes: Inferred | None) -> None:
+    """The parent's plan within ``job.memory`` (:func:`.memory.check_budget`), checked here with the early
+    run's shape inference: the parent leaves it to a child begun early (its inference 0.02-0.05 s of a
+    corpus model, on the parent's path between the fold and the write)."""
+    if not job.memory or not isinstance(job.reference, str):
+        return
+    model = shapes.model if shapes is not None else structure_of_file(job.reference)
+    outputs = [o.name for o in model.graph.output]
+    tensors = [*outputs, *(name for name, _ in job.expose)]
+    specs = {k: (np.asarray(v).dtype, np.shape(v)) for k, v in job.feeds.items()}
+    sizes = shapes.sizes(tensors) if shapes is not None and shapes.specs == specs else None
+    check_budget(model, specs, tensors, job.memory, job.reference, sizes)
 
 
 def _largest(terms: np.ndarray | None) -> float:

@@ -56,11 +56,13 @@ def estimate(model: onnx.ModelProto, specs: dict[str, tuple[np.dtype, tuple[int,
                    f"tensors + {weights / GIB:.2f} GiB of weights)")
 
 
-def check_budget(model, specs, tensors, budget_gib: float | None, name: str) -> None:
-    """Refuse (VerifyError, one line) when the estimate passes ``budget_gib`` (None or 0: no limit)."""
+def check_budget(model, specs, tensors, budget_gib: float | None, name: str,
+                 sizes: dict[str, int] | None = None) -> None:
+    """Refuse (VerifyError, one line) when the estimate passes ``budget_gib`` (None or 0: no limit).
+    ``sizes``: as :func:`estimate` takes them (inferred already)."""
     if not budget_gib:
         return
-    need, how = estimate(model, specs, tensors)
+    need, how = estimate(model, specs, tensors, sizes)
     if need > budget_gib * GIB:
         raise VerifyError(f"{name}: verification needs at least {need / GIB:.1f} GiB ({how}), above its memory "
                           f"budget of {budget_gib:g} GiB (--verify-memory GIB, 0: no limit); use smaller inputs "
