@@ -508,3 +508,39 @@ def test_an_input_shape_that_changes_a_fixed_dimension_is_refused_before_any_wor
     proc = cli(src, out, "--input-shape", "x:1x4x3000x3000")
     assert_user_error(proc, "--input-shape x:1x4x3000x3000: input 'x' is [1, 4, 3000, 3000], the model declares "
                             "float32 [1, 4, 6, 6]")
+
+
+def _ir3_reshape_model(default_x: bool) -> onnx.ModelProto:
+    """IR 3, opset 9: x reshaped to a shape made by ConstantOfShape + Add (which onnx's data propagation
+    does not follow), and y = x * c; with ``default_x``, x has an initializer (a default value) of
+    another shape, which the inputs verification makes replace."""
+    f = onnx.TensorProto.FLOAT
+    nodes = [
+        helper.make_node("Constant", [], ["two"], value=numpy_helper.from_array(np.array([2], np.int64))),
+        helper.make_node("ConstantOfShape", ["two"], ["ones"], value=numpy_helper.from_array(np.array([1], np.int64))),
+        helper.make_node("Constant", [], ["off"], value=numpy_helper.from_array(np.array([0, 191], np.int64))),
+        helper.make_node("Add", ["ones", "off"], ["shape"]),
+        helper.make_node("Reshape", ["x", "shape"], ["flat"]),
+        helper.make_node("Mul", ["x", "c"], ["y"]),
+    ]
+    inits = [numpy_helper.from_array(np.full((1, 3, 1, 1), 2.0, np.float32), "c")]
+    if default_x:
+        inits.append(numpy_helper.from_array(np.zeros((1, 3, 2, 2), np.float32), "x"))
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", f, [1, 3, "h", "w"]),
+                                           helper.make_tensor_value_info("c", f, [1, 3, 1, 1])],
+                              [helper.make_tensor_value_info(n, f, None) for n in ("flat", "y")], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 9)])
+    model.ir_version = 3
+    return model
+
+
+@pytest.mark.parametrize("default_x", [False, True])
+def test_the_memory_estimate_sizes_tensors_past_constants_inference_does_not_propagate(default_x):
+    """Shape inference alone does not size 'flat' (its shape comes from ConstantOfShape + Add): such
+    constants are evaluated first. An input's default value is not a constant: the inputs made replace it
+    (it had made inference refuse the model, sizing nothing)."""
+    from onnxfold.verification import memory
+
+    specs = {"x": (np.dtype(np.float32), (1, 3, 8, 8))}
+    sizes = memory.inferred(_ir3_reshape_model(default_x), specs, ["flat", "y"])
+    assert sizes == {"flat": (onnx.TensorProto.FLOAT, 768), "y": (onnx.TensorProto.FLOAT, 768)}

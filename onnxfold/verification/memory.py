@@ -7,14 +7,17 @@ OOM killer end it."""
 
 from __future__ import annotations
 
+import math
 import mmap
 import os
 
 import numpy as np
 import onnx
+from onnx import numpy_helper
 
+from .. import const_eval
 from ..errors import VerifyError
-from ..protobuf import copy_fields, without_weights
+from ..protobuf import DEFAULT_DOMAINS, copy_fields, without_weights
 
 GIB = 1 << 30
 SMALL = 4096  # initializers up to this many bytes keep their values for shape inference (shapes, axes)
@@ -99,10 +102,13 @@ def inferred(model: onnx.ModelProto, specs, tensors: list[str]) -> dict[str, tup
         else:
             graph.input.append(v)
     for t in model.graph.initializer:  # large values go: their shapes are enough
+        if t.name in specs:  # an input's default value (IR 3): the inputs made replace it
+            continue
         if len(t.raw_data) <= SMALL and not t.external_data:
             graph.initializer.append(t)
         else:
             graph.initializer.append(onnx.TensorProto(name=t.name, data_type=t.data_type, dims=t.dims))
+    _fold_small_constants(graph, specs, _default_opset(model), listed=model.ir_version < 4)
     light = onnx.ModelProto(ir_version=model.ir_version, opset_import=model.opset_import, graph=graph,
                             functions=model.functions)
     try:
@@ -122,6 +128,88 @@ def inferred(model: onnx.ModelProto, specs, tensors: list[str]) -> dict[str, tup
                 continue
             sizes[v.name] = (t.elem_type, int(np.prod([d.dim_value for d in t.shape.dim], dtype=np.int64)) * itemsize)
     return sizes
+
+
+def _default_opset(model: onnx.ModelProto) -> int:
+    return next((o.version for o in model.opset_import if o.domain in DEFAULT_DOMAINS), 1)
+
+
+def _fold_small_constants(graph: onnx.GraphProto, specs, opset: int, listed: bool) -> None:
+    """Replace in ``graph`` (inference's copy) each node whose outputs are small constants (``SMALL``
+    bytes at most) by initializers holding them: onnx's data propagation stops at Reshape, Transpose,
+    ConstantOfShape and the like, and with it the shapes of everything after (torch's dynamo export
+    gives ReduceMean its axes through a Reshape of Constants; Hugging Face's legacy exports pad through
+    ConstantOfShape -> Concat -> Reshape -> Slice -> Transpose -> Cast): timm's efficientnet_b0 dynamo
+    export had 5 of its 187 candidate tensors sized, now all. Shape and Size of a graph input (with
+    ``specs``' shape) or an initializer are constants too. Evaluated as the spec says
+    (:mod:`onnxfold.const_eval`); what it declines stays a node. Only shapes depend on this: sizes for
+    the memory estimate and the early run's exposure, which onnxruntime checks again. ``listed``: each
+    initializer is a graph input too (IR version 3, where inference ignores one that is not)."""
+    values: dict[str, np.ndarray] = {}
+    shapes: dict[str, tuple[int, ...]] = {k: tuple(shape) for k, (_, shape) in specs.items()}
+    types = {k: onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype)) for k, (dtype, _) in specs.items()}
+    for t in graph.initializer:
+        shapes[t.name], types[t.name] = tuple(t.dims), t.data_type
+        if not t.external_data and t.data_location != onnx.TensorProto.EXTERNAL and t.ByteSize() <= 2 * SMALL:
+            try:
+                value = numpy_helper.to_array(t)
+            except Exception:  # noqa: BLE001 - a value it cannot read: not a constant here
+                continue
+            if value.size == math.prod(t.dims):
+                values[t.name] = value
+    since: dict[str, int] = {}
+    kept = []
+    for node in graph.node:
+        out = _constant_outputs(node, values, shapes, types, since, opset)
+        if out is None:
+            kept.append(node)
+            continue
+        for name, value in zip(node.output, out):
+            values[name], shapes[name] = value, value.shape
+            graph.initializer.append(numpy_helper.from_array(value, name))
+            if listed:
+                graph.input.append(onnx.helper.make_tensor_value_info(
+                    name, onnx.helper.np_dtype_to_tensor_dtype(value.dtype), list(value.shape)))
+    del graph.node[:]
+    graph.node.extend(kept)
+
+
+def _constant_outputs(node, values, shapes, types, since: dict[str, int], opset: int) -> list[np.ndarray] | None:
+    """The node's outputs when they are small constants (see :func:`_fold_small_constants`), else None."""
+    if node.domain not in DEFAULT_DOMAINS or not node.output or not all(node.output) \
+            or (node.op_type not in const_eval.OPS and node.op_type not in ("Constant", "ConstantOfShape")):
+        return None
+    op = node.op_type
+    if op not in since:
+        try:
+            since[op] = onnx.defs.get_schema(op, opset).since_version
+        except Exception:  # noqa: BLE001 - an operator onnx does not know at this opset
+            since[op] = 0
+    if not since[op]:
+        return None
+    inputs = [i for i in node.input if i]
+    try:
+        if op == "Constant":
+            if node.ByteSize() > 2 * SMALL:  # a weight, not a shape: not read
+                return None
+            out = [const_eval.constant_value(node, since[op])]
+        elif op == "ConstantOfShape":
+            if not inputs or inputs[0] not in values:
+                return None
+            out = [const_eval.constant_of_shape(node, values[inputs[0]], since[op])]
+        elif op in ("Shape", "Size") and inputs and inputs[0] not in values and inputs[0] in shapes:
+            probe = np.broadcast_to(np.zeros((), np.uint8), shapes[inputs[0]])  # only its shape is read
+            out = const_eval.evaluate(node, {inputs[0]: probe}, since[op])
+        elif op == "CastLike" and len(inputs) == 2 and inputs[0] in values and inputs[1] in types:
+            like = np.empty(0, onnx.helper.tensor_dtype_to_np_dtype(types[inputs[1]]))
+            out = const_eval.evaluate(node, {inputs[0]: values[inputs[0]], inputs[1]: like}, since[op])
+        elif inputs and all(i in values for i in inputs):
+            out = const_eval.evaluate(node, {i: values[i] for i in inputs}, since[op])
+        else:
+            return None
+    except Exception:  # noqa: BLE001 - declined (NotFoldable) or not evaluable: it stays a node
+        return None
+    return out if all(np.asarray(v).nbytes <= SMALL for v in out) else None
 
 
 LEFT_OUT = "(left out: only its size is planned with)"
