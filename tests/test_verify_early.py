@@ -331,7 +331,46 @@ def test_the_early_run_covers_folds_after_a_constant_reshape_of_axes(tmp_path, l
     src, out = tmp_path / "m.onnx", tmp_path / "o.onnx"
     onnx.save(squeeze_excite_folds(), src)
     result = fold_file(src, out)
-    assert result and set(logged.joinpath("early").read_text().split(",")) >= {"bn0", "bn1", "excited"}
+    early = set(logged.joinpath("early").read_text().split(","))
+    assert result and early >= {"bn0", "bn1"}
+    assert "excited" not in early  # a Mul of two run-time tensors is no fold's: not exposed
     assert "m.onnx" not in _loads(logged), "the original was run again: the early run lacked a fold tensor"
     folds = result.verification.results[0].folds
     assert sorted(f.name for f in folds) == ["bn0", "bn1"] and all(f.passed and f.compared for f in folds)
+
+
+def test_candidates_are_the_tensors_a_rule_may_fold_at():
+    """What the early run exposes: BatchNormalization outputs, affines by a constant (a Constant node's, an
+    initializer's, a CastLike of one), sums with a branch from a producer or an affine (RepVGG's Add,
+    a Sum) and the producers after such an affine or a Pad; not a Mul of two run-time tensors (SiLU)."""
+    f = onnx.TensorProto.FLOAT
+    rng = np.random.default_rng(3)
+    inits = [tensor("w", rng.normal(size=(4, 4, 1, 1)).astype(np.float32)),
+             tensor("s", np.full((1, 4, 1, 1), 2.0, np.float32))]
+    inits += [tensor(n, a) for n, a in zip(("g", "b", "m", "v"), bn_stats(rng, 4))]
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["c"]),
+        helper.make_node("BatchNormalization", ["c", "g", "b", "m", "v"], ["bn"]),
+        helper.make_node("Sigmoid", ["bn"], ["sig"]),
+        helper.make_node("Mul", ["bn", "sig"], ["silu"]),  # two run-time tensors: no fold's
+        helper.make_node("Mul", ["silu", "s"], ["scaled"]),  # by an initializer
+        helper.make_node("Conv", ["scaled", "w"], ["after_scale"]),  # a producer after an affine
+        helper.make_node("Constant", [], ["k"], value=numpy_helper.from_array(np.array(0.5, np.float32))),
+        helper.make_node("CastLike", ["k", "x"], ["k_like"]),
+        helper.make_node("Add", ["after_scale", "k_like"], ["shifted"]),  # by a Constant cast like x
+        helper.make_node("Add", ["shifted", "x"], ["residual"]),  # a sum with a branch from an affine
+        helper.make_node("Relu", ["residual"], ["r"]),
+        helper.make_node("Sum", ["r", "c"], ["summed"]),  # a branch from a producer
+        helper.make_node("Add", ["r", "sig"], ["plain"]),  # neither operand a branch: no fold's
+        helper.make_node("Constant", [], ["pads"], value=tensor("pads", np.array([0, 0, 1, 1] * 2, np.int64))),
+        helper.make_node("Pad", ["plain", "pads"], ["padded"]),
+        helper.make_node("Conv", ["padded", "w"], ["after_pad"]),
+        helper.make_node("Pad", ["summed", "pads"], ["summed_padded"]),
+        helper.make_node("Add", ["after_pad", "summed_padded"], ["y"]),
+    ]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", f, [1, 4, 5, 5])],
+                              [helper.make_tensor_value_info("y", f, [1, 4, 7, 7])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model, full_check=True)
+    assert job_module.candidates(model) == sorted(
+        ["bn", "scaled", "after_scale", "shifted", "residual", "summed", "after_pad"])

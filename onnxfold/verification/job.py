@@ -13,6 +13,7 @@ import numpy as np
 import onnx
 
 from .. import heap, isolation
+from ..const_resolve import CONSTANT_MAKERS
 from ..errors import ExposureRefused, first_line
 from ..protobuf import PROTOBUF_LIMIT
 from .inputs import input_specs, random_inputs
@@ -31,6 +32,8 @@ FLOATS = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOU
 # when the affine came before the producer, at the producer's output (rules.input_side).
 AFFINES = {"BatchNormalization", "Mul", "Add", "Sub", "Div"}
 PRODUCERS = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
+SUMS = {"Add", "Sum", "Sub"}  # a sum of branches (rules.branches) is compared at its output
+BRANCHES = AFFINES | PRODUCERS | {"AveragePool"}
 
 
 @dataclass
@@ -150,16 +153,37 @@ def _own_inputs(job: VerifyJob) -> VerifyJob:
 
 def candidates(model: onnx.ModelProto) -> list[str]:
     """The tensors of the main graph a fold may be compared at (:data:`AFFINES`, :data:`PRODUCERS`): the
-    outputs of its affines, and of its producers that read an affine's output (or a Pad's)."""
-    made_by = {o: n.op_type for n in model.graph.node for o in n.output if o}
-    names = set()
-    for n in model.graph.node:
+    outputs of its BatchNormalizations and of its Mul, Add, Sub and Div by a constant (what a rule folds),
+    of its sums with a branch made by a producer or an affine (a branch sum: Add, Sum, Sub), and of its
+    producers that read such an affine's output (or a Pad's). A Mul of two run-time tensors (SiLU's
+    x * sigmoid(x), squeeze-excite) is no fold's: exposing it only cost memory and time (timm's
+    efficientnet_b0: 187 candidates, 56 so)."""
+    graph = model.graph
+    made_by = {o: n for n in graph.node for o in n.output if o}
+    fed = {v.name for v in graph.input} if model.ir_version >= 4 else set()
+    # constants as onnxfold.const_resolve decides them, Shape of anything counting: one pass in the
+    # graph's order (topological, as the spec wants; out of order, a value counts as not constant)
+    constant = {t.name: t.name not in fed for t in graph.initializer}
+    for n in graph.node:
+        value = n.domain in ("", "ai.onnx") and n.op_type in CONSTANT_MAKERS and (
+            n.op_type in ("Shape", "Size")
+            or all(constant.get(i, False) for i in (n.input[:1] if n.op_type == "CastLike" else n.input) if i))
+        constant.update({o: value for o in n.output if o})
+    affines, names = set(), set()
+    for n in graph.node:
         if not n.output or not n.output[0] or n.domain not in ("", "ai.onnx"):
             continue
-        fed = n.input and made_by.get(n.input[0]) in AFFINES | {"Pad"}
-        if n.op_type in AFFINES or (n.op_type in PRODUCERS and fed):
+        by_constant = any(constant.get(i, False) for i in n.input[:2] if i)
+        if n.op_type == "BatchNormalization" or (n.op_type in AFFINES and by_constant):
+            affines.add(n.output[0])
+        elif n.op_type in SUMS and any(getattr(made_by.get(i), "op_type", "") in BRANCHES for i in n.input):
             names.add(n.output[0])
-    return sorted(names - {o.name for o in model.graph.output} - {v.name for v in model.graph.input})
+    names |= affines
+    for n in graph.node:
+        if n.output and n.output[0] and n.domain in ("", "ai.onnx") and n.op_type in PRODUCERS and n.input:
+            if n.input[0] in affines or getattr(made_by.get(n.input[0]), "op_type", "") == "Pad":
+                names.add(n.output[0])
+    return sorted(names - {o.name for o in graph.output} - {v.name for v in graph.input})
 
 
 @dataclass
