@@ -52,13 +52,13 @@ def compare(name: str, ref: np.ndarray, cand: np.ndarray, atol=None, rtol=None, 
     rtol = d_rtol if rtol is None else float(rtol)
     axis = axis % ref.ndim if ref.ndim else 0
     channels = per_channel and ref.ndim >= 2 and ref.shape[axis] > 0 and ref.size > 0
-    if _all_finite(ref, cand):
-        err, max_rel, needs, scales = _finite(ref, cand, rtol, channels, axis)
+    finite = _finite(ref, cand, rtol, channels, axis) if ref.size else None
+    if finite is not None:
+        max_abs, max_rel, needs, scales = finite
         note, bad = "", False
         compared = int(ref.size)
     else:
-        err, max_rel, needs, scales, note, bad, compared = _general(ref, cand, rtol, channels, axis)
-    max_abs = float(err.max()) if err.size else 0.0
+        max_abs, max_rel, needs, scales, note, bad, compared = _general(ref, cand, rtol, channels, axis)
     if atol is None:
         atols = d_atol * np.maximum(scales, np.finfo(np.float64).tiny)
         if channels:
@@ -81,40 +81,62 @@ def compare(name: str, ref: np.ndarray, cand: np.ndarray, atol=None, rtol=None, 
                             passed, note, worst if channels else None, compared)
 
 
-def _all_finite(ref: np.ndarray, cand: np.ndarray) -> bool:
-    """Whether both have elements and every one is finite (then :func:`_finite` compares them)."""
-    return bool(ref.size) and bool(np.isfinite(ref).all()) and bool(np.isfinite(cand).all())
-
-
 def _finite(ref: np.ndarray, cand: np.ndarray, rtol: float, channels: bool, axis: int):
-    """:func:`_general` where every element of both is finite: the same numbers in fewer passes.
-    Returns (|cand - ref|, max rel, the needed atol per channel (or of the whole), the scales)."""
-    r = ref.astype(np.float64)
-    err = cand.astype(np.float64)
-    err -= r
-    np.abs(err, out=err)
-    np.abs(r, out=r)  # |ref| from here on
-    zero = r == 0
-    if zero.any():
-        max_rel = math.inf if bool((err[zero] > 0).any()) else 0.0
-        if not zero.all():
-            max_rel = max(max_rel, float(np.max(err[~zero] / r[~zero])))
-    else:
-        max_rel = float(np.max(np.divide(err, r)))
-    need = np.multiply(r, rtol, out=np.empty_like(r))
-    np.subtract(err, need, out=need)
+    """:func:`_general`'s numbers where every element of both is finite, in fewer passes, a block at a
+    time (float64 copies of :data:`BLOCK` elements stay in the cache: a [1, 96, 112, 112] fold tensor in
+    4 ms, not 8-14). Returns (max |cand - ref|, max rel, the needed atol per channel (or of the whole), the
+    scales), or None at the first block with a NaN or an infinity in either (then :func:`_general`)."""
     if channels:
-        axes = tuple(a for a in range(r.ndim) if a != axis)
-        scales = np.max(r, axis=axes)
-        needs = np.maximum(np.max(need, axis=axes), 0.0)
+        pre, count, post = math.prod(ref.shape[:axis]), ref.shape[axis], math.prod(ref.shape[axis + 1:])
     else:
-        scales = np.array([float(r.max())])
-        needs = np.array([max(float(need.max()), 0.0)])
-    return err, max_rel, needs, scales
+        pre, count, post = 1, 1, ref.size
+    ref3, cand3 = ref.reshape(pre, count, post), cand.reshape(pre, count, post)
+    scales, needs = np.zeros(count), np.zeros(count)
+    max_abs, max_rel, zero_off = 0.0, 0.0, False
+    for at in _blocks(pre, count, post):
+        r = ref3[at].astype(np.float64)
+        err = cand3[at].astype(np.float64)
+        err -= r  # NaN or inf where either is (the inputs are float64 at most: inf - inf is NaN)
+        np.abs(err, out=err)
+        largest = float(err.max())
+        if not math.isfinite(largest):
+            return None
+        max_abs = max(max_abs, largest)
+        np.abs(r, out=r)  # |ref| from here on
+        zero = r == 0
+        rel = np.divide(err, r, out=np.zeros_like(err), where=~zero)
+        if not zero_off and zero.any():
+            zero_off = bool((err[zero] > 0).any())  # an error where the reference is 0: relatively infinite
+        max_rel = max(max_rel, float(rel.max()))
+        np.maximum(scales[at[1]], r.max(axis=(0, 2)), out=scales[at[1]])
+        r *= rtol
+        np.subtract(err, r, out=err)  # what atol must cover
+        np.maximum(needs[at[1]], err.max(axis=(0, 2)), out=needs[at[1]])
+    return max_abs, math.inf if zero_off else max_rel, needs, scales
+
+
+BLOCK = 1 << 15  # elements a block of :func:`_finite` (256 KiB in float64)
+
+
+def _blocks(pre: int, count: int, post: int):
+    """Index tuples into a [pre, count, post] view covering it in blocks of about :data:`BLOCK` elements,
+    each whole along no axis or along the last two (channels, positions)."""
+    row = count * post
+    if row >= BLOCK:  # within one step of the first axis: channels (or positions of one) at a time
+        c_step = max(1, BLOCK // max(post, 1))
+        q_step = post if c_step > 1 else BLOCK
+        for p in range(pre):
+            for c0 in range(0, count, c_step):
+                for q0 in range(0, max(post, 1), q_step):
+                    yield slice(p, p + 1), slice(c0, min(count, c0 + c_step)), slice(q0, min(post, q0 + q_step))
+    else:  # several steps of the first axis at a time, every channel
+        p_step = max(1, BLOCK // max(row, 1))
+        for p0 in range(0, pre, p_step):
+            yield slice(p0, min(pre, p0 + p_step)), slice(0, count), slice(0, post)
 
 
 def _general(ref: np.ndarray, cand: np.ndarray, rtol: float, channels: bool, axis: int):
-    """The comparison's numbers, NaN and Inf anywhere: (|cand - ref| where both are finite, max rel, the
+    """The comparison's numbers, NaN and Inf anywhere: (max |cand - ref| where both are finite, max rel, the
     needed atol per channel, the scales, a note, whether a NaN/Inf differs, how many elements compared)."""
     r = ref.astype(np.float64)
     c = cand.astype(np.float64)
@@ -137,7 +159,8 @@ def _general(ref: np.ndarray, cand: np.ndarray, rtol: float, channels: bool, axi
         needs = np.array([float(need.max()) if need.size else 0.0])
     bad = bool(bad_nonfinite.any())
     note = f"{int(bad_nonfinite.sum())} NaN/Inf where the reference differs" if bad else ""
-    return err, max_rel, needs, scales, note, bad, int(np.count_nonzero(finite & np.isfinite(c)))
+    max_abs = float(err.max()) if err.size else 0.0
+    return max_abs, max_rel, needs, scales, note, bad, int(np.count_nonzero(finite & np.isfinite(c)))
 
 
 @np.errstate(over="ignore", invalid="ignore")
