@@ -145,18 +145,13 @@ def _fold_small_constants(graph: onnx.GraphProto, specs, opset: int, listed: boo
     (:mod:`onnxfold.const_eval`); what it declines stays a node. Only shapes depend on this: sizes for
     the memory estimate and the early run's exposure, which onnxruntime checks again. ``listed``: each
     initializer is a graph input too (IR version 3, where inference ignores one that is not)."""
-    values: dict[str, np.ndarray] = {}
+    values = _Values()
     shapes: dict[str, tuple[int, ...]] = {k: tuple(shape) for k, (_, shape) in specs.items()}
     types = {k: onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype)) for k, (dtype, _) in specs.items()}
     for t in graph.initializer:
         shapes[t.name], types[t.name] = tuple(t.dims), t.data_type
         if not t.external_data and t.data_location != onnx.TensorProto.EXTERNAL and t.ByteSize() <= 2 * SMALL:
-            try:
-                value = numpy_helper.to_array(t)
-            except Exception:  # noqa: BLE001 - a value it cannot read: not a constant here
-                continue
-            if value.size == math.prod(t.dims):
-                values[t.name] = value
+            values.unread[t.name] = t
     since: dict[str, int] = {}
     kept = []
     for node in graph.node:
@@ -174,7 +169,36 @@ def _fold_small_constants(graph: onnx.GraphProto, specs, opset: int, listed: boo
     graph.node.extend(kept)
 
 
-def _constant_outputs(node, values, shapes, types, since: dict[str, int], opset: int) -> list[np.ndarray] | None:
+class _Values(dict):
+    """Constant values by name; a small initializer's (``unread``) is read when first asked for."""
+
+    def __init__(self):
+        super().__init__()
+        self.unread: dict[str, onnx.TensorProto] = {}
+
+    def __missing__(self, name: str) -> np.ndarray:
+        value = numpy_helper.to_array(self.unread.pop(name))
+        self[name] = value
+        return value
+
+    def __contains__(self, name: object) -> bool:
+        if super().__contains__(name):
+            return True
+        t = self.unread.get(name) if isinstance(name, str) else None
+        if t is None:
+            return False
+        try:
+            value = self[name]
+        except Exception:  # noqa: BLE001 - a value it cannot read: not a constant here
+            return False
+        if value.size != math.prod(t.dims):
+            del self[name]
+            return False
+        return True
+
+
+def _constant_outputs(node, values: _Values, shapes, types, since: dict[str, int],
+                      opset: int) -> list[np.ndarray] | None:
     """The node's outputs when they are small constants (see :func:`_fold_small_constants`), else None."""
     if node.domain not in DEFAULT_DOMAINS or not node.output or not all(node.output) \
             or (node.op_type not in const_eval.OPS and node.op_type not in ("Constant", "ConstantOfShape")):
@@ -194,8 +218,8 @@ def _constant_outputs(node, values, shapes, types, since: dict[str, int], opset:
                 return None
             out = [const_eval.constant_value(node, since[op])]
         elif op == "ConstantOfShape":
-            if not inputs or inputs[0] not in values:
-                return None
+            if not inputs or inputs[0] not in values or math.prod(values[inputs[0]].tolist()) * 8 > SMALL:
+                return None  # (a weight the ONNX backend's light models make so: not made to be dropped)
             out = [const_eval.constant_of_shape(node, values[inputs[0]], since[op])]
         elif op in ("Shape", "Size") and inputs and inputs[0] not in values and inputs[0] in shapes:
             probe = np.broadcast_to(np.zeros((), np.uint8), shapes[inputs[0]])  # only its shape is read
