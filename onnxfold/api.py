@@ -37,7 +37,7 @@ from .driver import fold_model
 from .errors import FoldError, InputError, message
 from .isolation import Child
 from .load import load
-from .output_check import Checked, check_output, run_checker, start_check
+from .output_check import Checked, check_output, open_check, run_checker, start_check
 from .output_plan import OutputPlan, check_report, check_target, data_files, plan_output, real
 from .report import FoldReport, process_age
 from .rules import select_rules
@@ -413,7 +413,7 @@ def _fold_verify_commit(job: _Job, tmp: Path, options: FoldOptions, early: Early
             def checker() -> None:  # while verification's child runs the written model
                 sync_soon()
                 if checking is not None:
-                    checking.open_gate(False)  # verification loads it in onnxruntime
+                    open_check(checking, write.files, session=False)  # verification loads it in onnxruntime
                 else:
                     checked.append(run_checker(tmp))
 
@@ -428,7 +428,6 @@ def _fold_verify_commit(job: _Job, tmp: Path, options: FoldOptions, early: Early
                     early.close()
                 write()
                 if checking is not None:
-                    checking.open_gate(True)
                     sync_soon()  # else after check_output's fork
             files = write.files
         # (verification's child is closed by now: by verify, or above)
@@ -461,10 +460,10 @@ def _check_commit(job: _Job, files: list[Path], result: FoldResult, options: Fol
     # Exit 0 promises a model that loads: check it where it lies, before it replaces anything.
     t = time.perf_counter()
     session = result.verification is None  # else verification loaded it in onnxruntime
-    if checking is not None:
-        checking.open_gate(session)  # (where it is not open already)
+    here = checking is not None and open_check(checking, files, session)  # (where it is not open already)
     result.warnings = check_output(files[0], job.src, session=session, timings=job.timings,
-                                   checked=checked[0] if checked else None, meanwhile=sync_soon, checking=checking)
+                                   checked=checked[0] if checked else None, meanwhile=sync_soon, checking=checking,
+                                   checker_here=here)
     for w in result.warnings:
         log.warning(w)
     job.timings["check_s"] = time.perf_counter() - t

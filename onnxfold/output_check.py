@@ -1,13 +1,14 @@
 """The written model's check: exit 0 promises a model that loads.
 
 ``onnx.checker`` runs on the written file (from its path, so external data is checked where it lies)
-and, when verification did not already load it, an onnxruntime session is made of it, both in a child
+and, when verification did not already load it, an onnxruntime session is made of it in a child
 process (:mod:`onnxfold.isolation`: a crash of the runtime cannot take onnxfold down) forked before the
 fold (:func:`start_check`): it makes its memory ready (:mod:`onnxfold.heap`) and imports onnxruntime
-while the parent folds and writes. Where no child can be forked, the checker runs here and the load in
-onnxfold's worker. A failure is onnxfold's fault, not the user's (:class:`~onnxfold.errors.OutputBroken`),
-unless the input fails the same way: then it is a warning about the input, which onnxfold does not
-repair.
+while the parent folds and writes. The checker runs in the parent beside that load for a model of
+:data:`CHECK_HERE_BYTES` at most, else in the child (after its load, or while verification runs the
+models). Where no child can be forked, the checker runs here and the load in onnxfold's worker. A
+failure is onnxfold's fault, not the user's (:class:`~onnxfold.errors.OutputBroken`), unless the input
+fails the same way: then it is a warning about the input, which onnxfold does not repair.
 """
 
 from __future__ import annotations
@@ -52,20 +53,44 @@ def start_check(path: Path, model_bytes: int) -> isolation.Child | None:
     return isolation.Child(_check, str(path), heap.budget(model_bytes), gated=True)
 
 
+# A written model up to this size is checked by onnx.checker in the parent while the check child loads it
+# in onnxruntime (the two side by side, on two cores); a larger one by the child after its load, so that
+# the parent does not hold a second copy of it.
+CHECK_HERE_BYTES = 64 << 20
+
+
+def open_check(checking: isolation.Child, files: list[Path], session: bool) -> bool:
+    """Let the check child of :func:`start_check` check the written ``files``: with ``session``
+    (onnxruntime loads it) and a model of :data:`CHECK_HERE_BYTES` at most, onnx.checker is left to this
+    process, which runs it in :func:`check_output` (``checker_here``) while the child loads the model;
+    returns whether it is. A gate opened already stays as it was (verification's path: the child checks)."""
+    here = session and sum(_size(f) for f in files) <= CHECK_HERE_BYTES
+    checking.open_gate((session, not here))
+    return here
+
+
+def _size(path: Path) -> int:
+    try:
+        return os.stat(path).st_size
+    except OSError:
+        return CHECK_HERE_BYTES + 1  # unknown: as if large
+
+
 def check_output(path: Path, src: Path, *, session: bool, timings: dict[str, float] | None = None,
                  checked: Checked | None = None, meanwhile: Callable[[], None] | None = None,
-                 checking: isolation.Child | None = None) -> list[str]:
+                 checking: isolation.Child | None = None, checker_here: bool = False) -> list[str]:
     """Check the model written at ``path`` (folded from ``src``); returns warnings about the input.
     ``session``: whether onnxruntime must load it (verification did not).
-    ``checking``: the child of :func:`start_check`, its gate opened (with ``session``): it gives both
-    verdicts. Else ``checked``: onnx.checker's verdict taken already (:func:`run_checker`), or taken
-    here, while onnxruntime's load runs in onnxfold's worker.
+    ``checking``: the child of :func:`start_check`, its gate opened (:func:`open_check`): it gives both
+    verdicts, or onnxruntime's alone while onnx.checker runs here (``checker_here``). Else ``checked``:
+    onnx.checker's verdict taken already (:func:`run_checker`), or taken here, while onnxruntime's load
+    runs in onnxfold's worker.
     ``meanwhile``: run once the checks have started.
     ``timings`` gets check_checker_s (onnx.checker's time) and check_session_s (the wait for the
     verdicts after ``meanwhile``, or for onnxruntime's load after the checker)."""
     timings = {} if timings is None else timings
     if checking is not None:
-        checker_error, loading_error = _verdicts(checking, path, meanwhile, timings)
+        checker_error, loading_error = _verdicts(checking, path, meanwhile, timings, session, checker_here)
     else:
         checker_error, loading_error = _here(path, session, checked, meanwhile, timings)
     warnings: list[str] = []
@@ -76,20 +101,25 @@ def check_output(path: Path, src: Path, *, session: bool, timings: dict[str, flo
 
 
 def _verdicts(checking: isolation.Child, path: Path, meanwhile: Callable[[], None] | None,
-              timings: dict[str, float]) -> tuple[str | None, str | None]:
-    """(onnx.checker's error, onnxruntime's) from the check child: a child that died (onnxruntime
-    crashed loading the model) is onnxruntime's error, and the checker runs here."""
+              timings: dict[str, float], session: bool, checker_here: bool) -> tuple[str | None, str | None]:
+    """(onnx.checker's error, onnxruntime's) from the check child (and onnx.checker's from here, with
+    ``checker_here``): a child that died (onnxruntime crashed loading the model) is onnxruntime's error,
+    and the checker runs here."""
     try:
         if meanwhile is not None:
             meanwhile()
+        checked = run_checker(path) if checker_here else None  # while the child loads the model
         now = time.perf_counter()
         try:
             checker_error, seconds, loading_error = checking.result()
         except ChildFailed as e:
-            checked = run_checker(path)
-            checker_error, seconds, loading_error = checked.error, checked.seconds, str(e)
-        timings["check_session_s"] = time.perf_counter() - now
-        timings["check_checker_s"] = seconds
+            checked = checked or run_checker(path)
+            checker_error, seconds, loading_error = None, None, str(e)
+        if checked is not None:
+            checker_error, seconds = checked.error, checked.seconds
+        if session:  # (else the child ran onnx.checker alone, timed as such)
+            timings["check_session_s"] = time.perf_counter() - now
+        timings["check_checker_s"] = seconds or 0.0
     finally:
         checking.close()
     return checker_error, loading_error
@@ -183,20 +213,23 @@ def _load(path: str, what: str, send) -> str | None:
     return _error(_session, Path(path))
 
 
-def _check(path: str, ready: int, send) -> tuple[str | None, float, str | None]:
+def _check(path: str, ready: int, send) -> tuple[str | None, float | None, str | None]:
     """The check child's side (:func:`start_check`): (onnx.checker's error, its seconds, onnxruntime's
-    error), each None when it accepts the model."""
+    error), each None when it accepts the model; the checker's seconds None where the parent runs it
+    (:func:`open_check`)."""
     send(("stage", "onnx.checker", "making memory ready"))
     heap.prefault(ready)
     send(("stage", "onnxruntime", "importing onnxruntime"))
     import onnxruntime  # noqa: F401 - while the model is folded and written
 
     send(("stage", "onnx.checker", "waiting for the written model"))
-    session = isolation.wait_first()
-    send(("stage", "onnx.checker", "checking the written model"))
-    checked = run_checker(Path(path))
+    session, checker = isolation.wait_first()
+    checked = None
+    if checker:
+        send(("stage", "onnx.checker", "checking the written model"))
+        checked = run_checker(Path(path))
     loading_error = None
     if session:
         send(("stage", "onnxruntime", "loading the written model"))
         loading_error = _error(_session, Path(path))
-    return checked.error, checked.seconds, loading_error
+    return (checked.error, checked.seconds, loading_error) if checked else (None, None, loading_error)

@@ -479,3 +479,48 @@ def test_verification_plans_with_the_input_in_memory_and_does_not_read_its_file_
         fold_file(src, tmp_path / "o3.onnx", verify_memory=(need - 1) / memory.GIB)
     assert str(child.value) == str(direct.value) and "above its memory budget" in str(child.value)
     assert not (tmp_path / "o3.onnx").exists()
+
+
+@pytest.mark.parametrize("limit, verify, here", [(64 << 20, False, True), (0, False, False), (64 << 20, True, False)])
+def test_without_verification_onnx_checker_runs_here_beside_the_load_of_a_small_model(tmp_path, monkeypatch, limit,
+                                                                                      verify, here):
+    """--no-verify: the check child loads the written model in onnxruntime while this process runs
+    onnx.checker on it, side by side (0.01 s of a small model's run); a model over CHECK_HERE_BYTES is
+    checked by the child after its load (this process holds no second copy), and with verification the
+    child checks it while verification runs the models. Either way both verdicts decide."""
+    from onnxfold import isolation, output_check
+
+    monkeypatch.setattr(isolation, "WORKER", "fork")  # (this process may have imported onnxruntime)
+    monkeypatch.setattr(output_check, "CHECK_HERE_BYTES", limit)
+    src = save(conv_bn_model(seed=7), tmp_path / "m.onnx")
+    real_session, real_checker = output_check._session, output_check._checker
+    parent, seen = os.getpid(), tmp_path / "seen"
+
+    def log(what, path):
+        with open(seen, "a") as fh:  # the child's patch is the parent's, inherited through the fork
+            fh.write(f"{what} {Path(path).name} {'here' if os.getpid() == parent else 'child'}\n")
+
+    def session(path):
+        log("session", path)
+        return real_session(path)
+
+    def checker(path, staged=True):
+        log("checker", path)
+        if staged and "broken" in os.environ.get("ONNXFOLD_TEST_PLANT", ""):
+            raise onnx.checker.ValidationError("simulated: the written model is broken")
+        return real_checker(path, staged)
+
+    monkeypatch.setattr(output_check, "_session", session)
+    monkeypatch.setattr(output_check, "_checker", checker)
+    result = fold_file(src, tmp_path / "o.onnx", verify=verify)
+    assert result and (tmp_path / "o.onnx").exists()
+    lines = seen.read_text().splitlines()
+    assert f"checker o.onnx {'here' if here else 'child'}" in lines and len([x for x in lines if "checker" in x]) == 1
+    assert ("session o.onnx child" in lines) == (not verify)
+    assert result.timings["check_checker_s"] > 0
+    # the verdict of a checker run here decides as the child's did: nothing written
+    seen.unlink()
+    monkeypatch.setenv("ONNXFOLD_TEST_PLANT", "broken")
+    with pytest.raises(onnxfold.errors.OutputBroken, match="onnx.checker rejects the written model"):
+        fold_file(src, tmp_path / "p.onnx", verify=verify)
+    assert not (tmp_path / "p.onnx").exists()
