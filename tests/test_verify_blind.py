@@ -329,10 +329,11 @@ def test_a_fold_in_a_nested_if_branch_is_refused():
 # -- item 8: errors reachable only outside [-1, 1] ------------------------------------------------------------
 
 
-def test_an_error_only_reachable_above_1_needs_the_real_input_range():
+def test_an_error_only_reachable_above_1_is_caught_on_random_values_at_the_fold():
     """x -> Relu(x - 1) -> Conv -> BN: on the default inputs in [-1, 1] the Conv sees only zeros, so a
-    wrong weight cannot show; the range of the real inputs (images: --input-range 0,255) catches it.
-    Inherent to testing on samples; the README tells users to set the range of their real inputs."""
+    wrong weight cannot show on them; it passed, and only the range of the real inputs (images:
+    --input-range 0,255) caught it. Its fold tensor is one value per channel on those inputs, so it is
+    now compared again on random values at its own inputs, where the wrong weight fails (stop 26)."""
     model = conv_bn_model()
     model.graph.initializer.append(numpy_helper.from_array(np.ones((1,), np.float32), "one"))
     model.graph.node.insert(0, helper.make_node("Sub", ["x", "one"], ["xm"]))
@@ -342,7 +343,9 @@ def test_an_error_only_reachable_above_1_needs_the_real_input_range():
     folded, report = fold_model(model)
     assert verify(model, folded, folds=report.folded, input_range=(0, 255))
     _plant(folded, _folded_conv_name(folded), channel=3, factor=1.5)
-    assert verify(model, folded, folds=report.folded)  # the default range misses it
+    default = verify(model, folded, folds=report.folded)  # its inputs reach no channel: on random values
+    assert not default and "on random values at its own inputs it fails" in default.results[0].folds[0].note
+    assert default.results[0].folds[0].channel == 3
     assert not verify(model, folded, folds=report.folded, input_range=(0, 255))
 
 

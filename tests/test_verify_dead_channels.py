@@ -1,15 +1,13 @@
-"""A channel the inputs never reach: verification's known gap, pinned (found at stop 26 by planting wrong
-folds into corpus models by hand).
+"""A channel the inputs never reach (found at stop 26 by planting wrong folds into corpus models by hand).
 
 Verification runs both models on its inputs and compares each fold tensor per channel. Where a channel
 of a depthwise Conv's input is zero on those inputs (a ReLU after a BatchNormalization whose shift
 drives it negative: 29 of 48 input channels of Hugging Face's random-weight MobileNetV2 legacy export,
 at its first depthwise Conv), the folded weights of that output channel are multiplied by zeros: a
-wrong fold there (its sign flipped) gives the same tensors, and verification passes it. The fix
-(not made yet): compare such a fold where its inputs are random values, not the model's (as
-verification.local compares a fold where its inputs are the original's), or say which channels no
-input exercised. Until then this test is expected to fail, strictly: once verification catches the
-planted fold it passes, and the mark must go.
+wrong fold there (its sign flipped) gave the same tensors, and verification passed it. A fold tensor
+with a channel that is one value on the inputs is now compared again where its inputs are random
+values (verification.local.compare_on_random): the folded model's nodes for it against the original's,
+from the same tensors.
 """
 
 import numpy as np
@@ -72,11 +70,44 @@ def test_a_wrong_fold_of_a_live_channel_fails(tmp_path, monkeypatch):
     assert not result.verification and not (tmp_path / "o.onnx").exists()
 
 
-@pytest.mark.xfail(strict=True, reason="verification does not see a wrong fold of a channel its inputs never "
-                                       "reach (stop 26; see the module)")
 def test_a_wrong_fold_of_a_channel_no_input_reaches_fails(tmp_path, monkeypatch):
     src = tmp_path / "m.onnx"
     onnx.save(_dead_channel_model(), src)
     _plant(monkeypatch, 2)  # the depthwise Conv: its output channel 0 reads only the dead channel 0
+    result = fold_file(src, tmp_path / "o.onnx")
+    assert not result.verification and not (tmp_path / "o.onnx").exists()
+    fold = next(f for f in result.verification.results[0].folds if f.name == "bn1")
+    assert not fold.passed and fold.channel == 0 and "on random values at its own inputs it fails" in fold.note
+
+
+@pytest.mark.parametrize("external", [False, True])
+def test_a_right_fold_of_a_channel_no_input_reaches_passes_and_says_so(tmp_path, external):
+    """The right fold passes, compared on random values too; the note names the channel; with external
+    data both models' local nodes read their weights where they lie."""
+    src = tmp_path / "m.onnx"
+    onnx.save(_dead_channel_model(1), src, save_as_external_data=external, all_tensors_to_one_file=True,
+              size_threshold=0)
+    result = fold_file(src, tmp_path / "o.onnx")
+    assert result and (tmp_path / "o.onnx").exists()
+    fold = next(f for f in result.verification.results[0].folds if f.name == "bn1")
+    assert fold.passed and "1 channel(s) one value on these inputs (channel 0): on random values" in fold.note
+    assert result.timings["verify_random_s"] > 0
+
+
+def test_a_wrong_input_side_fold_into_a_depthwise_channel_no_input_reaches_fails(tmp_path, monkeypatch):
+    """A Mul by a constant before the depthwise Conv folds into its input channels (rules.input_side):
+    the same dead channel hides a wrong scale there; compared on random values, it fails."""
+    model = _dead_channel_model(2)
+    rng = np.random.default_rng(5)
+    model.graph.initializer.append(tensor("s", rng.uniform(0.5, 2.0, (1, 4, 1, 1)).astype(np.float32)))
+    relu = next(i for i, n in enumerate(model.graph.node) if n.op_type == "Relu")
+    model.graph.node.insert(relu + 1, helper.make_node("Mul", ["r0", "s"], ["scaled"]))
+    conv = next(n for n in model.graph.node if n.op_type == "Conv" and n.input[0] == "r0")
+    conv.input[0] = "scaled"
+    src = tmp_path / "m.onnx"
+    onnx.save(model, src)
+    right = fold_file(src, tmp_path / "right.onnx")
+    assert right and [f.rule for f in right.report.folded] == ["conv_bn", "mul_conv", "conv_bn"]
+    _plant(monkeypatch, 2)  # the Mul's fold into the depthwise Conv (the folds: conv_bn, mul_conv, conv_bn)
     result = fold_file(src, tmp_path / "o.onnx")
     assert not result.verification and not (tmp_path / "o.onnx").exists()

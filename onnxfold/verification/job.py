@@ -17,7 +17,7 @@ from ..const_resolve import CONSTANT_MAKERS
 from ..errors import ExposureRefused, first_line
 from ..protobuf import PROTOBUF_LIMIT
 from .inputs import input_specs, random_inputs
-from .local import compare_locally
+from .local import compare_locally, compare_on_random, idle_channels
 from .memory import GIB, check_budget, estimate, inferred, structure_of_file
 from .planning import model_size
 from .results import ON_ITS_OWN_INPUTS, OutputComparison, ProviderResult
@@ -285,6 +285,36 @@ def _again_locally(job: VerifyJob, provider: str, folds: list[OutputComparison],
     return result
 
 
+def _on_random(job: VerifyJob, provider: str, folds: list[OutputComparison], idle: dict[str, list[int]], ref_out,
+               timings: dict[str, float]) -> list[OutputComparison]:
+    """The fold tensors with channels the inputs do not reach (``idle``: their channels, one value each on
+    these inputs), compared again on random values at their own inputs (.local): one that fails there
+    fails; one that cannot be compared so passes as it did, its note saying which channels went
+    unexercised."""
+    try:
+        again = compare_on_random(job, provider, list(idle), ref_out, _compare_fold, timings)
+        why = ""
+    except Exception as e:  # noqa: BLE001 - the direct comparisons stand; the note says why
+        again, why = {}, f" ({first_line(e)[:120]})"
+    result = []
+    for f in folds:
+        channels = idle.get(f.name)
+        if channels is not None:
+            said = (f"{len(channels)} channel(s) one value on these inputs (channel {channels[0]}"
+                    f"{' ...' if len(channels) > 1 else ''})")
+            random = again.get(f.name)
+            if random is None:
+                f = replace(f, note="; ".join(x for x in (f.note, f"{said}: not exercised by them, and not compared "
+                                                                   f"on random values{why}") if x))
+            elif random.passed:
+                f = replace(f, note="; ".join(x for x in (f.note, f"{said}: on random values at its own inputs "
+                                                                   f"too, max abs {random.max_abs:.3g}") if x))
+            else:
+                f = replace(random, note=f"{said}, where it passed; on random values at its own inputs it fails")
+        result.append(f)
+    return result
+
+
 def compare_provider(job: VerifyJob, provider: str, stage, early: Early | None = None) -> ProviderResult:
     """Run and compare on one provider (in the child): only the comparisons go back. ``early``: the
     original's outputs run already on this provider (used when they cover the job's exposure)."""
@@ -318,6 +348,11 @@ def compare_provider(job: VerifyJob, provider: str, stage, early: Early | None =
     if failed and engine.startswith("onnxruntime"):
         stage("comparing the failed fold tensors where their inputs are the original's")
         folds = _again_locally(job, provider, folds, failed, ref_out, timings)
+    idle = {f.name: channels for f in folds if f.passed and f.name in ref_out
+            and (channels := idle_channels(ref_out[f.name], job.axes.get(f.name) or 1))}
+    if idle and engine.startswith("onnxruntime"):
+        stage("comparing on random values the folds of channels the inputs do not reach")
+        folds = _on_random(job, provider, folds, idle, ref_out, timings)
     # The floor of an output's atol: the fold tensors feeding it, when every fold was checked and passed.
     floors: dict[str, float] = {}
     if all_checked and folds and all(f.passed for f in folds):

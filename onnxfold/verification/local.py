@@ -17,10 +17,12 @@ a subgraph, or grows past :data:`MOST_NODES`, gives up: the direct comparison st
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from pathlib import Path
 
+import numpy as np
 import onnx
 from onnx import helper
 
@@ -129,9 +131,12 @@ def _original_values(job, provider: str, names: list[str], known: dict) -> dict:
     return {n: (known[n] if n in known else out[n]) for n in names}
 
 
-def _run_local(job, candidate: onnx.ModelProto, walks: dict, values: dict, provider: str) -> dict:
+def _run_local(job, candidate: onnx.ModelProto, walks: dict, values: dict, provider: str,
+               model_path=None) -> dict:
     """One model of the fold tensors' own nodes (their outputs renamed, so that a fold tensor another one
-    reads as an input is also made here), fed the original's values."""
+    reads as an input is also made here), fed ``values`` (the original's, or random ones). ``model_path``:
+    where the model's external data lies (default: the job's candidate's)."""
+    model_path = job.candidate if model_path is None else model_path
     positions = sorted(set().union(*(set(nodes) for nodes, _ in walks.values())))
     made = {o for i in positions for o in candidate.graph.node[i].output if o}
     inputs = sorted(values)
@@ -154,7 +159,66 @@ def _run_local(job, candidate: onnx.ModelProto, walks: dict, values: dict, provi
     data = model.SerializeToString()
     if len(data) > PROTOBUF_LIMIT:
         raise ValueError("the fold tensors' own nodes are over 2 GiB")
-    folder = str(Path(job.candidate).resolve().parent) if isinstance(job.candidate, (str, os.PathLike)) else None
+    folder = str(Path(model_path).resolve().parent) if isinstance(model_path, (str, os.PathLike)) else None
     sess = session(data, folder, provider=provider)
     return dict(zip([o.name for o in sess.get_outputs()], sess.run(None, {n: values[n] for n in inputs})))
 
+
+
+def compare_on_random(job, provider: str, names: list[str], ref_out: dict, compare_fold, timings: dict,
+                      seed: int = 0) -> dict:
+    """The fold tensors ``names`` compared where their inputs are random values, not the model's: each
+    made by the folded model's own nodes for it (as :func:`compare_locally` finds them) and by the
+    original's nodes from the same tensors, both fed the same values (normal, on the scale of the
+    original's values there; those that are not float as they are). A fold whose channels the model's
+    inputs do not reach (a depthwise Conv after a ReLU that is 0 there) is exercised so.
+    {name: OutputComparison} for those that could be."""
+    began = time.perf_counter()
+    try:
+        reference, candidate = _structure(job.reference, weights=True), _structure(job.candidate, weights=True)
+        same = same_in_both(reference, candidate, set(job.fold_tensors))
+        walks: dict[str, tuple[tuple[list[int], set[str]], tuple[list[int], set[str]]]] = {}
+        for name in names:
+            ours = fold_nodes(candidate, name, same)
+            theirs = fold_nodes(reference, name, ours[1]) if ours is not None else None
+            if ours is not None and theirs is not None and theirs[1] <= ours[1]:
+                walks[name] = ours, theirs
+        if not walks:
+            return {}
+        needed = sorted(set().union(*(ours[1] for ours, _ in walks.values())))
+        rng = np.random.default_rng(seed)
+        values = {name: _random_like(rng, value) for name, value in _original_values(job, provider, needed,
+                                                                                      ref_out).items()}
+        cand = _run_local(job, candidate, {n: w[0] for n, w in walks.items()}, values, provider)
+        ref = _run_local(job, reference, {n: w[1] for n, w in walks.items()},
+                         {n: values[n] for n in set().union(*(w[1][1] for w in walks.values()))}, provider,
+                         model_path=job.reference)
+    finally:
+        timings["random_s"] = timings.get("random_s", 0.0) + time.perf_counter() - began
+    return {name: compare_fold(job, name, ref[name + SUFFIX], cand[name + SUFFIX]) for name in walks}
+
+
+def _random_like(rng: np.random.Generator, value) -> np.ndarray:
+    """Normal values of ``value``'s shape and float dtype, on its scale (1 where it is 0 or not finite);
+    a value that is not float, as it is (a shape, an index)."""
+    value = np.asarray(value)
+    if value.dtype.kind != "f" and value.dtype.name != "bfloat16":
+        return value
+    with np.errstate(over="ignore", invalid="ignore"):
+        scale = float(np.max(np.abs(value.astype(np.float64)))) if value.size else 0.0
+    scale = scale if math.isfinite(scale) and scale > 0 else 1.0
+    return (rng.standard_normal(value.shape) * scale).astype(value.dtype)
+
+
+def idle_channels(value, axis: int) -> list[int]:
+    """The channels of ``axis`` whose every element is one value on these inputs (a fold there is not
+    exercised: its weights multiply zeros); none for a tensor of fewer than 2 dimensions."""
+    value = np.asarray(value)
+    if value.ndim < 2 or not value.size:
+        return []
+    axis %= value.ndim
+    moved = np.moveaxis(value, axis, 0).reshape(value.shape[axis], -1)
+    if moved.shape[1] < 2:
+        return []
+    with np.errstate(invalid="ignore"):
+        return [int(c) for c in np.flatnonzero(moved.max(axis=1) == moved.min(axis=1))]
