@@ -27,7 +27,7 @@ import onnx
 from onnx import helper
 
 from ..protobuf import PROTOBUF_LIMIT, subgraphs
-from .memory import structure_of_file
+from .memory import inferred_shapes, structure_of_file
 from .sessions import ort_source, session
 
 MOST_NODES = 64  # a fold's own nodes: its node and the layout ops after it, a few
@@ -186,9 +186,7 @@ def compare_on_random(job, provider: str, names: list[str], ref_out: dict, compa
         if not walks:
             return {}
         needed = sorted(set().union(*(ours[1] for ours, _ in walks.values())))
-        rng = np.random.default_rng(seed)
-        values = {name: _random_like(rng, value) for name, value in _original_values(job, provider, needed,
-                                                                                      ref_out).items()}
+        values = _random_values(job, provider, reference, needed, ref_out, np.random.default_rng(seed))
         cand = _run_local(job, candidate, {n: w[0] for n, w in walks.items()}, values, provider)
         ref = _run_local(job, reference, {n: w[1] for n, w in walks.items()},
                          {n: values[n] for n in set().union(*(w[1][1] for w in walks.values()))}, provider,
@@ -196,6 +194,24 @@ def compare_on_random(job, provider: str, names: list[str], ref_out: dict, compa
     finally:
         timings["random_s"] = timings.get("random_s", 0.0) + time.perf_counter() - began
     return {name: compare_fold(job, name, ref[name + SUFFIX], cand[name + SUFFIX]) for name in walks}
+
+
+def _random_values(job, provider: str, reference: onnx.ModelProto, names: list[str], ref_out: dict,
+                   rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Random values for ``names``: of the shapes shape inference gives them on the job's inputs, normal
+    (scale 1) where all are float; else on the original's values (a run of it: their shapes and scales;
+    those not float as they are)."""
+    specs = {k: (np.asarray(v).dtype, np.shape(v)) for k, v in job.feeds.items()}
+    shapes = inferred_shapes(reference, specs, names)
+    dtypes = {}
+    for name, (elem_type, _) in shapes.items():
+        try:
+            dtypes[name] = np.dtype(helper.tensor_dtype_to_np_dtype(elem_type))
+        except (KeyError, ValueError, TypeError):
+            pass
+    if all(n in dtypes and (dtypes[n].kind == "f" or dtypes[n].name == "bfloat16") for n in names):
+        return {n: rng.standard_normal(shapes[n][1]).astype(dtypes[n]) for n in names}
+    return {n: _random_like(rng, v) for n, v in _original_values(job, provider, names, ref_out).items()}
 
 
 def _random_like(rng: np.random.Generator, value) -> np.ndarray:

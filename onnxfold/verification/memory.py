@@ -92,44 +92,53 @@ def _inferred(model: onnx.ModelProto, specs, tensors: list[str]) -> dict[str, in
 
 def inferred(model: onnx.ModelProto, specs, tensors: list[str]) -> dict[str, tuple[int, int]]:
     """(element type, bytes) of each of ``tensors`` whose shape inference from the inputs' shapes tells
-    both in full. Where inference alone leaves some unsized, it runs again with the small constants made
+    both in full (:func:`inferred_shapes`)."""
+    sizes = {}
+    for name, (elem_type, shape) in inferred_shapes(model, specs, tensors).items():
+        try:
+            itemsize = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem_type)).itemsize
+        except (KeyError, ValueError, TypeError):
+            continue
+        sizes[name] = (elem_type, math.prod(shape) * itemsize)
+    return sizes
+
+
+def inferred_shapes(model: onnx.ModelProto, specs, tensors: list[str]) -> dict[str, tuple[int, tuple[int, ...]]]:
+    """(element type, shape) of each of ``tensors`` whose shape inference from the inputs' shapes tells
+    both in full. Where inference alone leaves some unknown, it runs again with the small constants made
     by nodes folded first (:func:`_fold_small_constants`: 0.01-0.04 s of Python, which most models do
     without), and the two answers are merged."""
     wanted = set(tensors)
-    sizes: dict[str, tuple[int, int]] = {}
+    known: dict[str, tuple[int, tuple[int, ...]]] = {}
     for fold in (False, True):
         graph = _light_graph(model, specs)
         folded = _fold_small_constants(graph, specs, _default_opset(model), model.ir_version < 4) if fold else {}
         if fold and not folded:
             break
-        sizes.update({name: (int(onnx.helper.np_dtype_to_tensor_dtype(v.dtype)), int(v.nbytes))
-                      for name, v in folded.items() if name in wanted})  # constants now, sized by their values
+        known.update({name: (int(onnx.helper.np_dtype_to_tensor_dtype(v.dtype)), tuple(v.shape))
+                      for name, v in folded.items() if name in wanted})  # constants now, known by their values
         light = onnx.ModelProto(ir_version=model.ir_version, opset_import=model.opset_import, graph=graph,
                                 functions=model.functions)
         try:
             result = onnx.shape_inference.infer_shapes(light, data_prop=True).graph
         except Exception:  # noqa: BLE001 - shape inference refuses some valid models: nothing is known then
             continue
-        sizes.update(_sized(result, wanted))
-        if wanted <= sizes.keys():
+        known.update(_shaped(result, wanted))
+        if wanted <= known.keys():
             break
-    return sizes
+    return known
 
 
-def _sized(graph: onnx.GraphProto, wanted: set[str]) -> dict[str, tuple[int, int]]:
-    """(element type, bytes) of each of ``wanted`` that the inferred ``graph`` types and shapes in full."""
-    sizes = {}
+def _shaped(graph: onnx.GraphProto, wanted: set[str]) -> dict[str, tuple[int, tuple[int, ...]]]:
+    """(element type, shape) of each of ``wanted`` that the inferred ``graph`` types and shapes in full."""
+    known = {}
     for v in (*graph.output, *graph.value_info):
         t = v.type.tensor_type
-        if v.name not in wanted or not v.type.HasField("tensor_type") or not t.HasField("shape"):
+        if v.name not in wanted or not v.type.HasField("tensor_type") or not t.HasField("shape") or not t.elem_type:
             continue
         if all(d.HasField("dim_value") for d in t.shape.dim):
-            try:
-                itemsize = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.elem_type)).itemsize
-            except (KeyError, ValueError, TypeError):
-                continue
-            sizes[v.name] = (t.elem_type, int(np.prod([d.dim_value for d in t.shape.dim], dtype=np.int64)) * itemsize)
-    return sizes
+            known[v.name] = (t.elem_type, tuple(int(d.dim_value) for d in t.shape.dim))
+    return known
 
 
 def _light_graph(model: onnx.ModelProto, specs) -> onnx.GraphProto:
