@@ -111,3 +111,37 @@ def test_a_wrong_input_side_fold_into_a_depthwise_channel_no_input_reaches_fails
     _plant(monkeypatch, 2)  # the Mul's fold into the depthwise Conv (the folds: conv_bn, mul_conv, conv_bn)
     result = fold_file(src, tmp_path / "o.onnx")
     assert not result.verification and not (tmp_path / "o.onnx").exists()
+
+
+def test_a_channel_no_input_reaches_and_no_random_comparison_can_check_is_a_warning(tmp_path, monkeypatch, caplog):
+    """Where the random comparison cannot be made (no walk from the fold tensor to tensors both models
+    share), the fold passes as its inputs showed, and the run says which fold tensors went unexercised."""
+    import importlib
+    import logging
+
+    from onnxfold import isolation
+
+    job = importlib.import_module("onnxfold.verification.job")
+    monkeypatch.setattr(isolation, "WORKER", "fork")  # the patch reaches the child through the fork
+    monkeypatch.setattr(job, "compare_on_random", lambda *args, **kwargs: {})
+    src = tmp_path / "m.onnx"
+    onnx.save(_dead_channel_model(1), src)
+    with caplog.at_level(logging.WARNING, logger="onnxfold"):
+        result = fold_file(src, tmp_path / "o.onnx")
+    assert result and (tmp_path / "o.onnx").exists()
+    fold = next(f for f in result.verification.results[0].folds if f.name == "bn1")
+    assert fold.passed and "not exercised by them, and not compared on random values" in fold.note
+    warned = [w for w in result.verification.warnings if "not be compared on random values" in w]
+    assert len(warned) == 1 and "(bn1)" in warned[0]
+    assert any("not be compared on random values" in r.getMessage() for r in caplog.records)
+
+
+def test_idle_channels_are_the_channels_of_one_value_along_the_axis_given():
+    from onnxfold.verification.local import idle_channels
+
+    a = np.random.default_rng(0).normal(size=(3, 4, 5)).astype(np.float32)
+    a[:, 2, :] = 0.5  # channel 2 of axis 1
+    a[1, :, :] = 7.0  # channel 1 of axis 0
+    assert idle_channels(a, 1) == [2] and idle_channels(a, 0) == [1] and idle_channels(a, -1) == []
+    assert idle_channels(a[:1, :, :1], 1) == []  # one element a channel: nothing to tell
+    assert idle_channels(np.zeros(5, np.float32), 0) == []  # no channels

@@ -99,7 +99,7 @@ from .job import VerifyJob, digest, plan_of, run_job
 from .memory import check_budget, default_budget, structure
 from .planning import force_branches, plan_folds
 from .reference import batch_norm
-from .results import OutputComparison, ProviderResult, VerifyResult, annotate
+from .results import UNEXERCISED, OutputComparison, ProviderResult, VerifyResult, annotate
 from .sessions import PROVIDERS, check_providers
 from .tolerances import TOLERANCES, compare
 
@@ -218,6 +218,12 @@ def verify(
             result.timings[part] = result.timings.get(part, 0.0) + seconds
     _something_compared(result, feeds)
     for r in result.results:
+        unexercised = [f.name for f in r.folds if f.passed and UNEXERCISED in f.note]
+        if unexercised:
+            result.warnings.append(
+                f"{len(unexercised)} fold tensor(s) on {r.provider} have channels the inputs do not reach and could "
+                f"not be compared on random values either ({unexercised[0]}{' ...' if len(unexercised) > 1 else ''}):"
+                " their folds there are not exercised; --inputs or --input-range can reach them")
         missing = sorted(set(forced) - {o.name for o in r.outputs})
         if missing:
             raise VerifyError(f"the If branches holding folds could not be run on their own on {r.provider} "

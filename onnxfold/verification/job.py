@@ -20,7 +20,7 @@ from .inputs import input_specs, random_inputs
 from .local import compare_locally, compare_on_random, idle_channels
 from .memory import GIB, check_budget, estimate, inferred, structure_of_file
 from .planning import model_size
-from .results import ON_ITS_OWN_INPUTS, OutputComparison, ProviderResult
+from .results import ON_ITS_OWN_INPUTS, UNEXERCISED, OutputComparison, ProviderResult
 from .sessions import extra_outputs, run_alone, run_pair
 from .tolerances import TOLERANCES, compare, floor, scale_of
 
@@ -250,6 +250,12 @@ def check_plan_budget(job: VerifyJob, shapes: Inferred | None) -> None:
     check_budget(model, specs, tensors, job.memory, job.reference, sizes)
 
 
+def _axis(job: VerifyJob, name: str) -> int:
+    """The channel axis a fold tensor is compared along (1 where the fold gave none, as compare() takes it)."""
+    axis = job.axes.get(name)
+    return 1 if axis is None else axis
+
+
 def _largest(terms: np.ndarray | None) -> float:
     return float(terms.max()) if terms is not None and terms.size else 0.0
 
@@ -257,7 +263,7 @@ def _largest(terms: np.ndarray | None) -> float:
 def _compare_fold(job: VerifyJob, name: str, ref, cand) -> OutputComparison:
     f_atol, f_rtol = job.tolerances.get(name, (None, None))
     axis = job.axes.get(name)
-    return compare(name, ref, cand, f_atol, f_rtol, per_channel=axis is not None, axis=1 if axis is None else axis,
+    return compare(name, ref, cand, f_atol, f_rtol, per_channel=axis is not None, axis=_axis(job, name),
                    terms=job.terms.get(name))
 
 
@@ -304,8 +310,7 @@ def _on_random(job: VerifyJob, provider: str, folds: list[OutputComparison], idl
                     f"{' ...' if len(channels) > 1 else ''})")
             random = again.get(f.name)
             if random is None:
-                f = replace(f, note="; ".join(x for x in (f.note, f"{said}: not exercised by them, and not compared "
-                                                                   f"on random values{why}") if x))
+                f = replace(f, note="; ".join(x for x in (f.note, f"{said}: {UNEXERCISED}{why}") if x))
             elif random.passed:
                 f = replace(f, note="; ".join(x for x in (f.note, f"{said}: on random values at its own inputs "
                                                                    f"too, max abs {random.max_abs:.3g}") if x))
@@ -349,7 +354,7 @@ def compare_provider(job: VerifyJob, provider: str, stage, early: Early | None =
         stage("comparing the failed fold tensors where their inputs are the original's")
         folds = _again_locally(job, provider, folds, failed, ref_out, timings)
     idle = {f.name: channels for f in folds if f.passed and f.name in ref_out
-            and (channels := idle_channels(ref_out[f.name], job.axes.get(f.name) or 1))}
+            and (channels := idle_channels(ref_out[f.name], _axis(job, f.name)))}
     if idle and engine.startswith("onnxruntime"):
         stage("comparing on random values the folds of channels the inputs do not reach")
         folds = _on_random(job, provider, folds, idle, ref_out, timings)

@@ -10,6 +10,9 @@ import numpy as np
 
 # How a fold tensor's note begins when it passed where its inputs are the original's (verification.local)
 ON_ITS_OWN_INPUTS = "compared where its inputs are the original's"
+# What a fold tensor's note says when a channel of it is one value on the inputs and it could not be
+# compared on random values either (verification.job._on_random): that fold is not exercised there
+UNEXERCISED = "not exercised by them, and not compared on random values"
 
 
 @dataclass
