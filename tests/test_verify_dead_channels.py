@@ -139,9 +139,11 @@ def test_a_channel_no_input_reaches_and_no_random_comparison_can_check_is_a_warn
 def test_idle_channels_are_the_channels_of_one_value_along_the_axis_given():
     from onnxfold.verification.local import idle_channels
 
-    a = np.random.default_rng(0).normal(size=(3, 4, 5)).astype(np.float32)
+    rng = np.random.default_rng(0)
+    a, b = (rng.normal(size=(3, 4, 5)).astype(np.float32) for _ in range(2))
     a[:, 2, :] = 0.5  # channel 2 of axis 1
-    a[1, :, :] = 7.0  # channel 1 of axis 0
-    assert idle_channels(a, 1) == [2] and idle_channels(a, 0) == [1] and idle_channels(a, -1) == []
+    b[1, :, :] = 7.0  # channel 1 of axis 0
+    assert idle_channels(a, 1) == [2] and idle_channels(a, 0) == [] and idle_channels(a, -1) == []
+    assert idle_channels(b, 0) == [1] and idle_channels(b, 1) == []
     assert idle_channels(a[:1, :, :1], 1) == []  # one element a channel: nothing to tell
     assert idle_channels(np.zeros(5, np.float32), 0) == []  # no channels
