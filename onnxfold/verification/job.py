@@ -193,7 +193,8 @@ class Inferred:
 
     model: onnx.ModelProto
     specs: dict[str, tuple[np.dtype, tuple[int, ...]]]
-    asked: set[str]
+    candidates: list[str]  # :func:`candidates` of ``model``
+    asked: set[str]  # the candidates and the graph outputs
     typed: dict[str, tuple[int, int]]
 
     def sizes(self, names: list[str]) -> dict[str, int] | None:
@@ -208,8 +209,9 @@ def infer_candidates(job: VerifyJob) -> Inferred | None:
     if model is None or not job.feeds:
         return None
     specs = {k: (np.asarray(v).dtype, np.shape(v)) for k, v in job.feeds.items()}
-    asked = {*candidates(model), *(o.name for o in model.graph.output)}
-    return Inferred(model, specs, asked, inferred(model, specs, sorted(asked)))
+    names = candidates(model)
+    asked = {*names, *(o.name for o in model.graph.output)}
+    return Inferred(model, specs, names, asked, inferred(model, specs, sorted(asked)))
 
 
 def early_reference(job: VerifyJob, stage, shapes: Inferred | None) -> Early | None:
@@ -222,7 +224,7 @@ def early_reference(job: VerifyJob, stage, shapes: Inferred | None) -> Early | N
     stage("planning the original's early run")
     model, typed = shapes.model, shapes.typed
     outputs = {o.name for o in model.graph.output}
-    known = {name: typed[name][0] for name in candidates(model) if name in typed and typed[name][0] in FLOATS}
+    known = {name: typed[name][0] for name in shapes.candidates if name in typed and typed[name][0] in FLOATS}
     sizes = {name: size for name, (_, size) in typed.items()}
     if not known or sum(sizes[name] for name in known) > EARLY_BYTES:
         return None

@@ -131,19 +131,19 @@ def _original_values(job, provider: str, names: list[str], known: dict) -> dict:
     return {n: (known[n] if n in known else out[n]) for n in names}
 
 
-def _run_local(job, candidate: onnx.ModelProto, walks: dict, values: dict, provider: str,
-               model_path=None) -> dict:
-    """One model of the fold tensors' own nodes (their outputs renamed, so that a fold tensor another one
-    reads as an input is also made here), fed ``values`` (the original's, or random ones). ``model_path``:
-    where the model's external data lies (default: the job's candidate's)."""
+def _run_local(job, model: onnx.ModelProto, walks: dict, values: dict, provider: str, model_path=None) -> dict:
+    """One model of the fold tensors' own nodes in ``model`` (the candidate's, or the original's: their
+    outputs renamed, so that a fold tensor another one reads as an input is also made here), fed
+    ``values`` (the original's, or random ones). ``model_path``: where ``model``'s external data lies
+    (default: the job's candidate's)."""
     model_path = job.candidate if model_path is None else model_path
     positions = sorted(set().union(*(set(nodes) for nodes, _ in walks.values())))
-    made = {o for i in positions for o in candidate.graph.node[i].output if o}
+    made = {o for i in positions for o in model.graph.node[i].output if o}
     inputs = sorted(values)
     nodes = []
     for i in positions:
         node = onnx.NodeProto()
-        node.CopyFrom(candidate.graph.node[i])
+        node.CopyFrom(model.graph.node[i])
         node.input[:] = [x + SUFFIX if x in made else x for x in node.input]
         node.output[:] = [x + SUFFIX if x else x for x in node.output]
         nodes.append(node)
@@ -153,10 +153,10 @@ def _run_local(job, candidate: onnx.ModelProto, walks: dict, values: dict, provi
         [helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(values[n].dtype), values[n].shape)
          for n in inputs],
         [helper.make_empty_tensor_value_info(name + SUFFIX) for name in walks],
-        [t for t in candidate.graph.initializer if t.name in read])
-    model = helper.make_model(graph, opset_imports=candidate.opset_import, ir_version=candidate.ir_version)
-    model.functions.extend(candidate.functions)
-    data = model.SerializeToString()
+        [t for t in model.graph.initializer if t.name in read])
+    local = helper.make_model(graph, opset_imports=model.opset_import, ir_version=model.ir_version)
+    local.functions.extend(model.functions)
+    data = local.SerializeToString()
     if len(data) > PROTOBUF_LIMIT:
         raise ValueError("the fold tensors' own nodes are over 2 GiB")
     folder = str(Path(model_path).resolve().parent) if isinstance(model_path, (str, os.PathLike)) else None
@@ -164,14 +164,13 @@ def _run_local(job, candidate: onnx.ModelProto, walks: dict, values: dict, provi
     return dict(zip([o.name for o in sess.get_outputs()], sess.run(None, {n: values[n] for n in inputs})))
 
 
-
 def compare_on_random(job, provider: str, names: list[str], ref_out: dict, compare_fold, timings: dict,
                       seed: int = 0) -> dict:
     """The fold tensors ``names`` compared where their inputs are random values, not the model's: each
     made by the folded model's own nodes for it (as :func:`compare_locally` finds them) and by the
-    original's nodes from the same tensors, both fed the same values (normal, on the scale of the
-    original's values there; those that are not float as they are). A fold whose channels the model's
-    inputs do not reach (a depthwise Conv after a ReLU that is 0 there) is exercised so.
+    original's nodes from the same tensors, both fed the same values (:func:`_random_values`). A fold
+    whose channels the model's inputs do not reach (a depthwise Conv after a ReLU that is 0 there) is
+    exercised so.
     {name: OutputComparison} for those that could be."""
     began = time.perf_counter()
     try:
@@ -233,8 +232,9 @@ def idle_channels(value, axis: int) -> list[int]:
     if value.ndim < 2 or not value.size:
         return []
     axis %= value.ndim
-    moved = np.moveaxis(value, axis, 0).reshape(value.shape[axis], -1)
-    if moved.shape[1] < 2:
+    if value.size // value.shape[axis] < 2:
         return []
+    # [before, channels, after]: a view, as tolerances._finite takes it (no copy of the tensor)
+    view = value.reshape(math.prod(value.shape[:axis]), value.shape[axis], -1)
     with np.errstate(invalid="ignore"):
-        return [int(c) for c in np.flatnonzero(moved.max(axis=1) == moved.min(axis=1))]
+        return [int(c) for c in np.flatnonzero(view.max(axis=(0, 2)) == view.min(axis=(0, 2)))]
