@@ -147,3 +147,49 @@ def test_idle_channels_are_the_channels_of_one_value_along_the_axis_given():
     assert idle_channels(b, 0) == [1] and idle_channels(b, 1) == []
     assert idle_channels(a[:1, :, :1], 1) == []  # one element a channel: nothing to tell
     assert idle_channels(np.zeros(5, np.float32), 0) == []  # no channels
+
+
+def test_the_random_comparison_takes_its_shapes_from_the_early_runs_inference(tmp_path, monkeypatch):
+    """Verification's child infers the original's shapes once, for its early run, while the parent folds:
+    the random comparison reads its inputs' shapes from there (0.04 s of a second inference on a corpus
+    model otherwise). With that second inference made to fail, the comparison is still made."""
+    import importlib
+
+    from onnxfold import isolation
+
+    local = importlib.import_module("onnxfold.verification.local")
+
+    def no_second_inference(*args, **kwargs):
+        raise AssertionError("inferred again")
+
+    monkeypatch.setattr(isolation, "WORKER", "fork")  # the patch reaches the child through the fork
+    monkeypatch.setattr(local, "inferred_shapes", no_second_inference)
+    src = tmp_path / "m.onnx"
+    onnx.save(_dead_channel_model(1), src)
+    result = fold_file(src, tmp_path / "o.onnx")
+    assert result and (tmp_path / "o.onnx").exists()
+    fold = next(f for f in result.verification.results[0].folds if f.name == "bn1")
+    assert fold.passed and "on random values at its own inputs too" in fold.note
+    # and the control: where the early run's inference is not there, the comparison infers again
+    monkeypatch.setattr(importlib.import_module("onnxfold.verification.job"), "infer_candidates", lambda job_: None)
+    again = fold_file(src, tmp_path / "o2.onnx")
+    fold = next(f for f in again.verification.results[0].folds if f.name == "bn1")
+    assert fold.passed and "not compared on random values (inferred again)" in fold.note
+
+
+def test_random_values_of_a_graph_input_take_the_inputs_shape_and_dtype():
+    """A walk that reads a graph input (the first fold of a model) is fed random values of the input's own
+    shape and dtype, without shape inference."""
+    from types import SimpleNamespace
+
+    from onnxfold.verification import local
+
+    feeds = {"x": np.ones((1, 4, 6, 6), np.float32), "k": np.ones((2,), np.int64)}
+    job = SimpleNamespace(feeds=feeds)
+    model = _dead_channel_model()
+    values = local._random_values(job, "CPUExecutionProvider", model, ["x"], {}, np.random.default_rng(0), known={})
+    assert values["x"].shape == (1, 4, 6, 6) and values["x"].dtype == np.float32
+    assert np.std(values["x"]) > 0.5 and not np.all(values["x"] == 1)
+    both = local._random_values(job, "CPUExecutionProvider", model, ["x", "r0"], {}, np.random.default_rng(0),
+                                known={"r0": (onnx.TensorProto.FLOAT, (1, 4, 6, 6))})
+    assert both["r0"].shape == (1, 4, 6, 6) and both["r0"].dtype == np.float32

@@ -18,7 +18,7 @@ from ..errors import ExposureRefused, first_line
 from ..protobuf import PROTOBUF_LIMIT
 from .inputs import input_specs, random_inputs
 from .local import compare_locally, compare_on_random, idle_channels
-from .memory import GIB, check_budget, estimate, inferred, structure_of_file
+from .memory import GIB, check_budget, estimate, inferred_shapes, sized, structure_of_file
 from .planning import model_size
 from .results import ON_ITS_OWN_INPUTS, UNEXERCISED, OutputComparison, ProviderResult
 from .sessions import extra_outputs, run_alone, run_pair
@@ -118,7 +118,7 @@ def run_job(job: VerifyJob, send) -> list[ProviderResult]:
     def stage_on(provider: str):
         return lambda text: send(("stage", "onnxruntime", f"{text} on {provider}"))
 
-    early = None
+    early, shapes = None, None
     if job.plan_later:
         job = _own_inputs(job)
         shapes = infer_candidates(job)
@@ -130,7 +130,7 @@ def run_job(job: VerifyJob, send) -> list[ProviderResult]:
         check_plan_budget(job, shapes)
     results = []
     for provider in job.providers:
-        results.append(compare_provider(job, provider, stage_on(provider), early))
+        results.append(compare_provider(job, provider, stage_on(provider), early, shapes))
         early = None
     return results
 
@@ -189,13 +189,15 @@ def candidates(model: onnx.ModelProto) -> list[str]:
 @dataclass
 class Inferred:
     """What shape inference tells of the original on the job's inputs, once per child (it is the slow
-    part of planning the early run): (element type, bytes) of each tensor of ``asked`` it tells in full."""
+    part of planning the early run): (element type, bytes) of each tensor of ``asked`` it tells in full,
+    and (element type, shape) of every tensor it tells in full (the random comparison's inputs)."""
 
     model: onnx.ModelProto
     specs: dict[str, tuple[np.dtype, tuple[int, ...]]]
     candidates: list[str]  # :func:`candidates` of ``model``
     asked: set[str]  # the candidates and the graph outputs
     typed: dict[str, tuple[int, int]]
+    shapes: dict[str, tuple[int, tuple[int, ...]]] = field(default_factory=dict)
 
     def sizes(self, names: list[str]) -> dict[str, int] | None:
         """Bytes by name, when every one of ``names`` was asked about (None: infer them again)."""
@@ -211,7 +213,8 @@ def infer_candidates(job: VerifyJob) -> Inferred | None:
     specs = {k: (np.asarray(v).dtype, np.shape(v)) for k, v in job.feeds.items()}
     names = candidates(model)
     asked = {*names, *(o.name for o in model.graph.output)}
-    return Inferred(model, specs, names, asked, inferred(model, specs, sorted(asked)))
+    shapes = inferred_shapes(model, specs, sorted(asked), every=True)
+    return Inferred(model, specs, names, asked, sized({n: s for n, s in shapes.items() if n in asked}), shapes)
 
 
 def early_reference(job: VerifyJob, stage, shapes: Inferred | None) -> Early | None:
@@ -294,13 +297,15 @@ def _again_locally(job: VerifyJob, provider: str, folds: list[OutputComparison],
 
 
 def _on_random(job: VerifyJob, provider: str, folds: list[OutputComparison], idle: dict[str, list[int]], ref_out,
-               timings: dict[str, float]) -> list[OutputComparison]:
+               timings: dict[str, float], shapes: Inferred | None = None) -> list[OutputComparison]:
     """The fold tensors with channels the inputs do not reach (``idle``: their channels, one value each on
     these inputs), compared again on random values at their own inputs (.local): one that fails there
     fails; one that cannot be compared so passes as it did, its note saying which channels went
-    unexercised."""
+    unexercised. ``shapes``: the early run's shape inference (used where it was of these inputs)."""
+    specs = {k: (np.asarray(v).dtype, np.shape(v)) for k, v in job.feeds.items()}
+    known = shapes.shapes if shapes is not None and shapes.specs == specs else None
     try:
-        again = compare_on_random(job, provider, list(idle), ref_out, _compare_fold, timings)
+        again = compare_on_random(job, provider, list(idle), ref_out, _compare_fold, timings, shapes=known)
         why = ""
     except Exception as e:  # noqa: BLE001 - the direct comparisons stand; the note says why
         again, why = {}, f" ({first_line(e)[:120]})"
@@ -322,9 +327,11 @@ def _on_random(job: VerifyJob, provider: str, folds: list[OutputComparison], idl
     return result
 
 
-def compare_provider(job: VerifyJob, provider: str, stage, early: Early | None = None) -> ProviderResult:
+def compare_provider(job: VerifyJob, provider: str, stage, early: Early | None = None,
+                     shapes: Inferred | None = None) -> ProviderResult:
     """Run and compare on one provider (in the child): only the comparisons go back. ``early``: the
-    original's outputs run already on this provider (used when they cover the job's exposure)."""
+    original's outputs run already on this provider (used when they cover the job's exposure);
+    ``shapes``: the early run's shape inference."""
     expose, fold_tensors, all_checked = job.expose, job.fold_tensors, job.all_checked
     timings: dict[str, float] = {}
     given = early.covering(job) if early is not None else None
@@ -359,7 +366,7 @@ def compare_provider(job: VerifyJob, provider: str, stage, early: Early | None =
             and (channels := idle_channels(ref_out[f.name], _axis(job, f.name)))}
     if idle and engine.startswith("onnxruntime"):
         stage("comparing on random values the folds of channels the inputs do not reach")
-        folds = _on_random(job, provider, folds, idle, ref_out, timings)
+        folds = _on_random(job, provider, folds, idle, ref_out, timings, shapes)
     # The floor of an output's atol: the fold tensors feeding it, when every fold was checked and passed.
     floors: dict[str, float] = {}
     if all_checked and folds and all(f.passed for f in folds):

@@ -93,8 +93,13 @@ def _inferred(model: onnx.ModelProto, specs, tensors: list[str]) -> dict[str, in
 def inferred(model: onnx.ModelProto, specs, tensors: list[str]) -> dict[str, tuple[int, int]]:
     """(element type, bytes) of each of ``tensors`` whose shape inference from the inputs' shapes tells
     both in full (:func:`inferred_shapes`)."""
+    return sized(inferred_shapes(model, specs, tensors))
+
+
+def sized(shapes: dict[str, tuple[int, tuple[int, ...]]]) -> dict[str, tuple[int, int]]:
+    """(element type, bytes) of each of ``shapes`` (as :func:`inferred_shapes` gives them) of a known dtype."""
     sizes = {}
-    for name, (elem_type, shape) in inferred_shapes(model, specs, tensors).items():
+    for name, (elem_type, shape) in shapes.items():
         try:
             itemsize = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem_type)).itemsize
         except (KeyError, ValueError, TypeError):
@@ -103,11 +108,13 @@ def inferred(model: onnx.ModelProto, specs, tensors: list[str]) -> dict[str, tup
     return sizes
 
 
-def inferred_shapes(model: onnx.ModelProto, specs, tensors: list[str]) -> dict[str, tuple[int, tuple[int, ...]]]:
+def inferred_shapes(model: onnx.ModelProto, specs, tensors: list[str],
+                    every: bool = False) -> dict[str, tuple[int, tuple[int, ...]]]:
     """(element type, shape) of each of ``tensors`` whose shape inference from the inputs' shapes tells
     both in full. Where inference alone leaves some unknown, it runs again with the small constants made
     by nodes folded first (:func:`_fold_small_constants`: 0.01-0.04 s of Python, which most models do
-    without), and the two answers are merged."""
+    without), and the two answers are merged. ``every``: of every tensor the inference so run tells in
+    full, not only ``tensors`` (which still decide whether it runs again)."""
     wanted = set(tensors)
     known: dict[str, tuple[int, tuple[int, ...]]] = {}
     for fold in (False, True):
@@ -116,25 +123,28 @@ def inferred_shapes(model: onnx.ModelProto, specs, tensors: list[str]) -> dict[s
         if fold and not folded:
             break
         known.update({name: (int(onnx.helper.np_dtype_to_tensor_dtype(v.dtype)), tuple(v.shape))
-                      for name, v in folded.items() if name in wanted})  # constants now, known by their values
+                      for name, v in folded.items() if every or name in wanted})  # constants now, known by their values
         light = onnx.ModelProto(ir_version=model.ir_version, opset_import=model.opset_import, graph=graph,
                                 functions=model.functions)
         try:
             result = onnx.shape_inference.infer_shapes(light, data_prop=True).graph
         except Exception:  # noqa: BLE001 - shape inference refuses some valid models: nothing is known then
             continue
-        known.update(_shaped(result, wanted))
+        known.update(_shaped(result, None if every else wanted))
         if wanted <= known.keys():
             break
     return known
 
 
-def _shaped(graph: onnx.GraphProto, wanted: set[str]) -> dict[str, tuple[int, tuple[int, ...]]]:
-    """(element type, shape) of each of ``wanted`` that the inferred ``graph`` types and shapes in full."""
+def _shaped(graph: onnx.GraphProto, wanted: set[str] | None) -> dict[str, tuple[int, tuple[int, ...]]]:
+    """(element type, shape) of each of ``wanted`` (None: of any tensor) that the inferred ``graph`` types
+    and shapes in full."""
     known = {}
     for v in (*graph.output, *graph.value_info):
         t = v.type.tensor_type
-        if v.name not in wanted or not v.type.HasField("tensor_type") or not t.HasField("shape") or not t.elem_type:
+        if wanted is not None and v.name not in wanted:
+            continue
+        if not v.type.HasField("tensor_type") or not t.HasField("shape") or not t.elem_type:
             continue
         if all(d.HasField("dim_value") for d in t.shape.dim):
             known[v.name] = (t.elem_type, tuple(int(d.dim_value) for d in t.shape.dim))
