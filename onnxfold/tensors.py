@@ -218,14 +218,20 @@ def _read_span(path: Path, dtype: np.dtype, shape: tuple[int, ...], offset: int,
     its own costs more than the bytes: 0.13 ms), mapped from there (a fold touches each page once, a
     block of rows at a time, and the pages go with the array; one mapping of a whole data file kept for
     the run held every page it touched resident: 2.2 GiB for wide_ext)."""
+    if nbytes < MAP_FROM:  # a plain descriptor: no file object (its buffer) for one pread
+        held = _HELD.get(path)
+        fd = held[0] if held else os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        try:
+            raw = os.pread(fd, nbytes, offset) if offset + nbytes <= os.fstat(fd).st_size else b""
+        finally:
+            if not held:
+                os.close(fd)
+        if len(raw) != nbytes:
+            raise InputError(f"tensor {name!r}: its external data is truncated")
+        return np.frombuffer(raw, dtype=dtype).reshape(shape)
     with open_data(path) as fh:
         if offset + nbytes > os.fstat(fh.fileno()).st_size:
             raise InputError(f"tensor {name!r}: its external data is truncated")
-        if nbytes < MAP_FROM:
-            raw = os.pread(fh.fileno(), nbytes, offset)
-            if len(raw) != nbytes:
-                raise InputError(f"tensor {name!r}: its external data is truncated")
-            return np.frombuffer(raw, dtype=dtype).reshape(shape)
         return np.memmap(fh, dtype=dtype, mode="r", offset=offset, shape=shape)
 
 
@@ -247,8 +253,7 @@ def read_tensor(tensor: onnx.TensorProto, base_dir, sink: DataSink | None = None
     location, offset, length = external_fields(tensor)
     dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tensor.data_type))
     if tensor.data_type in _RAW_TYPES and dtype.byteorder in "=<|" and np.little_endian:
-        count = int(np.prod(tensor.dims, dtype=np.int64))
-        if count == 0:
+        if 0 in tensor.dims:
             with open_data(data_path(base_dir, location)) as fh:
                 if offset > os.fstat(fh.fileno()).st_size:
                     raise InputError(f"tensor {tensor.name!r}: its external data is truncated")
