@@ -374,3 +374,64 @@ def test_candidates_are_the_tensors_a_rule_may_fold_at():
     onnx.checker.check_model(model, full_check=True)
     assert job_module.candidates(model) == sorted(
         ["bn", "scaled", "after_scale", "shifted", "residual", "summed", "after_pad"])
+
+
+def _chains(seed: int = 4, declined_scale: bool = False) -> onnx.ModelProto:
+    """x -> Conv -> BN -> Mul(s) -> Add(t) -> Relu -> Conv -> BN -> (Mul(u), Mul(v)) -> Add -> y: a chain of
+    affines as Caffe2's exports have them (the BN and the Mul read by nothing but the next affine), and a
+    BN read by two. ``declined_scale``: the first Mul's constant is not per channel ([1, 4, 6, 6]), so the
+    chain's fold stops at the BN."""
+    rng = np.random.default_rng(seed)
+    f = onnx.TensorProto.FLOAT
+    scale_shape = (1, 4, 6, 6) if declined_scale else (1, 4, 1, 1)
+    inits = [tensor("w0", rng.normal(0, 0.5, (4, 3, 3, 3)).astype(np.float32)),
+             tensor("w1", rng.normal(0, 0.5, (4, 4, 1, 1)).astype(np.float32)),
+             tensor("s", rng.uniform(0.5, 2.0, scale_shape).astype(np.float32)),
+             tensor("t", rng.normal(0, 1, (1, 4, 1, 1)).astype(np.float32)),
+             tensor("u", rng.uniform(0.5, 2.0, (1, 4, 1, 1)).astype(np.float32)),
+             tensor("v", rng.uniform(0.5, 2.0, (1, 4, 1, 1)).astype(np.float32))]
+    for i in range(2):
+        inits += [tensor(f"{p}{i}", a) for p, a in zip(("g", "b", "m", "v_"), bn_stats(rng, 4))]
+    nodes = [
+        helper.make_node("Conv", ["x", "w0"], ["c0"], pads=[1, 1, 1, 1]),
+        helper.make_node("BatchNormalization", ["c0", "g0", "b0", "m0", "v_0"], ["bn0"]),
+        helper.make_node("Mul", ["bn0", "s"], ["mul0"]),
+        helper.make_node("Add", ["mul0", "t"], ["add0"]),
+        helper.make_node("Relu", ["add0"], ["r0"]),
+        helper.make_node("Conv", ["r0", "w1"], ["c1"]),
+        helper.make_node("BatchNormalization", ["c1", "g1", "b1", "m1", "v_1"], ["bn1"]),
+        helper.make_node("Mul", ["bn1", "u"], ["left"]),
+        helper.make_node("Mul", ["bn1", "v"], ["right"]),
+        helper.make_node("Add", ["left", "right"], ["y"]),
+    ]
+    graph = helper.make_graph(nodes, "chains", [helper.make_tensor_value_info("x", f, [1, 3, 6, 6])],
+                              [helper.make_tensor_value_info("y", f, [1, 4, 6, 6])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def test_an_affine_read_only_by_the_next_affine_of_its_chain_is_no_candidate():
+    """Its fold's tensor is rewritten by the next fold and compared at that one's output: the chain's
+    middle (bn0, mul0) is not exposed early; a BN read by two affines (bn1) still is."""
+    names = job_module.candidates(_chains())
+    assert "bn0" not in names and "mul0" not in names
+    assert {"add0", "bn1", "left", "right"} <= set(names)
+
+
+@pytest.mark.parametrize("declined_scale", [False, True])
+def test_a_chain_of_affines_is_verified_at_its_end_and_where_it_stops(tmp_path, logged, declined_scale):
+    """The whole chain folded: compared at add0, which the early run exposed (the original is not run
+    again). A chain whose fold stops at the BN (its Mul not per channel): compared at bn0, which the
+    early run did not expose: the original runs again with the planned exposure, and it is compared."""
+    src, out = tmp_path / "m.onnx", tmp_path / "o.onnx"
+    onnx.save(_chains(declined_scale=declined_scale), src)
+    result = fold_file(src, out)
+    assert result and out.exists()
+    early = set(logged.joinpath("early").read_text().split(","))
+    assert "bn0" not in early and "mul0" not in early and "add0" in early
+    compared = {f.name for f in result.verification.results[0].folds if f.compared and f.passed}
+    if declined_scale:
+        assert "bn0" in compared and "m.onnx" in _loads(logged)
+    else:
+        assert "add0" in compared and "bn0" not in compared and "m.onnx" not in _loads(logged)
