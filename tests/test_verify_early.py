@@ -435,3 +435,56 @@ def test_a_chain_of_affines_is_verified_at_its_end_and_where_it_stops(tmp_path, 
         assert "bn0" in compared and "m.onnx" in _loads(logged)
     else:
         assert "add0" in compared and "bn0" not in compared and "m.onnx" not in _loads(logged)
+
+
+def _reshaped_by_shapes(seed: int = 6) -> onnx.ModelProto:
+    """x -> Conv -> BN -> Relu -> Reshape [1, 4, 36] -> Reshape [1, 4, 6, 6] -> Conv -> BN -> y, each Reshape's
+    target a Concat with the Cast of a Slice of the Shape of the tensor it reshapes, at opset 12, as
+    paddle2onnx writes them (PP-OCRv4): onnx's data propagation has no Slice before opset 13, so inference
+    sizes what follows such a Reshape only once the Shape before it is a constant."""
+    rng = np.random.default_rng(seed)
+    f, i64 = onnx.TensorProto.FLOAT, onnx.TensorProto.INT64
+    inits = [tensor("w0", rng.normal(0, 0.5, (4, 4, 3, 3)).astype(np.float32)),
+             tensor("w1", rng.normal(0, 0.5, (4, 4, 1, 1)).astype(np.float32)),
+             tensor("zero", np.array([0], np.int64)), tensor("one", np.array([1], np.int64)),
+             tensor("two", np.array([2], np.int64)),
+             tensor("n36", np.array([36], np.int64)), tensor("n6", np.array([6, 6], np.int64))]
+    for k in range(2):
+        inits += [tensor(f"{p}{k}", a) for p, a in zip(("g", "b", "m", "v"), bn_stats(rng, 4))]
+    nodes = [helper.make_node("Conv", ["x", "w0"], ["c0"], pads=[1, 1, 1, 1]),
+             helper.make_node("BatchNormalization", ["c0", "g0", "b0", "m0", "v0"], ["bn0"]),
+             helper.make_node("Relu", ["bn0"], ["r0"])]
+    for k, (src, tail, dst) in enumerate((("r0", "n36", "flat"), ("flat", "n6", "back"))):
+        nodes += [helper.make_node("Shape", [src], [f"s{k}"]),
+                  helper.make_node("Slice", [f"s{k}", "one", "two", "zero"], [f"sl{k}"]),  # axes given
+                  helper.make_node("Cast", [f"sl{k}"], [f"i{k}"], to=onnx.TensorProto.INT32),
+                  helper.make_node("Cast", [f"i{k}"], [f"l{k}"], to=i64),
+                  helper.make_node("Concat", ["one", f"l{k}", tail], [f"t{k}"], axis=0),
+                  helper.make_node("Reshape", [src, f"t{k}"], [dst])]
+    nodes += [helper.make_node("Conv", ["back", "w1"], ["c1"]),
+              helper.make_node("BatchNormalization", ["c1", "g1", "b1", "m1", "v1"], ["bn1"]),
+              helper.make_node("Relu", ["bn1"], ["y"])]
+    graph = helper.make_graph(nodes, "paddle", [helper.make_tensor_value_info("x", f, ["n", 4, "h", "w"])],
+                              [helper.make_tensor_value_info("y", f, None)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 12)])
+    model.ir_version = 8
+    return model
+
+
+def test_inference_sizes_what_follows_reshapes_to_the_shape_of_an_activation(tmp_path, logged):
+    """Each inference knows the Shape of what the last one sized (memory.inferred_shapes, passes with
+    constants folded): bn1, after two such Reshapes, is sized, exposed early, and the original is not
+    run again after the write."""
+    from onnxfold.verification import memory
+
+    model = _reshaped_by_shapes()
+    specs = {"x": (np.dtype(np.float32), (1, 4, 6, 6))}
+    assert memory.inferred_shapes(model, specs, ["bn1"]) == {"bn1": (onnx.TensorProto.FLOAT, (1, 4, 6, 6))}
+    src, out = tmp_path / "m.onnx", tmp_path / "o.onnx"
+    onnx.save(model, src)
+    result = fold_file(src, out, input_shapes={"x": [1, 4, 6, 6]})
+    assert result and out.exists()
+    assert {"bn0", "bn1"} <= set(logged.joinpath("early").read_text().split(","))
+    assert "m.onnx" not in _loads(logged), "the original was run again: the early run lacked a fold tensor"
+    folds = result.verification.results[0].folds
+    assert sorted(f.name for f in folds) == ["bn0", "bn1"] and all(f.passed and f.compared for f in folds)

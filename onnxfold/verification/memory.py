@@ -108,32 +108,41 @@ def sized(shapes: dict[str, tuple[int, tuple[int, ...]]]) -> dict[str, tuple[int
     return sizes
 
 
+FOLD_PASSES = 3  # inference runs again at most so often with constants folded, while that folds more
+
+
 def inferred_shapes(model: onnx.ModelProto, specs, tensors: list[str],
                     every: bool = False) -> dict[str, tuple[int, tuple[int, ...]]]:
     """(element type, shape) of each of ``tensors`` whose shape inference from the inputs' shapes tells
     both in full. Where inference alone leaves some unknown, it runs again with the small constants made
     by nodes folded first (:func:`_fold_small_constants`: 0.01-0.04 s of Python, which most models do
-    without), and the two answers are merged. ``every``: of every tensor the inference so run tells in
-    full, not only ``tensors`` (which still decide whether it runs again)."""
+    without), a Shape of a tensor the last inference sized among them, while that folds more (up to
+    :data:`FOLD_PASSES` times: PaddleOCR's Reshape targets are Concats of Slices of the Shape of an
+    activation made after the last such Reshape), and the answers are merged. ``every``: of every tensor
+    the inference so run tells in full, not only ``tensors`` (which still decide whether it runs again)."""
     wanted = set(tensors)
     known: dict[str, tuple[int, tuple[int, ...]]] = {}
-    for fold in (False, True):
+    most = -1
+    for attempt in range(1 + FOLD_PASSES):
         graph = _light_graph(model, specs)
-        folded = _fold_small_constants(graph, specs, _default_opset(model), model.ir_version < 4) if fold else {}
-        if fold and not folded:
-            break
+        folded: dict[str, np.ndarray] = {}
+        if attempt:
+            folded = _fold_small_constants(graph, specs, _default_opset(model), model.ir_version < 4, known)
+            if len(folded) <= most:
+                break  # nothing more folded: inference would tell what it told
+            most = len(folded)
         known.update({name: (int(onnx.helper.np_dtype_to_tensor_dtype(v.dtype)), tuple(v.shape))
-                      for name, v in folded.items() if every or name in wanted})  # constants now, known by their values
+                      for name, v in folded.items()})  # constants now, known by their values
         light = onnx.ModelProto(ir_version=model.ir_version, opset_import=model.opset_import, graph=graph,
                                 functions=model.functions)
         try:
             result = onnx.shape_inference.infer_shapes(light, data_prop=True).graph
         except Exception:  # noqa: BLE001 - shape inference refuses some valid models: nothing is known then
             continue
-        known.update(_shaped(result, None if every else wanted))
+        known.update(_shaped(result, None))
         if wanted <= known.keys():
             break
-    return known
+    return known if every else {name: v for name, v in known.items() if name in wanted}
 
 
 def _shaped(graph: onnx.GraphProto, wanted: set[str] | None) -> dict[str, tuple[int, tuple[int, ...]]]:
@@ -175,7 +184,8 @@ def _default_opset(model: onnx.ModelProto) -> int:
     return next((o.version for o in model.opset_import if o.domain in DEFAULT_DOMAINS), 1)
 
 
-def _fold_small_constants(graph: onnx.GraphProto, specs, opset: int, listed: bool) -> dict[str, np.ndarray]:
+def _fold_small_constants(graph: onnx.GraphProto, specs, opset: int, listed: bool,
+                          sized: dict[str, tuple[int, tuple[int, ...]]] | None = None) -> dict[str, np.ndarray]:
     """Replace in ``graph`` (inference's copy) each node whose outputs are small constants (``SMALL``
     bytes at most) by initializers holding them: onnx's data propagation stops at Reshape, Transpose,
     ConstantOfShape and the like, and with it the shapes of everything after (torch's dynamo export
@@ -186,10 +196,13 @@ def _fold_small_constants(graph: onnx.GraphProto, specs, opset: int, listed: boo
     (:mod:`onnxfold.const_eval`); what it declines stays a node. Only shapes depend on this: sizes for
     the memory estimate and the early run's exposure, which onnxruntime checks again. ``listed``: each
     initializer is a graph input too (IR version 3, where inference ignores one that is not). Returns
-    the values made, by name (inference no longer reports them: they are initializers)."""
+    the values made, by name (inference no longer reports them: they are initializers). ``sized``: (element
+    type, shape) of tensors an inference of this graph told, so that a Shape of one is a constant too."""
     values = _Values()
-    shapes: dict[str, tuple[int, ...]] = {k: tuple(shape) for k, (_, shape) in specs.items()}
-    types = {k: onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype)) for k, (dtype, _) in specs.items()}
+    shapes: dict[str, tuple[int, ...]] = {k: shape for k, (_, shape) in (sized or {}).items()}
+    types = {k: elem for k, (elem, _) in (sized or {}).items()}
+    shapes.update({k: tuple(shape) for k, (_, shape) in specs.items()})
+    types.update({k: onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype)) for k, (dtype, _) in specs.items()})
     for t in graph.initializer:
         shapes[t.name], types[t.name] = tuple(t.dims), t.data_type
         if not t.external_data and t.data_location != onnx.TensorProto.EXTERNAL and t.ByteSize() <= 2 * SMALL:
