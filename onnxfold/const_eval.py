@@ -446,6 +446,9 @@ OPS = {
     "Neg": _unary("Neg", np.negative, ints_ok=True),
     "Sqrt": _unary("Sqrt", np.sqrt),
     "Reciprocal": _unary("Reciprocal", lambda X: np.ones((), X.dtype) / X),
+    # exact in every float type (Hugging Face's legacy MobileViT sizes its patches with Ceil of a Constant)
+    "Ceil": _unary("Ceil", np.ceil),
+    "Floor": _unary("Floor", np.floor),
 }
 # Attributes that only told old runtimes how to reuse memory; they do not change the value.
 _IGNORED_ATTRIBUTES = {"consumed_inputs"}

@@ -36,7 +36,7 @@ from .tensors import DataSink, read_tensor
 
 CONSTANT_EXPRESSION_OPS = frozenset(
     "Identity Cast CastLike Shape Size Slice Expand Concat Reshape Unsqueeze Squeeze Flatten Transpose "
-    "Gather Tile Range Add Sub Mul Div Neg Sqrt Reciprocal".split()
+    "Gather Tile Range Add Sub Mul Div Neg Sqrt Reciprocal Ceil Floor".split()
 )
 CONSTANT_MAKERS = CONSTANT_EXPRESSION_OPS | {"Constant", "ConstantOfShape"}
 CACHE_BYTES = 1 << 16

@@ -279,17 +279,21 @@ def cases(op: str, v: int) -> list[Case]:
                 add(Case("int_truncation", [a([-7, 7, -7, 7, -1, 0], I64), a([2, -2, -2, 2, 3, -3], I64)]))
                 add(Case("int32_truncation", [a([-9, 9, -9, 9], I32), a([4, -4, -5, 5], I32)]))
                 add(Case("float_specials", [a([1.0, -1.0, 0.0, np.inf, 1e-45]), a([0.0, 0.0, 0.0, np.inf, 3.0])]))
-    elif op in ("Neg", "Sqrt", "Reciprocal"):
+    elif op in ("Neg", "Sqrt", "Reciprocal", "Ceil", "Floor"):
         # Version 1 differs from 6 in consumed_inputs and types only; onnxruntime has no kernel for it,
         # so the expectation is the single IEEE operation itself (correctly rounded, exact to compare).
-        fn = {"Neg": np.negative, "Sqrt": np.sqrt, "Reciprocal": lambda x: np.ones((), x.dtype) / x}[op]
+        fn = {"Neg": np.negative, "Sqrt": np.sqrt, "Reciprocal": lambda x: np.ones((), x.dtype) / x,
+              "Ceil": np.ceil, "Floor": np.floor}[op]
         inputs = []
         for dt in (F32, F16, F64) + ((I64, I32, np.int8) if op == "Neg" and v >= 6 else ()):
             x = rng_array((2, 3), dt)
-            if op != "Neg":
+            if op in ("Ceil", "Floor"):
+                x = (x * 7).astype(dt)  # fractions on both sides of 0 (whole numbers: in the specials)
+            elif op != "Neg":
                 x = np.abs(x) + dt(0.5) if dt in (F32, F16, F64) else x
             inputs.append((f"{np.dtype(dt).name}", x))
-        inputs += [("specials", a([0.0, -0.0, np.inf, -np.inf, np.nan, -2.0, 1e-40, 3.0, 7.0])),
+        inputs += [("specials", a([0.0, -0.0, np.inf, -np.inf, np.nan, -2.0, 1e-40, 3.0, 7.0, -0.5, 0.5, 2.5,
+                                   -1e-40, 16777215.0, -3.5])),
                    ("empty", np.zeros((0, 2), F32))]
         for name, x in inputs:
             with np.errstate(all="ignore"):
@@ -421,6 +425,7 @@ DECLINES = [
     ("Add", 6, [rng_array((2, 3), F32), rng_array((3,), F32)], {"broadcast": 1, "axis": -1}, "contiguous"),
     ("Add", 14, [a([1.0], BF16), a([2.0], BF16)], {}, "bfloat16"),
     ("Sqrt", 13, [a([2.0], BF16)], {}, "bfloat16"),
+    ("Ceil", 13, [a([2.5], BF16)], {}, "bfloat16"),
     ("Add", 13, [a([True], BOOL), a([False], BOOL)], {}, "does not take bool"),
     ("Add", 13, [a([1.0]), a([1], I64)], {}, "differ in type"),
     ("Add", 7, [X13, rng_array((2,), F32)], {}, "do not broadcast"),

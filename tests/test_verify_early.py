@@ -488,3 +488,31 @@ def test_inference_sizes_what_follows_reshapes_to_the_shape_of_an_activation(tmp
     assert "m.onnx" not in _loads(logged), "the original was run again: the early run lacked a fold tensor"
     folds = result.verification.results[0].folds
     assert sorted(f.name for f in folds) == ["bn0", "bn1"] and all(f.passed and f.compared for f in folds)
+
+
+def test_inference_sizes_what_follows_a_reshape_to_a_ceil_of_constants():
+    """Hugging Face's legacy MobileViT sizes its patches with Ceil of a Constant: const_eval evaluates
+    Ceil (and Floor), so the Reshape's target is a constant and what follows it is sized."""
+    from onnxfold.verification import memory
+
+    rng = np.random.default_rng(8)
+    f = onnx.TensorProto.FLOAT
+    inits = [tensor("w0", rng.normal(0, 0.5, (4, 4, 3, 3)).astype(np.float32)),
+             tensor("w1", rng.normal(0, 0.5, (4, 4, 1, 1)).astype(np.float32))]
+    for k in range(2):
+        inits += [tensor(f"{p}{k}", a) for p, a in zip(("g", "b", "m", "v"), bn_stats(rng, 4))]
+    nodes = [helper.make_node("Conv", ["x", "w0"], ["c0"], pads=[1, 1, 1, 1]),
+             helper.make_node("BatchNormalization", ["c0", "g0", "b0", "m0", "v0"], ["bn0"]),
+             helper.make_node("Constant", [], ["k"], value=tensor("k", np.array([1.0, 3.2, 35.5, 0.4], np.float32))),
+             helper.make_node("Ceil", ["k"], ["up"]),
+             helper.make_node("Floor", ["up"], ["same"]),
+             helper.make_node("Cast", ["same"], ["target"], to=onnx.TensorProto.INT64),
+             helper.make_node("Reshape", ["bn0", "target"], ["patches"]),
+             helper.make_node("Conv", ["patches", "w1"], ["c1"]),
+             helper.make_node("BatchNormalization", ["c1", "g1", "b1", "m1", "v1"], ["bn1"]),
+             helper.make_node("Relu", ["bn1"], ["y"])]
+    graph = helper.make_graph(nodes, "ceil", [helper.make_tensor_value_info("x", f, [1, 4, 6, 6])],
+                              [helper.make_tensor_value_info("y", f, None)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    specs = {"x": (np.dtype(np.float32), (1, 4, 6, 6))}
+    assert memory.inferred_shapes(model, specs, ["bn1"]) == {"bn1": (f, (1, 4, 36, 1))}
