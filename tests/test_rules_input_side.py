@@ -272,3 +272,19 @@ def test_a_scale_after_something_else_than_a_gelu_still_folds():
     h = g.node("Mul", [g.node("Mul", [x, g.node("Add", [g.node("Sigmoid", [x]), g.init(np.float32(1.0), "one")])]),
                        g.init(np.float32(0.5), "half")])
     folds(g.model(g.matmul(h, 4, 5)), ["mul_matmul"])
+
+
+def test_a_chain_of_affines_before_a_conv_folds_in_one_pass(tmp_path):
+    """x -> Div -> Mul -> Add -> Conv (paddle2onnx's normalization, PP-OCRv4): the Conv, offered again
+    after each fold into its input, takes the whole chain in one pass (one pass an affine before: PP-OCRv4
+    det had 4 passes); a second pass finds nothing. Verified end to end, and through the command line."""
+    g = G()
+    x = g.input("x", [1, 4, 6, 6])
+    h = _affine(g, "Add", _affine(g, "Mul", _affine(g, "Div", x, 4, 4), 4, 4), 4, 4)
+    y = g.conv(h, 4, 6, pads=[0] * 4)
+    model = g.model(y)
+    folded, report = folds(model, ["add_conv", "mul_conv", "div_conv"])
+    assert op_types(folded) == ["Conv"] and report.rounds == 2
+    result = verify(model, folded, folds=report.folded)
+    assert result, str(result)
+    via_entry(model, "cli", 3, tmp_path)
