@@ -402,8 +402,8 @@ def _fold_verify_commit(job: _Job, tmp: Path, options: FoldOptions, early: Early
     syncing: list[Syncing] = []  # the files' sync to disk, begun once no child is left to fork
     mode = job.plan.mode
     # onnx.checker and (without verification) onnxruntime's load of the written model, in a child forked
-    # before the fold: it makes its memory ready and imports onnxruntime meanwhile
-    checking = start_check(tmp, os.stat(job.src).st_size)
+    # before the fold: it makes its memory ready and imports onnxruntime meanwhile (without verification)
+    checking = start_check(tmp, os.stat(job.src).st_size, session=not options.verify)
     try:
         with _folded(job, tmp, options) as (report, write):
             def sync_soon() -> None:  # once written and the run's last child forked

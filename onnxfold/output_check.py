@@ -42,15 +42,16 @@ def run_checker(path: Path) -> Checked:
     return Checked(error, time.perf_counter() - t)
 
 
-def start_check(path: Path, model_bytes: int) -> isolation.Child | None:
+def start_check(path: Path, model_bytes: int, session: bool = True) -> isolation.Child | None:
     """The check of the model to be written at ``path``, begun before the fold: a child makes the
-    memory its parse will need ready (``model_bytes``: the size the model file is expected to have) and
-    imports onnxruntime meanwhile, then checks the file once :meth:`~onnxfold.isolation.Child.open_gate`
-    says it is written (its value: whether onnxruntime loads it too). :func:`check_output`
-    (``checking=``) takes its verdicts. None where no child can be forked."""
+    memory its parse will need ready (``model_bytes``: the size the model file is expected to have) and,
+    where onnxruntime is to load the model (``session``: without verification, which loads it itself),
+    imports onnxruntime meanwhile; then it checks the file once :meth:`~onnxfold.isolation.Child.open_gate`
+    says it is written (its value: whether onnxruntime loads it too: then imported, if not before).
+    :func:`check_output` (``checking=``) takes its verdicts. None where no child can be forked."""
     if not isolation.can_fork():
         return None
-    return isolation.Child(_check, str(path), heap.budget(model_bytes), gated=True)
+    return isolation.Child(_check, str(path), heap.budget(model_bytes), session, gated=True)
 
 
 # A written model up to this size is checked by onnx.checker in the parent while the check child loads it
@@ -213,14 +214,17 @@ def _load(path: str, what: str, send) -> str | None:
     return _error(_session, Path(path))
 
 
-def _check(path: str, ready: int, send) -> tuple[str | None, float | None, str | None]:
+def _check(path: str, ready: int, expected: bool, send) -> tuple[str | None, float | None, str | None]:
     """The check child's side (:func:`start_check`): (onnx.checker's error, its seconds, onnxruntime's
     error), each None when it accepts the model; the checker's seconds None where the parent runs it
-    (:func:`open_check`)."""
+    (:func:`open_check`). ``expected``: onnxruntime is to load the model (imported now, while the model is
+    folded and written; else not, so as not to take a core from the fold and verification's child: 0.06 s
+    of CPU)."""
     send(("stage", "onnx.checker", "making memory ready"))
     heap.prefault(ready)
-    send(("stage", "onnxruntime", "importing onnxruntime"))
-    import onnxruntime  # noqa: F401 - while the model is folded and written
+    if expected:
+        send(("stage", "onnxruntime", "importing onnxruntime"))
+        import onnxruntime  # noqa: F401 - while the model is folded and written
 
     send(("stage", "onnx.checker", "waiting for the written model"))
     session, checker = isolation.wait_first()

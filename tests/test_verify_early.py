@@ -266,9 +266,9 @@ def test_without_verification_the_load_check_starts_before_the_fold(tmp_path, mo
     marker = tmp_path / "child"
     real_check, real_write, real_fold = output_check._check, api.write, api.fold_model
 
-    def check(path, ready, send):
-        marker.write_text(path)
-        return real_check(path, ready, send)
+    def check(path, ready, expected, send):
+        marker.write_text(f"{path} {expected}")
+        return real_check(path, ready, expected, send)
 
     seen = []
 
@@ -282,6 +282,7 @@ def test_without_verification_the_load_check_starts_before_the_fold(tmp_path, mo
     onnx.save(two_folds(5), src)
     result = fold_file(src, tmp_path / "o.onnx", verify=False)
     assert seen == [True] and result.status == "written" and (tmp_path / "o.onnx").exists()
+    assert marker.read_text().endswith(" True")  # onnxruntime imported while the model folds
 
     def broken(model, path, **kwargs):  # a writer bug: onnxruntime cannot load what was written
         files = real_write(model, path, **kwargs)
@@ -516,3 +517,51 @@ def test_inference_sizes_what_follows_a_reshape_to_a_ceil_of_constants():
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     specs = {"x": (np.dtype(np.float32), (1, 4, 6, 6))}
     assert memory.inferred_shapes(model, specs, ["bn1"]) == {"bn1": (f, (1, 4, 36, 1))}
+
+
+def test_with_verification_the_check_child_imports_onnxruntime_only_to_load_what_nothing_verified(
+        tmp_path, monkeypatch):
+    """With verification the check child does not import onnxruntime while the model folds (verification
+    loads the folded model; the import took a core from the fold and verification's child). Where nothing
+    folds, verification is skipped and the child loads the written model after all: a broken write is
+    still caught."""
+    monkeypatch.setattr(isolation, "WORKER", "fork")
+    output_check = importlib.import_module("onnxfold.output_check")
+    marker = tmp_path / "child"
+    real_check, real_write = output_check._check, api.write
+
+    def check(path, ready, expected, send):
+        marker.write_text(str(expected))
+        return real_check(path, ready, expected, send)
+
+    real_session, loaded, parent = output_check._session, tmp_path / "loaded", os.getpid()
+
+    def session(path):
+        loaded.write_text(f"{Path(path).name} {'here' if os.getpid() == parent else 'child'}")
+        return real_session(path)
+
+    monkeypatch.setattr(output_check, "_check", check)
+    monkeypatch.setattr(output_check, "_session", session)
+    src = tmp_path / "m.onnx"
+    onnx.save(two_folds(6), src)
+    assert fold_file(src, tmp_path / "o.onnx") and marker.read_text() == "False" and not loaded.exists()
+    plain = two_folds(6)  # nothing to fold: the BatchNormalizations gone
+    for node in [n for n in plain.graph.node if n.op_type == "BatchNormalization"]:
+        node.op_type, node.input[1:] = "Identity", []
+        del node.attribute[:]
+    onnx.save(plain, src)
+    result = fold_file(src, tmp_path / "p.onnx")
+    assert result and result.verification is None and marker.read_text() == "False"
+    assert loaded.read_text() == "p.onnx child"  # loaded in onnxruntime by the check child after all
+
+    def broken(model, path, **kwargs):  # a writer bug: onnxruntime cannot load what was written
+        files = real_write(model, path, **kwargs)
+        with open(files[0], "r+b") as fh:
+            fh.truncate(os.path.getsize(files[0]) // 2)
+        return files
+
+    monkeypatch.setattr(api, "write", broken)
+    with pytest.raises(Exception, match="rejects the written model") as e:
+        fold_file(src, tmp_path / "o2.onnx")
+    assert type(e.value).__name__ == "OutputBroken" and not (tmp_path / "o2.onnx").exists()
+    assert marker.read_text() == "False"
