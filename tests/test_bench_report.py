@@ -171,3 +171,28 @@ def test_folder_of_links_mirrors_the_corpus_layout(tools, tmp_path):
     assert sorted(str(p.relative_to(into)) for p in into.rglob("*") if p.is_file() and not p.is_symlink()) == [
         "b.onnx", "hf/a.onnx", "hf/a.onnx.data"]
     assert (into / "hf" / "a.onnx.data").read_bytes() == b"data"
+
+
+def test_the_readme_headline_follows_only_the_repositorys_own_page(tools, tmp_path, monkeypatch):
+    """A run of a few models into another folder (--docs-dir) once emptied the README's committed headline:
+    render() rewrites a README only when given one, and tools/bench.py gives it only for the repository's
+    own docs/ page."""
+    _, _, report = tools
+    monkeypatch.setattr(report, "render_png", lambda *args: None)  # the page's text is what is checked
+    readme = tmp_path / "README.md"
+    before = f"intro\n{report.README_START}\nold headline\n{report.README_END}\nrest\n"
+    readme.write_text(before)
+    report.render(synthetic(), tmp_path / "elsewhere")
+    assert readme.read_text() == before and (tmp_path / "elsewhere" / "benchmarks.md").exists()
+    report.render(synthetic(), tmp_path / "docs", readme)
+    after = readme.read_text()
+    assert "old headline" not in after and after.startswith("intro\n") and after.endswith("rest\n")
+    sys.path.insert(0, str(ROOT / "tools"))
+    try:
+        import bench
+
+        plan = bench._plan(bench._parser().parse_args(["--docs-dir", str(tmp_path / "elsewhere")]))
+        assert bench._readme(plan) is None
+        assert bench._readme(bench._plan(bench._parser().parse_args([]))) == ROOT / "README.md"
+    finally:
+        sys.path.remove(str(ROOT / "tools"))

@@ -482,7 +482,7 @@ def main(argv=None):
     if a.report_only:
         import bench_report
 
-        bench_report.render(json.loads(plan.results_path.read_text()), plan.docs_dir)
+        bench_report.render(json.loads(plan.results_path.read_text()), plan.docs_dir, _readme(plan))
         return 0
 
     results, run_idx = _start_results(plan, a.merge)
@@ -504,9 +504,14 @@ def main(argv=None):
 
     import bench_report
 
-    md, png = bench_report.render(results, plan.docs_dir)
+    md, png = bench_report.render(results, plan.docs_dir, _readme(plan))
     log(f"[bench] wrote {md}" + (f" and {png}" if png else ""))
     return 0
+
+
+def _readme(plan: Plan) -> Path | None:
+    """The README whose headline follows the page: only when the page written is the repository's own."""
+    return ROOT / "README.md" if plan.docs_dir.resolve() == (ROOT / "docs").resolve() else None
 
 
 def _bench_corpus(plan: Plan, a: argparse.Namespace, results: dict) -> None:

@@ -459,7 +459,10 @@ def update_readme(results, readme: Path) -> bool:
     return True
 
 
-def render(results, out_dir: Path):
+def render(results, out_dir: Path, readme: Path | None = None):
+    """The page and its charts in ``out_dir``; the README's headline block rewritten from the same results
+    where ``readme`` is given (tools/bench.py gives it only when the page is the repository's own: a run
+    of a few models into another folder once emptied the committed headline)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     md = out_dir / "benchmarks.md"
@@ -471,6 +474,6 @@ def render(results, out_dir: Path):
     except ImportError as e:  # matplotlib is in the "bench" extra; the page is still worth having
         print(f"[bench] {png} not drawn: {e} (pip install '.[bench]')", flush=True)
         png = None
-    if not results.get("quick"):
-        update_readme(results, Path(__file__).resolve().parent.parent / "README.md")
+    if readme is not None and not results.get("quick"):
+        update_readme(results, readme)
     return md, png
