@@ -257,6 +257,17 @@ def test_an_unreadable_input_is_one_line_though_the_child_began(tmp_path, monkey
     assert type(e.value).__name__ == "InputError" and not (tmp_path / "o.onnx").exists()
 
 
+def _truncating(real_write):
+    """A writer bug: the written model cut in half (onnxruntime cannot load it)."""
+    def broken(model, path, **kwargs):
+        files = real_write(model, path, **kwargs)
+        with open(files[0], "r+b") as fh:
+            fh.truncate(os.path.getsize(files[0]) // 2)
+        return files
+
+    return broken
+
+
 def test_without_verification_the_load_check_starts_before_the_fold(tmp_path, monkeypatch):
     """--no-verify: onnx.checker and onnxruntime's load of the written model run in a child forked before
     the fold (it makes its memory ready and imports onnxruntime meanwhile) and read the file once it is
@@ -284,13 +295,7 @@ def test_without_verification_the_load_check_starts_before_the_fold(tmp_path, mo
     assert seen == [True] and result.status == "written" and (tmp_path / "o.onnx").exists()
     assert marker.read_text().endswith(" True")  # onnxruntime imported while the model folds
 
-    def broken(model, path, **kwargs):  # a writer bug: onnxruntime cannot load what was written
-        files = real_write(model, path, **kwargs)
-        with open(files[0], "r+b") as fh:
-            fh.truncate(os.path.getsize(files[0]) // 2)
-        return files
-
-    monkeypatch.setattr(api, "write", broken)
+    monkeypatch.setattr(api, "write", _truncating(real_write))
     with pytest.raises(Exception, match="rejects the written model") as e:
         fold_file(src, tmp_path / "o2.onnx", verify=False)
     assert type(e.value).__name__ == "OutputBroken" and not (tmp_path / "o2.onnx").exists()
@@ -554,13 +559,7 @@ def test_with_verification_the_check_child_imports_onnxruntime_only_to_load_what
     assert result and result.verification is None and marker.read_text() == "False"
     assert loaded.read_text() == "p.onnx child"  # loaded in onnxruntime by the check child after all
 
-    def broken(model, path, **kwargs):  # a writer bug: onnxruntime cannot load what was written
-        files = real_write(model, path, **kwargs)
-        with open(files[0], "r+b") as fh:
-            fh.truncate(os.path.getsize(files[0]) // 2)
-        return files
-
-    monkeypatch.setattr(api, "write", broken)
+    monkeypatch.setattr(api, "write", _truncating(real_write))
     with pytest.raises(Exception, match="rejects the written model") as e:
         fold_file(src, tmp_path / "o2.onnx")
     assert type(e.value).__name__ == "OutputBroken" and not (tmp_path / "o2.onnx").exists()
