@@ -88,6 +88,7 @@ from .inputs import (
     DEFAULT_RANGE,
     check_feeds,
     check_shapes,
+    feed_specs,
     input_specs,
     load_inputs,
     make_inputs,
@@ -242,7 +243,7 @@ def _specs(ref_model: onnx.ModelProto, inputs: dict[str, np.ndarray] | None,
     if missing:
         raise VerifyError(f"inputs given lack {', '.join(missing)}")
     check_feeds(ref_model, feeds, "the inputs given")
-    return {k: (np.asarray(v).dtype, np.shape(v)) for k, v in feeds.items()}, feeds
+    return feed_specs(feeds), feeds
 
 
 @dataclass

@@ -39,6 +39,11 @@ def _np_dtype(elem_type: int):
     return helper.tensor_dtype_to_np_dtype(elem_type)
 
 
+def feed_specs(feeds) -> dict[str, tuple[np.dtype, tuple[int, ...]]]:
+    """The (dtype, shape) of each input given (as :func:`input_specs` tells them before they are made)."""
+    return {k: (np.asarray(v).dtype, np.shape(v)) for k, v in feeds.items()}
+
+
 def model_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
     """The inputs a caller must feed: graph inputs that are not initializers."""
     inits = {t.name for t in model.graph.initializer}

@@ -7,6 +7,7 @@ import hashlib
 import math
 import time
 from dataclasses import dataclass, field, fields, replace
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -15,8 +16,8 @@ import onnx
 from .. import heap, isolation
 from ..const_resolve import CONSTANT_MAKERS
 from ..errors import ExposureRefused, first_line
-from ..protobuf import PROTOBUF_LIMIT
-from .inputs import input_specs, random_inputs
+from ..protobuf import PROTOBUF_LIMIT, is_default
+from .inputs import feed_specs, input_specs, random_inputs
 from .local import compare_locally, compare_on_random, idle_channels
 from .memory import GIB, check_budget, estimate, inferred_shapes, sized, structure_of_file
 from .planning import model_size
@@ -165,13 +166,13 @@ def candidates(model: onnx.ModelProto) -> list[str]:
     # graph's order (topological, as the spec wants; out of order, a value counts as not constant)
     constant = {t.name: t.name not in fed for t in graph.initializer}
     for n in graph.node:
-        value = n.domain in ("", "ai.onnx") and n.op_type in CONSTANT_MAKERS and (
+        value = is_default(n) and n.op_type in CONSTANT_MAKERS and (
             n.op_type in ("Shape", "Size")
             or all(constant.get(i, False) for i in (n.input[:1] if n.op_type == "CastLike" else n.input) if i))
         constant.update({o: value for o in n.output if o})
     affines, names = set(), set()
     for n in graph.node:
-        if not n.output or not n.output[0] or n.domain not in ("", "ai.onnx"):
+        if not n.output or not n.output[0] or not is_default(n):
             continue
         by_constant = any(constant.get(i, False) for i in n.input[:2] if i)
         if n.op_type == "BatchNormalization" or (n.op_type in AFFINES and by_constant):
@@ -189,7 +190,7 @@ def candidates(model: onnx.ModelProto) -> list[str]:
     names |= {a for a in affines if not (len(readers.get(a, ())) == 1 and readers[a][0].output
                                          and readers[a][0].output[0] in affines)}
     for n in graph.node:
-        if n.output and n.output[0] and n.domain in ("", "ai.onnx") and n.op_type in PRODUCERS and n.input:
+        if n.output and n.output[0] and is_default(n) and n.op_type in PRODUCERS and n.input:
             if n.input[0] in affines or getattr(made_by.get(n.input[0]), "op_type", "") == "Pad":
                 names.add(n.output[0])
     return sorted(names - {o.name for o in graph.output} - {v.name for v in graph.input})
@@ -205,8 +206,12 @@ class Inferred:
     specs: dict[str, tuple[np.dtype, tuple[int, ...]]]
     candidates: list[str]  # :func:`candidates` of ``model``
     asked: set[str]  # the candidates and the graph outputs
-    typed: dict[str, tuple[int, int]]
-    shapes: dict[str, tuple[int, tuple[int, ...]]] = field(default_factory=dict)
+    shapes: dict[str, tuple[int, tuple[int, ...]]]
+
+    @cached_property
+    def typed(self) -> dict[str, tuple[int, int]]:
+        """(element type, bytes) of each tensor of ``asked`` told in full."""
+        return sized({n: s for n, s in self.shapes.items() if n in self.asked})
 
     def sizes(self, names: list[str]) -> dict[str, int] | None:
         """Bytes by name, when every one of ``names`` was asked about (None: infer them again)."""
@@ -219,11 +224,10 @@ def infer_candidates(job: VerifyJob) -> Inferred | None:
     model = job.structure
     if model is None or not job.feeds:
         return None
-    specs = {k: (np.asarray(v).dtype, np.shape(v)) for k, v in job.feeds.items()}
+    specs = feed_specs(job.feeds)
     names = candidates(model)
     asked = {*names, *(o.name for o in model.graph.output)}
-    shapes = inferred_shapes(model, specs, sorted(asked), every=True)
-    return Inferred(model, specs, names, asked, sized({n: s for n, s in shapes.items() if n in asked}), shapes)
+    return Inferred(model, specs, names, asked, inferred_shapes(model, specs, sorted(asked), every=True))
 
 
 def early_reference(job: VerifyJob, stage, shapes: Inferred | None) -> Early | None:
@@ -259,7 +263,7 @@ def check_plan_budget(job: VerifyJob, shapes: Inferred | None) -> None:
     model = shapes.model if shapes is not None else structure_of_file(job.reference)
     outputs = [o.name for o in model.graph.output]
     tensors = [*outputs, *(name for name, _ in job.expose)]
-    specs = {k: (np.asarray(v).dtype, np.shape(v)) for k, v in job.feeds.items()}
+    specs = feed_specs(job.feeds)
     sizes = shapes.sizes(tensors) if shapes is not None and shapes.specs == specs else None
     check_budget(model, specs, tensors, job.memory, job.reference, sizes)
 
@@ -311,7 +315,7 @@ def _on_random(job: VerifyJob, provider: str, folds: list[OutputComparison], idl
     these inputs), compared again on random values at their own inputs (.local): one that fails there
     fails; one that cannot be compared so passes as it did, its note saying which channels went
     unexercised. ``shapes``: the early run's shape inference (used where it was of these inputs)."""
-    specs = {k: (np.asarray(v).dtype, np.shape(v)) for k, v in job.feeds.items()}
+    specs = feed_specs(job.feeds)
     known = shapes.shapes if shapes is not None and shapes.specs == specs else None
     try:
         again = compare_on_random(job, provider, list(idle), ref_out, _compare_fold, timings, shapes=known)

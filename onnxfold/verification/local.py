@@ -27,8 +27,10 @@ import onnx
 from onnx import helper
 
 from ..protobuf import PROTOBUF_LIMIT, subgraphs
-from .memory import inferred_shapes, structure_of_file
+from .inputs import feed_specs
+from .memory import inferred_shapes, known_dtype, structure_of_file
 from .sessions import ort_source, session
+from .tolerances import channel_view
 
 MOST_NODES = 64  # a fold's own nodes: its node and the layout ops after it, a few
 SUFFIX = "__onnxfold_local"
@@ -214,28 +216,26 @@ def _random_values(job, provider: str, reference: onnx.ModelProto, names: list[s
     """Random values for ``names``: of the shapes the job's inputs have (a graph input) or shape inference
     gives them on those inputs (``known``, else inferred here), normal (scale 1) where all are float; else
     on the original's values (a run of it: their shapes and scales; those not float as they are)."""
-    specs = {k: (np.asarray(v).dtype, np.shape(v)) for k, v in job.feeds.items()}
-    given = {k: (helper.np_dtype_to_tensor_dtype(dtype), tuple(shape)) for k, (dtype, shape) in specs.items()
-             if k in names}
-    rest = [n for n in names if n not in given]
-    shapes = {**given, **(known if known is not None and set(rest) <= known.keys()
-                          else inferred_shapes(reference, specs, rest) if rest else {})}
-    dtypes = {}
-    for name, (elem_type, _) in shapes.items():
-        try:
-            dtypes[name] = np.dtype(helper.tensor_dtype_to_np_dtype(elem_type))
-        except (KeyError, ValueError, TypeError):
-            pass
-    if all(n in dtypes and (dtypes[n].kind == "f" or dtypes[n].name == "bfloat16") for n in names):
-        return {n: rng.standard_normal(shapes[n][1]).astype(dtypes[n]) for n in names}
+    specs = feed_specs(job.feeds)
+    rest = [n for n in names if n not in specs]
+    told = (known if known is not None and set(rest) <= known.keys()
+            else inferred_shapes(reference, specs, rest) if rest else {})
+    shapes = {n: specs[n] if n in specs else (known_dtype(told[n][0]), told[n][1])  # (dtype, shape)
+              for n in names if n in specs or n in told}
+    if all(n in shapes and _is_float(shapes[n][0]) for n in names):
+        return {n: rng.standard_normal(shapes[n][1]).astype(shapes[n][0]) for n in names}
     return {n: _random_like(rng, v) for n, v in _original_values(job, provider, names, ref_out).items()}
+
+
+def _is_float(dtype: np.dtype | None) -> bool:
+    return dtype is not None and (dtype.kind == "f" or dtype.name == "bfloat16")
 
 
 def _random_like(rng: np.random.Generator, value) -> np.ndarray:
     """Normal values of ``value``'s shape and float dtype, on its scale (1 where it is 0 or not finite);
     a value that is not float, as it is (a shape, an index)."""
     value = np.asarray(value)
-    if value.dtype.kind != "f" and value.dtype.name != "bfloat16":
+    if not _is_float(value.dtype):
         return value
     with np.errstate(over="ignore", invalid="ignore"):
         scale = float(np.max(np.abs(value.astype(np.float64)))) if value.size else 0.0
@@ -252,7 +252,6 @@ def idle_channels(value, axis: int) -> list[int]:
     axis %= value.ndim
     if value.size // value.shape[axis] < 2:
         return []
-    # [before, channels, after]: a view, as tolerances._finite takes it (no copy of the tensor)
-    view = value.reshape(math.prod(value.shape[:axis]), value.shape[axis], -1)
+    view = channel_view(value, axis)
     with np.errstate(invalid="ignore"):
         return [int(c) for c in np.flatnonzero(view.max(axis=(0, 2)) == view.min(axis=(0, 2)))]

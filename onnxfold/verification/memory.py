@@ -72,17 +72,22 @@ def check_budget(model, specs, tensors, budget_gib: float | None, name: str,
                           "(--input-shape) or skip it (--no-verify)")
 
 
+def known_dtype(elem_type: int) -> np.dtype | None:
+    """The numpy dtype of an ONNX element type, None where numpy has none (a string, an unknown number)."""
+    try:
+        return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem_type))
+    except (KeyError, ValueError, TypeError):
+        return None
+
+
 def _bytes(t: onnx.TensorProto) -> int:
     for entry in t.external_data:
         if entry.key == "length":
             return int(entry.value)
     if t.raw_data:
         return len(t.raw_data)
-    try:
-        itemsize = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
-    except (KeyError, ValueError, TypeError):
-        itemsize = 4
-    return int(np.prod(t.dims, dtype=np.int64)) * itemsize
+    dtype = known_dtype(t.data_type)
+    return int(np.prod(t.dims, dtype=np.int64)) * (dtype.itemsize if dtype is not None else 4)
 
 
 def _inferred(model: onnx.ModelProto, specs, tensors: list[str]) -> dict[str, int]:
@@ -98,14 +103,8 @@ def inferred(model: onnx.ModelProto, specs, tensors: list[str]) -> dict[str, tup
 
 def sized(shapes: dict[str, tuple[int, tuple[int, ...]]]) -> dict[str, tuple[int, int]]:
     """(element type, bytes) of each of ``shapes`` (as :func:`inferred_shapes` gives them) of a known dtype."""
-    sizes = {}
-    for name, (elem_type, shape) in shapes.items():
-        try:
-            itemsize = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem_type)).itemsize
-        except (KeyError, ValueError, TypeError):
-            continue
-        sizes[name] = (elem_type, math.prod(shape) * itemsize)
-    return sizes
+    return {name: (elem_type, math.prod(shape) * dtype.itemsize) for name, (elem_type, shape) in shapes.items()
+            if (dtype := known_dtype(elem_type)) is not None}
 
 
 FOLD_PASSES = 3  # inference runs again at most so often with constants folded, while that folds more

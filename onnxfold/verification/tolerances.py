@@ -87,10 +87,10 @@ def _finite(ref: np.ndarray, cand: np.ndarray, rtol: float, channels: bool, axis
     4 ms, not 8-14). Returns (max |cand - ref|, max rel, the needed atol per channel (or of the whole), the
     scales), or None at the first block with a NaN or an infinity in either (then :func:`_general`)."""
     if channels:
-        pre, count, post = math.prod(ref.shape[:axis]), ref.shape[axis], math.prod(ref.shape[axis + 1:])
+        ref3, cand3 = channel_view(ref, axis), channel_view(cand, axis)
     else:
-        pre, count, post = 1, 1, ref.size
-    ref3, cand3 = ref.reshape(pre, count, post), cand.reshape(pre, count, post)
+        ref3, cand3 = ref.reshape(1, 1, ref.size), cand.reshape(1, 1, cand.size)
+    pre, count, post = ref3.shape
     scales, needs = np.zeros(count), np.zeros(count)
     max_abs, max_rel, zero_off = 0.0, 0.0, False
     for at in _blocks(pre, count, post):
@@ -113,6 +113,11 @@ def _finite(ref: np.ndarray, cand: np.ndarray, rtol: float, channels: bool, axis
         np.subtract(err, r, out=err)  # what atol must cover
         np.maximum(needs[at[1]], err.max(axis=(0, 2)), out=needs[at[1]])
     return max_abs, math.inf if zero_off else max_rel, needs, scales
+
+
+def channel_view(a: np.ndarray, axis: int) -> np.ndarray:
+    """``a`` as [before, channels, after] along ``axis`` (a view where reshape can make one: no copy)."""
+    return a.reshape(math.prod(a.shape[:axis]), a.shape[axis], math.prod(a.shape[axis + 1:]))
 
 
 BLOCK = 1 << 15  # elements a block of :func:`_finite` (256 KiB in float64)
