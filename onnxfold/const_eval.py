@@ -26,6 +26,7 @@ the specification's [1, 1, 1, 5]).
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -48,6 +49,7 @@ _NUMERIC = _FLOATS | _INTS | {_BOOL}
 
 
 # -- helpers -----------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=64)
 def _type_name(dtype: np.dtype) -> str:
     if dtype == np.dtype(object) or dtype.kind in "US":
         return "string"
@@ -454,12 +456,28 @@ OPS = {
 _IGNORED_ATTRIBUTES = {"consumed_inputs"}
 
 
-def _schema(op_type: str, since_version: int):
+class _Spec:
+    """What evaluation reads of an operator's schema, read from onnx once per (op, version): each
+    get_schema copies the schema, with the function body of an op defined by one (CastLike), and each
+    read of its inputs, constraints or attributes converts them again (a dynamo export's Conv biases,
+    Expand of CastLike of Shape: 800 evaluations a fold)."""
+
+    def __init__(self, schema: onnx.defs.OpSchema):
+        self.since_version = schema.since_version
+        self.inputs = tuple(schema.inputs)
+        self.outputs = tuple(schema.outputs)
+        variadic = onnx.defs.OpSchema.FormalParameterOption.Variadic
+        self.variadic = bool(self.inputs) and self.inputs[-1].option == variadic
+        self.constraints = {c.type_param_str: frozenset(c.allowed_type_strs) for c in schema.type_constraints}
+        self.attributes = dict(schema.attributes)
+
+
+@functools.lru_cache(maxsize=256)
+def _schema(op_type: str, since_version: int) -> _Spec:
     try:
-        schema = onnx.defs.get_schema(op_type, since_version)
+        return _Spec(onnx.defs.get_schema(op_type, since_version))
     except onnx.defs.SchemaError:
         raise NotFoldable(f"{op_type} has no definition at opset {since_version}") from None
-    return schema
 
 
 def _attributes(node: onnx.NodeProto, schema) -> dict:
@@ -483,11 +501,9 @@ def _attributes(node: onnx.NodeProto, schema) -> dict:
 
 
 def _check_inputs(node: onnx.NodeProto, schema, inputs: list) -> None:
-    formal = list(schema.inputs)
-    variadic = bool(formal) and formal[-1].option == onnx.defs.OpSchema.FormalParameterOption.Variadic
+    formal, variadic, constraints = schema.inputs, schema.variadic, schema.constraints
     if len(inputs) > len(formal) and not variadic:
         raise NotFoldable(f"{node.op_type}-{schema.since_version} takes at most {len(formal)} inputs")
-    constraints = {c.type_param_str: set(c.allowed_type_strs) for c in schema.type_constraints}
     bound: dict[str, str] = {}
     for i, param in enumerate(formal):
         given = inputs[i:] if (variadic and i == len(formal) - 1) else inputs[i:i + 1]
@@ -573,8 +589,7 @@ def constant_of_shape(node: onnx.NodeProto, shape: np.ndarray, since_version: in
         fill = onnx.numpy_helper.to_array(attrs["value"])
         if fill.size != 1:
             raise NotFoldable(f"ConstantOfShape value must have one element, it has {fill.size}")
-        constraints = {c.type_param_str: set(c.allowed_type_strs) for c in schema.type_constraints}
-        allowed = constraints[schema.outputs[0].type_str]
+        allowed = schema.constraints[schema.outputs[0].type_str]
         if f"tensor({_type_name(fill.dtype)})" not in allowed:
             raise NotFoldable(f"ConstantOfShape-{schema.since_version} cannot make {_type_name(fill.dtype)}")
     else:
