@@ -147,7 +147,9 @@ class Constants:
             if dims is not None:
                 return dims
         if op in ("Shape", "Size") and node.input and node.input[0]:
-            static = self._static_shape(node.input[0])
+            static = self._initializer_dims(node.input[0])
+            if static is None:
+                static = self._static_shape(node.input[0])
             if static is not None:  # only the shape is read: no value needed, none made
                 return model.evaluate(node, {node.input[0]: np.broadcast_to(np.zeros((), np.uint8), static)})[0]
         if op == "CastLike" and len(node.input) == 2 and self.view.elem_type(node.input[1]):
@@ -164,6 +166,23 @@ class Constants:
             else:
                 return model.evaluate(node, values)[list(node.output).index(name)]
         raise NotFoldable(f"{what} '{name}' is computed by {a(node.op_type)} node, not a constant")
+
+    def _initializer_dims(self, name: str) -> tuple[int, ...] | None:
+        """The dims of ``name`` where it is an initializer that cannot be fed at run time: Shape and Size
+        of a weight read none of its bytes (the dynamo exporter sizes each Conv's Expand bias from Shape
+        of its weight). None otherwise."""
+        view: Scope | None = self.view
+        while view is not None:
+            if name in view.producer:
+                return None
+            if name in view.init:
+                if view.constants.overridable(name):
+                    return None
+                return tuple(view.graph.initializer[view.init[name]].dims)
+            if name in view.inputs:
+                return None
+            view = view.parent
+        return None
 
     def _static_shape(self, name: str) -> tuple[int, ...] | None:
         """A run-time tensor's shape when every dimension is known before run time (declared or inferred):

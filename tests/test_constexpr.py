@@ -676,3 +676,64 @@ def test_random_axes_agree_with_onnxruntime(op, v):
         evaluated += 1
         _same(got, _ort(_model(op, v, case, got.dtype)))
     assert evaluated >= 30
+
+
+def _conv_bias_from_shape_of(weight: str, *, overridable=None):
+    """x -> Conv(w, bias = Expand(Constant 0.25, Shape(``weight``, end=1))) -> BN -> y: the dynamo exporter's
+    Conv bias, sized from Shape of a weight (timm mobileone_s0 and repvgg_a0, optimize=False)."""
+    from builders import bn_stats
+
+    rng = np.random.default_rng(7)
+    w = rng.normal(0, 0.5, (6, 3, 3, 3)).astype(F32)
+    inits = [numpy_helper.from_array(w, "w"), numpy_helper.from_array(w.copy(), "w2")]
+    inits += [numpy_helper.from_array(v, n) for n, v in zip(("g", "b", "m", "v"), bn_stats(rng, 6))]
+    nodes = [helper.make_node("Constant", [], ["quarter"], value=numpy_helper.from_array(np.array(0.25, F32))),
+             helper.make_node("Shape", [weight], ["wshape"], end=1),
+             helper.make_node("Expand", ["quarter", "wshape"], ["bias"]),
+             helper.make_node("Conv", ["x", "w", "bias"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("BatchNormalization", ["c", "g", "b", "m", "v"], ["y"])]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 5, 5])]
+    if overridable is not None:  # the weight is also a graph input, declared of this shape
+        inputs.append(helper.make_tensor_value_info(weight, TensorProto.FLOAT, overridable))
+    graph = helper.make_graph(nodes, "g", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 8
+    return model
+
+
+def test_shape_of_a_weight_reads_its_dims_not_its_bytes(monkeypatch):
+    """Shape of an initializer is its dims: the fold reads the Conv's weight once (for its new values), and
+    the weight the bias is sized from, which nothing else reads, not at all."""
+    import onnxfold.const_resolve as const_resolve
+    from onnxfold import fold_model
+
+    reads: list[str] = []
+    real = const_resolve.read_tensor
+
+    def counting(t, *args, **kwargs):
+        reads.append(t.name)
+        return real(t, *args, **kwargs)
+
+    monkeypatch.setattr(const_resolve, "read_tensor", counting)
+    x = np.random.default_rng(8).normal(size=(1, 3, 5, 5)).astype(F32)
+    for weight in ("w", "w2"):
+        model = _conv_bias_from_shape_of(weight)
+        reads.clear()
+        folded, report = fold_model(model)
+        assert [f.rule for f in report.folded] == ["conv_bn"]
+        assert reads.count("w") == 1 and "w2" not in reads
+        assert not any(n.op_type == "BatchNormalization" for n in folded.graph.node)
+        np.testing.assert_allclose(_outputs(folded, x), _outputs(model, x), rtol=1e-5, atol=1e-5)
+
+
+def test_shape_of_a_weight_that_is_also_a_graph_input_is_its_declared_shape():
+    """An initializer that is also a graph input (IR >= 4) can be fed at run time: Shape of it is what its
+    declaration fixes (onnxruntime refuses a feed of another shape), and not a constant where the
+    declaration leaves a dimension open: the bias sized from it is not, and the fold is declined."""
+    from onnxfold import fold_model
+
+    _, fixed = fold_model(_conv_bias_from_shape_of("w2", overridable=[6, 3, 3, 3]))
+    assert [f.rule for f in fixed.folded] == ["conv_bn"]
+    _, report = fold_model(_conv_bias_from_shape_of("w2", overridable=["m", 3, 3, 3]))
+    assert not report.folded
+    assert any("is computed by an Expand node, not a constant" in d.reason for d in report.declined)
