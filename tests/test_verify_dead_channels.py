@@ -20,10 +20,9 @@ from builders import bn_stats, tensor
 from onnxfold import fold_file
 
 
-def _dead_channel_model(seed: int = 0) -> onnx.ModelProto:
+def _dead_channel_model(seed: int = 0, c: int = 4) -> onnx.ModelProto:
     """x -> Conv 1x1 -> BN (channel 0's shift -100: dead after the ReLU) -> Relu -> depthwise Conv 3x3 -> BN -> y."""
     rng = np.random.default_rng(seed)
-    c = 4
     g0, b0, m0, v0 = bn_stats(rng, c)
     b0[0] = -100.0  # channel 0 of the ReLU's output is 0 for any input in [-1, 1]
     g1, b1, m1, v1 = bn_stats(rng, c)
@@ -92,6 +91,65 @@ def test_a_right_fold_of_a_channel_no_input_reaches_passes_and_says_so(tmp_path,
     fold = next(f for f in result.verification.results[0].folds if f.name == "bn1")
     assert fold.passed and "1 channel(s) one value on these inputs (channel 0): on random values" in fold.note
     assert result.timings["verify_random_s"] > 0
+
+
+@pytest.mark.parametrize("link", [False, True])
+def test_large_inline_weights_are_read_where_they_lie_in_the_originals_file(tmp_path, monkeypatch, link):
+    """The random comparison's local models take weights over memory.SMALL bytes (here the first Conv's,
+    40x40 float32) by reference to where they lie in the model's file, not parsed (local._weights_in_place),
+    through a symbolic link to the file too: the right fold passes on random values, a wrong one fails."""
+    import importlib
+
+    from onnxfold import isolation
+
+    local = importlib.import_module("onnxfold.verification.local")
+    said = tmp_path / "pointed.txt"  # the spy runs in verification's child: it tells through a file
+    real_parse = local.parse_in_place
+
+    def spy(fd, small, location):
+        model, indices = real_parse(fd, small, location)
+        with open(said, "a") as fh:
+            fh.write(f"{location} {' '.join(map(str, indices))}\n")
+        return model, indices
+
+    monkeypatch.setattr(isolation, "WORKER", "fork")  # the spy reaches the child through the fork
+    monkeypatch.setattr(local, "parse_in_place", spy)
+    model = _dead_channel_model(1, c=40)
+    assert len(model.graph.initializer[0].raw_data) > local.SMALL
+    (tmp_path / "real").mkdir()
+    onnx.save(model, tmp_path / "real" / "m.onnx")
+    src = tmp_path / "m.onnx"
+    if link:
+        src.symlink_to(tmp_path / "real" / "m.onnx")
+    else:
+        src = tmp_path / "real" / "m.onnx"
+    right = fold_file(src, tmp_path / "right.onnx")
+    fold = next(f for f in right.verification.results[0].folds if f.name == "bn1")
+    assert right and fold.passed and "on random values at its own inputs too" in fold.note
+    _plant(monkeypatch, 2)
+    wrong = fold_file(src, tmp_path / "o.onnx")
+    assert not wrong.verification and not (tmp_path / "o.onnx").exists()
+    fold = next(f for f in wrong.verification.results[0].folds if f.name == "bn1")
+    assert not fold.passed and "on random values at its own inputs it fails" in fold.note
+    lines = said.read_text().splitlines()  # each run read the original's first weight where it lies
+    assert [line for line in lines if line.startswith("m.onnx")] == ["m.onnx 0", "m.onnx 0"]
+
+
+def test_uniform_values_keep_to_their_scale_in_every_float_type():
+    import ml_dtypes
+
+    from onnxfold.verification.local import _uniform
+
+    rng = np.random.default_rng(0)
+    for dtype in (np.float16, ml_dtypes.bfloat16, np.float32, np.float64):
+        dtype = np.dtype(dtype)
+        top = float(ml_dtypes.finfo(dtype).max)  # a scale is a value of the dtype: its largest here
+        for scale in (1.0, 3.0, top):
+            v = _uniform(rng, (4, 1000), dtype, scale)
+            wide = v.astype(np.float64)
+            assert v.dtype == dtype and v.shape == (4, 1000)
+            assert np.all(np.isfinite(wide)) and np.max(np.abs(wide)) <= scale
+            assert wide.min() < -0.5 * scale and wide.max() > 0.5 * scale  # both signs, spread to the scale
 
 
 def test_a_wrong_input_side_fold_into_a_depthwise_channel_no_input_reaches_fails(tmp_path, monkeypatch):
