@@ -191,9 +191,12 @@ def test_cuda_verification(dtype):
 @pytest.mark.parametrize("block", [1 << 15, 7, 1])
 def test_the_all_finite_comparison_gives_the_same_numbers_as_the_general_one(monkeypatch, block):
     """compare() takes a shorter way when both tensors are finite everywhere (issue 20: verification's
-    comparison of ResNet-50's 53 fold tensors took 0.15 s), a block at a time; every number of its result
-    is the general way's, per tensor and per channel, with zeros in either tensor, in each float dtype,
-    whatever the blocks (a block of 7 elements cuts these shapes along every axis)."""
+    comparison of ResNet-50's 53 fold tensors took 0.15 s), a block at a time, in float32 for float32
+    and narrower tensors; its result is the general way's (float64), per tensor and per channel, with
+    zeros in either tensor, in each float dtype, whatever the blocks (a block of 7 elements cuts these
+    shapes along every axis): every number the same in float64, and in the narrower types the same
+    verdict, channel, scale and atol, the relative error and the atol needed within float32's rounding
+    of them (2**-23 of themselves, where the smallest atol is 64 units of the scale)."""
     import ml_dtypes
 
     from onnxfold.verification import tolerances
@@ -204,6 +207,9 @@ def test_the_all_finite_comparison_gives_the_same_numbers_as_the_general_one(mon
     def numbers(r):
         return (r.dtype, r.shape, r.max_abs, r.max_rel, r.atol, r.rtol, r.needed_atol, r.passed, r.note, r.channel,
                 r.finite)
+
+    def verdict(r):  # numbers() less the two that float32 rounds
+        return (r.dtype, r.shape, r.max_abs, r.atol, r.rtol, r.passed, r.note, r.channel, r.finite)
 
     cases = 0
     for dtype in (np.float32, np.float64, np.float16, ml_dtypes.bfloat16):
@@ -222,7 +228,13 @@ def test_the_all_finite_comparison_gives_the_same_numbers_as_the_general_one(mon
                     with monkeypatch.context() as m:
                         m.setattr(tolerances, "_finite", lambda *args: None)  # the general way
                         general = compare("t", ref, cand, **kw)
-                    assert numbers(fast) == numbers(general), (dtype, shape, kw)
+                    if dtype == np.float64:
+                        assert numbers(fast) == numbers(general), (dtype, shape, kw)
+                    else:
+                        assert verdict(fast) == verdict(general), (dtype, shape, kw)
+                        assert fast.max_rel == pytest.approx(general.max_rel, rel=2**-22), (dtype, shape, kw)
+                        assert fast.needed_atol == pytest.approx(general.needed_atol, rel=2**-20,
+                                                                 abs=2**-22 * general.atol), (dtype, shape, kw)
                     cases += 1
                 assert tolerances.scale_of(ref) == float(np.max(np.abs(ref.astype(np.float64))))
     assert cases == 4 * 6 * 12 * 5

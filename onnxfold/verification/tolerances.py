@@ -83,36 +83,41 @@ def compare(name: str, ref: np.ndarray, cand: np.ndarray, atol=None, rtol=None, 
 
 def _finite(ref: np.ndarray, cand: np.ndarray, rtol: float, channels: bool, axis: int):
     """:func:`_general`'s numbers where every element of both is finite, in fewer passes, a block at a
-    time (float64 copies of :data:`BLOCK` elements stay in the cache: a [1, 96, 112, 112] fold tensor in
-    4 ms, not 8-14). Returns (max |cand - ref|, max rel, the needed atol per channel (or of the whole), the
-    scales), or None at the first block with a NaN or an infinity in either (then :func:`_general`)."""
+    time (blocks of :data:`BLOCK` elements stay in the cache). Computed in float32 for float32 and
+    narrower tensors (float64 for float64): the difference of two float32 values within a factor of two
+    of each other is exact in float32 (Sterbenz), and the rest is rounded once, 6e-8 of itself, far below
+    any tolerance; a [1, 96, 112, 112] fold tensor in 1.5 ms, not the 3.7 ms of float64 copies. Returns
+    (max |cand - ref|, max rel, the needed atol per channel (or of the whole), the scales), or None at
+    the first block with a NaN or an infinity in either (then :func:`_general`)."""
     if channels:
         ref3, cand3 = channel_view(ref, axis), channel_view(cand, axis)
     else:
         ref3, cand3 = ref.reshape(1, 1, ref.size), cand.reshape(1, 1, cand.size)
     pre, count, post = ref3.shape
+    work = np.float64 if ref.dtype.itemsize > 4 else np.float32
     scales, needs = np.zeros(count), np.zeros(count)
-    max_abs, max_rel, zero_off = 0.0, 0.0, False
+    max_abs, max_rel = 0.0, 0.0
     for at in _blocks(pre, count, post):
-        r = ref3[at].astype(np.float64)
-        err = cand3[at].astype(np.float64)
-        err -= r  # NaN or inf where either is (the inputs are float64 at most: inf - inf is NaN)
+        r, c = ref3[at], cand3[at]
+        if r.dtype != work:  # float16, bfloat16: exact in float32
+            r, c = r.astype(work), c.astype(work)
+        err = np.subtract(c, r)  # NaN or inf where either is (inf - inf is NaN)
         np.abs(err, out=err)
         largest = float(err.max())
         if not math.isfinite(largest):
             return None
         max_abs = max(max_abs, largest)
-        np.abs(r, out=r)  # |ref| from here on
-        zero = r == 0
-        rel = np.divide(err, r, out=np.zeros_like(err), where=~zero)
-        if not zero_off and zero.any():
-            zero_off = bool((err[zero] > 0).any())  # an error where the reference is 0: relatively infinite
-        max_rel = max(max_rel, float(rel.max()))
+        r = np.abs(r)  # |ref| from here on (a new array: the inputs are not written)
+        # relative errors: inf where the reference is 0 and the error is not (relatively infinite),
+        # NaN where both are 0 (fmax passes over it)
+        rel = float(np.fmax.reduce(np.divide(err, r), axis=None))
+        if rel == rel:
+            max_rel = max(max_rel, rel)
         np.maximum(scales[at[1]], r.max(axis=(0, 2)), out=scales[at[1]])
-        r *= rtol
+        r *= work(rtol)
         np.subtract(err, r, out=err)  # what atol must cover
         np.maximum(needs[at[1]], err.max(axis=(0, 2)), out=needs[at[1]])
-    return max_abs, math.inf if zero_off else max_rel, needs, scales
+    return max_abs, max_rel, needs, scales
 
 
 def channel_view(a: np.ndarray, axis: int) -> np.ndarray:
