@@ -496,6 +496,49 @@ def test_inference_sizes_what_follows_reshapes_to_the_shape_of_an_activation(tmp
     assert sorted(f.name for f in folds) == ["bn0", "bn1"] and all(f.passed and f.compared for f in folds)
 
 
+@pytest.mark.parametrize("ir", [3, 8])
+def test_inference_takes_a_large_constant_node_by_its_type_and_shape(monkeypatch, ir):
+    """paddle2onnx keeps weights in Constant nodes (PP-OCRv4 rec: 10.8 MB of them), which every inference
+    pass copied, serialized and parsed: inference now gets each as an initializer of its type and shape
+    alone (a graph input too at IR 3), and tells the same shapes: the Constant's own, and past a Reshape
+    to the Shape of an activation (paddle2onnx's, at opset 12), the tensor it makes."""
+    from onnxfold.verification import memory
+
+    rng = np.random.default_rng(9)
+    f = onnx.TensorProto.FLOAT
+    weight = tensor("w", rng.normal(0, 0.5, (64, 4, 3, 3)).astype(np.float32))  # 9216 bytes: over 2 * SMALL
+    inits = [tensor(n, a) for n, a in zip(("g", "b", "m", "v"), bn_stats(rng, 64))]
+    inits += [tensor("zero", np.array([0], np.int64)), tensor("one", np.array([1], np.int64)),
+              tensor("two", np.array([2], np.int64)), tensor("n36", np.array([36], np.int64))]
+    nodes = [helper.make_node("Constant", [], ["w"], value=weight),
+             helper.make_node("Conv", ["x", "w"], ["c0"], pads=[1, 1, 1, 1]),
+             helper.make_node("BatchNormalization", ["c0", "g", "b", "m", "v"], ["bn0"]),
+             helper.make_node("Shape", ["bn0"], ["s"]),
+             helper.make_node("Slice", ["s", "one", "two", "zero"], ["sl"]),
+             helper.make_node("Concat", ["one", "sl", "n36"], ["t"], axis=0),
+             helper.make_node("Reshape", ["bn0", "t"], ["y"])]
+    graph = helper.make_graph(nodes, "paddle", [helper.make_tensor_value_info("x", f, ["n", 4, "h", "w"])],
+                              [helper.make_tensor_value_info("y", f, None)], inits)
+    if ir < 4:  # IR 3: each initializer is a graph input too
+        graph.input.extend(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 12)])
+    model.ir_version = ir
+    assert model.graph.node[0].ByteSize() > 2 * memory.SMALL
+    seen = []
+    real = onnx.shape_inference.infer_shapes
+
+    def spy(light, *args, **kwargs):
+        seen.append(max((n.ByteSize() for n in light.graph.node), default=0))
+        return real(light, *args, **kwargs)
+
+    monkeypatch.setattr(onnx.shape_inference, "infer_shapes", spy)
+    specs = {"x": (np.dtype(np.float32), (1, 4, 6, 6))}
+    known = memory.inferred_shapes(model, specs, ["y"], every=True)
+    assert known["w"] == (f, (64, 4, 3, 3)) and known["c0"] == (f, (1, 64, 6, 6))
+    assert known["y"] == (f, (1, 64, 36))
+    assert seen and max(seen) < 2 * memory.SMALL  # no pass was given the Constant's bytes
+
+
 def test_inference_sizes_what_follows_a_reshape_to_a_ceil_of_constants():
     """Hugging Face's legacy MobileViT sizes its patches with Ceil of a Constant: const_eval evaluates
     Ceil (and Floor), so the Reshape's target is a constant and what follows it is sized."""
