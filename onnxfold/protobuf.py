@@ -30,6 +30,15 @@ def is_default(node: onnx.NodeProto) -> bool:
     return node.domain in DEFAULT_DOMAINS
 
 
+def constant_tensor(node: onnx.NodeProto) -> onnx.TensorProto | None:
+    """The tensor of a Constant node given by its ``value`` attribute alone (how exporters write a weight
+    as a node: paddle2onnx), else None. Its type and dims are all shape inference needs of a large one."""
+    if node.op_type != "Constant" or not is_default(node) or len(node.output) != 1 or len(node.attribute) != 1:
+        return None
+    attr = node.attribute[0]
+    return attr.t if attr.name == "value" and attr.type == onnx.AttributeProto.TENSOR else None
+
+
 # -- the subgraph walker ----------------------------------------------------------------------------
 
 

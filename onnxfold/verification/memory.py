@@ -17,7 +17,7 @@ from onnx import numpy_helper
 
 from .. import const_eval
 from ..errors import VerifyError
-from ..protobuf import DEFAULT_DOMAINS, copy_fields, without_weights
+from ..protobuf import DEFAULT_DOMAINS, constant_tensor, copy_fields, without_weights
 
 GIB = 1 << 30
 SMALL = 4096  # initializers up to this many bytes keep their values for shape inference (shapes, axes)
@@ -192,15 +192,10 @@ def _light_graph(model: onnx.ModelProto, specs) -> onnx.GraphProto:
 
 
 def _large_constant(node: onnx.NodeProto) -> onnx.TensorProto | None:
-    """The tensor of a Constant node that holds more than ``SMALL`` bytes of it (a weight: its type and
-    shape are what inference needs of it), else None."""
-    if node.op_type != "Constant" or node.domain not in DEFAULT_DOMAINS or len(node.output) != 1 \
-            or len(node.attribute) != 1 or node.ByteSize() <= 2 * SMALL:
-        return None
-    attr = node.attribute[0]
-    if attr.name != "value" or attr.type != onnx.AttributeProto.TENSOR or attr.t.external_data:
-        return None
-    return attr.t
+    """The tensor of a Constant node of more than ``SMALL`` bytes (a weight: its type and shape are what
+    inference needs of it), else None."""
+    value = constant_tensor(node)
+    return value if value is not None and value.ByteSize() > 2 * SMALL else None
 
 
 def _default_opset(model: onnx.ModelProto) -> int:
