@@ -63,6 +63,30 @@ def test_repvgg_block(group):
     assert op_types(folded) == ["Conv", "Relu"]
 
 
+def test_a_branch_sum_reads_each_weight_once(monkeypatch):
+    """The Conv that stays is read once by its merge (its kernel, its dtype: three reads before, each a
+    read of a data file for a large weight): every weight of a RepVGG block is read once in the fold."""
+    import collections
+
+    import onnxfold.const_resolve as const_resolve
+
+    reads: collections.Counter[str] = collections.Counter()
+    real = const_resolve.Constants.value
+
+    def counting(self, name, what):
+        value = real(self, name, what)
+        if np.ndim(value) == 4:
+            reads[name] += 1
+        return value
+
+    monkeypatch.setattr(const_resolve.Constants, "value", counting)
+    g = G(seed=1)
+    x = g.input("x", [2, 4, 7, 6])
+    model = g.model(g.node("Relu", [_repvgg(g, x, 4)]))
+    folds(model, ["conv_bn", "conv_bn", "branch_sum"])
+    assert len(reads) == 4 and set(reads.values()) == {1}, reads
+
+
 def test_repvgg_stack_folds_every_block_to_one_conv():
     g = G(seed=3)
     y = g.input("x", [1, 4, 8, 8])

@@ -82,16 +82,17 @@ class BranchSumRule(Rule):
 
     def fold(self, g: GraphQuery, m: Match) -> Edit:
         conv = g.node(m.upstream)
-        first = _conv_kernel(g, conv, None)
+        w = _weight(g, conv)  # read once: its kernel is its branch's first stage, its dtype the fold's
+        first = _conv_kernel(g, conv, None, w)
         dims, channels = len(first.spatial), _in_channels(first)  # the Conv that stays reads X
-        kernels = [_branch(g, nodes, channels, dims) for nodes in m.branches]
+        kernels = [_branch(g, nodes, channels, dims, {m.upstream: first}) for nodes in m.branches]
         merged = merge([k if sign > 0 else then_affine(k, -np.ones(k.channels), np.zeros(k.channels))
                         for k, sign in zip(kernels, m.signs)])
         attributes = {"kernel_shape": list(merged.spatial), "pads": [*merged.begins, *merged.ends],
                       "strides": list(merged.strides), "dilations": list(merged.dilations), "group": merged.group}
         update = Update({1: NewValue(merged.weight, "weight", conv.input[1]),
                          2: NewValue(merged.bias, "bias", bias_hint(conv))}, attributes=attributes)
-        return m.edit(_weight(g, conv).dtype, {m.upstream: update}, 1)  # a Conv: channels on axis 1
+        return m.edit(w.dtype, {m.upstream: update}, 1)  # a Conv: channels on axis 1
 
 
 class ConcatBranchRule(Rule):
@@ -135,7 +136,8 @@ class ConcatBranchRule(Rule):
 
     def fold(self, g: GraphQuery, m: Match) -> Edit:
         convs = [g.node(j) for j in m.upstreams]
-        first = _conv_kernel(g, convs[0], None)
+        w = _weight(g, convs[0])  # read once: the first kernel's, and the fold's dtype
+        first = _conv_kernel(g, convs[0], None, w)
         kernels = [first, *(_conv_kernel(g, c, len(first.spatial)) for c in convs[1:])]
         rank = len(first.spatial) + 2
         axis = int(attr(g.node(m.downstream), "axis", 1))
@@ -147,7 +149,7 @@ class ConcatBranchRule(Rule):
         conv = convs[0]
         update = Update({1: NewValue(merged.weight, "weight", conv.input[1]),
                          2: NewValue(merged.bias, "bias", bias_hint(conv))}, attributes=attributes)
-        return m.edit(_weight(g, conv).dtype, {m.upstream: update}, 1)
+        return m.edit(w.dtype, {m.upstream: update}, 1)
 
 
 def _is_sum(g: GraphQuery, i: int) -> bool:
@@ -249,8 +251,10 @@ def _geometry(node: onnx.NodeProto, dims: int, what: str) -> tuple[tuple, tuple,
     return tuple(pads[:dims]), tuple(pads[dims:]), strides, dilations
 
 
-def _conv_kernel(g: GraphQuery, node: onnx.NodeProto, dims: int | None) -> Kernel:
-    w = _weight(g, node)
+def _conv_kernel(g: GraphQuery, node: onnx.NodeProto, dims: int | None, w: np.ndarray | None = None) -> Kernel:
+    """The kernel of a Conv; ``w``: its weight, read already."""
+    if w is None:
+        w = _weight(g, node)
     if dims is None:
         dims = w.ndim - 2
     if w.ndim - 2 != dims:
@@ -284,13 +288,14 @@ def _pool_kernel(g: GraphQuery, node: onnx.NodeProto, channels: int, dims: int) 
     return average_pool(channels, kernel_shape, begins, ends, strides)
 
 
-def _branch(g: GraphQuery, nodes: list[int], channels: int, dims: int) -> Kernel:
-    """The kernel a branch's stages make from X, of ``channels`` channels (the identity when it has none)."""
+def _branch(g: GraphQuery, nodes: list[int], channels: int, dims: int, made: dict[int, Kernel]) -> Kernel:
+    """The kernel a branch's stages make from X, of ``channels`` channels (the identity when it has none).
+    ``made``: the kernels of Convs made already, by node (not read again)."""
     k: Kernel = identity(channels, dims)
     for n in nodes:
         node = g.node(n)
         if node.op_type == "Conv":
-            conv = _conv_kernel(g, node, dims)
+            conv = made[n] if n in made else _conv_kernel(g, node, dims)
             k = conv if _is_plain_identity(k) else then_kernel(k, conv)
         elif node.op_type == "AveragePool":
             pool = _pool_kernel(g, node, k.channels, dims)
