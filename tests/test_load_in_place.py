@@ -105,6 +105,53 @@ def test_the_run_reads_the_file_as_loaded_though_another_is_renamed_over_it(tmp_
         assert np.array_equal(got[name], expected[name]), name
 
 
+def test_the_run_reads_external_data_as_loaded_though_another_file_is_renamed_over_it(tmp_path, monkeypatch):
+    """The same for a model with external data: its data file is held open from the load on (each read a
+    pread there, not an open of the path), so a data file renamed over it before the fold is not read."""
+    src, dst = tmp_path / "m.onnx", tmp_path / "out.onnx"
+    onnx.save(two_conv_model(5), src, save_as_external_data=True, location="m.onnx.data", size_threshold=0)
+    expected = values(fold_conv_bn(onnx.load(src)))
+    (tmp_path / "other").mkdir()
+    onnx.save(two_conv_model(6), tmp_path / "other" / "m.onnx", save_as_external_data=True,
+              location="m.onnx.data", size_threshold=0)
+    real_fold = onnxfold_api.fold_model
+
+    def fold_after_rename(*args, **kwargs):
+        os.replace(tmp_path / "other" / "m.onnx.data", tmp_path / "m.onnx.data")  # the gate
+        return real_fold(*args, **kwargs)
+
+    monkeypatch.setattr(onnxfold_api, "fold_model", fold_after_rename)
+    assert fold_file(src, dst, verify=False, external_data="never")
+    got = values(onnx.load(dst))
+    for name in got:
+        assert np.array_equal(got[name], expected[name]), name
+
+
+def test_data_files_past_the_held_ones_are_read_by_their_path(tmp_path, monkeypatch):
+    """A model with a data file per tensor holds the first HELD_DATA_FILES (here 2) from the load and
+    reads the others by their path: the fold is the same."""
+    from onnxfold import load as onnxfold_load
+
+    monkeypatch.setattr(onnxfold_load, "HELD_DATA_FILES", 2)
+    src, dst = tmp_path / "m.onnx", tmp_path / "out.onnx"
+    onnx.save(two_conv_model(7), src, save_as_external_data=True, all_tensors_to_one_file=False, size_threshold=0)
+    assert len([f for f in os.listdir(tmp_path) if f != "m.onnx"]) == 7
+    opened = []
+    real_open = Held.open
+
+    def counting(self, path):
+        opened.append(os.path.basename(path))
+        return real_open(self, path)
+
+    monkeypatch.setattr(Held, "open", counting)
+    assert fold_file(src, dst, external_data="never")
+    assert len(opened) == 2 and "m.onnx" not in opened  # two data files; the model's own is small
+    expected = values(fold_conv_bn(onnx.load(src)))
+    got = values(onnx.load(dst))
+    for name in got:
+        assert np.array_equal(got[name], expected[name]), name
+
+
 def test_a_left_weight_of_the_wrong_size_is_one_line(tmp_path):
     m = two_conv_model(5)
     w2 = m.graph.initializer[1]
