@@ -144,6 +144,12 @@ def scale_columns(w: np.ndarray, scale: np.ndarray) -> RowScaled:
     return RowScaled(w, lambda a, b: scale.reshape(1, -1))
 
 
+def unscaled(scale) -> bool:
+    """Whether ``scale`` is exactly 1 everywhere (an Add or a Sub of a constant): the weight then stays
+    the tensor it is, bit for bit what scaling it by 1 in float64 and casting back would write."""
+    return bool(np.all(np.asarray(scale) == 1))
+
+
 def fold_bias(bias, scale: np.ndarray, shift: np.ndarray) -> np.ndarray:
     """b' = b * scale + shift, with b = 0 when absent."""
     if bias is None:

@@ -38,7 +38,7 @@ class Folded:
     consumer: str
     graph: str  # "main", or the path of a subgraph: "main/<node>.<attribute>"
     dtype: str
-    weight: str  # the new weight tensor's name
+    weight: str  # the new weight tensor's name (the new bias's where the weight stays: an Add's fold)
     max_abs_weight: float
     output: str = ""  # the tensor the fold rewrote: the consumer's output (a Conv's for bn_conv), name kept
     # Verification of this fold at ``output`` (per channel; see verify.py), None when not compared there:

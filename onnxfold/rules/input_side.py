@@ -43,7 +43,7 @@ from ..errors import NotFoldable
 from ..protobuf import is_default
 from .base import GraphQuery, Match, Rule, attr
 from .consumers import Consumer
-from .producers import bias_hint, conv_constants, matrix_weight
+from .producers import bias_hint, conv_constants, matrix_weight, new_inputs
 
 TARGETS = ("Conv", "Gemm", "MatMul")
 
@@ -276,7 +276,8 @@ def _into_conv(g: GraphQuery, consumer: Consumer, a: onnx.NodeProto, d: int, con
         raise NotFoldable(f"Conv pads its input ({padding}): zero padding after {a.op_type} "
                           "is not an affine of the input")
     w2, b2 = conv_input_affine(w, b, scale, shift, group, padded=bool(padding))
-    return w.dtype, Update({1: NewValue(w2, "weight", conv.input[1]), 2: NewValue(b2, "bias", bias_hint(conv))})
+    return w.dtype, Update(new_inputs(scale, NewValue(w2, "weight", conv.input[1]),
+                                      {2: NewValue(b2, "bias", bias_hint(conv))}))
 
 
 def _padding(conv: onnx.NodeProto) -> str:
@@ -300,10 +301,8 @@ def _into_gemm(g: GraphQuery, consumer: Consumer, a: onnx.NodeProto, d: int, gem
     scale, shift = consumer.affine(g, a, d, b.shape[1] if trans_b else b.shape[0], 2, 1)
     b2, c2, beta = gemm_input_affine(b, c, scale, shift, trans_b=trans_b, alpha=float(attr(gemm, "alpha", 1.0)),
                                      beta=float(attr(gemm, "beta", 1.0)))
-    inputs = {1: NewValue(b2, "weight", gemm.input[1])}
-    if c2 is not None:
-        inputs[2] = NewValue(c2, "bias", bias_hint(gemm))
-    return b.dtype, Update(inputs, attributes={"beta": beta})
+    bias = {} if c2 is None else {2: NewValue(c2, "bias", bias_hint(gemm))}
+    return b.dtype, Update(new_inputs(scale, NewValue(b2, "weight", gemm.input[1]), bias), attributes={"beta": beta})
 
 
 def _into_matmul(g: GraphQuery, consumer: Consumer, a: onnx.NodeProto, d: int, matmul: onnx.NodeProto):
@@ -321,7 +320,7 @@ def _into_matmul(g: GraphQuery, consumer: Consumer, a: onnx.NodeProto, d: int, m
         return w.dtype, Update({1: weight})
     if rank != 2:
         raise NotFoldable(f"MatMul's input has rank {rank}: it has no bias to take the {a.op_type}'s shift")
-    return w.dtype, Update({1: weight, 2: NewValue(added, "bias", bias_hint(matmul))}, op_type="Gemm")
+    return w.dtype, Update(new_inputs(scale, weight, {2: NewValue(added, "bias", bias_hint(matmul))}), op_type="Gemm")
 
 
 _FOLD: dict[str, Callable] = {"Conv": _into_conv, "Gemm": _into_gemm, "MatMul": _into_matmul}

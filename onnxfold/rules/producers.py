@@ -14,7 +14,7 @@ from typing import Generic, TypeVar
 import numpy as np
 import onnx
 
-from ..affine import RowScaled, fold_bias, scale_columns, scale_conv_transpose_weight, scale_conv_weight
+from ..affine import RowScaled, fold_bias, scale_columns, scale_conv_transpose_weight, scale_conv_weight, unscaled
 from ..edit import NewValue, Update
 from ..errors import NotFoldable
 from ..protobuf import is_default
@@ -103,6 +103,13 @@ def conv_constants(g: GraphQuery, node: onnx.NodeProto) -> tuple[np.ndarray, np.
     return w, b
 
 
+def new_inputs(scale, weight: NewValue, others: dict[int, NewValue]) -> dict[int, NewValue]:
+    """A producer's new inputs: ``others`` (its bias) and ``weight`` (slot 1), unless the scale is exactly
+    1 everywhere (:func:`onnxfold.affine.unscaled`: an Add or a Sub of a constant). Then the weight stays
+    the tensor it is and the fold writes the bias alone, with no pass over the weight."""
+    return dict(others) if others and unscaled(scale) else {1: weight, **others}
+
+
 def bias_hint(node: onnx.NodeProto) -> str:
     """A name for a producer's new bias: its old one, or the weight's with .bias / _bias."""
     if len(node.input) > 2 and node.input[2]:
@@ -130,8 +137,8 @@ class ConvProducer(Producer[Weights]):
         return Weights(w, b, channels=w.shape[0], rank=w.ndim)
 
     def update(self, node, w, scale, shift):
-        return Update({1: NewValue(scale_conv_weight(w.weight, scale), "weight", node.input[1]),
-                       2: NewValue(fold_bias(w.bias, scale, shift), "bias", bias_hint(node))})
+        return Update(new_inputs(scale, NewValue(scale_conv_weight(w.weight, scale), "weight", node.input[1]),
+                                 {2: NewValue(fold_bias(w.bias, scale, shift), "bias", bias_hint(node))}))
 
 
 class ConvTransposeProducer(Producer[GroupedWeights]):
@@ -154,8 +161,9 @@ class ConvTransposeProducer(Producer[GroupedWeights]):
         return GroupedWeights(w, b, channels=w.shape[1] * group, rank=w.ndim, group=group)
 
     def update(self, node, w, scale, shift):
-        return Update({1: NewValue(scale_conv_transpose_weight(w.weight, scale, w.group), "weight", node.input[1]),
-                       2: NewValue(fold_bias(w.bias, scale, shift), "bias", bias_hint(node))})
+        weight = NewValue(scale_conv_transpose_weight(w.weight, scale, w.group), "weight", node.input[1])
+        bias = NewValue(fold_bias(w.bias, scale, shift), "bias", bias_hint(node))
+        return Update(new_inputs(scale, weight, {2: bias}))
 
 
 def matrix_weight(g: GraphQuery, node: onnx.NodeProto, what: str) -> np.ndarray:
@@ -206,8 +214,8 @@ class GemmProducer(Producer[GemmWeights]):
         c = c * w.beta * scale + shift
         if w.c_shape and len(w.c_shape) == 2:
             c = c.reshape(1, -1)
-        return Update({1: NewValue(b, "weight", node.input[1]), 2: NewValue(c, "bias", bias_hint(node))},
-                      attributes={"beta": 1.0})
+        bias = NewValue(c, "bias", bias_hint(node))
+        return Update(new_inputs(scale, NewValue(b, "weight", node.input[1]), {2: bias}), attributes={"beta": 1.0})
 
 
 class MatMulProducer(Producer[Weights]):
@@ -241,7 +249,7 @@ class MatMulProducer(Producer[Weights]):
         weight = NewValue(scale_columns(w.weight, scale), "weight", node.input[1])
         if not w.takes_shift:
             return Update({1: weight})
-        return Update({1: weight, 2: NewValue(shift.copy(), "bias", bias_hint(node))}, op_type="Gemm")
+        return Update(new_inputs(scale, weight, {2: NewValue(shift.copy(), "bias", bias_hint(node))}), op_type="Gemm")
 
 
 @dataclass
@@ -305,6 +313,8 @@ class LinearProducer(Producer[LinearWeights]):
         return Update({w.bias_slot: NewValue(bias, "bias", node.input[w.bias_slot])})
 
     def inner_updates(self, w, scale):
+        if unscaled(scale):  # the bias takes the shift alone: the MatMul stays as it is
+            return {}
         return {w.matmul: Update({1: NewValue(scale_columns(w.weight, scale), "weight", w.weight_name)})}
 
 
