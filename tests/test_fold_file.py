@@ -377,7 +377,6 @@ def test_the_timings_break_the_run_into_its_phases(tmp_path):
                                           "run_folded_s", "compare_s"))
     assert child <= t["verify_child_s"] * 1.001 + 1e-3
     assert t["verify_child_s"] <= t["verify_s"]
-    assert t["check_checker_s"] <= t["verify_child_s"] * 1.001 + 1e-3  # it runs while the child runs the models
     saved = json.loads((tmp_path / "r.json").read_text())["timings"]
     assert saved == json.loads(json.dumps(t))
     unverified = fold_file(src, tmp_path / "u.onnx", verify=False).timings
