@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .affine import RowScaled, fold_input_affine
+from .affine import RowScaled, fold_input_affine, unscaled
 from .errors import NotFoldable
 
 __all__ = ["conv_input_affine", "gemm_input_affine", "matmul_input_affine", "pad_amounts", "check_pad_commutes",
@@ -79,7 +79,8 @@ def gemm_input_affine(
     bk = b64.T if trans_b else b64  # B' [K, N]
     if bk.shape[0] != s.size:
         raise NotFoldable(f"Gemm reduces over {bk.shape[0]} input features, the affine has {s.size}")
-    new_b = b64 * (s.reshape(1, -1) if trans_b else s.reshape(-1, 1))
+    # B' = B where the affine is a pure shift: the fold then keeps B and writes C alone (rules.producers.new_inputs)
+    new_b = b64 if unscaled(s) else b64 * (s.reshape(1, -1) if trans_b else s.reshape(-1, 1))
     if not np.any(t):
         return new_b, None if c is None else np.asarray(c, dtype=np.float64), float(beta)
     added = float(alpha) * (t @ bk)  # [N]
@@ -107,7 +108,7 @@ def matmul_input_affine(w: np.ndarray, scale, shift) -> tuple[np.ndarray, np.nda
         raise NotFoldable(f"MatMul's weight has rank {w64.ndim}: no input-feature axis to scale")
     if w64.shape[-2] != s.size:
         raise NotFoldable(f"MatMul reduces over {w64.shape[-2]} input features, the affine has {s.size}")
-    new_w = w64 * s.reshape(-1, 1)
+    new_w = w64 if unscaled(s) else w64 * s.reshape(-1, 1)  # a pure shift keeps W (rules.producers.new_inputs)
     if not np.any(t):
         return new_w, None
     added = np.einsum("k,...kn->...n", t, w64)
