@@ -42,21 +42,24 @@ def phases(startup, verify=0.0, check=0.0, fold=0.01, total=None):
 
 def synthetic() -> dict:
     models = {
-        # met both: 0.5 / 0.3 = 1.67x, 0.29 / 0.3 = 0.97x
+        # met both: 0.5 / 0.3 = 1.67x, 0.29 / 0.3 = 0.97x; the checked floor 0.27 / 0.3 = 0.9x
         "timm/a_legacy": {"ort": variant(0.30), "fold": variant(0.50, phases=phases(0.2, verify=0.25)),
-                          "nv": variant(0.29, phases=phases(0.2, check=0.05))},
-        # missed both: 0.9 / 0.2 = 4.5x, 0.5 / 0.2 = 2.5x; verification failed (exit 1) once
+                          "nv": variant(0.29, phases=phases(0.2, check=0.05)), "floor": variant(0.27)},
+        # missed both: 0.9 / 0.2 = 4.5x, 0.5 / 0.2 = 2.5x; verification failed (exit 1) once; the floor
+        # 0.4 / 0.2 = 2x
         "hf/detr_dynamo": {"ort": variant(0.20),
                            "fold": variant(0.90, rcs=(0, 1, 0), phases=phases(0.25, verify=0.55),
                                            error="verification failed: output y"),
-                           "nv": variant(0.50, phases=phases(0.25, fold=0.2))},
-        # onnxruntime failed: not compared
+                           "nv": variant(0.50, phases=phases(0.25, fold=0.2)), "floor": variant(0.40)},
+        # onnxruntime failed: not compared; the floor failed too
         "wheels/x/bad": {"ort": variant(0.10, rcs=(1,), error="InvalidGraph: bad node"),
-                         "fold": variant(0.40, phases=phases(0.2)), "nv": variant(0.35, phases=phases(0.2))},
+                         "fold": variant(0.40, phases=phases(0.2)), "nv": variant(0.35, phases=phases(0.2)),
+                         "floor": variant(0.2, rcs=(1,), error="ValidationError: bad")},
     }
     corpus = {"dir": "/c", "rounds": 3, "warmup": 1, "loadavg_1m": [0.5, 1.5], "seconds": 12.0, "models": {
         name: {"bytes": 4_000_000, "bn_nodes": 7, "kind": "timm", "external_data": False,
-               "variants": {"onnxruntime": m["ort"], "onnxfold": m["fold"], "onnxfold-nv": m["nv"]}}
+               "variants": {"onnxruntime": m["ort"], "onnxfold": m["fold"], "onnxfold-nv": m["nv"],
+                            "floor-checked": m["floor"]}}
         for name, m in models.items()}}
     startup = {"repeat": 3, "walls": {"python -c pass": 0.04, "python -c \"import onnxruntime\"": 0.13,
                                       "python -c \"import onnx\"": 0.15, "python -m onnxfold --version": 0.26},
@@ -81,6 +84,9 @@ def test_rows_ratios_exit_codes_and_dominant_phase(tools):
     assert detr["nv_dominant"] == ("start-up", pytest.approx(0.25))
     assert [k for k, _ in detr["nv_top"]] == ["start-up", "fold"]
     assert bad["ort_s"] is None and bad["fold_ratio"] is None and "InvalidGraph" in bad["ort_error"]
+    assert a["floor_ratio"] == pytest.approx(0.9) and a["nv_floor"] == pytest.approx(0.29 / 0.27)
+    assert detr["floor_ratio"] == pytest.approx(2.0) and detr["nv_floor"] == pytest.approx(1.25)
+    assert bad["floor_s"] is None and bad["floor_ratio"] is None and "ValidationError" in bad["floor_error"]
     # "rest": the wall time outside start-up and total_s
     split = rep.phase_split(synthetic()["corpus"]["models"]["timm/a_legacy"]["variants"]["onnxfold"])
     assert split["rest"] == pytest.approx(0.5 - 0.2 - (0.031 + 0.25 + 0.01))
@@ -106,9 +112,13 @@ def test_page_has_the_corpus_table_targets_and_start_up(tools):
     assert ("onnxfold with verification ≤ 2x onnxruntime: met on 1 of 2 models; missed on 1: "
             "hf/detr_dynamo 4.50x") in intro
     assert "not compared (onnxruntime failed): wheels/x/bad" in intro
+    assert ("with nothing folded) is ≤ 1x onnxruntime on 1 of 2 models (median 1.45x); onnxfold `--no-verify`, "
+            "which also folds, is at a median 1.16x of it and at or under it on 0 of 2. "
+            "The floor failed on: wheels/x/bad.") in intro
     assert ("| hf/detr_dynamo | 4.0 MB | 7 | 0.20 | 0.90 (4.50x), exit 1 | verify 0.55 s, start-up 0.25 s "
-            "| 0.50 (2.50x) | start-up 0.25 s, fold 0.20 s |") in md
+            "| 0.50 (2.50x) | start-up 0.25 s, fold 0.20 s | 0.40 (2.00x) |") in md
     assert "| wheels/x/bad | 4.0 MB | 7 | ✗ InvalidGraph: bad node |" in md
+    assert md.split("| wheels/x/bad |")[1].split("\n")[0].endswith("| ✗ ValidationError: bad |")
     assert "- hf/detr_dynamo (verified): verification failed: output y" in md
     assert "| `python -c \"import onnxruntime\"` | 0.130 |" in md
     assert "the outermost imports total 0.230 s" in md and "| &nbsp;&nbsp;&nbsp;&nbsp;onnx | 0.097 |" in md
@@ -119,6 +129,40 @@ def test_page_has_the_corpus_table_targets_and_start_up(tools):
     # a results file without the corpus sections renders as before
     plain = {k: v for k, v in synthetic().items() if k not in ("corpus", "startup")}
     assert "## Corpus" not in report.render_md(plain) and "## Start-up" not in report.render_md(plain)
+
+
+def test_results_without_the_checked_floor_render_as_before(tools):
+    """A results file from before the floor was measured: no floor line, a dash in its column."""
+    _, rep, report = tools
+    old = synthetic()
+    for m in old["corpus"]["models"].values():
+        del m["variants"]["floor-checked"]
+    assert rep.floor_lines(rep.corpus_rows(old)) == []
+    md = report.render_md(old)
+    assert "checked floor (onnx.load" not in md and "| 0.50 (2.50x) | start-up 0.25 s, fold 0.20 s | – |" in md
+
+
+@pytest.mark.parametrize("model, ext", [("mlp_bn1d.onnx", False), ("resnet_block_extdata.onnx", True)])
+def test_the_checked_floor_writes_a_model_that_loads(tools, tmp_path, model, ext):
+    """FLOOR_CHECKED, run as the corpus section runs it: exit 0, a model that onnx and onnxruntime load,
+    with its external data where asked; and an input it cannot read is a non-zero exit, its session child
+    not left waiting."""
+    import subprocess
+
+    import onnx
+
+    corpus, _, _ = tools
+    dst = tmp_path / "out.onnx"
+    argv = corpus.variant_argv("floor-checked", str(ROOT / "models" / model), str(dst), "", ext, None)
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "out.onnx.data").exists() == ext
+    onnx.checker.check_model(str(dst))
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"not a model")
+    done = subprocess.run(corpus.variant_argv("floor-checked", str(bad), str(tmp_path / "o2.onnx"), "", False, None),
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and not (tmp_path / "o2.onnx").exists()
 
 
 def test_importtime_parsing_and_summary(tools):

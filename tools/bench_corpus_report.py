@@ -2,7 +2,8 @@
 
 Pure functions of the results dict: ``corpus_rows`` (one row per corpus model), ``evaluate_targets``
 (issue 20: with verification at most 2x onnxruntime's offline optimizer, without at most 1x),
-``gap_explanation`` and the markdown of both sections.
+``floor_lines`` (what the checked floor says of the second), ``gap_explanation`` and the markdown of both
+sections.
 """
 from __future__ import annotations
 
@@ -58,6 +59,11 @@ def corpus_rows(results: dict) -> list[dict]:
             row[f"{key}_error"] = r.get("error")
             row[f"{key}_dominant"] = dominant(r)
             row[f"{key}_top"] = top_phases(r)
+        floor = vs.get("floor-checked", {})
+        row["floor_s"] = floor.get("wall_median_s") if floor.get("ok") else None
+        row["floor_error"] = None if floor.get("ok") or not floor else floor.get("error", "failed")
+        row["floor_ratio"] = row["floor_s"] / ort_s if (row["floor_s"] and ort_s) else None
+        row["nv_floor"] = row["nv_s"] / row["floor_s"] if (row["nv_s"] and row["floor_s"]) else None
         rows.append(row)
     return rows
 
@@ -94,7 +100,28 @@ def _verdict(t: dict) -> str:
 
 def target_lines(results: dict) -> list[str]:
     rows = corpus_rows(results)
-    return [f"- {_verdict(t)}" for t in evaluate_targets(rows)] if rows else []
+    return [f"- {_verdict(t)}" for t in evaluate_targets(rows)] + floor_lines(rows) if rows else []
+
+
+def floor_lines(rows: list[dict]) -> list[str]:
+    """The checked floor against the ``--no-verify`` target: on how many models a tool that folds nothing
+    but gives the same guarantees is within 1x onnxruntime at all, and where onnxfold stands against it."""
+    compared = [r for r in rows if r["floor_ratio"] is not None]
+    if not compared:
+        return []
+    within = [r for r in compared if r["floor_ratio"] <= 1.0]
+    line = (f"- The checked floor (onnx.load + onnx.save, the files synced, onnx.checker and an onnxruntime "
+            f"session of the written model: what `--no-verify` guarantees, with nothing folded) is ≤ 1x "
+            f"onnxruntime on {len(within)} of {len(compared)} models (median "
+            f"{statistics.median(r['floor_ratio'] for r in compared):.2f}x)")
+    both = [r for r in compared if r["nv_floor"] is not None]
+    if both:
+        under = [r for r in both if r["nv_floor"] <= 1.0]
+        line += (f"; onnxfold `--no-verify`, which also folds, is at a median "
+                 f"{statistics.median(r['nv_floor'] for r in both):.2f}x of it and at or under it on "
+                 f"{len(under)} of {len(both)}")
+    failed = [r["name"] for r in rows if r["floor_error"]]
+    return [line + "." + (f" The floor failed on: {', '.join(failed)}." if failed else "")]
 
 
 def gap_explanation(results: dict) -> list[str]:
@@ -160,9 +187,14 @@ def render_corpus_md(results: dict) -> list[str]:
          f"Every model of the real-model corpus (`python tools/corpus.py`; {len(rows)} models), each as fresh "
          "processes exactly as a user runs them: `python -m onnxfold IN OUT` (verification, the default), "
          "`python -m onnxfold IN OUT --no-verify`, and onnxruntime's offline optimizer (the *onnxruntime* tool "
-         "above, told to write external data where the model has it). Median wall time (spawn to reap) of "
+         "above, told to write external data where the model has it); and the *checked floor*: the model "
+         "read and written with onnx.load and onnx.save, folded not at all, with the checks `--no-verify` "
+         "makes before exit 0 (the files synced, onnx.checker on the written file, an onnxruntime session of "
+         "it with optimizations off), arranged as favourably as two cores allow (the session's process forked "
+         "at interpreter start, so that its onnxruntime import overlaps the onnx import; the checker beside "
+         "the session; tools/bench_corpus.py's FLOOR_CHECKED). Median wall time (spawn to reap) of "
          f"{corpus['rounds']} interleaved rounds after "
-         f"{corpus['warmup']} warm-up round(s): each round runs every model, each model's three commands in an "
+         f"{corpus['warmup']} warm-up round(s): each round runs every model, each model's commands in an "
          "order rotated from round to round. Ratios are to onnxruntime; an exit code other than 0 is shown. "
          "*Biggest phases*: the two largest of onnxfold's `--report` timings (medians; *start-up* is the "
          "interpreter and the imports, *rest* the wall time outside start-up and `total_s`: arguments, renames, "
@@ -172,12 +204,14 @@ def render_corpus_md(results: dict) -> list[str]:
     L += [*target_lines(results), ""]
     L += gap_explanation(results) + ["", "![onnxfold over onnxruntime per corpus model](benchmarks_corpus.png)", ""]
     L += ["| model | size | BN | onnxruntime s | onnxfold s (× ort) | biggest phases | --no-verify s (× ort) "
-          "| biggest phases |", "|---|---:|---:|---:|---:|---|---:|---|"]
+          "| biggest phases | checked floor s (× ort) |", "|---|---:|---:|---:|---:|---|---:|---|---:|"]
     for r in rows:
         ort = _sec(r["ort_s"]) if r["ort_s"] else f"✗ {str(r['ort_error'])[:60]}"
+        floor = (f"{_sec(r['floor_s'])} ({_ratio(r['floor_ratio'])})" if r["floor_s"]
+                 else f"✗ {str(r['floor_error'])[:60]}" if r["floor_error"] else "–")
         L.append(f"| {r['name']} | {_size(r['bytes'])} | {r['bn'] if r['bn'] is not None else '–'} | {ort} | "
                  f"{_fold_cell(r, 'fold')} | {_dom(r['fold_top'])} | {_fold_cell(r, 'nv')} | "
-                 f"{_dom(r['nv_top'])} |")
+                 f"{_dom(r['nv_top'])} | {floor} |")
     errors = [(r["name"], k, r[f"{k}_error"]) for r in rows for k in ("fold", "nv") if r[f"{k}_error"]]
     if errors:
         L += ["", "onnxfold's messages where it exited non-zero:", ""]
@@ -243,13 +277,17 @@ def render_corpus_png(results: dict, path) -> bool:
     ys = range(len(rows))
     ax.barh([y + 0.2 for y in ys], [r["fold_ratio"] for r in rows], 0.4, label="onnxfold (verified)")
     ax.barh([y - 0.2 for y in ys], [r["nv_ratio"] for r in rows], 0.4, label="onnxfold --no-verify")
+    floored = [(y, r["floor_ratio"]) for y, r in zip(ys, rows) if r.get("floor_ratio")]
+    if floored:  # on the --no-verify bar: the same guarantees with nothing folded
+        ax.scatter([x for _, x in floored], [y - 0.2 for y, _ in floored], marker="|", s=60, color="black",
+                   zorder=3, label="checked floor (folds nothing)")
     for limit, style in ((1.0, "--"), (2.0, ":")):
         ax.axvline(limit, color="black", linewidth=0.8, linestyle=style)
     ax.set_yticks(list(ys))
     ax.set_yticklabels([r["name"] for r in rows], fontsize=7)
     ax.set_ylim(-0.7, len(rows) - 0.3)
     ax.set_xscale("log")
-    ratios = [r[k] for r in rows for k in ("fold_ratio", "nv_ratio")] + [1.0, 2.0]
+    ratios = [r[k] for r in rows for k in ("fold_ratio", "nv_ratio")] + [x for _, x in floored] + [1.0, 2.0]
     lo, hi = min(ratios) / 1.3, max(ratios) * 1.3
     ax.set_xlim(lo, hi)
     ax.set_xticks([v for v in (0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1, 1.5, 2, 3, 5, 7, 10, 20) if lo <= v <= hi])
