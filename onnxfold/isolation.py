@@ -25,6 +25,7 @@ from __future__ import annotations
 import atexit
 import importlib
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -107,6 +108,14 @@ def join(child: Child, *, first: Callable[[], Any] | None = None, meanwhile: Cal
 def _hold_gate(fd: int | None, given: Any = None) -> None:
     global _gate, _given
     _gate, _given = fd, given
+
+
+def first_pending() -> bool:
+    """In a gated child: whether :func:`wait_first` would wait now (the parent's ``first`` has not
+    returned yet), so that work needed later may be done meanwhile. False where nothing is awaited."""
+    if _gate is None:
+        return False
+    return not select.select([_gate], [], [], 0)[0]
 
 
 def wait_first() -> Any:

@@ -384,7 +384,7 @@ def test_out_of_memory_in_the_verification_child_is_one_line_not_a_bug(monkeypat
     too big for this machine, a user's matter (FoldError: one line, exit 2)."""
     job = importlib.import_module("onnxfold.verification.job")
 
-    def hungry(job_, provider, stage, early=None, shapes=None):
+    def hungry(job_, provider, stage, early=None, shapes=None, parsed=None):
         stage("running the original model")
         raise MemoryError
 

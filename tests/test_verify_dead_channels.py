@@ -251,3 +251,125 @@ def test_random_values_of_a_graph_input_take_the_inputs_shape_and_dtype():
     both = local._random_values(job, "CPUExecutionProvider", model, ["x", "r0"], {}, np.random.default_rng(0),
                                 known={"r0": (onnx.TensorProto.FLOAT, (1, 4, 6, 6))})
     assert both["r0"].shape == (1, 4, 6, 6) and both["r0"].dtype == np.float32
+
+
+# -- the original parsed for the random comparison while the parent folds ---------------------------------
+
+@pytest.fixture
+def parsed_ahead(tmp_path, monkeypatch):
+    """The parent writes only once verification's child has run the original early (a marker file, a gate
+    not a sleep), so the plan is still pending when the child looks; the child's parse ahead leaves a
+    marker, and a parse in the random comparison itself (the path without it) raises there."""
+    import importlib
+    import time
+
+    from onnxfold import isolation
+
+    api = importlib.import_module("onnxfold.api")
+    job = importlib.import_module("onnxfold.verification.job")
+    local = importlib.import_module("onnxfold.verification.local")
+    sessions = importlib.import_module("onnxfold.verification.sessions")
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    real_alone, real_write, real_parsed = sessions.run_alone, api.write, local.Parsed
+
+    def run_alone(*args, **kwargs):
+        out = real_alone(*args, **kwargs)
+        (marks / "early").write_text("ran")
+        return out
+
+    def write(*args, **kwargs):
+        deadline = time.monotonic() + 60
+        while not (marks / "early").exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return real_write(*args, **kwargs)
+
+    class Ahead(real_parsed):
+        def __init__(self, model):
+            super().__init__(model)
+            with open(marks / "ahead", "a") as fh:
+                fh.write(f"{isolation.first_pending()}\n")
+
+    class NotAgain(real_parsed):
+        def __init__(self, model):
+            raise RuntimeError("parsed again after the plan")
+
+    monkeypatch.setattr(isolation, "WORKER", "fork")  # the patches reach the child through the fork
+    monkeypatch.setattr(job, "run_alone", run_alone)
+    monkeypatch.setattr(api, "write", write)
+    monkeypatch.setattr(job, "Parsed", Ahead)
+    monkeypatch.setattr(local, "Parsed", NotAgain)
+    return marks
+
+
+@pytest.mark.parametrize("external", [False, True])
+def test_the_original_is_parsed_for_the_random_comparison_while_the_model_is_folded(tmp_path, parsed_ahead,
+                                                                                     external):
+    """A dead channel shows in the early run's outputs while the plan is pending: the child parses the
+    original then, and the random comparison after the plan uses that parse (a second one would fail it)."""
+    src = tmp_path / "m.onnx"
+    onnx.save(_dead_channel_model(1), src, save_as_external_data=external, all_tensors_to_one_file=True,
+              size_threshold=0)
+    result = fold_file(src, tmp_path / "o.onnx")
+    assert result and (tmp_path / "o.onnx").exists()
+    assert (parsed_ahead / "ahead").read_text() == "True\n"  # once, the plan still pending
+    fold = next(f for f in result.verification.results[0].folds if f.name == "bn1")
+    assert fold.passed and "on random values at its own inputs too" in fold.note
+
+
+def test_a_wrong_fold_of_a_dead_channel_fails_against_the_original_parsed_ahead(tmp_path, monkeypatch,
+                                                                                parsed_ahead):
+    src = tmp_path / "m.onnx"
+    onnx.save(_dead_channel_model(), src)
+    _plant(monkeypatch, 2)
+    result = fold_file(src, tmp_path / "o.onnx")
+    assert not result.verification and not (tmp_path / "o.onnx").exists()
+    assert (parsed_ahead / "ahead").read_text() == "True\n"
+    fold = next(f for f in result.verification.results[0].folds if f.name == "bn1")
+    assert not fold.passed and "on random values at its own inputs it fails" in fold.note
+
+
+def test_no_parse_ahead_without_a_channel_the_inputs_miss(tmp_path, parsed_ahead):
+    """The early run shows no dead channel: nothing is parsed ahead (nor after: no random comparison)."""
+    from test_verify_early import two_folds
+
+    src = tmp_path / "m.onnx"
+    onnx.save(two_folds(2), src)
+    result = fold_file(src, tmp_path / "o.onnx")
+    assert result and (parsed_ahead / "early").exists() and not (parsed_ahead / "ahead").exists()
+    assert "verify_random_s" not in result.timings
+
+
+def test_first_pending_is_whether_the_parents_word_is_still_to_come(monkeypatch):
+    import os
+
+    from onnxfold import isolation
+
+    assert isolation.first_pending() is False  # not a gated child: nothing awaited
+    r, w = os.pipe()
+    monkeypatch.setattr(isolation, "_gate", r)
+    try:
+        assert isolation.first_pending() is True
+        os.write(w, b"x")
+        assert isolation.first_pending() is False
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def test_the_early_outputs_tell_a_channel_of_one_value_on_axis_1_or_the_last_of_2d():
+    from onnxfold.verification.job import Early
+
+    rng = np.random.default_rng(0)
+    live4, live2 = rng.normal(size=(1, 3, 4, 4)), rng.normal(size=(2, 3))
+    dead4 = live4.copy()
+    dead4[:, 1] = 0.0
+    dead2 = live2.copy()
+    dead2[:, 2] = 5.0
+    assert not Early({"a": live4, "b": live2}, {"a", "b"}, {}).idle()
+    assert Early({"a": dead4, "b": live2}, {"a", "b"}, {}).idle()
+    assert Early({"a": live4, "b": dead2}, {"a", "b"}, {}).idle()
+    assert not Early({"y": dead4}, set(), {}).idle()  # a graph output the fold tensors do not include
+    # looked for only while the plan is pending: once it has come, no tensor more is scanned
+    asked = []
+    assert not Early({"a": dead4}, {"a"}, {}).idle(while_=lambda: asked.append(1) or False) and asked == [1]

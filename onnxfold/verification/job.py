@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
 from functools import cached_property
 from typing import Any
@@ -18,7 +19,7 @@ from ..const_resolve import CONSTANT_MAKERS
 from ..errors import ExposureRefused, first_line
 from ..protobuf import PROTOBUF_LIMIT, is_default
 from .inputs import feed_specs, input_specs, random_inputs
-from .local import compare_locally, compare_on_random, idle_channels
+from .local import Parsed, compare_locally, compare_on_random, idle_channels
 from .memory import GIB, check_budget, estimate, inferred_shapes, sized, structure_of_file
 from .planning import model_size
 from .results import ON_ITS_OWN_INPUTS, UNEXERCISED, OutputComparison, ProviderResult
@@ -109,6 +110,14 @@ class Early:
             return None
         return {k: v for k, v in self.outputs.items() if k not in self.exposed or k in wanted}
 
+    def idle(self, while_: Callable[[], bool] = lambda: True) -> bool:
+        """Whether a fold tensor is likely to have channels these inputs do not reach (then compared on
+        random values after the direct comparison: :func:`_on_random`): an exposed tensor with such a
+        channel on axis 1, or on its last axis when it has 2 dimensions (the plan has the real axes).
+        Looked for tensor by tensor while ``while_()`` holds (False once it does not)."""
+        return any(while_() and idle_channels(v, 1 if np.ndim(v) > 2 else -1)
+                   for k, v in self.outputs.items() if k in self.exposed)
+
 
 def run_job(job: VerifyJob, send) -> list[ProviderResult]:
     """The child's side (an :mod:`onnxfold.isolation` target): every provider in turn. Memory a session
@@ -119,11 +128,16 @@ def run_job(job: VerifyJob, send) -> list[ProviderResult]:
     def stage_on(provider: str):
         return lambda text: send(("stage", "onnxruntime", f"{text} on {provider}"))
 
-    early, shapes = None, None
+    early, shapes, parsed = None, None, None
     if job.plan_later:
         job = _own_inputs(job)
         shapes = infer_candidates(job)
         early = early_reference(job, stage_on(job.providers[0]), shapes)
+        if early is not None and early.idle(while_=isolation.first_pending):
+            try:  # for the random comparison that follows, while the fold goes on
+                parsed = Parsed(job.reference)
+            except Exception:  # noqa: BLE001 - that comparison parses it again and says why it cannot
+                parsed = None
         stage_on(job.providers[0])("waiting for the folded model to be written")
         job = replace(job, **isolation.wait_first(), plan_later=False, structure=None)
         if job.feeds_digest and job.feeds_digest != digest(job.feeds):
@@ -131,7 +145,7 @@ def run_job(job: VerifyJob, send) -> list[ProviderResult]:
         check_plan_budget(job, shapes)
     results = []
     for provider in job.providers:
-        results.append(compare_provider(job, provider, stage_on(provider), early, shapes))
+        results.append(compare_provider(job, provider, stage_on(provider), early, shapes, parsed))
         early = None
     return results
 
@@ -310,7 +324,8 @@ def _again_locally(job: VerifyJob, provider: str, folds: list[OutputComparison],
 
 
 def _on_random(job: VerifyJob, provider: str, folds: list[OutputComparison], idle: dict[str, list[int]], ref_out,
-               timings: dict[str, float], shapes: Inferred | None = None) -> list[OutputComparison]:
+               timings: dict[str, float], shapes: Inferred | None = None,
+               parsed: Parsed | None = None) -> list[OutputComparison]:
     """The fold tensors with channels the inputs do not reach (``idle``: their channels, one value each on
     these inputs), compared again on random values at their own inputs (.local): one that fails there
     fails; one that cannot be compared so passes as it did, its note saying which channels went
@@ -318,7 +333,8 @@ def _on_random(job: VerifyJob, provider: str, folds: list[OutputComparison], idl
     specs = feed_specs(job.feeds)
     known = shapes.shapes if shapes is not None and shapes.specs == specs else None
     try:
-        again = compare_on_random(job, provider, list(idle), ref_out, _compare_fold, timings, shapes=known)
+        again = compare_on_random(job, provider, list(idle), ref_out, _compare_fold, timings, shapes=known,
+                                  parsed=parsed)
         why = ""
     except Exception as e:  # noqa: BLE001 - the direct comparisons stand; the note says why
         again, why = {}, f" ({first_line(e)[:120]})"
@@ -341,10 +357,11 @@ def _on_random(job: VerifyJob, provider: str, folds: list[OutputComparison], idl
 
 
 def compare_provider(job: VerifyJob, provider: str, stage, early: Early | None = None,
-                     shapes: Inferred | None = None) -> ProviderResult:
+                     shapes: Inferred | None = None, parsed: Parsed | None = None) -> ProviderResult:
     """Run and compare on one provider (in the child): only the comparisons go back. ``early``: the
     original's outputs run already on this provider (used when they cover the job's exposure);
-    ``shapes``: the early run's shape inference."""
+    ``shapes``: the early run's shape inference; ``parsed``: the original parsed ahead for the random
+    comparison."""
     expose, fold_tensors, all_checked = job.expose, job.fold_tensors, job.all_checked
     timings: dict[str, float] = {}
     given = early.covering(job) if early is not None else None
@@ -379,7 +396,7 @@ def compare_provider(job: VerifyJob, provider: str, stage, early: Early | None =
             and (channels := idle_channels(ref_out[f.name], _axis(job, f.name)))}
     if idle and engine.startswith("onnxruntime"):
         stage("comparing on random values the folds of channels the inputs do not reach")
-        folds = _on_random(job, provider, folds, idle, ref_out, timings, shapes)
+        folds = _on_random(job, provider, folds, idle, ref_out, timings, shapes, parsed)
     # The floor of an output's atol: the fold tensors feeding it, when every fold was checked and passed.
     floors: dict[str, float] = {}
     if all_checked and folds and all(f.passed for f in folds):
