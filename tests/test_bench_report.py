@@ -42,24 +42,27 @@ def phases(startup, verify=0.0, check=0.0, fold=0.01, total=None):
 
 def synthetic() -> dict:
     models = {
-        # met both: 0.5 / 0.3 = 1.67x, 0.29 / 0.3 = 0.97x; the checked floor 0.27 / 0.3 = 0.9x
+        # met both: 0.5 / 0.3 = 1.67x, 0.29 / 0.3 = 0.97x; the checked floor 0.27 / 0.3 = 0.9x, the load
+        # floor 0.24 / 0.3 = 0.8x
         "timm/a_legacy": {"ort": variant(0.30), "fold": variant(0.50, phases=phases(0.2, verify=0.25)),
-                          "nv": variant(0.29, phases=phases(0.2, check=0.05)), "floor": variant(0.27)},
-        # missed both: 0.9 / 0.2 = 4.5x, 0.5 / 0.2 = 2.5x; verification failed (exit 1) once; the floor
-        # 0.4 / 0.2 = 2x
+                          "nv": variant(0.29, phases=phases(0.2, check=0.05)), "floor": variant(0.27),
+                          "load": variant(0.24)},
+        # missed both: 0.9 / 0.2 = 4.5x, 0.5 / 0.2 = 2.5x; verification failed (exit 1) once; the floors
+        # 0.4 / 0.2 = 2x and 0.3 / 0.2 = 1.5x
         "hf/detr_dynamo": {"ort": variant(0.20),
                            "fold": variant(0.90, rcs=(0, 1, 0), phases=phases(0.25, verify=0.55),
                                            error="verification failed: output y"),
-                           "nv": variant(0.50, phases=phases(0.25, fold=0.2)), "floor": variant(0.40)},
-        # onnxruntime failed: not compared; the floor failed too
+                           "nv": variant(0.50, phases=phases(0.25, fold=0.2)), "floor": variant(0.40),
+                           "load": variant(0.30)},
+        # onnxruntime failed: not compared; the checked floor failed too
         "wheels/x/bad": {"ort": variant(0.10, rcs=(1,), error="InvalidGraph: bad node"),
                          "fold": variant(0.40, phases=phases(0.2)), "nv": variant(0.35, phases=phases(0.2)),
-                         "floor": variant(0.2, rcs=(1,), error="ValidationError: bad")},
+                         "floor": variant(0.2, rcs=(1,), error="ValidationError: bad"), "load": variant(0.2)},
     }
     corpus = {"dir": "/c", "rounds": 3, "warmup": 1, "loadavg_1m": [0.5, 1.5], "seconds": 12.0, "models": {
         name: {"bytes": 4_000_000, "bn_nodes": 7, "kind": "timm", "external_data": False,
                "variants": {"onnxruntime": m["ort"], "onnxfold": m["fold"], "onnxfold-nv": m["nv"],
-                            "floor-checked": m["floor"]}}
+                            "floor-checked": m["floor"], "floor-load": m["load"]}}
         for name, m in models.items()}}
     startup = {"repeat": 3, "walls": {"python -c pass": 0.04, "python -c \"import onnxruntime\"": 0.13,
                                       "python -c \"import onnx\"": 0.15, "python -m onnxfold --version": 0.26},
@@ -87,6 +90,8 @@ def test_rows_ratios_exit_codes_and_dominant_phase(tools):
     assert a["floor_ratio"] == pytest.approx(0.9) and a["nv_floor"] == pytest.approx(0.29 / 0.27)
     assert detr["floor_ratio"] == pytest.approx(2.0) and detr["nv_floor"] == pytest.approx(1.25)
     assert bad["floor_s"] is None and bad["floor_ratio"] is None and "ValidationError" in bad["floor_error"]
+    assert a["load_ratio"] == pytest.approx(0.8) and detr["load_ratio"] == pytest.approx(1.5)
+    assert bad["load_ratio"] is None and bad["load_error"] is None  # ran; onnxruntime's own run failed
     # "rest": the wall time outside start-up and total_s
     split = rep.phase_split(synthetic()["corpus"]["models"]["timm/a_legacy"]["variants"]["onnxfold"])
     assert split["rest"] == pytest.approx(0.5 - 0.2 - (0.031 + 0.25 + 0.01))
@@ -114,11 +119,12 @@ def test_page_has_the_corpus_table_targets_and_start_up(tools):
     assert "not compared (onnxruntime failed): wheels/x/bad" in intro
     assert ("with nothing folded) is ≤ 1x onnxruntime on 1 of 2 models (median 1.45x); onnxfold `--no-verify`, "
             "which also folds, is at a median 1.16x of it and at or under it on 0 of 2. "
-            "The floor failed on: wheels/x/bad.") in intro
+            "It failed on: wheels/x/bad.") in intro
+    assert "can do) is ≤ 1x onnxruntime on 1 of 2 models (median 1.15x)." in intro
     assert ("| hf/detr_dynamo | 4.0 MB | 7 | 0.20 | 0.90 (4.50x), exit 1 | verify 0.55 s, start-up 0.25 s "
-            "| 0.50 (2.50x) | start-up 0.25 s, fold 0.20 s | 0.40 (2.00x) |") in md
+            "| 0.50 (2.50x) | start-up 0.25 s, fold 0.20 s | 0.40 (2.00x) | 0.30 (1.50x) |") in md
     assert "| wheels/x/bad | 4.0 MB | 7 | ✗ InvalidGraph: bad node |" in md
-    assert md.split("| wheels/x/bad |")[1].split("\n")[0].endswith("| ✗ ValidationError: bad |")
+    assert md.split("| wheels/x/bad |")[1].split("\n")[0].endswith("| ✗ ValidationError: bad | 0.20 (–) |")
     assert "- hf/detr_dynamo (verified): verification failed: output y" in md
     assert "| `python -c \"import onnxruntime\"` | 0.130 |" in md
     assert "the outermost imports total 0.230 s" in md and "| &nbsp;&nbsp;&nbsp;&nbsp;onnx | 0.097 |" in md
@@ -136,10 +142,10 @@ def test_results_without_the_checked_floor_render_as_before(tools):
     _, rep, report = tools
     old = synthetic()
     for m in old["corpus"]["models"].values():
-        del m["variants"]["floor-checked"]
+        del m["variants"]["floor-checked"], m["variants"]["floor-load"]
     assert rep.floor_lines(rep.corpus_rows(old)) == []
     md = report.render_md(old)
-    assert "checked floor (onnx.load" not in md and "| 0.50 (2.50x) | start-up 0.25 s, fold 0.20 s | – |" in md
+    assert "checked floor (onnx.load" not in md and "| 0.50 (2.50x) | start-up 0.25 s, fold 0.20 s | – | – |" in md
 
 
 @pytest.mark.parametrize("model, ext", [("mlp_bn1d.onnx", False), ("resnet_block_extdata.onnx", True)])
@@ -163,6 +169,22 @@ def test_the_checked_floor_writes_a_model_that_loads(tools, tmp_path, model, ext
     done = subprocess.run(corpus.variant_argv("floor-checked", str(bad), str(tmp_path / "o2.onnx"), "", False, None),
                           capture_output=True, text=True, timeout=120)
     assert done.returncode != 0 and not (tmp_path / "o2.onnx").exists()
+
+
+def test_the_load_floor_loads_the_model_and_fails_where_onnxruntime_cannot(tools, tmp_path):
+    import subprocess
+
+    corpus, _, _ = tools
+    argv = corpus.variant_argv("floor-load", str(ROOT / "models" / "resnet_block.onnx"), str(tmp_path / "o.onnx"),
+                               "", False, None)
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert not (tmp_path / "o.onnx").exists()  # it writes nothing
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"not a model")
+    done = subprocess.run(corpus.variant_argv("floor-load", str(bad), "", "", False, None), capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 1
 
 
 def test_importtime_parsing_and_summary(tools):

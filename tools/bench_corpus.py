@@ -11,6 +11,8 @@ or ``~/.cache/onnxfold-corpus``), as fresh processes exactly as a user runs them
                 folding nothing (onnx.load, onnx.save, fsync, onnx.checker on the written file and an
                 onnxruntime session of it, in the most favourable arrangement on two cores): where it is
                 over 1x onnxruntime, no such tool can meet issue 20's ``--no-verify`` target
+  floor-load    :data:`FLOOR_LOAD`: less still, a lower bound of any such tool: ``import onnx`` beside an
+                onnxruntime session of the model (nothing read, folded, written or checked)
 
 interleaved round-robin (each round runs every model, each model's variants in an order rotated from
 round to round and model to model, as tools/bench_whole.py does), so that load from other work on the
@@ -36,7 +38,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 PY = sys.executable
-VARIANTS = ("onnxfold", "onnxfold-nv", "onnxruntime", "floor-checked")
+VARIANTS = ("onnxfold", "onnxfold-nv", "onnxruntime", "floor-checked", "floor-load")
 # the top-level phases of onnxfold's --report timings (the others are parts of these)
 PHASES = ("startup_s", "lock_s", "load_s", "plan_s", "stage_s", "fold_s", "write_s", "verify_s", "check_s",
           "commit_s")
@@ -86,6 +88,33 @@ _, status = os.waitpid(pid, 0)
 sys.exit(0 if status == 0 else 1)
 """
 
+# The load floor: what any tool keeping those guarantees cannot do without, in Python with onnx and
+# onnxruntime: onnx imported (to read and check the model) and an onnxruntime session of the model made
+# in a process that imported onnxruntime meanwhile (the session of the written model cannot begin before
+# the write, which follows the onnx import). The input stands in for the written model: nothing is read,
+# folded, written or checked.
+FLOOR_LOAD = r"""
+import os, sys
+r, w = os.pipe()
+pid = os.fork()
+if pid == 0:
+    os.close(w)
+    import onnxruntime as ort
+    path = os.read(r, 65536).decode()
+    if not path:
+        os._exit(3)
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+    os._exit(0)
+os.close(r)
+import onnx
+os.write(w, sys.argv[1].encode())
+os.close(w)
+_, status = os.waitpid(pid, 0)
+sys.exit(0 if status == 0 else 1)
+"""
+
 
 def model_name(entry: dict) -> str:
     """A manifest entry's name on the page: its file without the .onnx suffix (timm/densenet121_legacy)."""
@@ -114,6 +143,8 @@ def variant_argv(variant: str, src: str, dst: str, report: str, ext: bool,
         return [PY, "-m", "onnxfold", src, dst, "--no-verify", "--report", report]
     if variant == "floor-checked":
         return [PY, "-c", FLOOR_CHECKED, src, dst, "1" if ext else "0"]
+    if variant == "floor-load":
+        return [PY, "-c", FLOOR_LOAD, src]
     return ort_argv(src, dst, ext)
 
 
@@ -143,8 +174,9 @@ def run_corpus(corpus_dir: Path, entries: list[dict], work: Path, rounds: int, w
                 dst = out / "out.onnx"
                 r = run(variant_argv(v, src, str(dst), str(report), bool(e.get("data_file")), ort_argv),
                         timeout)
-                rec = {"wall_s": r["wall_s"], "rss_mib": r["rss_mib"], "rc": r["rc"], "wrote": dst.exists()}
-                if r["rc"] != 0 or not dst.exists():
+                wrote = dst.exists() or v == "floor-load"  # (which writes nothing)
+                rec = {"wall_s": r["wall_s"], "rss_mib": r["rss_mib"], "rc": r["rc"], "wrote": wrote}
+                if r["rc"] != 0 or not wrote:
                     rec["error"] = short_error(r) if r["rc"] != 0 else "exited 0 but wrote no model"
                 if v.startswith("onnxfold") and report.exists():
                     try:
