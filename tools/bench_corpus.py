@@ -51,13 +51,10 @@ STARTUP_COMMANDS = {
 }
 
 
-# The checked floor: a model read and written with onnx's own API, folded not at all, and given the checks
-# `python -m onnxfold IN OUT --no-verify` gives it before exit 0: the files synced, onnx.checker on the
-# written file, an onnxruntime session of it (CPU, optimizations off, as onnxfold's check). Arranged as
-# favourably as two cores allow: the session's process is forked at interpreter start, so its onnxruntime
-# import overlaps this one's onnx import, and the checker runs beside the session. No lock, no staging,
-# no rename, no report.
-FLOOR_CHECKED = r"""
+# Both floors begin so: a child forked at interpreter start imports onnxruntime while the parent imports
+# onnx, then makes a session of the path the parent sends it (CPU, optimizations off, as onnxfold's check
+# of the written model); the parent ends with the child's verdict (_SESSION_END).
+_SESSION_CHILD = r"""
 import os, sys
 r, w = os.pipe()
 pid = os.fork()
@@ -73,6 +70,18 @@ if pid == 0:
     os._exit(0)
 os.close(r)
 import onnx
+"""
+_SESSION_END = r"""
+_, status = os.waitpid(pid, 0)
+sys.exit(0 if status == 0 else 1)
+"""
+
+# The checked floor: a model read and written with onnx's own API, folded not at all, and given the checks
+# `python -m onnxfold IN OUT --no-verify` gives it before exit 0: the files synced, onnx.checker on the
+# written file, an onnxruntime session of it. Arranged as favourably as two cores allow: the session's
+# process imports onnxruntime beside the onnx import, and the checker runs beside the session. No lock,
+# no staging, no rename, no report.
+FLOOR_CHECKED = _SESSION_CHILD + r"""
 src, dst, ext = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
 model = onnx.load(src)
 onnx.save(model, dst, save_as_external_data=ext, all_tensors_to_one_file=True,
@@ -84,36 +93,17 @@ for f in [dst] + ([dst + ".data"] if ext else []):
 os.write(w, dst.encode())
 os.close(w)
 onnx.checker.check_model(dst)
-_, status = os.waitpid(pid, 0)
-sys.exit(0 if status == 0 else 1)
-"""
+""" + _SESSION_END
 
 # The load floor: what any tool keeping those guarantees cannot do without, in Python with onnx and
 # onnxruntime: onnx imported (to read and check the model) and an onnxruntime session of the model made
 # in a process that imported onnxruntime meanwhile (the session of the written model cannot begin before
 # the write, which follows the onnx import). The input stands in for the written model: nothing is read,
 # folded, written or checked.
-FLOOR_LOAD = r"""
-import os, sys
-r, w = os.pipe()
-pid = os.fork()
-if pid == 0:
-    os.close(w)
-    import onnxruntime as ort
-    path = os.read(r, 65536).decode()
-    if not path:
-        os._exit(3)
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
-    os._exit(0)
-os.close(r)
-import onnx
+FLOOR_LOAD = _SESSION_CHILD + r"""
 os.write(w, sys.argv[1].encode())
 os.close(w)
-_, status = os.waitpid(pid, 0)
-sys.exit(0 if status == 0 else 1)
-"""
+""" + _SESSION_END
 
 
 def model_name(entry: dict) -> str:
